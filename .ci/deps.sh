@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs every tool imgbuild and its tests use on a Debian 12 / Ubuntu machine.
+# Idempotent; safe to run again. Uses sudo when not root.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+export DEBIAN_FRONTEND=noninteractive
+
+. /etc/os-release
+apt_opts=(-y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+backports=()
+if [ "${ID:-}" = debian ] && [ "${VERSION_CODENAME:-}" = bookworm ]; then
+  # qemu-utils may already come from bookworm-backports, so qemu-system-x86 must too.
+  # The backports source is derived from the machine's own Debian source at run time.
+  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+      awk 'BEGIN{RS=""; ORS="\n\n"} /Suites:[^\n]*bookworm( |$|\n)/ && !done {sub(/Suites:[^\n]*/, "Suites: bookworm-backports"); print; done=1}' \
+        /etc/apt/sources.list.d/debian.sources | $SUDO tee /etc/apt/sources.list.d/imgbuild-backports.sources >/dev/null
+    else
+      mirror=$(awk '$1=="deb" && $3=="bookworm" {print $2; exit}' /etc/apt/sources.list)
+      echo "deb ${mirror} bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/imgbuild-backports.list >/dev/null
+    fi
+  fi
+  backports=(-t bookworm-backports)
+fi
+
+need=()
+for pkg in nftables systemd e2fsprogs libarchive13 dosfstools mtools busybox-static openssh-client \
+           python3-pip python3-venv curl ca-certificates zstd; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
+done
+bp_need=()
+for pkg in mmdebstrap qemu-system-x86 ovmf qemu-utils; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || bp_need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ] || [ ${#bp_need[@]} -gt 0 ]; then
+  $SUDO apt-get update -q
+  [ ${#need[@]} -gt 0 ] && $SUDO apt-get install "${apt_opts[@]}" --no-install-recommends "${need[@]}"
+  [ ${#bp_need[@]} -gt 0 ] && $SUDO apt-get install "${apt_opts[@]}" --no-install-recommends "${backports[@]}" "${bp_need[@]}"
+fi
+
+# Python tools for tests: the Ignition JSON-schema validator and the moto S3 server.
+if ! python3 -c 'import jsonschema, moto, flask, flask_cors' 2>/dev/null; then
+  pip_flags=()
+  python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages && pip_flags+=(--break-system-packages)
+  python3 -m pip install -q "${pip_flags[@]}" 'jsonschema>=4' 'moto[s3]==5.2.5' flask flask-cors
+fi
+echo "imgbuild: dependencies installed"

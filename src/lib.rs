@@ -1,0 +1,14 @@
+//! imgbuild: host profiles → host tree → Ignition config or signed disk image,
+//! plus the in-image helper (first-boot restore, backups, readiness).
+//!
+//! Data flow, one module per stage:
+//! `profile` (parse, merge, validate) → `render` (templates → `tree::HostTree`)
+//! → `emit::ignition` | `image` (disk assembly, signing, verify, QEMU run).
+//! `secrets` holds key generation; `snapshot` the S3 data half; `hostconfig`
+//! the file the in-image helper reads.
+
+pub mod hostconfig;
+pub mod image;
+pub mod progress;
+pub mod snapshot;
+pub mod tree;
