@@ -25,8 +25,12 @@ pub struct ImageRequest<'a> {
     pub signing_key: &'a ed25519_dalek::SigningKey,
     /// sha256 of the profile source(s) after environment merge.
     pub profile_digest: String,
-    /// OCI archives to bake: (full reference, path on the build machine).
+    /// OCI archives to bake: (absolute destination path inside the image, e.g.
+    /// `/usr/share/imgbuild/images/web.oci.tar`, source path on the build machine).
+    /// The quadlets already reference the destination as `Image=oci-archive:<dest>`.
     pub baked_images: Vec<(String, PathBuf)>,
+    /// The helper binary to install as /usr/bin/imgbuild (normally `current_exe()`).
+    pub helper_binary: PathBuf,
     pub progress: Progress,
 }
 
