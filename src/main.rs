@@ -1,1 +1,27 @@
-fn main() {}
+use clap::Parser;
+use imgbuild::cli::{Cli, Command};
+use imgbuild::commands;
+
+/// Exit codes: 0 ok, 1 failure, 2 bad input (profile errors, usage).
+fn main() {
+    let args = imgbuild::cli::normalize_args(std::env::args_os().collect());
+    let cli = Cli::parse_from(args);
+    let result = match &cli.command {
+        Command::Build(a) => commands::build(a),
+        Command::Render(a) => commands::render_cmd(a),
+        Command::Keys(a) => commands::keys(a),
+        Command::Summary(a) => commands::summary(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            let bad_input = err.chain().any(|c| {
+                c.is::<imgbuild::profile::ProfileErrors>()
+                    || c.is::<imgbuild::profile::ProfileError>()
+                    || matches!(c.downcast_ref::<imgbuild::render::RenderError>(), Some(imgbuild::render::RenderError::Profile(_)))
+            });
+            eprintln!("error: {err:#}");
+            std::process::exit(if bad_input { 2 } else { 1 });
+        }
+    }
+}

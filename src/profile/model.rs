@@ -1,0 +1,369 @@
+//! The typed profile: what a host is, after parsing and environment merge.
+//! Every struct rejects unknown keys so a typo never silently changes a host.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub host: HostSection,
+    pub admin: Admin,
+    #[serde(default)]
+    pub ssh: Ssh,
+    #[serde(default)]
+    pub firewall: Firewall,
+    pub wireguard: Option<WireGuard>,
+    pub backup: Option<Backup>,
+    pub proxy: Option<Proxy>,
+    pub monitoring: Option<Monitoring>,
+    #[serde(default)]
+    pub networks: BTreeMap<String, Network>,
+    #[serde(default)]
+    pub volumes: BTreeMap<String, Volume>,
+    #[serde(default)]
+    pub containers: BTreeMap<String, Container>,
+    /// Partial profiles merged over the base by `--env NAME`; checked when selected.
+    #[serde(default)]
+    pub environments: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HostSection {
+    /// Hostname; also the secrets subdirectory and the default bucket prefix.
+    pub name: String,
+    /// Environment used when `--env` is not given.
+    pub default_env: String,
+    #[serde(default = "default_base")]
+    pub base: String,
+    #[serde(default = "default_tz")]
+    pub timezone: String,
+    /// Console readiness wait, seconds.
+    #[serde(default = "default_ready_timeout")]
+    pub ready_timeout: u64,
+}
+
+fn default_base() -> String {
+    "debian-trixie".into()
+}
+fn default_tz() -> String {
+    "UTC".into()
+}
+fn default_ready_timeout() -> u64 {
+    600
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub user: String,
+    pub ssh_keys: Vec<String>,
+    #[serde(default = "default_true")]
+    pub sudo: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SshAccess {
+    /// Reachable from anywhere.
+    #[default]
+    Public,
+    /// Only over the WireGuard interface.
+    Wireguard,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Ssh {
+    #[serde(default = "default_ssh_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub access: SshAccess,
+}
+
+impl Default for Ssh {
+    fn default() -> Self {
+        Ssh {
+            port: 22,
+            access: SshAccess::Public,
+        }
+    }
+}
+
+fn default_ssh_port() -> u16 {
+    22
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Firewall {
+    /// Extra public ports beyond what containers publish.
+    #[serde(default)]
+    pub allow_tcp: Vec<u16>,
+    #[serde(default)]
+    pub allow_udp: Vec<u16>,
+    /// Ports opened only on the WireGuard interface.
+    #[serde(default)]
+    pub wireguard_tcp: Vec<u16>,
+    #[serde(default)]
+    pub wireguard_udp: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WireGuard {
+    #[serde(default = "default_wg_if")]
+    pub interface: String,
+    /// This host's tunnel address with prefix, e.g. `10.8.0.1/24`.
+    pub address: String,
+    #[serde(default = "default_wg_port")]
+    pub listen_port: u16,
+    /// How peers reach this host (`host:port`); omit for a host that only dials out.
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+fn default_wg_if() -> String {
+    "wg0".into()
+}
+fn default_wg_port() -> u16 {
+    51820
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Name of another profile in the same directory: its public key, tunnel address
+    /// and endpoint come from there, never pasted by hand.
+    pub host: String,
+    /// Extra networks routed to this peer beyond its tunnel address.
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+    pub keepalive: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreMode {
+    Require,
+    AllowEmpty,
+    Skip,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    pub bucket: String,
+    /// Defaults to the host name.
+    pub prefix: Option<String>,
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Path-style addressing; defaults to true when `endpoint` is set.
+    pub path_style: Option<bool>,
+    /// systemd OnCalendar expression.
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    #[serde(default)]
+    pub keep: Keep,
+    pub object_lock_days: Option<u32>,
+    pub ping_url: Option<String>,
+    /// `require`: a snapshot must restore before services start; `allow-empty`: the
+    /// first deployment onto an empty bucket; `skip`: never restore.
+    pub restore: RestoreMode,
+    #[serde(default = "default_restore_timeout")]
+    pub restore_timeout: u64,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_schedule() -> String {
+    "*-*-* 03:00:00".into()
+}
+fn default_restore_timeout() -> u64 {
+    900
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Keep {
+    #[serde(default)]
+    pub last: u32,
+    #[serde(default)]
+    pub daily: u32,
+    #[serde(default)]
+    pub weekly: u32,
+    #[serde(default)]
+    pub monthly: u32,
+}
+
+impl Default for Keep {
+    fn default() -> Self {
+        Keep {
+            last: 3,
+            daily: 7,
+            weekly: 4,
+            monthly: 6,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyKind {
+    Caddy,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Proxy {
+    pub kind: ProxyKind,
+    /// The container that runs the proxy; it gets the rendered Caddyfile.
+    pub container: String,
+    /// ACME account e-mail.
+    pub email: String,
+    /// Use Let's Encrypt's staging CA (staging environments).
+    #[serde(default)]
+    pub acme_staging: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Monitoring {
+    /// Profiles whose hosts this host scrapes over WireGuard.
+    #[serde(default)]
+    pub scrape: Vec<String>,
+    pub alerts: Option<Alerts>,
+    /// Margin added to the backup schedule before "backup too old" fires, hours.
+    #[serde(default = "default_backup_margin")]
+    pub backup_margin_hours: u32,
+}
+
+fn default_backup_margin() -> u32 {
+    6
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReceiverKind {
+    Webhook,
+    Ntfy,
+    Email,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Alerts {
+    pub receiver: ReceiverKind,
+    /// Webhook or ntfy topic URL.
+    pub url: Option<String>,
+    /// For `email`.
+    pub to: Option<String>,
+    pub smtp: Option<String>,
+    pub from: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// No route to the outside (databases).
+    #[serde(default)]
+    pub internal: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupStrategy {
+    /// Stop the containers using the volume, snapshot, start them.
+    Stop,
+    /// Run `hook` first (e.g. pg_dump into the volume), then snapshot live.
+    Hook,
+    #[default]
+    Live,
+    /// Not backed up (caches).
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    #[serde(default)]
+    pub backup: BackupStrategy,
+    /// Command for `backup = "hook"`, run with `sh -c` on the host.
+    pub hook: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub cmd: String,
+    #[serde(default = "default_interval")]
+    pub interval: String,
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default = "default_start_period")]
+    pub start_period: String,
+}
+
+fn default_interval() -> String {
+    "30s".into()
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_start_period() -> String {
+    "60s".into()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Container {
+    /// Fully qualified image pinned by tag or digest, never `latest`.
+    pub image: String,
+    /// OCI archive (path relative to the profile) baked into the disk image so the host
+    /// boots without a registry; `image` must then be its full reference.
+    pub bake: Option<String>,
+    /// `[IP:]HOST:CONTAINER[/tcp|udp]`. A host IP equal to this host's WireGuard
+    /// address makes the port reachable only over the tunnel.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// `VOLUME:/path[:ro]` with a volume from `[volumes]`, or
+    /// `/etc/imgbuild/config/...:/path:ro` for rendered configuration.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    #[serde(default)]
+    pub networks: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Environment variables whose values are secrets from the secrets dir
+    /// (`app/<name>`, generated on first build when missing).
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
+    /// Other containers this one needs started first (app after its database).
+    #[serde(default)]
+    pub after: Vec<String>,
+    #[serde(default)]
+    pub command: Vec<String>,
+    pub health: Option<Health>,
+    #[serde(default)]
+    pub auto_update: bool,
+    /// Public domain the proxy routes to this container.
+    pub domain: Option<String>,
+    /// Container port the proxy forwards to.
+    pub port: Option<u16>,
+    /// Use the host's network namespace (node-exporter).
+    #[serde(default)]
+    pub host_network: bool,
+    pub user: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Expose `/metrics` of this container to the monitoring host: `"PORT"`.
+    pub metrics_port: Option<u16>,
+}

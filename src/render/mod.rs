@@ -1,0 +1,463 @@
+//! Render: a validated host (+ its keys and its peers' public data) → `HostTree`,
+//! through minijinja templates compiled into the binary.
+
+mod monitoring;
+
+use crate::hostconfig::{self, BackupConfig, HostConfig, Retention, RestorePolicy, Strategy, VolumeBackup};
+use crate::profile::{self, BackupStrategy, Container, Host, LoadOptions, RestoreMode, SshAccess};
+use crate::secrets::{self, SecretsRoot};
+use crate::tree::{HostTree, TreeError, QUADLET_DIR, SYSTEMD_UNIT_DIR};
+use minijinja::{context, Environment};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error(transparent)]
+    Profile(#[from] profile::ProfileErrors),
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretsError),
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error("template {name}: {source}")]
+    Template {
+        name: String,
+        #[source]
+        source: minijinja::Error,
+    },
+    #[error("{profile}: peer `{peer}`: {what}")]
+    Peer { profile: PathBuf, peer: String, what: String },
+}
+
+/// Where the helper binary lives on the target: in the read-only /usr of an image,
+/// or in /usr/local/bin where an Ignition config installs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Image,
+    Ignition,
+}
+
+impl Target {
+    pub fn helper_path(self) -> &'static str {
+        match self {
+            Target::Image => "/usr/bin/imgbuild",
+            Target::Ignition => "/usr/local/bin/imgbuild",
+        }
+    }
+}
+
+/// What a peer contributes to this host's WireGuard config: all from its own profile
+/// and secrets, nothing typed by hand.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerInfo {
+    pub host: String,
+    pub public_key: String,
+    pub address: String,
+    pub allowed_ips: Vec<String>,
+    pub endpoint: Option<String>,
+    pub keepalive: Option<u16>,
+}
+
+/// Everything the renderer needs, gathered (and keys created) before rendering so the
+/// render itself is a pure function of its inputs.
+#[derive(Debug, Clone)]
+pub struct RenderInput {
+    pub host: Host,
+    pub secrets_dir: PathBuf,
+    pub peers: Vec<PeerInfo>,
+    /// Hosts this host scrapes (monitoring): name and WireGuard address.
+    pub scrape: Vec<(String, Host)>,
+    pub app_secrets: BTreeMap<String, String>,
+    /// Files created while gathering (for the one-line notice).
+    pub created: Vec<PathBuf>,
+}
+
+fn wg_ip(host: &Host) -> Option<String> {
+    host.profile
+        .wireguard
+        .as_ref()
+        .and_then(|w| w.address.parse::<ipnet::IpNet>().ok())
+        .map(|n| n.addr().to_string())
+}
+
+fn load_peer(host: &Host, name: &str, opts_env: &str) -> Result<Host, RenderError> {
+    let path = host.dir.join(format!("{name}.toml"));
+    let peer_opts = LoadOptions { env: Some(opts_env.to_string()), overlays: vec![] };
+    match profile::load(&path, &peer_opts) {
+        Ok(h) => Ok(h),
+        // A peer without this environment uses its own default.
+        Err(_) => profile::load(&path, &LoadOptions::default()).map_err(RenderError::from),
+    }
+}
+
+/// Loads peers and scrape targets, and creates missing keys (this host's and its peers').
+pub fn gather(host: Host, secrets_root: &SecretsRoot) -> Result<RenderInput, RenderError> {
+    let mut created = secrets_root.ensure_host(host.name())?.0;
+    let mut peers = Vec::new();
+    if let Some(wg) = &host.profile.wireguard {
+        for p in &wg.peers {
+            let peer = load_peer(&host, &p.host, &host.env)?;
+            let Some(pwg) = &peer.profile.wireguard else {
+                return Err(RenderError::Peer { profile: host.path.clone(), peer: p.host.clone(), what: "its profile has no [wireguard] section".into() });
+            };
+            // Peer keys are generated here if the peer was never built.
+            created.extend(secrets_root.ensure_host(peer.name())?.0);
+            let key_path = secrets_root.host_dir(peer.name()).join("wireguard.key");
+            let public_key = secrets::wireguard_public(&secrets::read_wireguard_private(&key_path)?);
+            let addr = wg_ip(&peer).ok_or_else(|| RenderError::Peer { profile: host.path.clone(), peer: p.host.clone(), what: "its wireguard.address does not parse".into() })?;
+            let mut allowed = vec![format!("{addr}/{}", if addr.contains(':') { 128 } else { 32 })];
+            allowed.extend(p.allowed_ips.iter().cloned());
+            peers.push(PeerInfo {
+                host: peer.name().to_string(),
+                public_key,
+                address: addr,
+                allowed_ips: allowed,
+                endpoint: pwg.endpoint.clone(),
+                keepalive: p.keepalive,
+            });
+        }
+    }
+    let mut scrape = Vec::new();
+    if let Some(m) = &host.profile.monitoring {
+        for name in &m.scrape {
+            let target = load_peer(&host, name, &host.env)?;
+            if !peers.iter().any(|p| p.host == target.name()) {
+                return Err(RenderError::Peer { profile: host.path.clone(), peer: name.clone(), what: "a scraped host must also be a WireGuard peer (metrics only cross the tunnel)".into() });
+            }
+            scrape.push((name.clone(), target));
+        }
+    }
+    let mut app_secrets = BTreeMap::new();
+    for c in host.profile.containers.values() {
+        for secret in c.secret_env.values() {
+            if !app_secrets.contains_key(secret) {
+                let (v, was_created) = secrets_root.ensure_app_secret(host.name(), secret)?;
+                if was_created {
+                    created.push(secrets_root.host_dir(host.name()).join("app").join(secret));
+                }
+                app_secrets.insert(secret.clone(), v);
+            }
+        }
+    }
+    Ok(RenderInput { secrets_dir: secrets_root.host_dir(host.name()), host, peers, scrape, app_secrets, created })
+}
+
+fn env() -> Environment<'static> {
+    let mut e = Environment::new();
+    e.set_keep_trailing_newline(true);
+    e.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    macro_rules! t {
+        ($($name:literal),*) => {$(
+            e.add_template($name, include_str!(concat!("templates/", $name)))
+                .expect("templates compiled into the binary parse");
+        )*};
+    }
+    t!(
+        "container.j2", "volume.j2", "network.j2", "Caddyfile.j2", "nftables.conf.j2", "sshd.conf.j2",
+        "wg.netdev.j2", "wg.network.j2", "uplink.network.j2", "imgbuild-firstboot.service.j2",
+        "imgbuild-backup.service.j2", "imgbuild-backup.timer.j2", "imgbuild-ready.service.j2",
+        "tmpfiles.conf.j2", "prometheus.yml.j2", "alert-rules.yml.j2", "alertmanager.yml.j2",
+        "grafana-datasource.yml.j2", "grafana-dashboards.yml.j2", "blackbox.yml.j2"
+    );
+    e
+}
+
+pub(crate) fn render_t(e: &Environment, name: &str, ctx: minijinja::Value) -> Result<String, RenderError> {
+    e.get_template(name)
+        .and_then(|t| t.render(ctx))
+        .map_err(|source| RenderError::Template { name: name.into(), source })
+}
+
+/// systemd/quadlet value quoting: `%` is a specifier, whitespace and quotes need quotes.
+pub fn unit_quote(s: &str) -> String {
+    let s = s.replace('%', "%%");
+    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\'' || c == '\\' || c == ';') {
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        s
+    }
+}
+
+#[derive(Serialize)]
+struct PortRule {
+    port: u16,
+    why: String,
+}
+
+pub const ENV_DIR: &str = "/etc/imgbuild/env";
+pub const CONFIG_DIR: &str = "/etc/imgbuild/config";
+pub const BAKED_DIR: &str = "/usr/share/imgbuild/images";
+
+/// Destination of a baked OCI archive inside the image.
+pub fn baked_path(container: &str) -> String {
+    format!("{BAKED_DIR}/{container}.oci.tar")
+}
+
+pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderError> {
+    let host = &input.host;
+    let p = &host.profile;
+    let name = host.name();
+    let e = env();
+    let header = format!("Generated by imgbuild {} from {} ({}); rebuild the image to change it.", env!("CARGO_PKG_VERSION"), host.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(), host.env);
+    let helper = target.helper_path();
+    let mut t = HostTree::new(name);
+
+    t.file("/etc/hostname", 0o644, format!("{name}\n"))?;
+    t.symlink("/etc/localtime", &format!("/usr/share/zoneinfo/{}", p.host.timezone))?;
+
+    // Admin user and SSH.
+    t.users.push(crate::tree::User {
+        name: p.admin.user.clone(),
+        uid: 1000,
+        groups: vec![],
+        home: format!("/var/home/{}", p.admin.user),
+        shell: "/bin/bash".into(),
+        ssh_authorized_keys: p.admin.ssh_keys.clone(),
+    });
+    let mut keys = p.admin.ssh_keys.join("\n");
+    keys.push('\n');
+    t.file(&format!("/etc/ssh/authorized_keys/{}", p.admin.user), 0o644, keys)?;
+    if p.admin.sudo {
+        t.file(&format!("/etc/sudoers.d/50-imgbuild-{}", p.admin.user), 0o440, format!("{} ALL=(ALL) NOPASSWD: ALL\n", p.admin.user))?;
+    }
+    t.file("/etc/ssh/sshd_config.d/50-imgbuild.conf", 0o644, render_t(&e, "sshd.conf.j2", context! { header, port => p.ssh.port, user => p.admin.user })?)?;
+    let sd = &input.secrets_dir;
+    t.secret_file("/etc/ssh/ssh_host_ed25519_key", 0o600, "root", "root", secrets::read_text(&sd.join("ssh_host_ed25519_key"))?)?;
+    t.file("/etc/ssh/ssh_host_ed25519_key.pub", 0o644, secrets::read_text(&sd.join("ssh_host_ed25519_key.pub"))?)?;
+    t.file("/etc/tmpfiles.d/imgbuild.conf", 0o644, render_t(&e, "tmpfiles.conf.j2", context! { header, user => p.admin.user })?)?;
+
+    // Networking.
+    t.file("/etc/systemd/network/10-uplink.network", 0o644, render_t(&e, "uplink.network.j2", context! { header })?)?;
+    t.enable("systemd-networkd.service", "multi-user.target");
+    t.enable("systemd-resolved.service", "multi-user.target");
+    let wg_addr = wg_ip(host);
+    if let Some(wg) = &p.wireguard {
+        let key_file = format!("/etc/systemd/network/{}.key", wg.interface);
+        t.secret_file(&key_file, 0o600, "systemd-network", "systemd-network", secrets::read_text(&sd.join("wireguard.key"))?)?;
+        t.file(&format!("/etc/systemd/network/50-{}.netdev", wg.interface), 0o644, render_t(&e, "wg.netdev.j2", context! { header, interface => wg.interface, key_file, listen_port => wg.listen_port, peers => input.peers })?)?;
+        t.file(&format!("/etc/systemd/network/50-{}.network", wg.interface), 0o644, render_t(&e, "wg.network.j2", context! { header, interface => wg.interface, address => wg.address })?)?;
+    }
+
+    // Firewall: what the profile opens, and nothing else.
+    let mut public_tcp = vec![];
+    let mut public_udp = vec![];
+    let mut wg_tcp = vec![];
+    let mut wg_udp = vec![];
+    let ssh_rule = PortRule { port: p.ssh.port, why: "ssh".into() };
+    match p.ssh.access {
+        SshAccess::Public => public_tcp.push(ssh_rule),
+        SshAccess::Wireguard => wg_tcp.push(ssh_rule),
+    }
+    if let Some(wg) = &p.wireguard {
+        public_udp.push(PortRule { port: wg.listen_port, why: "wireguard".into() });
+    }
+    for (cname, c) in &p.containers {
+        for spec in &c.publish {
+            let Ok(pb) = crate::profile::parse_publish(spec) else { continue };
+            let rule = PortRule { port: pb.host_port, why: cname.clone() };
+            let on_wg = pb.ip.map(|ip| Some(ip.to_string()) == wg_addr).unwrap_or(false);
+            let local = pb.ip.is_some_and(|ip| ip.is_loopback());
+            match (local, on_wg, pb.proto) {
+                (true, _, _) => {}
+                (_, true, "tcp") => wg_tcp.push(rule),
+                (_, true, _) => wg_udp.push(rule),
+                (_, false, "tcp") => public_tcp.push(rule),
+                _ => public_udp.push(rule),
+            }
+        }
+    }
+    for (list, ports, why) in [(&mut public_tcp, &p.firewall.allow_tcp, "firewall.allow_tcp"), (&mut public_udp, &p.firewall.allow_udp, "firewall.allow_udp"), (&mut wg_tcp, &p.firewall.wireguard_tcp, "firewall.wireguard_tcp"), (&mut wg_udp, &p.firewall.wireguard_udp, "firewall.wireguard_udp")] {
+        list.extend(ports.iter().map(|&port| PortRule { port, why: why.into() }));
+    }
+    for l in [&mut public_tcp, &mut public_udp, &mut wg_tcp, &mut wg_udp] {
+        l.sort_by_key(|r| r.port);
+    }
+    let wg_interface = p.wireguard.as_ref().map(|w| w.interface.clone());
+    t.file("/etc/nftables.conf", 0o755, render_t(&e, "nftables.conf.j2", context! { header, public_tcp, public_udp, wg_tcp, wg_udp, wg_interface })?)?;
+    t.enable("nftables.service", "sysinit.target");
+
+    // Podman: networks, volumes, containers.
+    for (n, net) in &p.networks {
+        t.file(&format!("{QUADLET_DIR}/{n}.network"), 0o644, render_t(&e, "network.j2", context! { header, name => n, host => name, internal => net.internal })?)?;
+    }
+    for (v, vol) in &p.volumes {
+        let backup = match vol.backup {
+            BackupStrategy::Stop => "stop",
+            BackupStrategy::Hook => "hook",
+            BackupStrategy::Live => "live",
+            BackupStrategy::None => "none",
+        };
+        t.file(&format!("{QUADLET_DIR}/{v}.volume"), 0o644, render_t(&e, "volume.j2", context! { header, name => v, host => name, backup })?)?;
+    }
+    let monitoring_mounts = monitoring::render(&e, &header, input, &mut t)?;
+    let mut ready = BTreeSet::new();
+    for (cname, c) in &p.containers {
+        let mut c = c.clone();
+        if let Some(px) = &p.proxy {
+            if &px.container == cname {
+                c.volumes.push(format!("{CONFIG_DIR}/caddy/Caddyfile:/etc/caddy/Caddyfile:ro"));
+            }
+        }
+        if let Some(extra) = monitoring_mounts.get(cname) {
+            c.volumes.extend(extra.iter().cloned());
+        }
+        render_container(&e, &header, input, cname, &c, wg_addr.as_deref(), &mut t)?;
+        ready.insert(format!("{cname}.service"));
+    }
+    if let Some(px) = &p.proxy {
+        #[derive(Serialize)]
+        struct Site<'a> {
+            domain: &'a str,
+            container: &'a str,
+            port: u16,
+        }
+        let sites: Vec<Site> = p.containers.iter().filter_map(|(n, c)| Some(Site { domain: c.domain.as_deref()?, container: n, port: c.port? })).collect();
+        t.file(&format!("{CONFIG_DIR}/caddy/Caddyfile"), 0o644, render_t(&e, "Caddyfile.j2", context! { header, email => px.email, acme_staging => px.acme_staging, sites })?)?;
+    }
+    if p.containers.values().any(|c| c.auto_update) {
+        t.enable("podman-auto-update.timer", "timers.target");
+    }
+
+    // The in-image helper: first-boot restore, backups, readiness.
+    t.file(&format!("{SYSTEMD_UNIT_DIR}/imgbuild-firstboot.service"), 0o644, render_t(&e, "imgbuild-firstboot.service.j2", context! { header, helper, done_marker => hostconfig::FIRSTBOOT_DONE })?)?;
+    t.enable("imgbuild-firstboot.service", "multi-user.target");
+    t.file(&format!("{SYSTEMD_UNIT_DIR}/imgbuild-ready.service"), 0o644, render_t(&e, "imgbuild-ready.service.j2", context! { header, helper, ready_timeout => p.host.ready_timeout })?)?;
+    t.enable("imgbuild-ready.service", "multi-user.target");
+    let backup = match &p.backup {
+        Some(b) => {
+            t.file(&format!("{SYSTEMD_UNIT_DIR}/imgbuild-backup.service"), 0o644, render_t(&e, "imgbuild-backup.service.j2", context! { header, helper })?)?;
+            t.file(&format!("{SYSTEMD_UNIT_DIR}/imgbuild-backup.timer"), 0o644, render_t(&e, "imgbuild-backup.timer.j2", context! { header, schedule => b.schedule })?)?;
+            t.enable("imgbuild-backup.timer", "timers.target");
+            let sdir = hostconfig::SECRETS_DIR;
+            t.secret_file(&format!("{sdir}/snapshot-encryption.key"), 0o600, "root", "root", secrets::read_text(&sd.join("snapshot-encryption.key"))?)?;
+            t.secret_file(&format!("{sdir}/snapshot-signing.key"), 0o600, "root", "root", secrets::read_text(&sd.join("snapshot-signing.key"))?)?;
+            t.file(&format!("{sdir}/snapshot-signing.pub"), 0o644, secrets::read_text(&sd.join("snapshot-signing.pub"))?)?;
+            let s3_env = sd.join("s3.env");
+            let credentials_file = if s3_env.is_file() {
+                let path = format!("{sdir}/s3.env");
+                t.secret_file(&path, 0o600, "root", "root", secrets::read_text(&s3_env)?)?;
+                Some(path)
+            } else {
+                None
+            };
+            let volumes = p
+                .volumes
+                .iter()
+                .filter(|(_, v)| v.backup != BackupStrategy::None)
+                .map(|(vn, v)| VolumeBackup {
+                    name: vn.clone(),
+                    strategy: match v.backup {
+                        BackupStrategy::Stop => Strategy::Stop,
+                        BackupStrategy::Hook => Strategy::Hook,
+                        _ => Strategy::Live,
+                    },
+                    hook: v.hook.clone(),
+                    units: p.containers.iter().filter(|(_, c)| c.volumes.iter().any(|s| s.split(':').next() == Some(vn.as_str()))).map(|(cn, _)| format!("{cn}.service")).collect(),
+                })
+                .collect();
+            Some(BackupConfig {
+                bucket: b.bucket.clone(),
+                prefix: b.prefix.clone().unwrap_or_else(|| name.to_string()),
+                endpoint: b.endpoint.clone(),
+                region: b.region.clone(),
+                path_style: b.path_style.unwrap_or(b.endpoint.is_some()),
+                schedule: b.schedule.clone(),
+                keep: Retention { last: b.keep.last, daily: b.keep.daily, weekly: b.keep.weekly, monthly: b.keep.monthly },
+                object_lock_days: b.object_lock_days,
+                ping_url: b.ping_url.clone(),
+                restore: match b.restore {
+                    RestoreMode::Require => RestorePolicy::Require,
+                    RestoreMode::AllowEmpty => RestorePolicy::AllowEmpty,
+                    RestoreMode::Skip => RestorePolicy::Skip,
+                },
+                restore_timeout_secs: b.restore_timeout,
+                volumes,
+                credentials_file,
+                encryption_key_file: format!("{sdir}/snapshot-encryption.key"),
+                signing_key_file: format!("{sdir}/snapshot-signing.key"),
+            })
+        }
+        None => None,
+    };
+    ready.insert("imgbuild-firstboot.service".into());
+    ready.insert("systemd-networkd.service".into());
+    ready.insert("nftables.service".into());
+    t.ready_units = ready.clone();
+    let hc = HostConfig {
+        host: name.to_string(),
+        env: host.env.clone(),
+        units: ready.into_iter().collect(),
+        backup,
+        metrics_dir: format!("{}/metrics", hostconfig::STATE_DIR),
+    };
+    let hc_text = toml::to_string(&hc).map_err(|err| RenderError::Template { name: "host.toml".into(), source: minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, err.to_string()) })?;
+    t.file(hostconfig::HOST_CONFIG_PATH, 0o644, format!("# {header}\n{hc_text}"))?;
+    Ok(t)
+}
+
+fn render_container(e: &Environment, header: &str, input: &RenderInput, cname: &str, c: &Container, wg_addr: Option<&str>, t: &mut HostTree) -> Result<(), RenderError> {
+    let p = &input.host.profile;
+    let volumes: Vec<String> = c
+        .volumes
+        .iter()
+        .map(|v| {
+            let mut parts = v.splitn(2, ':');
+            let src = parts.next().unwrap_or_default();
+            let rest = parts.next().unwrap_or_default();
+            // Named volumes go through their .volume unit so quadlet orders them first.
+            if src.starts_with('/') { v.clone() } else { format!("{src}.volume:{rest}") }
+        })
+        .collect();
+    let env: Vec<String> = c.env.iter().map(|(k, v)| unit_quote(&format!("{k}={v}"))).collect();
+    let env_file = if c.secret_env.is_empty() {
+        None
+    } else {
+        let path = format!("{ENV_DIR}/{cname}.env");
+        let mut body = String::new();
+        for (k, secret) in &c.secret_env {
+            let v = input.app_secrets.get(secret).cloned().unwrap_or_default();
+            body.push_str(&format!("{k}={v}\n"));
+        }
+        t.secret_file(&path, 0o600, "root", "root", body)?;
+        Some(path)
+    };
+    let image = if c.bake.is_some() { format!("oci-archive:{}", baked_path(cname)) } else { c.image.clone() };
+    let wg_bound = wg_addr.is_some_and(|a| c.publish.iter().any(|s| s.starts_with(&format!("{a}:"))) || (c.host_network && c.command.iter().any(|x| x.contains(a))));
+    #[derive(Serialize)]
+    struct HealthCtx {
+        cmd: String,
+        interval: String,
+        retries: u32,
+        start_period: String,
+    }
+    let health = c.health.as_ref().map(|h| HealthCtx { cmd: unit_quote(&h.cmd), interval: h.interval.clone(), retries: h.retries, start_period: h.start_period.clone() });
+    let exec = if c.command.is_empty() { None } else { Some(c.command.iter().map(|a| unit_quote(a)).collect::<Vec<_>>().join(" ")) };
+    let body = render_t(
+        e,
+        "container.j2",
+        context! {
+            header, name => cname, image, host => p.host.name, auto_update => c.auto_update,
+            host_network => c.host_network, networks => c.networks, publish => c.publish, volumes, env, env_file,
+            user => c.user, read_only => c.read_only, health, exec, after => c.after, wg_bound,
+            wg_interface => p.wireguard.as_ref().map(|w| w.interface.clone()),
+        },
+    )?;
+    t.file(&format!("{QUADLET_DIR}/{cname}.container"), 0o644, body)?;
+    Ok(())
+}
+
+/// Resolves a profile argument, loads it, gathers keys and peers: the common front of
+/// every verb that takes a profile.
+pub fn prepare(profile_arg: &str, opts: &LoadOptions, secrets: Option<&Path>) -> anyhow::Result<(RenderInput, SecretsRoot)> {
+    use anyhow::Context;
+    let cwd = std::env::current_dir().context("current directory")?;
+    let path = profile::resolve(profile_arg, &cwd).ok_or_else(|| anyhow::anyhow!("no profile `{profile_arg}`: looked for profiles/{profile_arg}.toml and {profile_arg}.toml (or give a path to a .toml file)"))?;
+    let host = profile::load(&path, opts)?;
+    let root = match secrets {
+        Some(s) => SecretsRoot::new(s),
+        None => SecretsRoot::default_for(&host.dir),
+    };
+    let input = gather(host, &root)?;
+    Ok((input, root))
+}

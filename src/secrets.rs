@@ -1,0 +1,274 @@
+//! Key material: generated once per host by `imgbuild keys` (or the first build),
+//! never overwritten, so rebuilt images carry the same identities.
+//!
+//! Layout under the secrets root (default `secrets/` beside the profiles):
+//! `<host>/wireguard.key|.pub`, `<host>/ssh_host_ed25519_key|.pub`,
+//! `<host>/snapshot-encryption.key`, `<host>/snapshot-signing.key|.pub`,
+//! `<host>/app/<name>` (generated app passwords), optional `<host>/s3.env`;
+//! `builder/image-signing.key|.pub` (never copied into a host output).
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {what}")]
+    Bad { path: PathBuf, what: String },
+    #[error("no random numbers from the OS: {0}")]
+    Random(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SecretsError + '_ {
+    move |source| SecretsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn random<const N: usize>() -> Result<[u8; N], SecretsError> {
+    let mut b = [0u8; N];
+    getrandom::getrandom(&mut b).map_err(|e| SecretsError::Random(e.to_string()))?;
+    Ok(b)
+}
+
+/// The secrets root and the file names in it.
+#[derive(Debug, Clone)]
+pub struct SecretsRoot {
+    pub root: PathBuf,
+}
+
+/// Files created by one call, for the one-line notice.
+#[derive(Debug, Default, Clone)]
+pub struct Created(pub Vec<PathBuf>);
+
+impl SecretsRoot {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        SecretsRoot { root: root.into() }
+    }
+
+    /// Default: `secrets/` next to the profiles directory (or next to the profile file
+    /// when it is not in a `profiles/` directory).
+    pub fn default_for(profile_dir: &Path) -> Self {
+        let base = if profile_dir.file_name().is_some_and(|n| n == "profiles") {
+            profile_dir.parent().unwrap_or(Path::new(".")).to_path_buf()
+        } else {
+            profile_dir.to_path_buf()
+        };
+        SecretsRoot::new(base.join("secrets"))
+    }
+
+    pub fn host_dir(&self, host: &str) -> PathBuf {
+        self.root.join(host)
+    }
+
+    pub fn builder_dir(&self) -> PathBuf {
+        self.root.join("builder")
+    }
+
+    fn ensure_dir(&self, dir: &Path) -> Result<(), SecretsError> {
+        if !self.root.exists() {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.root).map_err(io(&self.root))?;
+        }
+        let gi = self.root.join(".gitignore");
+        if !gi.exists() {
+            // Plain keys must never reach a git repository by accident.
+            write_new(&gi, b"# imgbuild secrets: never commit these in clear\n*\n", 0o600)?;
+        }
+        if !dir.exists() {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
+        }
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+        Ok(())
+    }
+
+    /// Creates every missing host key; existing files are left untouched.
+    pub fn ensure_host(&self, host: &str) -> Result<Created, SecretsError> {
+        let dir = self.host_dir(host);
+        self.ensure_dir(&dir)?;
+        let mut created = Created::default();
+
+        let wg = dir.join("wireguard.key");
+        if !wg.exists() {
+            let mut k = random::<32>()?;
+            // Clamp as `wg genkey` does, so the file is interchangeable with wg's own.
+            k[0] &= 248;
+            k[31] = (k[31] & 127) | 64;
+            write_new(&wg, format!("{}\n", B64.encode(k)).as_bytes(), 0o600)?;
+            created.0.push(wg.clone());
+        }
+        let wg_pub = dir.join("wireguard.pub");
+        let derived = format!("{}\n", wireguard_public(&read_wireguard_private(&wg)?));
+        if !wg_pub.exists() {
+            write_new(&wg_pub, derived.as_bytes(), 0o600)?;
+            created.0.push(wg_pub);
+        } else if fs::read_to_string(&wg_pub).map_err(io(&wg_pub))? != derived {
+            return Err(SecretsError::Bad {
+                path: wg_pub,
+                what: "does not match wireguard.key; delete it to re-derive".into(),
+            });
+        }
+
+        let ssh = dir.join("ssh_host_ed25519_key");
+        if !ssh.exists() {
+            let seed = random::<32>()?;
+            let comment = format!("root@{host}");
+            write_new(&ssh, openssh_private(&seed, &comment).as_bytes(), 0o600)?;
+            write_new(&dir.join("ssh_host_ed25519_key.pub"), format!("{}\n", openssh_public(&seed, &comment)).as_bytes(), 0o600)?;
+            created.0.push(ssh);
+        }
+
+        let enc = dir.join("snapshot-encryption.key");
+        if !enc.exists() {
+            write_new(&enc, format!("{}\n", hex::encode(random::<32>()?)).as_bytes(), 0o600)?;
+            created.0.push(enc);
+        }
+        let sign = dir.join("snapshot-signing.key");
+        if !sign.exists() {
+            let seed = random::<32>()?;
+            write_new(&sign, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
+            let pk = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+            write_new(&dir.join("snapshot-signing.pub"), format!("{}\n", hex::encode(pk.as_bytes())).as_bytes(), 0o600)?;
+            created.0.push(sign);
+        }
+        Ok(created)
+    }
+
+    /// The builder's image-signing key, created when missing.
+    pub fn ensure_builder(&self) -> Result<(ed25519_dalek::SigningKey, Created), SecretsError> {
+        let dir = self.builder_dir();
+        self.ensure_dir(&dir)?;
+        let path = dir.join("image-signing.key");
+        let mut created = Created::default();
+        if !path.exists() {
+            let seed = random::<32>()?;
+            write_new(&path, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
+            let pk = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
+            write_new(&dir.join("image-signing.pub"), format!("{}\n", hex::encode(pk.as_bytes())).as_bytes(), 0o644)?;
+            created.0.push(path.clone());
+        }
+        Ok((ed25519_dalek::SigningKey::from_bytes(&read_hex32(&path)?), created))
+    }
+
+    /// An application secret (database password...), generated once.
+    pub fn ensure_app_secret(&self, host: &str, name: &str) -> Result<(String, bool), SecretsError> {
+        let dir = self.host_dir(host).join("app");
+        self.ensure_dir(&dir)?;
+        let path = dir.join(name);
+        let mut created = false;
+        if !path.exists() {
+            // 32 characters from a 62-letter alphabet: ~190 bits, safe in any env file or URL.
+            const ALPHA: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+            let mut out = String::new();
+            while out.len() < 32 {
+                for b in random::<64>()? {
+                    // Rejection sampling keeps the distribution uniform.
+                    if (b as usize) < ALPHA.len() * 4 && out.len() < 32 {
+                        out.push(ALPHA[b as usize % ALPHA.len()] as char);
+                    }
+                }
+            }
+            write_new(&path, format!("{out}\n").as_bytes(), 0o600)?;
+            created = true;
+        }
+        let v = fs::read_to_string(&path).map_err(io(&path))?;
+        let v = v.trim_end_matches('\n').to_string();
+        if v.is_empty() || v.contains('\n') || v.chars().any(|c| c.is_control()) {
+            return Err(SecretsError::Bad { path, what: "must be one non-empty line".into() });
+        }
+        Ok((v, created))
+    }
+}
+
+/// Writes a file that must not exist yet (never overwrite a key), with `mode`.
+fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), SecretsError> {
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io(path))?;
+    f.write_all(data).map_err(io(path))?;
+    f.sync_all().map_err(io(path))?;
+    Ok(())
+}
+
+pub fn read_hex32(path: &Path) -> Result<[u8; 32], SecretsError> {
+    let s = fs::read_to_string(path).map_err(io(path))?;
+    let bytes = hex::decode(s.trim()).map_err(|_| SecretsError::Bad { path: path.to_path_buf(), what: "expected 64 hex characters".into() })?;
+    bytes.try_into().map_err(|_| SecretsError::Bad { path: path.to_path_buf(), what: "expected 32 bytes (64 hex characters)".into() })
+}
+
+pub fn read_wireguard_private(path: &Path) -> Result<[u8; 32], SecretsError> {
+    let s = fs::read_to_string(path).map_err(io(path))?;
+    let bytes = B64.decode(s.trim()).map_err(|_| SecretsError::Bad { path: path.to_path_buf(), what: "expected a base64 WireGuard key".into() })?;
+    bytes.try_into().map_err(|_| SecretsError::Bad { path: path.to_path_buf(), what: "expected a 32-byte WireGuard key".into() })
+}
+
+pub fn wireguard_public(private: &[u8; 32]) -> String {
+    let secret = x25519_dalek::StaticSecret::from(*private);
+    B64.encode(x25519_dalek::PublicKey::from(&secret).as_bytes())
+}
+
+fn put_string(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+fn ssh_public_blob(public: &[u8; 32]) -> Vec<u8> {
+    let mut blob = Vec::new();
+    put_string(&mut blob, b"ssh-ed25519");
+    put_string(&mut blob, public);
+    blob
+}
+
+/// `ssh-ed25519 AAAA... comment` for an ed25519 seed.
+pub fn openssh_public(seed: &[u8; 32], comment: &str) -> String {
+    let pk = ed25519_dalek::SigningKey::from_bytes(seed).verifying_key();
+    format!("ssh-ed25519 {} {comment}", B64.encode(ssh_public_blob(pk.as_bytes())))
+}
+
+/// An unencrypted `openssh-key-v1` private key, as `ssh-keygen -t ed25519 -N ''` writes.
+pub fn openssh_private(seed: &[u8; 32], comment: &str) -> String {
+    let pk = ed25519_dalek::SigningKey::from_bytes(seed).verifying_key();
+    let mut out = b"openssh-key-v1\0".to_vec();
+    put_string(&mut out, b"none");
+    put_string(&mut out, b"none");
+    put_string(&mut out, b"");
+    out.extend_from_slice(&1u32.to_be_bytes());
+    put_string(&mut out, &ssh_public_blob(pk.as_bytes()));
+    let mut private = Vec::new();
+    // The check integer only detects a wrong passphrase; derive it so output is stable.
+    let check = u32::from_be_bytes([seed[0], seed[1], seed[2], seed[3]]);
+    private.extend_from_slice(&check.to_be_bytes());
+    private.extend_from_slice(&check.to_be_bytes());
+    put_string(&mut private, b"ssh-ed25519");
+    put_string(&mut private, pk.as_bytes());
+    let mut kp = seed.to_vec();
+    kp.extend_from_slice(pk.as_bytes());
+    put_string(&mut private, &kp);
+    put_string(&mut private, comment.as_bytes());
+    let mut pad = 1u8;
+    while private.len() % 8 != 0 {
+        private.push(pad);
+        pad += 1;
+    }
+    put_string(&mut out, &private);
+    let b64 = B64.encode(&out);
+    let mut pem = String::from("-----BEGIN OPENSSH PRIVATE KEY-----\n");
+    for chunk in b64.as_bytes().chunks(70) {
+        pem.push_str(&String::from_utf8_lossy(chunk));
+        pem.push('\n');
+    }
+    pem.push_str("-----END OPENSSH PRIVATE KEY-----\n");
+    pem
+}
+
+/// Reads a file the host needs, with a clear error when it is missing.
+pub fn read_text(path: &Path) -> Result<String, SecretsError> {
+    fs::read_to_string(path).map_err(io(path))
+}
