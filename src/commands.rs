@@ -12,7 +12,10 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 
 fn load(args: &ProfileArgs, progress: &Progress) -> Result<(RenderInput, SecretsRoot)> {
-    let opts = LoadOptions { env: args.env.clone(), overlays: args.overlays.clone() };
+    let opts = LoadOptions {
+        env: args.env.clone(),
+        overlays: args.overlays.clone(),
+    };
     let (input, root) = render::prepare(&args.profile, &opts, args.secrets.as_deref())?;
     if !input.created.is_empty() {
         progress.note(&format!(
@@ -51,19 +54,32 @@ pub fn build(args: &BuildArgs) -> Result<i32> {
             let helper = match &args.helper_url {
                 Some(url) => Some(emit::ignition::Helper {
                     url: url.clone(),
-                    sha512: emit::ignition::sha512_file(&helper_bin).with_context(|| format!("hashing {}", helper_bin.display()))?,
+                    sha512: emit::ignition::sha512_file(&helper_bin)
+                        .with_context(|| format!("hashing {}", helper_bin.display()))?,
                 }),
                 None => None,
             };
-            let baked: Vec<String> = input.host.profile.containers.iter().filter(|(_, c)| c.bake.is_some()).map(|(n, _)| n.clone()).collect();
-            let data = emit::ignition::emit(&tree, &args.ignition_version, helper.as_ref(), &baked)?;
+            let baked: Vec<String> = input
+                .host
+                .profile
+                .containers
+                .iter()
+                .filter(|(_, c)| c.bake.is_some())
+                .map(|(n, _)| n.clone())
+                .collect();
+            let data =
+                emit::ignition::emit(&tree, &args.ignition_version, helper.as_ref(), &baked)?;
             let mode = if tree.has_secrets() { 0o600 } else { 0o644 };
-            emit::write_atomic(&args.out, &data, mode).with_context(|| format!("writing {}", args.out.display()))?;
+            emit::write_atomic(&args.out, &data, mode)
+                .with_context(|| format!("writing {}", args.out.display()))?;
             if tree.has_secrets() {
                 progress.note(&format!("imgbuild: {} holds the host's private keys: it is mode 0600; pass it to the provider as user-data, never publish it", args.out.display()));
             }
             if args.json {
-                println!("{}", json!({ "host": tree.host, "env": input.host.env, "format": "ignition", "out": args.out, "bytes": data.len(), "ignition_version": args.ignition_version, "tree_digest": tree.digest(), "profile_digest": input.host.digest }));
+                println!(
+                    "{}",
+                    json!({ "host": tree.host, "env": input.host.env, "format": "ignition", "out": args.out, "bytes": data.len(), "ignition_version": args.ignition_version, "tree_digest": tree.digest(), "profile_digest": input.host.digest })
+                );
             } else {
                 progress.note(&format!("imgbuild: wrote {} ({} bytes; providers' user-data limits: 16 KiB at some, 64 KiB at most)", args.out.display(), data.len()));
             }
@@ -72,7 +88,10 @@ pub fn build(args: &BuildArgs) -> Result<i32> {
             let tree = render::render(&input, Target::Image)?;
             let (signing_key, created) = root.ensure_builder()?;
             if !created.0.is_empty() {
-                progress.note(&format!("imgbuild: created the builder's image-signing key in {}", root.builder_dir().display()));
+                progress.note(&format!(
+                    "imgbuild: created the builder's image-signing key in {}",
+                    root.builder_dir().display()
+                ));
             }
             let base_def = match &args.base {
                 Some(b) => b.clone(),
@@ -83,7 +102,11 @@ pub fn build(args: &BuildArgs) -> Result<i32> {
                 if let Some(b) = &c.bake {
                     let src = input.host.dir.join(b);
                     if !src.is_file() {
-                        bail!("{}: containers.{name}.bake: {} does not exist", input.host.path.display(), src.display());
+                        bail!(
+                            "{}: containers.{name}.bake: {} does not exist",
+                            input.host.path.display(),
+                            src.display()
+                        );
                     }
                     baked.push((render::baked_path(name), src));
                 }
@@ -91,7 +114,11 @@ pub fn build(args: &BuildArgs) -> Result<i32> {
             let req = crate::image::ImageRequest {
                 tree: &tree,
                 out: args.out.clone(),
-                format: if format == Format::Raw { crate::image::DiskFormat::Raw } else { crate::image::DiskFormat::Qcow2 },
+                format: if format == Format::Raw {
+                    crate::image::DiskFormat::Raw
+                } else {
+                    crate::image::DiskFormat::Qcow2
+                },
                 base_def,
                 refresh_base: args.refresh_base,
                 signing_key: &signing_key,
@@ -100,13 +127,23 @@ pub fn build(args: &BuildArgs) -> Result<i32> {
                 helper_binary: helper_bin,
                 progress: progress.clone(),
                 cache_dir: None,
-                mirror: std::env::var("IMGBUILD_MIRROR").ok().filter(|m| !m.is_empty()),
+                mirror: std::env::var("IMGBUILD_MIRROR")
+                    .ok()
+                    .filter(|m| !m.is_empty()),
             };
             let report = crate::image::build(&req)?;
             if args.json {
-                println!("{}", json!({ "host": tree.host, "env": input.host.env, "format": if format == Format::Raw { "raw" } else { "qcow2" }, "out": report.out, "manifest": report.manifest, "bytes": report.size_bytes, "tree_digest": tree.digest(), "profile_digest": input.host.digest }));
+                println!(
+                    "{}",
+                    json!({ "host": tree.host, "env": input.host.env, "format": if format == Format::Raw { "raw" } else { "qcow2" }, "out": report.out, "manifest": report.manifest, "bytes": report.size_bytes, "tree_digest": tree.digest(), "profile_digest": input.host.digest })
+                );
             } else {
-                progress.note(&format!("imgbuild: wrote {} ({} bytes, mode 0600: it holds the host's keys) and {}", report.out.display(), report.size_bytes, report.manifest.display()));
+                progress.note(&format!(
+                    "imgbuild: wrote {} ({} bytes, mode 0600: it holds the host's keys) and {}",
+                    report.out.display(),
+                    report.size_bytes,
+                    report.manifest.display()
+                ));
             }
         }
     }
@@ -125,7 +162,16 @@ pub fn find_base(profile_dir: &Path, base: &str) -> Result<PathBuf> {
         .iter()
         .find(|c| c.is_file())
         .cloned()
-        .ok_or_else(|| anyhow::anyhow!("no base OS definition `{base}`: looked for {}\n  hint: pass --base FILE", candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no base OS definition `{base}`: looked for {}\n  hint: pass --base FILE",
+                candidates
+                    .iter()
+                    .map(|c| c.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
 }
 
 pub fn render_cmd(args: &RenderArgs) -> Result<i32> {
@@ -136,7 +182,8 @@ pub fn render_cmd(args: &RenderArgs) -> Result<i32> {
         RenderTarget::Ignition => Target::Ignition,
     };
     let tree = render::render(&input, target)?;
-    emit::dir::write(&tree, &args.out).with_context(|| format!("writing the host tree to {}", args.out.display()))?;
+    emit::dir::write(&tree, &args.out)
+        .with_context(|| format!("writing the host tree to {}", args.out.display()))?;
     if args.json {
         let entries: Vec<_> = tree
             .entries
@@ -150,9 +197,16 @@ pub fn render_cmd(args: &RenderArgs) -> Result<i32> {
                 json!({ "path": e.path, "kind": kind, "mode": format!("{:04o}", e.mode), "owner": e.owner, "group": e.group, "size": size, "secret": e.secret })
             })
             .collect();
-        println!("{}", json!({ "host": tree.host, "env": input.host.env, "digest": tree.digest(), "entries": entries, "enable": tree.enable.iter().map(|e| json!({"unit": e.unit, "wanted_by": e.wanted_by})).collect::<Vec<_>>() }));
+        println!(
+            "{}",
+            json!({ "host": tree.host, "env": input.host.env, "digest": tree.digest(), "entries": entries, "enable": tree.enable.iter().map(|e| json!({"unit": e.unit, "wanted_by": e.wanted_by})).collect::<Vec<_>>() })
+        );
     } else {
-        progress.note(&format!("imgbuild: wrote {} entries to {}", tree.entries.len(), args.out.display()));
+        progress.note(&format!(
+            "imgbuild: wrote {} entries to {}",
+            tree.entries.len(),
+            args.out.display()
+        ));
     }
     Ok(0)
 }
@@ -164,16 +218,43 @@ pub fn keys(args: &KeysArgs) -> Result<i32> {
     let mut created = input.created.clone();
     created.extend(builder_created.0);
     let dir = root.host_dir(input.host.name());
-    let wg_pub = std::fs::read_to_string(dir.join("wireguard.pub")).context("reading wireguard.pub")?;
-    let ssh_pub = std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).context("reading ssh_host_ed25519_key.pub")?;
+    let wg_pub =
+        std::fs::read_to_string(dir.join("wireguard.pub")).context("reading wireguard.pub")?;
+    let ssh_pub = std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub"))
+        .context("reading ssh_host_ed25519_key.pub")?;
     if args.json {
-        println!("{}", json!({ "host": input.host.name(), "secrets": dir, "created": created, "wireguard_public_key": wg_pub.trim(), "ssh_host_key": ssh_pub.trim() }));
+        println!(
+            "{}",
+            json!({ "host": input.host.name(), "secrets": dir, "created": created, "wireguard_public_key": wg_pub.trim(), "ssh_host_key": ssh_pub.trim() })
+        );
     } else {
         println!("host {} — secrets in {}", input.host.name(), dir.display());
-        println!("  created: {}", if created.is_empty() { "nothing (all keys existed)".to_string() } else { created.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ") });
+        println!(
+            "  created: {}",
+            if created.is_empty() {
+                "nothing (all keys existed)".to_string()
+            } else {
+                created
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        );
         println!("  wireguard public key: {}", wg_pub.trim());
         println!("  ssh host key: {}", ssh_pub.trim());
-        println!("  known_hosts line: {} {}", input.host.profile.wireguard.as_ref().and_then(|w| w.endpoint.as_deref()).and_then(|e| e.rsplit_once(':').map(|(h, _)| h)).unwrap_or(input.host.name()), ssh_pub.trim());
+        println!(
+            "  known_hosts line: {} {}",
+            input
+                .host
+                .profile
+                .wireguard
+                .as_ref()
+                .and_then(|w| w.endpoint.as_deref())
+                .and_then(|e| e.rsplit_once(':').map(|(h, _)| h))
+                .unwrap_or(input.host.name()),
+            ssh_pub.trim()
+        );
     }
     Ok(0)
 }
@@ -190,17 +271,52 @@ pub fn summary(args: &SummaryArgs) -> Result<i32> {
     if args.json {
         println!("{s}");
     } else {
-        println!("host {} (env {}) from {}", input.host.name(), input.host.env, input.host.path.display());
-        println!("  tree: {} entries, digest {}", tree.entries.len(), &tree.digest()[..16]);
+        println!(
+            "host {} (env {}) from {}",
+            input.host.name(),
+            input.host.env,
+            input.host.path.display()
+        );
+        println!(
+            "  tree: {} entries, digest {}",
+            tree.entries.len(),
+            &tree.digest()[..16]
+        );
         for (n, c) in &p.containers {
-            let extra = c.domain.as_ref().map(|d| format!(" → https://{d}")).unwrap_or_default();
-            println!("  container {n}: {}{}{}", c.image, if c.publish.is_empty() { String::new() } else { format!(" [{}]", c.publish.join(", ")) }, extra);
+            let extra = c
+                .domain
+                .as_ref()
+                .map(|d| format!(" → https://{d}"))
+                .unwrap_or_default();
+            println!(
+                "  container {n}: {}{}{}",
+                c.image,
+                if c.publish.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", c.publish.join(", "))
+                },
+                extra
+            );
         }
         for pe in &input.peers {
-            println!("  wireguard peer {} at {} ({})", pe.host, pe.address, pe.endpoint.as_deref().unwrap_or("dials in"));
+            println!(
+                "  wireguard peer {} at {} ({})",
+                pe.host,
+                pe.address,
+                pe.endpoint.as_deref().unwrap_or("dials in")
+            );
         }
         match &p.backup {
-            Some(b) => println!("  backup: s3://{}/{} at {:?}, restore {:?}", b.bucket, b.prefix.clone().unwrap_or_else(|| input.host.name().to_string()), b.schedule, b.restore),
+            Some(b) => println!(
+                "  backup: s3://{}/{} at {:?}, restore {:?}",
+                b.bucket,
+                b.prefix
+                    .clone()
+                    .unwrap_or_else(|| input.host.name().to_string()),
+                b.schedule,
+                b.restore
+            ),
             None => println!("  backup: none"),
         }
     }

@@ -18,7 +18,10 @@ fn main() {
             let bad_input = err.chain().any(|c| {
                 c.is::<imgbuild::profile::ProfileErrors>()
                     || c.is::<imgbuild::profile::ProfileError>()
-                    || matches!(c.downcast_ref::<imgbuild::render::RenderError>(), Some(imgbuild::render::RenderError::Profile(_)))
+                    || matches!(
+                        c.downcast_ref::<imgbuild::render::RenderError>(),
+                        Some(imgbuild::render::RenderError::Profile(_))
+                    )
             });
             eprintln!("error: {err:#}");
             std::process::exit(if bad_input { 2 } else { 1 });

@@ -77,15 +77,27 @@ impl SecretsRoot {
 
     fn ensure_dir(&self, dir: &Path) -> Result<(), SecretsError> {
         if !self.root.exists() {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.root).map_err(io(&self.root))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.root)
+                .map_err(io(&self.root))?;
         }
         let gi = self.root.join(".gitignore");
         if !gi.exists() {
             // Plain keys must never reach a git repository by accident.
-            write_new(&gi, b"# imgbuild secrets: never commit these in clear\n*\n", 0o600)?;
+            write_new(
+                &gi,
+                b"# imgbuild secrets: never commit these in clear\n*\n",
+                0o600,
+            )?;
         }
         if !dir.exists() {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io(dir))?;
         }
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
         Ok(())
@@ -123,13 +135,21 @@ impl SecretsRoot {
             let seed = random::<32>()?;
             let comment = format!("root@{host}");
             write_new(&ssh, openssh_private(&seed, &comment).as_bytes(), 0o600)?;
-            write_new(&dir.join("ssh_host_ed25519_key.pub"), format!("{}\n", openssh_public(&seed, &comment)).as_bytes(), 0o600)?;
+            write_new(
+                &dir.join("ssh_host_ed25519_key.pub"),
+                format!("{}\n", openssh_public(&seed, &comment)).as_bytes(),
+                0o600,
+            )?;
             created.0.push(ssh);
         }
 
         let enc = dir.join("snapshot-encryption.key");
         if !enc.exists() {
-            write_new(&enc, format!("{}\n", hex::encode(random::<32>()?)).as_bytes(), 0o600)?;
+            write_new(
+                &enc,
+                format!("{}\n", hex::encode(random::<32>()?)).as_bytes(),
+                0o600,
+            )?;
             created.0.push(enc);
         }
         let sign = dir.join("snapshot-signing.key");
@@ -137,7 +157,11 @@ impl SecretsRoot {
             let seed = random::<32>()?;
             write_new(&sign, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
             let pk = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
-            write_new(&dir.join("snapshot-signing.pub"), format!("{}\n", hex::encode(pk.as_bytes())).as_bytes(), 0o600)?;
+            write_new(
+                &dir.join("snapshot-signing.pub"),
+                format!("{}\n", hex::encode(pk.as_bytes())).as_bytes(),
+                0o600,
+            )?;
             created.0.push(sign);
         }
         Ok(created)
@@ -153,14 +177,25 @@ impl SecretsRoot {
             let seed = random::<32>()?;
             write_new(&path, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
             let pk = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
-            write_new(&dir.join("image-signing.pub"), format!("{}\n", hex::encode(pk.as_bytes())).as_bytes(), 0o644)?;
+            write_new(
+                &dir.join("image-signing.pub"),
+                format!("{}\n", hex::encode(pk.as_bytes())).as_bytes(),
+                0o644,
+            )?;
             created.0.push(path.clone());
         }
-        Ok((ed25519_dalek::SigningKey::from_bytes(&read_hex32(&path)?), created))
+        Ok((
+            ed25519_dalek::SigningKey::from_bytes(&read_hex32(&path)?),
+            created,
+        ))
     }
 
     /// An application secret (database password...), generated once.
-    pub fn ensure_app_secret(&self, host: &str, name: &str) -> Result<(String, bool), SecretsError> {
+    pub fn ensure_app_secret(
+        &self,
+        host: &str,
+        name: &str,
+    ) -> Result<(String, bool), SecretsError> {
         let dir = self.host_dir(host).join("app");
         self.ensure_dir(&dir)?;
         let path = dir.join(name);
@@ -183,7 +218,10 @@ impl SecretsRoot {
         let v = fs::read_to_string(&path).map_err(io(&path))?;
         let v = v.trim_end_matches('\n').to_string();
         if v.is_empty() || v.contains('\n') || v.chars().any(|c| c.is_control()) {
-            return Err(SecretsError::Bad { path, what: "must be one non-empty line".into() });
+            return Err(SecretsError::Bad {
+                path,
+                what: "must be one non-empty line".into(),
+            });
         }
         Ok((v, created))
     }
@@ -191,7 +229,12 @@ impl SecretsRoot {
 
 /// Writes a file that must not exist yet (never overwrite a key), with `mode`.
 fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), SecretsError> {
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io(path))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io(path))?;
     f.write_all(data).map_err(io(path))?;
     f.sync_all().map_err(io(path))?;
     Ok(())
@@ -199,14 +242,26 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), SecretsError> {
 
 pub fn read_hex32(path: &Path) -> Result<[u8; 32], SecretsError> {
     let s = fs::read_to_string(path).map_err(io(path))?;
-    let bytes = hex::decode(s.trim()).map_err(|_| SecretsError::Bad { path: path.to_path_buf(), what: "expected 64 hex characters".into() })?;
-    bytes.try_into().map_err(|_| SecretsError::Bad { path: path.to_path_buf(), what: "expected 32 bytes (64 hex characters)".into() })
+    let bytes = hex::decode(s.trim()).map_err(|_| SecretsError::Bad {
+        path: path.to_path_buf(),
+        what: "expected 64 hex characters".into(),
+    })?;
+    bytes.try_into().map_err(|_| SecretsError::Bad {
+        path: path.to_path_buf(),
+        what: "expected 32 bytes (64 hex characters)".into(),
+    })
 }
 
 pub fn read_wireguard_private(path: &Path) -> Result<[u8; 32], SecretsError> {
     let s = fs::read_to_string(path).map_err(io(path))?;
-    let bytes = B64.decode(s.trim()).map_err(|_| SecretsError::Bad { path: path.to_path_buf(), what: "expected a base64 WireGuard key".into() })?;
-    bytes.try_into().map_err(|_| SecretsError::Bad { path: path.to_path_buf(), what: "expected a 32-byte WireGuard key".into() })
+    let bytes = B64.decode(s.trim()).map_err(|_| SecretsError::Bad {
+        path: path.to_path_buf(),
+        what: "expected a base64 WireGuard key".into(),
+    })?;
+    bytes.try_into().map_err(|_| SecretsError::Bad {
+        path: path.to_path_buf(),
+        what: "expected a 32-byte WireGuard key".into(),
+    })
 }
 
 pub fn wireguard_public(private: &[u8; 32]) -> String {
@@ -229,7 +284,10 @@ fn ssh_public_blob(public: &[u8; 32]) -> Vec<u8> {
 /// `ssh-ed25519 AAAA... comment` for an ed25519 seed.
 pub fn openssh_public(seed: &[u8; 32], comment: &str) -> String {
     let pk = ed25519_dalek::SigningKey::from_bytes(seed).verifying_key();
-    format!("ssh-ed25519 {} {comment}", B64.encode(ssh_public_blob(pk.as_bytes())))
+    format!(
+        "ssh-ed25519 {} {comment}",
+        B64.encode(ssh_public_blob(pk.as_bytes()))
+    )
 }
 
 /// An unencrypted `openssh-key-v1` private key, as `ssh-keygen -t ed25519 -N ''` writes.

@@ -134,7 +134,13 @@ impl HostTree {
         })
     }
 
-    pub fn dir(&mut self, path: &str, mode: u32, owner: &str, group: &str) -> Result<(), TreeError> {
+    pub fn dir(
+        &mut self,
+        path: &str,
+        mode: u32,
+        owner: &str,
+        group: &str,
+    ) -> Result<(), TreeError> {
         self.insert(Entry {
             path: path.into(),
             kind: EntryKind::Dir,

@@ -149,23 +149,43 @@ fn contents(data: &[u8]) -> Contents {
     // Writing to a Vec cannot fail.
     let _ = gz.write_all(data);
     let gz = gz.finish().unwrap_or_default();
-    let packed = format!("data:;base64,{}", base64::engine::general_purpose::STANDARD.encode(&gz));
-    let verification = Verification { hash: format!("sha512-{}", sha512_hex(data)) };
+    let packed = format!(
+        "data:;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&gz)
+    );
+    let verification = Verification {
+        hash: format!("sha512-{}", sha512_hex(data)),
+    };
     if packed.len() < plain.len() {
-        Contents { source: packed, compression: Some("gzip".into()), verification }
+        Contents {
+            source: packed,
+            compression: Some("gzip".into()),
+            verification,
+        }
     } else {
-        Contents { source: plain, compression: None, verification }
+        Contents {
+            source: plain,
+            compression: None,
+            verification,
+        }
     }
 }
 
 fn is_unit(path: &str) -> Option<&str> {
     let name = path.strip_prefix(SYSTEMD_UNIT_DIR)?.strip_prefix('/')?;
-    let units = [".service", ".timer", ".socket", ".path", ".target", ".mount"];
+    let units = [
+        ".service", ".timer", ".socket", ".path", ".target", ".mount",
+    ];
     (!name.contains('/') && units.iter().any(|s| name.ends_with(s))).then_some(name)
 }
 
 /// Builds the config JSON (pretty-printed, deterministic).
-pub fn emit(tree: &HostTree, version: &str, helper: Option<&Helper>, baked: &[String]) -> Result<Vec<u8>, IgnitionError> {
+pub fn emit(
+    tree: &HostTree,
+    version: &str,
+    helper: Option<&Helper>,
+    baked: &[String],
+) -> Result<Vec<u8>, IgnitionError> {
     if !VERSIONS.contains(&version) {
         return Err(IgnitionError::Version(version.into()));
     }
@@ -181,13 +201,46 @@ pub fn emit(tree: &HostTree, version: &str, helper: Option<&Helper>, baked: &[St
         match &e.kind {
             EntryKind::File { content } => {
                 if let Some(name) = is_unit(&e.path) {
-                    units.insert(name.to_string(), Unit { name: name.into(), enabled: None, contents: Some(String::from_utf8_lossy(content).into_owned()) });
+                    units.insert(
+                        name.to_string(),
+                        Unit {
+                            name: name.into(),
+                            enabled: None,
+                            contents: Some(String::from_utf8_lossy(content).into_owned()),
+                        },
+                    );
                     continue;
                 }
-                files.push(File { path: e.path.clone(), mode: e.mode, overwrite: true, user: Owner { name: e.owner.clone() }, group: Owner { name: e.group.clone() }, contents: contents(content) });
+                files.push(File {
+                    path: e.path.clone(),
+                    mode: e.mode,
+                    overwrite: true,
+                    user: Owner {
+                        name: e.owner.clone(),
+                    },
+                    group: Owner {
+                        name: e.group.clone(),
+                    },
+                    contents: contents(content),
+                });
             }
-            EntryKind::Dir => dirs.push(Dir { path: e.path.clone(), mode: e.mode, overwrite: false, user: Owner { name: e.owner.clone() }, group: Owner { name: e.group.clone() } }),
-            EntryKind::Symlink { target } => links.push(Link { path: e.path.clone(), target: target.clone(), hard: false, overwrite: true }),
+            EntryKind::Dir => dirs.push(Dir {
+                path: e.path.clone(),
+                mode: e.mode,
+                overwrite: false,
+                user: Owner {
+                    name: e.owner.clone(),
+                },
+                group: Owner {
+                    name: e.group.clone(),
+                },
+            }),
+            EntryKind::Symlink { target } => links.push(Link {
+                path: e.path.clone(),
+                target: target.clone(),
+                hard: false,
+                overwrite: true,
+            }),
         }
     }
     if needs_helper {
@@ -199,25 +252,55 @@ pub fn emit(tree: &HostTree, version: &str, helper: Option<&Helper>, baked: &[St
             path: "/usr/local/bin/imgbuild".into(),
             mode: 0o755,
             overwrite: true,
-            user: Owner { name: "root".into() },
-            group: Owner { name: "root".into() },
-            contents: Contents { source: h.url.clone(), compression: None, verification: Verification { hash: format!("sha512-{}", h.sha512) } },
+            user: Owner {
+                name: "root".into(),
+            },
+            group: Owner {
+                name: "root".into(),
+            },
+            contents: Contents {
+                source: h.url.clone(),
+                compression: None,
+                verification: Verification {
+                    hash: format!("sha512-{}", h.sha512),
+                },
+            },
         });
         files.sort_by(|a, b| a.path.cmp(&b.path));
     }
     for en in &tree.enable {
-        units.entry(en.unit.clone()).or_insert_with(|| Unit { name: en.unit.clone(), enabled: None, contents: None }).enabled = Some(true);
+        units
+            .entry(en.unit.clone())
+            .or_insert_with(|| Unit {
+                name: en.unit.clone(),
+                enabled: None,
+                contents: None,
+            })
+            .enabled = Some(true);
     }
     let users = tree
         .users
         .iter()
-        .map(|u| User { name: u.name.clone(), ssh_authorized_keys: u.ssh_authorized_keys.clone(), home_dir: u.home.clone(), shell: u.shell.clone() })
+        .map(|u| User {
+            name: u.name.clone(),
+            ssh_authorized_keys: u.ssh_authorized_keys.clone(),
+            home_dir: u.home.clone(),
+            shell: u.shell.clone(),
+        })
         .collect();
     let cfg = Config {
-        ignition: Meta { version: version.into() },
+        ignition: Meta {
+            version: version.into(),
+        },
         passwd: Passwd { users },
-        storage: Storage { directories: dirs, files, links },
-        systemd: Systemd { units: units.into_values().collect() },
+        storage: Storage {
+            directories: dirs,
+            files,
+            links,
+        },
+        systemd: Systemd {
+            units: units.into_values().collect(),
+        },
     };
     let mut out = serde_json::to_vec_pretty(&cfg).unwrap_or_default();
     out.push(b'\n');

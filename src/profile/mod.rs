@@ -142,7 +142,12 @@ fn read_source(path: &Path, prefix: Vec<Seg>) -> Result<(Source, toml::Value), P
     };
     let src = Source::parse(path, text, prefix).map_err(|(span, msg)| {
         let (line, col) = span
-            .map(|s| source::line_col(&String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()), s.start))
+            .map(|s| {
+                source::line_col(
+                    &String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()),
+                    s.start,
+                )
+            })
             .unwrap_or((1, 1));
         ProfileError {
             file: path.to_path_buf(),
@@ -184,7 +189,12 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
     }
 }
 
-fn at(map: &SourceMap, path: &[Seg], message: impl Into<String>, hint: Option<String>) -> ProfileError {
+fn at(
+    map: &SourceMap,
+    path: &[Seg],
+    message: impl Into<String>,
+    hint: Option<String>,
+) -> ProfileError {
     let (file, line, col) = map.locate(path);
     ProfileError {
         file,
@@ -215,10 +225,7 @@ fn serde_error(map: &SourceMap, err: serde_path_to_error::Error<toml::de::Error>
             if path.last() != Some(&Seg::Key(key.to_string())) {
                 path.push(Seg::Key(key.to_string()));
             }
-            hint = Some(match rest.find("expected one of ") {
-                Some(i) => format!("allowed keys here: {}", &rest[i + "expected one of ".len()..]),
-                None => "remove it: unknown keys are errors".into(),
-            });
+            hint = Some("fix the spelling or remove the key: unknown keys are errors".into());
         }
     } else if msg.starts_with("missing field") {
         hint = Some("add the field; see docs/profile-reference.md".into());
@@ -241,7 +248,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Host, ProfileErrors> {
         .and_then(|h| h.get("default_env"))
         .and_then(|v| v.as_str())
         .map(str::to_string);
-    let envs = merged.get("environments").and_then(|v| v.as_table()).cloned().unwrap_or_default();
+    let envs = merged
+        .get("environments")
+        .and_then(|v| v.as_table())
+        .cloned()
+        .unwrap_or_default();
     let env = match (&opts.env, &default_env) {
         (Some(e), _) => e.clone(),
         (None, Some(d)) => d.clone(),
@@ -258,14 +269,24 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Host, ProfileErrors> {
     match envs.get(&env) {
         Some(overlay) => {
             if !overlay.is_table() {
-                return Err(at(&map, &["environments".into(), env.as_str().into()], "an environment must be a table", None).into());
+                return Err(at(
+                    &map,
+                    &["environments".into(), env.as_str().into()],
+                    "an environment must be a table",
+                    None,
+                )
+                .into());
             }
             let mut overlay = overlay.clone();
             if let Some(t) = overlay.as_table_mut() {
                 if t.contains_key("environments") {
                     return Err(at(
                         &map,
-                        &["environments".into(), env.as_str().into(), "environments".into()],
+                        &[
+                            "environments".into(),
+                            env.as_str().into(),
+                            "environments".into(),
+                        ],
                         "environments cannot nest",
                         None,
                     )
@@ -273,8 +294,12 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Host, ProfileErrors> {
                 }
             }
             // The environment's keys are found under `environments.<env>` of the same file.
-            let again = Source::parse(path, map.sources[0].text.clone(), vec!["environments".into(), env.as_str().into()])
-                .map_err(|(_, m)| file_error(path, m, None))?;
+            let again = Source::parse(
+                path,
+                map.sources[0].text.clone(),
+                vec!["environments".into(), env.as_str().into()],
+            )
+            .map_err(|(_, m)| file_error(path, m, None))?;
             map.sources.push(again);
             merge(&mut merged, overlay);
         }
@@ -285,7 +310,14 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Host, ProfileErrors> {
                 &map,
                 &["environments".into()],
                 format!("environment `{env}` is not defined in this profile"),
-                Some(format!("defined environments: {}", if known.is_empty() { "(none)".into() } else { known.join(", ") })),
+                Some(format!(
+                    "defined environments: {}",
+                    if known.is_empty() {
+                        "(none)".into()
+                    } else {
+                        known.join(", ")
+                    }
+                )),
             )
             .into());
         }
@@ -299,11 +331,23 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Host, ProfileErrors> {
         if let Some(t) = value.as_table_mut() {
             if let Some(rep) = t.remove("replace") {
                 let Some(list) = rep.as_array() else {
-                    return Err(at(&map, &["replace".into()], "`replace` must be a list of top-level table names", None).into());
+                    return Err(at(
+                        &map,
+                        &["replace".into()],
+                        "`replace` must be a list of top-level table names",
+                        None,
+                    )
+                    .into());
                 };
                 for (i, name) in list.iter().enumerate() {
                     let Some(name) = name.as_str() else {
-                        return Err(at(&map, &["replace".into(), i.into()], "expected a table name", None).into());
+                        return Err(at(
+                            &map,
+                            &["replace".into(), i.into()],
+                            "expected a table name",
+                            None,
+                        )
+                        .into());
                     };
                     if let Some(m) = merged.as_table_mut() {
                         m.remove(name);
@@ -314,7 +358,8 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Host, ProfileErrors> {
         merge(&mut merged, value);
     }
 
-    let profile: Profile = serde_path_to_error::deserialize(merged.clone()).map_err(|e| serde_error(&map, e))?;
+    let profile: Profile =
+        serde_path_to_error::deserialize(merged.clone()).map_err(|e| serde_error(&map, e))?;
 
     let errors = validate::validate(&profile, &env, path, &map);
     if !errors.is_empty() {
@@ -326,7 +371,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Host, ProfileErrors> {
     h.update([0]);
     h.update(toml::to_string(&merged).unwrap_or_default().as_bytes());
     let digest = hex::encode(h.finalize());
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
     Ok(Host {
         profile,
         env,
@@ -336,6 +384,11 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Host, ProfileErrors> {
     })
 }
 
-pub(crate) fn locate_error(map: &SourceMap, path: &[Seg], message: impl Into<String>, hint: Option<String>) -> ProfileError {
+pub(crate) fn locate_error(
+    map: &SourceMap,
+    path: &[Seg],
+    message: impl Into<String>,
+    hint: Option<String>,
+) -> ProfileError {
     at(map, path, message, hint)
 }

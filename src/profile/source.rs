@@ -34,8 +34,7 @@ pub fn path_string(path: &[Seg]) -> String {
                     out.push('.');
                 }
                 let bare = !k.is_empty()
-                    && k
-                        .chars()
+                    && k.chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
                 if bare {
                     out.push_str(k);
@@ -105,7 +104,11 @@ impl<'a> Node<'a> {
 }
 
 impl Source {
-    pub fn parse(path: &Path, text: String, prefix: Vec<Seg>) -> Result<Source, (Option<Range<usize>>, String)> {
+    pub fn parse(
+        path: &Path,
+        text: String,
+        prefix: Vec<Seg>,
+    ) -> Result<Source, (Option<Range<usize>>, String)> {
         match ImDocument::parse(text.clone()) {
             Ok(doc) => Ok(Source {
                 path: path.to_path_buf(),
@@ -120,7 +123,12 @@ impl Source {
     /// Span of the deepest existing prefix of `path`, and how many segments matched.
     /// A value's span when the whole path exists, else the key or table nearest to it.
     fn lookup(&self, path: &[Seg]) -> Option<(usize, Range<usize>)> {
-        let full: Vec<Seg> = self.prefix.iter().cloned().chain(path.iter().cloned()).collect();
+        let full: Vec<Seg> = self
+            .prefix
+            .iter()
+            .cloned()
+            .chain(path.iter().cloned())
+            .collect();
         let mut node = Node::Table(self.doc.as_table());
         let mut best: Option<(usize, Range<usize>)> = None;
         for (i, seg) in full.iter().enumerate() {
@@ -150,8 +158,15 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text.as_bytes()[..offset];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let line_start = before.iter().rposition(|&b| b == b'\n').map(|p| p + 1).unwrap_or(0);
-    let col = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map(|p| p + 1)
+        .unwrap_or(0);
+    let col = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
     (line, col)
 }
 

@@ -15,7 +15,8 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn err(&mut self, path: &[Seg], msg: impl Into<String>, hint: impl Into<Option<String>>) {
-        self.errors.push(locate_error(self.map, path, msg, hint.into()));
+        self.errors
+            .push(locate_error(self.map, path, msg, hint.into()));
     }
 }
 
@@ -28,7 +29,9 @@ pub fn is_unit_safe(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         && !name.contains("..")
         && !name.ends_with('.')
 }
@@ -36,15 +39,23 @@ pub fn is_unit_safe(name: &str) -> bool {
 fn is_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.starts_with('-')
         && !name.ends_with('-')
 }
 
 fn is_domain(d: &str) -> bool {
-    d.len() <= 253 && d.contains('.') && d.split('.').all(|l| {
-        !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !l.starts_with('-') && !l.ends_with('-')
-    })
+    d.len() <= 253
+        && d.contains('.')
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 fn no_control(s: &str) -> bool {
@@ -72,7 +83,9 @@ pub fn parse_publish(s: &str) -> Result<Publish, String> {
         [c, h] => (None, *h, *c),
         [c, h, ip] => {
             let ip = ip.trim_start_matches('[').trim_end_matches(']');
-            let ip: IpAddr = ip.parse().map_err(|_| format!("`{ip}` is not an IP address"))?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| format!("`{ip}` is not an IP address"))?;
             (Some(ip), *h, *c)
         }
         _ => return Err("expected [IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]".into()),
@@ -101,13 +114,18 @@ pub fn check_image(image: &str) -> Result<(), String> {
         None => (image, None),
     };
     let first = name.split('/').next().unwrap_or("");
-    if !name.contains('/') || !(first.contains('.') || first.contains(':') || first == "localhost") {
-        return Err(format!("`{image}` has no registry: podman's short-name resolution would pick one"));
+    if !name.contains('/') || !(first.contains('.') || first.contains(':') || first == "localhost")
+    {
+        return Err(format!(
+            "`{image}` has no registry: podman's short-name resolution would pick one"
+        ));
     }
     let last = name.rsplit('/').next().unwrap_or("");
     let tag = last.split_once(':').map(|(_, t)| t);
     if let Some(d) = digest {
-        let ok = d.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()));
+        let ok = d
+            .strip_prefix("sha256:")
+            .is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()));
         if !ok {
             return Err(format!("`{d}` is not a sha256 digest"));
         }
@@ -115,7 +133,13 @@ pub fn check_image(image: &str) -> Result<(), String> {
         match tag {
             None => return Err(format!("`{image}` is not pinned: no tag or digest")),
             Some("latest") => return Err(format!("`{image}` uses `latest`, which is not a pin")),
-            Some(t) if t.is_empty() || t.len() > 128 || !t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) => {
+            Some(t)
+                if t.is_empty()
+                    || t.len() > 128
+                    || !t
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) =>
+            {
                 return Err(format!("`{t}` is not a valid tag"))
             }
             _ => {}
@@ -126,53 +150,117 @@ pub fn check_image(image: &str) -> Result<(), String> {
 
 fn check_duration(s: &str) -> bool {
     let s = s.trim();
-    !s.is_empty() && s.split_whitespace().all(|p| {
-        let num_end = p.find(|c: char| !c.is_ascii_digit()).unwrap_or(p.len());
-        num_end > 0 && matches!(&p[num_end..], "" | "ms" | "s" | "m" | "min" | "h" | "d")
-    })
+    !s.is_empty()
+        && s.split_whitespace().all(|p| {
+            let num_end = p.find(|c: char| !c.is_ascii_digit()).unwrap_or(p.len());
+            num_end > 0 && matches!(&p[num_end..], "" | "ms" | "s" | "m" | "min" | "h" | "d")
+        })
 }
 
 pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<ProfileError> {
-    let mut c = Ctx { map, errors: vec![] };
+    let mut c = Ctx {
+        map,
+        errors: vec![],
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
 
     if !is_hostname(&p.host.name) {
-        c.err(&[k("host"), k("name")], format!("`{}` is not a valid host name", p.host.name.escape_debug()), "use lowercase letters, digits and '-', at most 63 characters".to_string());
+        c.err(
+            &[k("host"), k("name")],
+            format!("`{}` is not a valid host name", p.host.name.escape_debug()),
+            "use lowercase letters, digits and '-', at most 63 characters".to_string(),
+        );
     }
     if !is_unit_safe(env) {
-        c.err(&[k("host"), k("default_env")], format!("environment name `{}` is not a safe name", env.escape_debug()), None);
+        c.err(
+            &[k("host"), k("default_env")],
+            format!(
+                "environment name `{}` is not a safe name",
+                env.escape_debug()
+            ),
+            None,
+        );
     }
-    if !p.host.timezone.chars().all(|ch| ch.is_ascii_alphanumeric() || "/_+-".contains(ch)) || p.host.timezone.contains("..") {
-        c.err(&[k("host"), k("timezone")], "not a time zone name", "e.g. \"Europe/Paris\" or \"UTC\"".to_string());
+    if !p
+        .host
+        .timezone
+        .chars()
+        .all(|ch| ch.is_ascii_alphanumeric() || "/_+-".contains(ch))
+        || p.host.timezone.contains("..")
+    {
+        c.err(
+            &[k("host"), k("timezone")],
+            "not a time zone name",
+            "e.g. \"Europe/Paris\" or \"UTC\"".to_string(),
+        );
     }
     if !is_unit_safe(&p.host.base) {
-        c.err(&[k("host"), k("base")], "not a base definition name", "a file name in images/ without .toml".to_string());
+        c.err(
+            &[k("host"), k("base")],
+            "not a base definition name",
+            "a file name in images/ without .toml".to_string(),
+        );
     }
 
     let user = &p.admin.user;
-    let user_ok = !user.is_empty() && user.len() <= 32 && user != "root"
-        && user.chars().next().is_some_and(|ch| ch.is_ascii_lowercase() || ch == '_')
-        && user.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-');
+    let user_ok = !user.is_empty()
+        && user.len() <= 32
+        && user != "root"
+        && user
+            .chars()
+            .next()
+            .is_some_and(|ch| ch.is_ascii_lowercase() || ch == '_')
+        && user
+            .chars()
+            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-');
     if !user_ok {
-        c.err(&[k("admin"), k("user")], format!("`{}` is not a usable user name", user.escape_debug()), "lowercase letters, digits, '-' and '_'; not root".to_string());
+        c.err(
+            &[k("admin"), k("user")],
+            format!("`{}` is not a usable user name", user.escape_debug()),
+            "lowercase letters, digits, '-' and '_'; not root".to_string(),
+        );
     }
     if p.admin.ssh_keys.is_empty() {
-        c.err(&[k("admin"), k("ssh_keys")], "no SSH key: nobody could log in", "paste your public key, e.g. the line in ~/.ssh/id_ed25519.pub".to_string());
+        c.err(
+            &[k("admin"), k("ssh_keys")],
+            "no SSH key: nobody could log in",
+            "paste your public key, e.g. the line in ~/.ssh/id_ed25519.pub".to_string(),
+        );
     }
     for (i, key) in p.admin.ssh_keys.iter().enumerate() {
         let mut parts = key.split_whitespace();
         let kind = parts.next().unwrap_or("");
         let blob = parts.next().unwrap_or("");
-        let known = ["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com"];
+        let known = [
+            "ssh-ed25519",
+            "ssh-rsa",
+            "ecdsa-sha2-nistp256",
+            "ecdsa-sha2-nistp384",
+            "ecdsa-sha2-nistp521",
+            "sk-ssh-ed25519@openssh.com",
+            "sk-ecdsa-sha2-nistp256@openssh.com",
+        ];
         if !known.contains(&kind) || blob.len() < 16 || !no_control(key) {
-            c.err(&[k("admin"), k("ssh_keys"), Seg::Index(i)], "not an OpenSSH public key line", "the one-line `ssh-ed25519 AAAA... comment` format".to_string());
+            c.err(
+                &[k("admin"), k("ssh_keys"), Seg::Index(i)],
+                "not an OpenSSH public key line",
+                "the one-line `ssh-ed25519 AAAA... comment` format".to_string(),
+            );
         }
     }
     if p.ssh.port == 0 {
-        c.err(&[k("ssh"), k("port")], "port 0 is not a port", "1-65535".to_string());
+        c.err(
+            &[k("ssh"), k("port")],
+            "port 0 is not a port",
+            "1-65535".to_string(),
+        );
     }
     if p.ssh.access == SshAccess::Wireguard && p.wireguard.is_none() {
-        c.err(&[k("ssh"), k("access")], "SSH over WireGuard only, but the host has no [wireguard] section", "add [wireguard] or set access = \"public\"".to_string());
+        c.err(
+            &[k("ssh"), k("access")],
+            "SSH over WireGuard only, but the host has no [wireguard] section",
+            "add [wireguard] or set access = \"public\"".to_string(),
+        );
     }
 
     // Host ports by protocol: SSH, WireGuard, firewall lists and published ports must not collide.
@@ -183,27 +271,63 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             return;
         }
         if let Some(prev) = taken.get(&(proto, port)) {
-            c.err(at, format!("host port {port}/{proto} is already used by {prev}"), "each host port can be published once per protocol".to_string());
+            c.err(
+                at,
+                format!("host port {port}/{proto} is already used by {prev}"),
+                "each host port can be published once per protocol".to_string(),
+            );
         } else {
             taken.insert((proto, port), who);
         }
     };
-    claim(&mut c, "tcp", p.ssh.port, "ssh.port".into(), &[k("ssh"), k("port")]);
+    claim(
+        &mut c,
+        "tcp",
+        p.ssh.port,
+        "ssh.port".into(),
+        &[k("ssh"), k("port")],
+    );
 
     let mut wg_addr: Option<IpAddr> = None;
     if let Some(wg) = &p.wireguard {
         if !is_unit_safe(&wg.interface) || wg.interface.len() > 15 {
-            c.err(&[k("wireguard"), k("interface")], "not a usable interface name", "at most 15 characters, e.g. wg0".to_string());
+            c.err(
+                &[k("wireguard"), k("interface")],
+                "not a usable interface name",
+                "at most 15 characters, e.g. wg0".to_string(),
+            );
         }
         match wg.address.parse::<ipnet::IpNet>() {
             Ok(n) => wg_addr = Some(n.addr()),
-            Err(_) => c.err(&[k("wireguard"), k("address")], format!("`{}` is not an address with prefix length", wg.address.escape_debug()), "e.g. \"10.8.0.1/24\"".to_string()),
+            Err(_) => c.err(
+                &[k("wireguard"), k("address")],
+                format!(
+                    "`{}` is not an address with prefix length",
+                    wg.address.escape_debug()
+                ),
+                "e.g. \"10.8.0.1/24\"".to_string(),
+            ),
         }
-        claim(&mut c, "udp", wg.listen_port, "wireguard.listen_port".into(), &[k("wireguard"), k("listen_port")]);
+        claim(
+            &mut c,
+            "udp",
+            wg.listen_port,
+            "wireguard.listen_port".into(),
+            &[k("wireguard"), k("listen_port")],
+        );
         if let Some(ep) = &wg.endpoint {
-            let ok = ep.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && no_control(h) && !h.contains(' ') && port.parse::<u16>().is_ok_and(|n| n > 0));
+            let ok = ep.rsplit_once(':').is_some_and(|(h, port)| {
+                !h.is_empty()
+                    && no_control(h)
+                    && !h.contains(' ')
+                    && port.parse::<u16>().is_ok_and(|n| n > 0)
+            });
             if !ok {
-                c.err(&[k("wireguard"), k("endpoint")], format!("`{}` is not host:port", ep.escape_debug()), "e.g. \"vps1.example.org:51820\"".to_string());
+                c.err(
+                    &[k("wireguard"), k("endpoint")],
+                    format!("`{}` is not host:port", ep.escape_debug()),
+                    "e.g. \"vps1.example.org:51820\"".to_string(),
+                );
             }
         }
         let mut seen = BTreeSet::new();
@@ -214,20 +338,43 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             } else if peer.host == p.host.name || dir.join(format!("{}.toml", peer.host)) == path {
                 c.err(&at, "a host cannot be its own peer", None);
             } else if !dir.join(format!("{}.toml", peer.host)).is_file() {
-                c.err(&at, format!("no profile `{}` next to this one", peer.host), format!("peers name another profile: create {}.toml in {}", peer.host, dir.display()));
+                c.err(
+                    &at,
+                    format!("no profile `{}` next to this one", peer.host),
+                    format!(
+                        "peers name another profile: create {}.toml in {}",
+                        peer.host,
+                        dir.display()
+                    ),
+                );
             }
             if !seen.insert(peer.host.clone()) {
                 c.err(&at, format!("peer `{}` listed twice", peer.host), None);
             }
             for (j, a) in peer.allowed_ips.iter().enumerate() {
                 if a.parse::<ipnet::IpNet>().is_err() {
-                    c.err(&[k("wireguard"), k("peers"), Seg::Index(i), k("allowed_ips"), Seg::Index(j)], format!("`{}` is not a CIDR", a.escape_debug()), "e.g. \"10.8.0.0/24\"".to_string());
+                    c.err(
+                        &[
+                            k("wireguard"),
+                            k("peers"),
+                            Seg::Index(i),
+                            k("allowed_ips"),
+                            Seg::Index(j),
+                        ],
+                        format!("`{}` is not a CIDR", a.escape_debug()),
+                        "e.g. \"10.8.0.0/24\"".to_string(),
+                    );
                 }
             }
         }
     }
 
-    for (field, proto, wg_only) in [("allow_tcp", "tcp", false), ("allow_udp", "udp", false), ("wireguard_tcp", "tcp", true), ("wireguard_udp", "udp", true)] {
+    for (field, proto, wg_only) in [
+        ("allow_tcp", "tcp", false),
+        ("allow_udp", "udp", false),
+        ("wireguard_tcp", "tcp", true),
+        ("wireguard_udp", "udp", true),
+    ] {
         let list = match field {
             "allow_tcp" => &p.firewall.allow_tcp,
             "allow_udp" => &p.firewall.allow_udp,
@@ -235,21 +382,45 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             _ => &p.firewall.wireguard_udp,
         };
         if wg_only && !list.is_empty() && p.wireguard.is_none() {
-            c.err(&[k("firewall"), k(field)], "WireGuard-only ports but no [wireguard] section", None);
+            c.err(
+                &[k("firewall"), k(field)],
+                "WireGuard-only ports but no [wireguard] section",
+                None,
+            );
         }
         for (i, port) in list.iter().enumerate() {
-            claim(&mut c, proto, *port, format!("firewall.{field}"), &[k("firewall"), k(field), Seg::Index(i)]);
+            claim(
+                &mut c,
+                proto,
+                *port,
+                format!("firewall.{field}"),
+                &[k("firewall"), k(field), Seg::Index(i)],
+            );
         }
     }
 
     for (name, _) in &p.networks {
         if !is_unit_safe(name) {
-            c.err(&[k("networks"), k(name)], format!("network name `{}` is not usable as a unit/podman name", name.escape_debug()), "letters, digits, '-', '_', '.'; no '/', spaces or '..'".to_string());
+            c.err(
+                &[k("networks"), k(name)],
+                format!(
+                    "network name `{}` is not usable as a unit/podman name",
+                    name.escape_debug()
+                ),
+                "letters, digits, '-', '_', '.'; no '/', spaces or '..'".to_string(),
+            );
         }
     }
     for (name, v) in &p.volumes {
         if !is_unit_safe(name) {
-            c.err(&[k("volumes"), k(name)], format!("volume name `{}` is not usable as a unit/podman name", name.escape_debug()), "letters, digits, '-', '_', '.'; no '/', spaces or '..'".to_string());
+            c.err(
+                &[k("volumes"), k(name)],
+                format!(
+                    "volume name `{}` is not usable as a unit/podman name",
+                    name.escape_debug()
+                ),
+                "letters, digits, '-', '_', '.'; no '/', spaces or '..'".to_string(),
+            );
         }
         match (v.backup, &v.hook) {
             (BackupStrategy::Hook, None) => c.err(&[k("volumes"), k(name), k("backup")], "backup = \"hook\" needs a `hook` command", "e.g. hook = \"podman exec db pg_dumpall -U postgres -f /var/lib/postgresql/data/dump.sql\"".to_string()),
@@ -263,9 +434,17 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
     for (name, ct) in &p.containers {
         let base = [k("containers"), k(name)];
         let at = |f: &str| -> Vec<Seg> { vec![k("containers"), k(name), k(f)] };
-        let at_i = |f: &str, i: usize| -> Vec<Seg> { vec![k("containers"), k(name), k(f), Seg::Index(i)] };
+        let at_i =
+            |f: &str, i: usize| -> Vec<Seg> { vec![k("containers"), k(name), k(f), Seg::Index(i)] };
         if !is_unit_safe(name) {
-            c.err(&base, format!("container name `{}` is not usable as a unit/podman name", name.escape_debug()), "letters, digits, '-', '_', '.'; no '/', spaces or '..'".to_string());
+            c.err(
+                &base,
+                format!(
+                    "container name `{}` is not usable as a unit/podman name",
+                    name.escape_debug()
+                ),
+                "letters, digits, '-', '_', '.'; no '/', spaces or '..'".to_string(),
+            );
         }
         if let Err(e) = check_image(&ct.image) {
             c.err(&at("image"), e, "pin a real version, e.g. \"docker.io/library/caddy:2.8.4\" or \"...@sha256:<digest>\"".to_string());
@@ -275,29 +454,52 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
                 c.err(&at("bake"), "not a path", None);
             }
             if ct.auto_update {
-                c.err(&at("auto_update"), "a baked image cannot auto-update from a registry", None);
+                c.err(
+                    &at("auto_update"),
+                    "a baked image cannot auto-update from a registry",
+                    None,
+                );
             }
         }
         for (i, spec) in ct.publish.iter().enumerate() {
             match parse_publish(spec) {
                 Ok(pb) => {
                     if ct.host_network {
-                        c.err(&at_i("publish", i), "a host-network container cannot publish ports", "it listens on the host directly; open the port under [firewall]".to_string());
+                        c.err(
+                            &at_i("publish", i),
+                            "a host-network container cannot publish ports",
+                            "it listens on the host directly; open the port under [firewall]"
+                                .to_string(),
+                        );
                     }
                     if let Some(ip) = pb.ip {
                         if !ip.is_loopback() && Some(ip) != wg_addr && !ip.is_unspecified() {
                             c.err(&at_i("publish", i), format!("{ip} is neither this host's WireGuard address nor loopback"), "publish on all addresses (no IP), on 127.0.0.1, or on the wireguard.address".to_string());
                         }
                     }
-                    claim(&mut c, pb.proto, pb.host_port, format!("containers.{name}.publish"), &at_i("publish", i));
+                    claim(
+                        &mut c,
+                        pb.proto,
+                        pb.host_port,
+                        format!("containers.{name}.publish"),
+                        &at_i("publish", i),
+                    );
                 }
-                Err(e) => c.err(&at_i("publish", i), e, "e.g. \"443:443\", \"443:443/udp\" or \"10.8.0.1:9100:9100\"".to_string()),
+                Err(e) => c.err(
+                    &at_i("publish", i),
+                    e,
+                    "e.g. \"443:443\", \"443:443/udp\" or \"10.8.0.1:9100:9100\"".to_string(),
+                ),
             }
         }
         for (i, spec) in ct.volumes.iter().enumerate() {
             let parts: Vec<&str> = spec.split(':').collect();
             if parts.len() < 2 || parts.len() > 3 {
-                c.err(&at_i("volumes", i), format!("`{}` is not VOLUME:/path[:options]", spec.escape_debug()), None);
+                c.err(
+                    &at_i("volumes", i),
+                    format!("`{}` is not VOLUME:/path[:options]", spec.escape_debug()),
+                    None,
+                );
                 continue;
             }
             let (src, dst) = (parts[0], parts[1]);
@@ -306,37 +508,87 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
                     c.err(&at_i("volumes", i), "bad host path", None);
                 }
             } else if !p.volumes.contains_key(src) {
-                c.err(&at_i("volumes", i), format!("volume `{}` is not defined", src.escape_debug()), format!("add [volumes.{}] (every mounted volume is declared, so it is backed up)", src.escape_debug()));
+                c.err(
+                    &at_i("volumes", i),
+                    format!("volume `{}` is not defined", src.escape_debug()),
+                    format!(
+                        "add [volumes.{}] (every mounted volume is declared, so it is backed up)",
+                        src.escape_debug()
+                    ),
+                );
             }
             if !dst.starts_with('/') || dst.contains("..") || !no_control(dst) {
-                c.err(&at_i("volumes", i), format!("`{}` is not an absolute container path", dst.escape_debug()), None);
+                c.err(
+                    &at_i("volumes", i),
+                    format!("`{}` is not an absolute container path", dst.escape_debug()),
+                    None,
+                );
             }
             if let Some(opts) = parts.get(2) {
-                if !opts.split(',').all(|o| matches!(o, "ro" | "rw" | "z" | "Z" | "U" | "noexec" | "nosuid" | "nodev")) {
-                    c.err(&at_i("volumes", i), format!("unknown mount options `{opts}`"), "ro, rw, z, Z, U, noexec, nosuid, nodev".to_string());
+                if !opts.split(',').all(|o| {
+                    matches!(
+                        o,
+                        "ro" | "rw" | "z" | "Z" | "U" | "noexec" | "nosuid" | "nodev"
+                    )
+                }) {
+                    c.err(
+                        &at_i("volumes", i),
+                        format!("unknown mount options `{opts}`"),
+                        "ro, rw, z, Z, U, noexec, nosuid, nodev".to_string(),
+                    );
                 }
             }
         }
         for (i, n) in ct.networks.iter().enumerate() {
             if !p.networks.contains_key(n) {
-                c.err(&at_i("networks", i), format!("network `{}` is not defined", n.escape_debug()), format!("add [networks.{}]", n.escape_debug()));
+                c.err(
+                    &at_i("networks", i),
+                    format!("network `{}` is not defined", n.escape_debug()),
+                    format!("add [networks.{}]", n.escape_debug()),
+                );
             }
         }
         if ct.host_network && !ct.networks.is_empty() {
-            c.err(&at("networks"), "a host-network container joins no podman network", None);
+            c.err(
+                &at("networks"),
+                "a host-network container joins no podman network",
+                None,
+            );
         }
         for (key, val) in &ct.env {
-            let ok = !key.is_empty() && key.chars().next().is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_') && key.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+            let ok = !key.is_empty()
+                && key
+                    .chars()
+                    .next()
+                    .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
+                && key
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
             if !ok {
-                c.err(&[k("containers"), k(name), k("env"), k(key)], "not an environment variable name", None);
+                c.err(
+                    &[k("containers"), k(name), k("env"), k(key)],
+                    "not an environment variable name",
+                    None,
+                );
             }
             if !no_control(val) {
-                c.err(&[k("containers"), k(name), k("env"), k(key)], "value has a newline or control character", None);
+                c.err(
+                    &[k("containers"), k(name), k("env"), k(key)],
+                    "value has a newline or control character",
+                    None,
+                );
             }
         }
         for (key, secret) in &ct.secret_env {
             let at = [k("containers"), k(name), k("secret_env"), k(key)];
-            let ok = !key.is_empty() && key.chars().next().is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_') && key.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+            let ok = !key.is_empty()
+                && key
+                    .chars()
+                    .next()
+                    .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
+                && key
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
             if !ok {
                 c.err(&at, "not an environment variable name", None);
             }
@@ -344,47 +596,94 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
                 c.err(&at, "also set in `env`", None);
             }
             if !is_hostname(secret) {
-                c.err(&at, format!("secret name `{}` must be lowercase letters, digits and '-'", secret.escape_debug()), None);
+                c.err(
+                    &at,
+                    format!(
+                        "secret name `{}` must be lowercase letters, digits and '-'",
+                        secret.escape_debug()
+                    ),
+                    None,
+                );
             }
         }
         for (i, dep) in ct.after.iter().enumerate() {
             if dep == name {
-                c.err(&at_i("after", i), "a container cannot wait for itself", None);
+                c.err(
+                    &at_i("after", i),
+                    "a container cannot wait for itself",
+                    None,
+                );
             } else if !p.containers.contains_key(dep) {
-                c.err(&at_i("after", i), format!("container `{}` is not defined", dep.escape_debug()), None);
+                c.err(
+                    &at_i("after", i),
+                    format!("container `{}` is not defined", dep.escape_debug()),
+                    None,
+                );
             }
         }
         for (i, a) in ct.command.iter().enumerate() {
             if !no_control(a) {
-                c.err(&at_i("command", i), "argument has a newline or control character", None);
+                c.err(
+                    &at_i("command", i),
+                    "argument has a newline or control character",
+                    None,
+                );
             }
         }
         if let Some(h) = &ct.health {
             if h.cmd.trim().is_empty() || !no_control(&h.cmd) {
-                c.err(&[k("containers"), k(name), k("health"), k("cmd")], "health command must be one non-empty line", None);
+                c.err(
+                    &[k("containers"), k(name), k("health"), k("cmd")],
+                    "health command must be one non-empty line",
+                    None,
+                );
             }
             for (f, v) in [("interval", &h.interval), ("start_period", &h.start_period)] {
                 if !check_duration(v) {
-                    c.err(&[k("containers"), k(name), k("health"), k(f)], format!("`{}` is not a duration", v.escape_debug()), "e.g. \"30s\", \"5min\"".to_string());
+                    c.err(
+                        &[k("containers"), k(name), k("health"), k(f)],
+                        format!("`{}` is not a duration", v.escape_debug()),
+                        "e.g. \"30s\", \"5min\"".to_string(),
+                    );
                 }
             }
         }
         if let Some(u) = &ct.user {
-            if u.is_empty() || !u.chars().all(|ch| ch.is_ascii_alphanumeric() || ":_-".contains(ch)) {
+            if u.is_empty()
+                || !u
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ":_-".contains(ch))
+            {
                 c.err(&at("user"), "not a user[:group] spec", None);
             }
         }
         if let Some(d) = &ct.domain {
             if !is_domain(d) {
-                c.err(&at("domain"), format!("`{}` is not a domain name", d.escape_debug()), None);
+                c.err(
+                    &at("domain"),
+                    format!("`{}` is not a domain name", d.escape_debug()),
+                    None,
+                );
             } else if let Some(prev) = domains.insert(d, name) {
-                c.err(&at("domain"), format!("domain {d} is already served by container `{prev}`"), None);
+                c.err(
+                    &at("domain"),
+                    format!("domain {d} is already served by container `{prev}`"),
+                    None,
+                );
             }
             if ct.port.is_none() {
-                c.err(&at("domain"), "a proxied container needs `port` (the container port to forward to)", None);
+                c.err(
+                    &at("domain"),
+                    "a proxied container needs `port` (the container port to forward to)",
+                    None,
+                );
             }
             if p.proxy.is_none() {
-                c.err(&at("domain"), "a domain is set but the profile has no [proxy]", None);
+                c.err(
+                    &at("domain"),
+                    "a domain is set but the profile has no [proxy]",
+                    None,
+                );
             }
         }
         if ct.port == Some(0) {
@@ -402,9 +701,18 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             if depth > p.containers.len() {
                 break;
             }
-            for dep in p.containers.get(cur).map(|c| c.after.as_slice()).unwrap_or(&[]) {
+            for dep in p
+                .containers
+                .get(cur)
+                .map(|c| c.after.as_slice())
+                .unwrap_or(&[])
+            {
                 if dep == name {
-                    c.err(&[k("containers"), k(name), k("after")], "dependency cycle", "remove one of the `after` links".to_string());
+                    c.err(
+                        &[k("containers"), k(name), k("after")],
+                        "dependency cycle",
+                        "remove one of the `after` links".to_string(),
+                    );
                     stack.clear();
                     break;
                 }
@@ -417,11 +725,25 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
 
     if let Some(px) = &p.proxy {
         match p.containers.get(&px.container) {
-            None => c.err(&[k("proxy"), k("container")], format!("container `{}` is not defined", px.container.escape_debug()), None),
+            None => c.err(
+                &[k("proxy"), k("container")],
+                format!("container `{}` is not defined", px.container.escape_debug()),
+                None,
+            ),
             Some(ct) => {
-                let ports: BTreeSet<u16> = ct.publish.iter().filter_map(|s| parse_publish(s).ok()).filter(|pb| pb.proto == "tcp").map(|pb| pb.container_port).collect();
+                let ports: BTreeSet<u16> = ct
+                    .publish
+                    .iter()
+                    .filter_map(|s| parse_publish(s).ok())
+                    .filter(|pb| pb.proto == "tcp")
+                    .map(|pb| pb.container_port)
+                    .collect();
                 if !ports.contains(&80) || !ports.contains(&443) {
-                    c.err(&[k("proxy"), k("container")], "the proxy container must publish container ports 80 and 443", "publish = [\"80:80\", \"443:443\", \"443:443/udp\"]".to_string());
+                    c.err(
+                        &[k("proxy"), k("container")],
+                        "the proxy container must publish container ports 80 and 443",
+                        "publish = [\"80:80\", \"443:443\", \"443:443/udp\"]".to_string(),
+                    );
                 }
             }
         }
@@ -432,34 +754,72 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
 
     if let Some(b) = &p.backup {
         let bucket_ok = (3..=63).contains(&b.bucket.len())
-            && b.bucket.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '.')
+            && b.bucket
+                .chars()
+                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '.')
             && b.bucket.as_bytes()[0].is_ascii_alphanumeric();
         if !bucket_ok {
-            c.err(&[k("backup"), k("bucket")], format!("`{}` is not an S3 bucket name", b.bucket.escape_debug()), "3-63 lowercase letters, digits, '-' and '.'".to_string());
+            c.err(
+                &[k("backup"), k("bucket")],
+                format!("`{}` is not an S3 bucket name", b.bucket.escape_debug()),
+                "3-63 lowercase letters, digits, '-' and '.'".to_string(),
+            );
         }
         if let Some(pr) = &b.prefix {
-            if pr.is_empty() || pr.starts_with('/') || pr.ends_with('/') || pr.contains("//") || pr.contains("..") || !no_control(pr) {
-                c.err(&[k("backup"), k("prefix")], "prefix must be non-empty, without leading/trailing '/' or '..'", None);
+            if pr.is_empty()
+                || pr.starts_with('/')
+                || pr.ends_with('/')
+                || pr.contains("//")
+                || pr.contains("..")
+                || !no_control(pr)
+            {
+                c.err(
+                    &[k("backup"), k("prefix")],
+                    "prefix must be non-empty, without leading/trailing '/' or '..'",
+                    None,
+                );
             }
         }
         for (f, v) in [("endpoint", &b.endpoint), ("ping_url", &b.ping_url)] {
             if let Some(u) = v {
-                if !(u.starts_with("https://") || u.starts_with("http://")) || u.contains(char::is_whitespace) {
-                    c.err(&[k("backup"), k(f)], format!("`{}` is not an http(s) URL", u.escape_debug()), None);
+                if !(u.starts_with("https://") || u.starts_with("http://"))
+                    || u.contains(char::is_whitespace)
+                {
+                    c.err(
+                        &[k("backup"), k(f)],
+                        format!("`{}` is not an http(s) URL", u.escape_debug()),
+                        None,
+                    );
                 }
             }
         }
         if b.schedule.trim().is_empty() || !no_control(&b.schedule) {
-            c.err(&[k("backup"), k("schedule")], "not a systemd calendar expression", "e.g. \"daily\" or \"*-*-* 03:15:00\"".to_string());
+            c.err(
+                &[k("backup"), k("schedule")],
+                "not a systemd calendar expression",
+                "e.g. \"daily\" or \"*-*-* 03:15:00\"".to_string(),
+            );
         }
         if b.object_lock_days == Some(0) {
-            c.err(&[k("backup"), k("object_lock_days")], "0 days locks nothing", "omit it or set at least 1".to_string());
+            c.err(
+                &[k("backup"), k("object_lock_days")],
+                "0 days locks nothing",
+                "omit it or set at least 1".to_string(),
+            );
         }
         if b.keep.last + b.keep.daily + b.keep.weekly + b.keep.monthly == 0 {
-            c.err(&[k("backup"), k("keep")], "retention keeps no snapshot at all", None);
+            c.err(
+                &[k("backup"), k("keep")],
+                "retention keeps no snapshot at all",
+                None,
+            );
         }
         if b.restore_timeout == 0 {
-            c.err(&[k("backup"), k("restore_timeout")], "0 seconds gives an unreachable bucket no chance", None);
+            c.err(
+                &[k("backup"), k("restore_timeout")],
+                "0 seconds gives an unreachable bucket no chance",
+                None,
+            );
         }
     }
 
@@ -467,14 +827,26 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
         for (i, h) in m.scrape.iter().enumerate() {
             let at = [k("monitoring"), k("scrape"), Seg::Index(i)];
             if !is_hostname(h) || !dir.join(format!("{h}.toml")).is_file() {
-                c.err(&at, format!("no profile `{}` next to this one", h.escape_debug()), None);
+                c.err(
+                    &at,
+                    format!("no profile `{}` next to this one", h.escape_debug()),
+                    None,
+                );
             }
         }
         if let Some(a) = &m.alerts {
             match a.receiver {
                 ReceiverKind::Webhook | ReceiverKind::Ntfy => {
-                    if !a.url.as_deref().is_some_and(|u| u.starts_with("https://") || u.starts_with("http://")) {
-                        c.err(&[k("monitoring"), k("alerts"), k("url")], "this receiver needs an http(s) url", None);
+                    if !a
+                        .url
+                        .as_deref()
+                        .is_some_and(|u| u.starts_with("https://") || u.starts_with("http://"))
+                    {
+                        c.err(
+                            &[k("monitoring"), k("alerts"), k("url")],
+                            "this receiver needs an http(s) url",
+                            None,
+                        );
                     }
                 }
                 ReceiverKind::Email => {
@@ -485,7 +857,11 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
                             _ => &a.from,
                         };
                         if v.is_none() {
-                            c.err(&[k("monitoring"), k("alerts")], format!("the email receiver needs `{f}`"), None);
+                            c.err(
+                                &[k("monitoring"), k("alerts")],
+                                format!("the email receiver needs `{f}`"),
+                                None,
+                            );
                         }
                     }
                 }

@@ -3,7 +3,9 @@
 
 mod monitoring;
 
-use crate::hostconfig::{self, BackupConfig, HostConfig, Retention, RestorePolicy, Strategy, VolumeBackup};
+use crate::hostconfig::{
+    self, BackupConfig, HostConfig, RestorePolicy, Retention, Strategy, VolumeBackup,
+};
 use crate::profile::{self, BackupStrategy, Container, Host, LoadOptions, RestoreMode, SshAccess};
 use crate::secrets::{self, SecretsRoot};
 use crate::tree::{HostTree, TreeError, QUADLET_DIR, SYSTEMD_UNIT_DIR};
@@ -27,7 +29,11 @@ pub enum RenderError {
         source: minijinja::Error,
     },
     #[error("{profile}: peer `{peer}`: {what}")]
-    Peer { profile: PathBuf, peer: String, what: String },
+    Peer {
+        profile: PathBuf,
+        peer: String,
+        what: String,
+    },
 }
 
 /// Where the helper binary lives on the target: in the read-only /usr of an image,
@@ -83,7 +89,10 @@ fn wg_ip(host: &Host) -> Option<String> {
 
 fn load_peer(host: &Host, name: &str, opts_env: &str) -> Result<Host, RenderError> {
     let path = host.dir.join(format!("{name}.toml"));
-    let peer_opts = LoadOptions { env: Some(opts_env.to_string()), overlays: vec![] };
+    let peer_opts = LoadOptions {
+        env: Some(opts_env.to_string()),
+        overlays: vec![],
+    };
     match profile::load(&path, &peer_opts) {
         Ok(h) => Ok(h),
         // A peer without this environment uses its own default.
@@ -99,14 +108,26 @@ pub fn gather(host: Host, secrets_root: &SecretsRoot) -> Result<RenderInput, Ren
         for p in &wg.peers {
             let peer = load_peer(&host, &p.host, &host.env)?;
             let Some(pwg) = &peer.profile.wireguard else {
-                return Err(RenderError::Peer { profile: host.path.clone(), peer: p.host.clone(), what: "its profile has no [wireguard] section".into() });
+                return Err(RenderError::Peer {
+                    profile: host.path.clone(),
+                    peer: p.host.clone(),
+                    what: "its profile has no [wireguard] section".into(),
+                });
             };
             // Peer keys are generated here if the peer was never built.
             created.extend(secrets_root.ensure_host(peer.name())?.0);
             let key_path = secrets_root.host_dir(peer.name()).join("wireguard.key");
-            let public_key = secrets::wireguard_public(&secrets::read_wireguard_private(&key_path)?);
-            let addr = wg_ip(&peer).ok_or_else(|| RenderError::Peer { profile: host.path.clone(), peer: p.host.clone(), what: "its wireguard.address does not parse".into() })?;
-            let mut allowed = vec![format!("{addr}/{}", if addr.contains(':') { 128 } else { 32 })];
+            let public_key =
+                secrets::wireguard_public(&secrets::read_wireguard_private(&key_path)?);
+            let addr = wg_ip(&peer).ok_or_else(|| RenderError::Peer {
+                profile: host.path.clone(),
+                peer: p.host.clone(),
+                what: "its wireguard.address does not parse".into(),
+            })?;
+            let mut allowed = vec![format!(
+                "{addr}/{}",
+                if addr.contains(':') { 128 } else { 32 }
+            )];
             allowed.extend(p.allowed_ips.iter().cloned());
             peers.push(PeerInfo {
                 host: peer.name().to_string(),
@@ -140,7 +161,14 @@ pub fn gather(host: Host, secrets_root: &SecretsRoot) -> Result<RenderInput, Ren
             }
         }
     }
-    Ok(RenderInput { secrets_dir: secrets_root.host_dir(host.name()), host, peers, scrape, app_secrets, created })
+    Ok(RenderInput {
+        secrets_dir: secrets_root.host_dir(host.name()),
+        host,
+        peers,
+        scrape,
+        app_secrets,
+        created,
+    })
 }
 
 fn env() -> Environment<'static> {
@@ -154,25 +182,50 @@ fn env() -> Environment<'static> {
         )*};
     }
     t!(
-        "container.j2", "volume.j2", "network.j2", "Caddyfile.j2", "nftables.conf.j2", "sshd.conf.j2",
-        "wg.netdev.j2", "wg.network.j2", "uplink.network.j2", "imgbuild-firstboot.service.j2",
-        "imgbuild-backup.service.j2", "imgbuild-backup.timer.j2", "imgbuild-ready.service.j2",
-        "tmpfiles.conf.j2", "prometheus.yml.j2", "alert-rules.yml.j2", "alertmanager.yml.j2",
-        "grafana-datasource.yml.j2", "grafana-dashboards.yml.j2", "blackbox.yml.j2"
+        "container.j2",
+        "volume.j2",
+        "network.j2",
+        "Caddyfile.j2",
+        "nftables.conf.j2",
+        "sshd.conf.j2",
+        "wg.netdev.j2",
+        "wg.network.j2",
+        "uplink.network.j2",
+        "imgbuild-firstboot.service.j2",
+        "imgbuild-backup.service.j2",
+        "imgbuild-backup.timer.j2",
+        "imgbuild-ready.service.j2",
+        "tmpfiles.conf.j2",
+        "prometheus.yml.j2",
+        "alert-rules.yml.j2",
+        "alertmanager.yml.j2",
+        "grafana-datasource.yml.j2",
+        "grafana-dashboards.yml.j2",
+        "blackbox.yml.j2"
     );
     e
 }
 
-pub(crate) fn render_t(e: &Environment, name: &str, ctx: minijinja::Value) -> Result<String, RenderError> {
+pub(crate) fn render_t(
+    e: &Environment,
+    name: &str,
+    ctx: minijinja::Value,
+) -> Result<String, RenderError> {
     e.get_template(name)
         .and_then(|t| t.render(ctx))
-        .map_err(|source| RenderError::Template { name: name.into(), source })
+        .map_err(|source| RenderError::Template {
+            name: name.into(),
+            source,
+        })
 }
 
 /// systemd/quadlet value quoting: `%` is a specifier, whitespace and quotes need quotes.
 pub fn unit_quote(s: &str) -> String {
     let s = s.replace('%', "%%");
-    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\'' || c == '\\' || c == ';') {
+    if s.is_empty()
+        || s.chars()
+            .any(|c| c.is_whitespace() || c == '"' || c == '\'' || c == '\\' || c == ';')
+    {
         format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
     } else {
         s
@@ -199,12 +252,23 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
     let p = &host.profile;
     let name = host.name();
     let e = env();
-    let header = format!("Generated by imgbuild {} from {} ({}); rebuild the image to change it.", env!("CARGO_PKG_VERSION"), host.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(), host.env);
+    let header = format!(
+        "Generated by imgbuild {} from {} ({}); rebuild the image to change it.",
+        env!("CARGO_PKG_VERSION"),
+        host.path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        host.env
+    );
     let helper = target.helper_path();
     let mut t = HostTree::new(name);
 
     t.file("/etc/hostname", 0o644, format!("{name}\n"))?;
-    t.symlink("/etc/localtime", &format!("/usr/share/zoneinfo/{}", p.host.timezone))?;
+    t.symlink(
+        "/etc/localtime",
+        &format!("/usr/share/zoneinfo/{}", p.host.timezone),
+    )?;
 
     // Admin user and SSH.
     t.users.push(crate::tree::User {
@@ -217,26 +281,78 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
     });
     let mut keys = p.admin.ssh_keys.join("\n");
     keys.push('\n');
-    t.file(&format!("/etc/ssh/authorized_keys/{}", p.admin.user), 0o644, keys)?;
+    t.file(
+        &format!("/etc/ssh/authorized_keys/{}", p.admin.user),
+        0o644,
+        keys,
+    )?;
     if p.admin.sudo {
-        t.file(&format!("/etc/sudoers.d/50-imgbuild-{}", p.admin.user), 0o440, format!("{} ALL=(ALL) NOPASSWD: ALL\n", p.admin.user))?;
+        t.file(
+            &format!("/etc/sudoers.d/50-imgbuild-{}", p.admin.user),
+            0o440,
+            format!("{} ALL=(ALL) NOPASSWD: ALL\n", p.admin.user),
+        )?;
     }
-    t.file("/etc/ssh/sshd_config.d/50-imgbuild.conf", 0o644, render_t(&e, "sshd.conf.j2", context! { header, port => p.ssh.port, user => p.admin.user })?)?;
+    t.file(
+        "/etc/ssh/sshd_config.d/50-imgbuild.conf",
+        0o644,
+        render_t(
+            &e,
+            "sshd.conf.j2",
+            context! { header, port => p.ssh.port, user => p.admin.user },
+        )?,
+    )?;
     let sd = &input.secrets_dir;
-    t.secret_file("/etc/ssh/ssh_host_ed25519_key", 0o600, "root", "root", secrets::read_text(&sd.join("ssh_host_ed25519_key"))?)?;
-    t.file("/etc/ssh/ssh_host_ed25519_key.pub", 0o644, secrets::read_text(&sd.join("ssh_host_ed25519_key.pub"))?)?;
-    t.file("/etc/tmpfiles.d/imgbuild.conf", 0o644, render_t(&e, "tmpfiles.conf.j2", context! { header, user => p.admin.user })?)?;
+    t.secret_file(
+        "/etc/ssh/ssh_host_ed25519_key",
+        0o600,
+        "root",
+        "root",
+        secrets::read_text(&sd.join("ssh_host_ed25519_key"))?,
+    )?;
+    t.file(
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+        0o644,
+        secrets::read_text(&sd.join("ssh_host_ed25519_key.pub"))?,
+    )?;
+    t.file(
+        "/etc/tmpfiles.d/imgbuild.conf",
+        0o644,
+        render_t(
+            &e,
+            "tmpfiles.conf.j2",
+            context! { header, user => p.admin.user },
+        )?,
+    )?;
 
     // Networking.
-    t.file("/etc/systemd/network/10-uplink.network", 0o644, render_t(&e, "uplink.network.j2", context! { header })?)?;
+    t.file(
+        "/etc/systemd/network/10-uplink.network",
+        0o644,
+        render_t(&e, "uplink.network.j2", context! { header })?,
+    )?;
     t.enable("systemd-networkd.service", "multi-user.target");
     t.enable("systemd-resolved.service", "multi-user.target");
     let wg_addr = wg_ip(host);
     if let Some(wg) = &p.wireguard {
         let key_file = format!("/etc/systemd/network/{}.key", wg.interface);
-        t.secret_file(&key_file, 0o600, "systemd-network", "systemd-network", secrets::read_text(&sd.join("wireguard.key"))?)?;
+        t.secret_file(
+            &key_file,
+            0o600,
+            "systemd-network",
+            "systemd-network",
+            secrets::read_text(&sd.join("wireguard.key"))?,
+        )?;
         t.file(&format!("/etc/systemd/network/50-{}.netdev", wg.interface), 0o644, render_t(&e, "wg.netdev.j2", context! { header, interface => wg.interface, key_file, listen_port => wg.listen_port, peers => input.peers })?)?;
-        t.file(&format!("/etc/systemd/network/50-{}.network", wg.interface), 0o644, render_t(&e, "wg.network.j2", context! { header, interface => wg.interface, address => wg.address })?)?;
+        t.file(
+            &format!("/etc/systemd/network/50-{}.network", wg.interface),
+            0o644,
+            render_t(
+                &e,
+                "wg.network.j2",
+                context! { header, interface => wg.interface, address => wg.address },
+            )?,
+        )?;
     }
 
     // Firewall: what the profile opens, and nothing else.
@@ -244,19 +360,33 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
     let mut public_udp = vec![];
     let mut wg_tcp = vec![];
     let mut wg_udp = vec![];
-    let ssh_rule = PortRule { port: p.ssh.port, why: "ssh".into() };
+    let ssh_rule = PortRule {
+        port: p.ssh.port,
+        why: "ssh".into(),
+    };
     match p.ssh.access {
         SshAccess::Public => public_tcp.push(ssh_rule),
         SshAccess::Wireguard => wg_tcp.push(ssh_rule),
     }
     if let Some(wg) = &p.wireguard {
-        public_udp.push(PortRule { port: wg.listen_port, why: "wireguard".into() });
+        public_udp.push(PortRule {
+            port: wg.listen_port,
+            why: "wireguard".into(),
+        });
     }
     for (cname, c) in &p.containers {
         for spec in &c.publish {
-            let Ok(pb) = crate::profile::parse_publish(spec) else { continue };
-            let rule = PortRule { port: pb.host_port, why: cname.clone() };
-            let on_wg = pb.ip.map(|ip| Some(ip.to_string()) == wg_addr).unwrap_or(false);
+            let Ok(pb) = crate::profile::parse_publish(spec) else {
+                continue;
+            };
+            let rule = PortRule {
+                port: pb.host_port,
+                why: cname.clone(),
+            };
+            let on_wg = pb
+                .ip
+                .map(|ip| Some(ip.to_string()) == wg_addr)
+                .unwrap_or(false);
             let local = pb.ip.is_some_and(|ip| ip.is_loopback());
             match (local, on_wg, pb.proto) {
                 (true, _, _) => {}
@@ -267,19 +397,51 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
             }
         }
     }
-    for (list, ports, why) in [(&mut public_tcp, &p.firewall.allow_tcp, "firewall.allow_tcp"), (&mut public_udp, &p.firewall.allow_udp, "firewall.allow_udp"), (&mut wg_tcp, &p.firewall.wireguard_tcp, "firewall.wireguard_tcp"), (&mut wg_udp, &p.firewall.wireguard_udp, "firewall.wireguard_udp")] {
-        list.extend(ports.iter().map(|&port| PortRule { port, why: why.into() }));
+    for (list, ports, why) in [
+        (&mut public_tcp, &p.firewall.allow_tcp, "firewall.allow_tcp"),
+        (&mut public_udp, &p.firewall.allow_udp, "firewall.allow_udp"),
+        (
+            &mut wg_tcp,
+            &p.firewall.wireguard_tcp,
+            "firewall.wireguard_tcp",
+        ),
+        (
+            &mut wg_udp,
+            &p.firewall.wireguard_udp,
+            "firewall.wireguard_udp",
+        ),
+    ] {
+        list.extend(ports.iter().map(|&port| PortRule {
+            port,
+            why: why.into(),
+        }));
     }
     for l in [&mut public_tcp, &mut public_udp, &mut wg_tcp, &mut wg_udp] {
         l.sort_by_key(|r| r.port);
     }
     let wg_interface = p.wireguard.as_ref().map(|w| w.interface.clone());
-    t.file("/etc/nftables.conf", 0o755, render_t(&e, "nftables.conf.j2", context! { header, public_tcp, public_udp, wg_tcp, wg_udp, wg_interface })?)?;
+    t.file(
+        "/etc/nftables.conf",
+        0o755,
+        render_t(
+            &e,
+            "nftables.conf.j2",
+            context! { header, public_tcp, public_udp, wg_tcp, wg_udp, wg_interface },
+        )?,
+    )?;
     t.enable("nftables.service", "sysinit.target");
 
     // Podman: networks, volumes, containers.
     for (n, net) in &p.networks {
-        t.file(&format!("{QUADLET_DIR}/{n}.network"), 0o644, render_t(&e, "network.j2", context! { header, name => n, host => name, internal => net.internal })?)?;
+        t.file(
+            &format!("{QUADLET_DIR}/{n}.network"),
+            0o644,
+            render_t(
+                &e,
+                "network.j2",
+                context! { header, name => n, host => name, internal => net.internal },
+            )?,
+        )?;
     }
     for (v, vol) in &p.volumes {
         let backup = match vol.backup {
@@ -288,7 +450,15 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
             BackupStrategy::Live => "live",
             BackupStrategy::None => "none",
         };
-        t.file(&format!("{QUADLET_DIR}/{v}.volume"), 0o644, render_t(&e, "volume.j2", context! { header, name => v, host => name, backup })?)?;
+        t.file(
+            &format!("{QUADLET_DIR}/{v}.volume"),
+            0o644,
+            render_t(
+                &e,
+                "volume.j2",
+                context! { header, name => v, host => name, backup },
+            )?,
+        )?;
     }
     let monitoring_mounts = monitoring::render(&e, &header, input, &mut t)?;
     let mut ready = BTreeSet::new();
@@ -296,7 +466,9 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
         let mut c = c.clone();
         if let Some(px) = &p.proxy {
             if &px.container == cname {
-                c.volumes.push(format!("{CONFIG_DIR}/caddy/Caddyfile:/etc/caddy/Caddyfile:ro"));
+                c.volumes.push(format!(
+                    "{CONFIG_DIR}/caddy/Caddyfile:/etc/caddy/Caddyfile:ro"
+                ));
             }
         }
         if let Some(extra) = monitoring_mounts.get(cname) {
@@ -312,27 +484,93 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
             container: &'a str,
             port: u16,
         }
-        let sites: Vec<Site> = p.containers.iter().filter_map(|(n, c)| Some(Site { domain: c.domain.as_deref()?, container: n, port: c.port? })).collect();
-        t.file(&format!("{CONFIG_DIR}/caddy/Caddyfile"), 0o644, render_t(&e, "Caddyfile.j2", context! { header, email => px.email, acme_staging => px.acme_staging, sites })?)?;
+        let sites: Vec<Site> = p
+            .containers
+            .iter()
+            .filter_map(|(n, c)| {
+                Some(Site {
+                    domain: c.domain.as_deref()?,
+                    container: n,
+                    port: c.port?,
+                })
+            })
+            .collect();
+        t.file(
+            &format!("{CONFIG_DIR}/caddy/Caddyfile"),
+            0o644,
+            render_t(
+                &e,
+                "Caddyfile.j2",
+                context! { header, email => px.email, acme_staging => px.acme_staging, sites },
+            )?,
+        )?;
     }
     if p.containers.values().any(|c| c.auto_update) {
         t.enable("podman-auto-update.timer", "timers.target");
     }
 
     // The in-image helper: first-boot restore, backups, readiness.
-    t.file(&format!("{SYSTEMD_UNIT_DIR}/imgbuild-firstboot.service"), 0o644, render_t(&e, "imgbuild-firstboot.service.j2", context! { header, helper, done_marker => hostconfig::FIRSTBOOT_DONE })?)?;
+    t.file(
+        &format!("{SYSTEMD_UNIT_DIR}/imgbuild-firstboot.service"),
+        0o644,
+        render_t(
+            &e,
+            "imgbuild-firstboot.service.j2",
+            context! { header, helper, done_marker => hostconfig::FIRSTBOOT_DONE },
+        )?,
+    )?;
     t.enable("imgbuild-firstboot.service", "multi-user.target");
-    t.file(&format!("{SYSTEMD_UNIT_DIR}/imgbuild-ready.service"), 0o644, render_t(&e, "imgbuild-ready.service.j2", context! { header, helper, ready_timeout => p.host.ready_timeout })?)?;
+    t.file(
+        &format!("{SYSTEMD_UNIT_DIR}/imgbuild-ready.service"),
+        0o644,
+        render_t(
+            &e,
+            "imgbuild-ready.service.j2",
+            context! { header, helper, ready_timeout => p.host.ready_timeout },
+        )?,
+    )?;
     t.enable("imgbuild-ready.service", "multi-user.target");
     let backup = match &p.backup {
         Some(b) => {
-            t.file(&format!("{SYSTEMD_UNIT_DIR}/imgbuild-backup.service"), 0o644, render_t(&e, "imgbuild-backup.service.j2", context! { header, helper })?)?;
-            t.file(&format!("{SYSTEMD_UNIT_DIR}/imgbuild-backup.timer"), 0o644, render_t(&e, "imgbuild-backup.timer.j2", context! { header, schedule => b.schedule })?)?;
+            t.file(
+                &format!("{SYSTEMD_UNIT_DIR}/imgbuild-backup.service"),
+                0o644,
+                render_t(
+                    &e,
+                    "imgbuild-backup.service.j2",
+                    context! { header, helper },
+                )?,
+            )?;
+            t.file(
+                &format!("{SYSTEMD_UNIT_DIR}/imgbuild-backup.timer"),
+                0o644,
+                render_t(
+                    &e,
+                    "imgbuild-backup.timer.j2",
+                    context! { header, schedule => b.schedule },
+                )?,
+            )?;
             t.enable("imgbuild-backup.timer", "timers.target");
             let sdir = hostconfig::SECRETS_DIR;
-            t.secret_file(&format!("{sdir}/snapshot-encryption.key"), 0o600, "root", "root", secrets::read_text(&sd.join("snapshot-encryption.key"))?)?;
-            t.secret_file(&format!("{sdir}/snapshot-signing.key"), 0o600, "root", "root", secrets::read_text(&sd.join("snapshot-signing.key"))?)?;
-            t.file(&format!("{sdir}/snapshot-signing.pub"), 0o644, secrets::read_text(&sd.join("snapshot-signing.pub"))?)?;
+            t.secret_file(
+                &format!("{sdir}/snapshot-encryption.key"),
+                0o600,
+                "root",
+                "root",
+                secrets::read_text(&sd.join("snapshot-encryption.key"))?,
+            )?;
+            t.secret_file(
+                &format!("{sdir}/snapshot-signing.key"),
+                0o600,
+                "root",
+                "root",
+                secrets::read_text(&sd.join("snapshot-signing.key"))?,
+            )?;
+            t.file(
+                &format!("{sdir}/snapshot-signing.pub"),
+                0o644,
+                secrets::read_text(&sd.join("snapshot-signing.pub"))?,
+            )?;
             let s3_env = sd.join("s3.env");
             let credentials_file = if s3_env.is_file() {
                 let path = format!("{sdir}/s3.env");
@@ -353,7 +591,16 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
                         _ => Strategy::Live,
                     },
                     hook: v.hook.clone(),
-                    units: p.containers.iter().filter(|(_, c)| c.volumes.iter().any(|s| s.split(':').next() == Some(vn.as_str()))).map(|(cn, _)| format!("{cn}.service")).collect(),
+                    units: p
+                        .containers
+                        .iter()
+                        .filter(|(_, c)| {
+                            c.volumes
+                                .iter()
+                                .any(|s| s.split(':').next() == Some(vn.as_str()))
+                        })
+                        .map(|(cn, _)| format!("{cn}.service"))
+                        .collect(),
                 })
                 .collect();
             Some(BackupConfig {
@@ -363,7 +610,12 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
                 region: b.region.clone(),
                 path_style: b.path_style.unwrap_or(b.endpoint.is_some()),
                 schedule: b.schedule.clone(),
-                keep: Retention { last: b.keep.last, daily: b.keep.daily, weekly: b.keep.weekly, monthly: b.keep.monthly },
+                keep: Retention {
+                    last: b.keep.last,
+                    daily: b.keep.daily,
+                    weekly: b.keep.weekly,
+                    monthly: b.keep.monthly,
+                },
                 object_lock_days: b.object_lock_days,
                 ping_url: b.ping_url.clone(),
                 restore: match b.restore {
@@ -391,12 +643,27 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
         backup,
         metrics_dir: format!("{}/metrics", hostconfig::STATE_DIR),
     };
-    let hc_text = toml::to_string(&hc).map_err(|err| RenderError::Template { name: "host.toml".into(), source: minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, err.to_string()) })?;
-    t.file(hostconfig::HOST_CONFIG_PATH, 0o644, format!("# {header}\n{hc_text}"))?;
+    let hc_text = toml::to_string(&hc).map_err(|err| RenderError::Template {
+        name: "host.toml".into(),
+        source: minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, err.to_string()),
+    })?;
+    t.file(
+        hostconfig::HOST_CONFIG_PATH,
+        0o644,
+        format!("# {header}\n{hc_text}"),
+    )?;
     Ok(t)
 }
 
-fn render_container(e: &Environment, header: &str, input: &RenderInput, cname: &str, c: &Container, wg_addr: Option<&str>, t: &mut HostTree) -> Result<(), RenderError> {
+fn render_container(
+    e: &Environment,
+    header: &str,
+    input: &RenderInput,
+    cname: &str,
+    c: &Container,
+    wg_addr: Option<&str>,
+    t: &mut HostTree,
+) -> Result<(), RenderError> {
     let p = &input.host.profile;
     let volumes: Vec<String> = c
         .volumes
@@ -406,10 +673,18 @@ fn render_container(e: &Environment, header: &str, input: &RenderInput, cname: &
             let src = parts.next().unwrap_or_default();
             let rest = parts.next().unwrap_or_default();
             // Named volumes go through their .volume unit so quadlet orders them first.
-            if src.starts_with('/') { v.clone() } else { format!("{src}.volume:{rest}") }
+            if src.starts_with('/') {
+                v.clone()
+            } else {
+                format!("{src}.volume:{rest}")
+            }
         })
         .collect();
-    let env: Vec<String> = c.env.iter().map(|(k, v)| unit_quote(&format!("{k}={v}"))).collect();
+    let env: Vec<String> = c
+        .env
+        .iter()
+        .map(|(k, v)| unit_quote(&format!("{k}={v}")))
+        .collect();
     let env_file = if c.secret_env.is_empty() {
         None
     } else {
@@ -422,8 +697,15 @@ fn render_container(e: &Environment, header: &str, input: &RenderInput, cname: &
         t.secret_file(&path, 0o600, "root", "root", body)?;
         Some(path)
     };
-    let image = if c.bake.is_some() { format!("oci-archive:{}", baked_path(cname)) } else { c.image.clone() };
-    let wg_bound = wg_addr.is_some_and(|a| c.publish.iter().any(|s| s.starts_with(&format!("{a}:"))) || (c.host_network && c.command.iter().any(|x| x.contains(a))));
+    let image = if c.bake.is_some() {
+        format!("oci-archive:{}", baked_path(cname))
+    } else {
+        c.image.clone()
+    };
+    let wg_bound = wg_addr.is_some_and(|a| {
+        c.publish.iter().any(|s| s.starts_with(&format!("{a}:")))
+            || (c.host_network && c.command.iter().any(|x| x.contains(a)))
+    });
     #[derive(Serialize)]
     struct HealthCtx {
         cmd: String,
@@ -431,8 +713,23 @@ fn render_container(e: &Environment, header: &str, input: &RenderInput, cname: &
         retries: u32,
         start_period: String,
     }
-    let health = c.health.as_ref().map(|h| HealthCtx { cmd: unit_quote(&h.cmd), interval: h.interval.clone(), retries: h.retries, start_period: h.start_period.clone() });
-    let exec = if c.command.is_empty() { None } else { Some(c.command.iter().map(|a| unit_quote(a)).collect::<Vec<_>>().join(" ")) };
+    let health = c.health.as_ref().map(|h| HealthCtx {
+        cmd: unit_quote(&h.cmd),
+        interval: h.interval.clone(),
+        retries: h.retries,
+        start_period: h.start_period.clone(),
+    });
+    let exec = if c.command.is_empty() {
+        None
+    } else {
+        Some(
+            c.command
+                .iter()
+                .map(|a| unit_quote(a))
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+    };
     let body = render_t(
         e,
         "container.j2",
@@ -449,7 +746,11 @@ fn render_container(e: &Environment, header: &str, input: &RenderInput, cname: &
 
 /// Resolves a profile argument, loads it, gathers keys and peers: the common front of
 /// every verb that takes a profile.
-pub fn prepare(profile_arg: &str, opts: &LoadOptions, secrets: Option<&Path>) -> anyhow::Result<(RenderInput, SecretsRoot)> {
+pub fn prepare(
+    profile_arg: &str,
+    opts: &LoadOptions,
+    secrets: Option<&Path>,
+) -> anyhow::Result<(RenderInput, SecretsRoot)> {
     use anyhow::Context;
     let cwd = std::env::current_dir().context("current directory")?;
     let path = profile::resolve(profile_arg, &cwd).ok_or_else(|| anyhow::anyhow!("no profile `{profile_arg}`: looked for profiles/{profile_arg}.toml and {profile_arg}.toml (or give a path to a .toml file)"))?;

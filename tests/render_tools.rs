@@ -1,0 +1,178 @@
+//! The rendered host tree checked by the real tools: `nft -c -f` for the firewall,
+//! `systemd-analyze verify` for imgbuild's units (inside the rendered root, with the
+//! real imgbuild binary at its ExecStart path).
+
+mod common;
+use common::*;
+use std::process::Command;
+
+fn render(
+    profile: &str,
+    env: &str,
+    dir: &std::path::Path,
+    secrets: &std::path::Path,
+) -> std::path::PathBuf {
+    let out = dir.join(format!("{profile}-{env}"));
+    run_ok(
+        &[
+            "render",
+            profile,
+            "--env",
+            env,
+            "--out",
+            out.to_str().unwrap(),
+            "--secrets",
+            secrets.to_str().unwrap(),
+        ],
+        &repo(),
+    );
+    out
+}
+
+#[test]
+fn nftables_ruleset_passes_nft_check() {
+    require_tool(&["nft", "--version"], "nft (nftables)");
+    let tmp = tempfile::tempdir().unwrap();
+    let secrets = tmp.path().join("secrets");
+    for profile in ["services", "monitoring"] {
+        for env in ["production", "staging"] {
+            let root = render(profile, env, tmp.path(), &secrets);
+            let conf = root.join("etc/nftables.conf");
+            let res = Command::new("nft")
+                .arg("-c")
+                .arg("-f")
+                .arg(&conf)
+                .output()
+                .unwrap();
+            assert!(
+                res.status.success(),
+                "{profile}/{env}: nft -c rejects {}:\n{}",
+                conf.display(),
+                String::from_utf8_lossy(&res.stderr)
+            );
+            let text = std::fs::read_to_string(&conf).unwrap();
+            assert!(text.contains("policy drop"), "default deny");
+            assert!(text.contains("tcp dport 22 accept"), "public ssh");
+            assert!(text.contains("udp dport 51820 accept"), "wireguard");
+            if profile == "services" {
+                assert!(
+                    text.contains("tcp dport 443 accept") && text.contains("udp dport 443 accept")
+                );
+                assert!(
+                    text.contains("iifname \"wg0\" tcp dport 9100 accept"),
+                    "metrics only on the tunnel"
+                );
+                assert!(
+                    !text.contains("\ttcp dport 9100 accept"),
+                    "metrics never public"
+                );
+            } else {
+                // The monitoring host opens nothing publicly but SSH and WireGuard.
+                let public: Vec<&str> = text
+                    .lines()
+                    .filter(|l| {
+                        l.trim_start().starts_with("tcp dport")
+                            || l.trim_start().starts_with("udp dport")
+                    })
+                    .collect();
+                assert_eq!(public.len(), 2, "monitoring public rules: {public:?}");
+                for port in [9090, 9093, 3000] {
+                    assert!(
+                        text.contains(&format!("iifname \"wg0\" tcp dport {port} accept")),
+                        "{port} on the tunnel only"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn imgbuild_units_pass_systemd_analyze_verify() {
+    require_tool(&["systemd-analyze", "--version"], "systemd-analyze");
+    let tmp = tempfile::tempdir().unwrap();
+    let root = render(
+        "services",
+        "production",
+        tmp.path(),
+        &tmp.path().join("secrets"),
+    );
+    // The units' ExecStart must exist inside the root: the real binary, not a stand-in.
+    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::fs::copy(
+        assert_cmd::cargo::cargo_bin("imgbuild"),
+        root.join("usr/bin/imgbuild"),
+    )
+    .unwrap();
+    // Targets our units order against (sysinit, network-online...) come from the build
+    // machine's own systemd unit directory.
+    let sys = ["/usr/lib/systemd/system", "/lib/systemd/system"]
+        .into_iter()
+        .find(|d| std::path::Path::new(d).join("sysinit.target").exists())
+        .expect("systemd unit directory");
+    std::fs::create_dir_all(root.join("usr/lib/systemd")).unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(sys)
+        .arg(root.join("usr/lib/systemd/"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let units: Vec<String> = [
+        "imgbuild-firstboot.service",
+        "imgbuild-backup.service",
+        "imgbuild-backup.timer",
+        "imgbuild-ready.service",
+    ]
+    .iter()
+    .map(|u| format!("{}/etc/systemd/system/{u}", root.display()))
+    .collect();
+    let res = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", root.display()))
+        .args(&units)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    println!(
+        "systemd-analyze verify --root: exit {:?}\n{stderr}",
+        res.status.code()
+    );
+    // Lines about units of the host OS that are absent from a bare rendered root are
+    // expected; anything about our own units is a failure.
+    assert!(
+        res.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("imgbuild-")).collect();
+    assert!(
+        ours.is_empty(),
+        "systemd-analyze complains about imgbuild units:\n{}",
+        ours.join("\n")
+    );
+}
+
+#[test]
+fn host_config_is_readable_by_the_helper() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = render(
+        "services",
+        "production",
+        tmp.path(),
+        &tmp.path().join("secrets"),
+    );
+    let text = std::fs::read_to_string(root.join("etc/imgbuild/host.toml")).unwrap();
+    let hc: imgbuild::hostconfig::HostConfig = toml::from_str(&text).unwrap();
+    assert_eq!(hc.host, "vps1");
+    let b = hc.backup.unwrap();
+    assert_eq!(b.restore, imgbuild::hostconfig::RestorePolicy::Require);
+    assert!(b.path_style, "custom endpoints default to path-style");
+    let db = b.volumes.iter().find(|v| v.name == "nextcloud-db").unwrap();
+    assert_eq!(db.strategy, imgbuild::hostconfig::Strategy::Hook);
+    assert_eq!(db.units, vec!["nextcloud-db.service".to_string()]);
+    assert!(
+        !b.volumes.iter().any(|v| v.name == "caddy-config"),
+        "backup = none is not backed up"
+    );
+    assert!(hc.units.contains(&"caddy.service".to_string()));
+}
