@@ -1,0 +1,397 @@
+//! Making a snapshot: scan each volume, chunk its stream, upload the chunks the bucket
+//! lacks (in parallel), then the signed manifest — last, and only if everything before
+//! it succeeded, so a listed snapshot is always complete.
+
+use super::crypto::Keys;
+use super::error::{Result, SnapshotError};
+use super::format::{self, ChunkRef, Chunker, Manifest, Stats, Volume, MANIFEST_VERSION};
+use super::fsio;
+use super::store::{PutOutcome, Store};
+use crate::progress::Progress;
+use fastcdc::v2020::{Normalization, StreamCDC};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+/// Chunk sizes: restic's average (1 MiB) keeps the object count, and so per-request
+/// overhead, low; the 256 KiB minimum bounds the cost of small edits.
+pub const CHUNK_MIN: u32 = 256 * 1024;
+pub const CHUNK_AVG: u32 = 1024 * 1024;
+pub const CHUNK_MAX: u32 = 4 * 1024 * 1024;
+/// Locks older than this belong to a backup that died; prune ignores them.
+pub const LOCK_STALE_SECS: i64 = 6 * 3600;
+
+/// A volume to snapshot: its name and the directory holding its contents
+/// (podman's `<volume>/_data`).
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub root: PathBuf,
+}
+
+/// Called around each volume (stop units / run a hook, then start them again).
+pub trait VolumeHooks: Send {
+    fn before(&mut self, volume: &str) -> Result<()>;
+    fn after(&mut self, volume: &str);
+}
+
+pub struct NoHooks;
+impl VolumeHooks for NoHooks {
+    fn before(&mut self, _: &str) -> Result<()> {
+        Ok(())
+    }
+    fn after(&mut self, _: &str) {}
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub host: String,
+    /// Concurrent uploads.
+    pub parallel: usize,
+    pub progress: Progress,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupReport {
+    pub id: String,
+    pub time: i64,
+    pub stats: Stats,
+    pub warnings: Vec<String>,
+    pub locked_until: Option<i64>,
+}
+
+pub fn now_unix() -> i64 {
+    now_unix_ms().div_euclid(1000)
+}
+
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn parse_chunk_key(key: &str) -> Option<[u8; 32]> {
+    let id = key.rsplit('/').next()?;
+    hex::decode(id).ok()?.try_into().ok()
+}
+
+/// Every chunk id present under `chunks/`.
+pub async fn list_chunks(store: &Store) -> Result<Vec<([u8; 32], u64, Option<i64>)>> {
+    Ok(store
+        .list(&format::chunks_dir(&store.prefix))
+        .await?
+        .into_iter()
+        .filter_map(|o| parse_chunk_key(&o.key).map(|id| (id, o.size, o.last_modified)))
+        .collect())
+}
+
+pub async fn backup(
+    store: &Store,
+    keys: &Keys,
+    sources: &[Source],
+    hooks: &mut dyn VolumeHooks,
+    opts: &BackupOptions,
+) -> Result<BackupReport> {
+    if !keys.can_sign() {
+        return Err(SnapshotError::Other(
+            "the snapshot signing key is missing: cannot write snapshots".into(),
+        ));
+    }
+    let started = Instant::now();
+    let now_ms = now_unix_ms();
+    let now = now_ms.div_euclid(1000);
+    let id = format::new_snapshot_id(now_ms);
+    let lock_key = format::lock_key(&store.prefix, &id);
+    let lock_body = serde_json::json!({"host": opts.host, "time": now, "pid": std::process::id()});
+    store
+        .put(&lock_key, lock_body.to_string().into_bytes(), false, None)
+        .await?;
+    let result = backup_locked(store, keys, sources, hooks, opts, &id, now, started).await;
+    // A lock left by a crash only delays chunk garbage collection until it is stale.
+    let _ = store.delete(&lock_key).await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn backup_locked(
+    store: &Store,
+    keys: &Keys,
+    sources: &[Source],
+    hooks: &mut dyn VolumeHooks,
+    opts: &BackupOptions,
+    id: &str,
+    now: i64,
+    started: Instant,
+) -> Result<BackupReport> {
+    let existing: HashSet<[u8; 32]> = list_chunks(store).await?.into_iter().map(|c| c.0).collect();
+    let known = Arc::new(std::sync::Mutex::new(existing.clone()));
+    let mut volumes = Vec::new();
+    let mut stats = Stats::default();
+    let mut warnings = Vec::new();
+    let mut uploaded: HashSet<[u8; 32]> = HashSet::new();
+    for src in sources {
+        hooks.before(&src.name)?;
+        let r = backup_volume(
+            store,
+            keys,
+            src,
+            opts,
+            now,
+            &known,
+            &mut uploaded,
+            &mut stats,
+        )
+        .await;
+        hooks.after(&src.name);
+        let (vol, w) = r?;
+        warnings.extend(w.into_iter().map(|w| format!("{}: {w}", src.name)));
+        volumes.push(vol);
+    }
+    let locked_until = match store.lock_until(now) {
+        Some(until) => Some(extend_reused(store, keys, &volumes, &uploaded, now, until).await?),
+        None => None,
+    };
+    stats.duration_ms = started.elapsed().as_millis() as u64;
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        id: id.to_string(),
+        host: opts.host.clone(),
+        time: now,
+        tool: format!("imgbuild {}", env!("CARGO_PKG_VERSION")),
+        chunker: Chunker {
+            algorithm: "fastcdc-2020".into(),
+            min: CHUNK_MIN,
+            avg: CHUNK_AVG,
+            max: CHUNK_MAX,
+        },
+        locked_until,
+        stats: stats.clone(),
+        volumes,
+    };
+    let json = serde_json::to_vec(&manifest).map_err(|e| SnapshotError::Other(e.to_string()))?;
+    let sealed = keys.seal_manifest(id, &json)?;
+    let key = format::snapshot_key(&store.prefix, id);
+    match store.put(&key, sealed, true, Some(now)).await? {
+        PutOutcome::Created => {}
+        PutOutcome::Exists => {
+            return Err(SnapshotError::Other(format!(
+                "snapshot {id} already exists in the bucket (id collision); nothing overwritten"
+            )))
+        }
+    }
+    Ok(BackupReport {
+        id: id.to_string(),
+        time: now,
+        stats,
+        warnings,
+        locked_until,
+    })
+}
+
+struct Produced {
+    id: [u8; 32],
+    data: Vec<u8>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn backup_volume(
+    store: &Store,
+    keys: &Keys,
+    src: &Source,
+    opts: &BackupOptions,
+    now: i64,
+    known: &Arc<std::sync::Mutex<HashSet<[u8; 32]>>>,
+    uploaded: &mut HashSet<[u8; 32]>,
+    stats: &mut Stats,
+) -> Result<(Volume, Vec<String>)> {
+    let root = src.root.clone();
+    let (entries, mut warnings) = tokio::task::spawn_blocking(move || fsio::scan(&root))
+        .await
+        .map_err(|e| SnapshotError::Other(format!("scan task: {e}")))??;
+    let entries = Arc::new(entries);
+    let total: u64 = entries.iter().map(|e| e.stream_len()).sum();
+    stats.bytes_total += total;
+    stats.files += entries
+        .iter()
+        .filter(|e| e.kind == format::Kind::File)
+        .count() as u64;
+    let step = opts
+        .progress
+        .step(&format!("backup {}", src.name), Some(total));
+
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<Produced>>(4);
+    let reader = fsio::StreamReader::new(&src.root, entries.clone());
+    let reader_warnings = reader.warnings.clone();
+    let k2 = keys.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        let cdc = StreamCDC::with_level_and_seed(
+            reader,
+            CHUNK_MIN,
+            CHUNK_AVG,
+            CHUNK_MAX,
+            Normalization::Level1,
+            k2.chunker_seed(),
+        );
+        for c in cdc {
+            let msg = c
+                .map(|c| Produced {
+                    id: k2.chunk_id(&c.data),
+                    data: c.data,
+                })
+                .map_err(std::io::Error::from);
+            let failed = msg.is_err();
+            if tx.blocking_send(msg).is_err() || failed {
+                break;
+            }
+        }
+    });
+
+    let sem = Arc::new(Semaphore::new(opts.parallel.max(1)));
+    let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
+    let mut chunks = Vec::new();
+    let mut stream_bytes = 0u64;
+    let mut failure: Option<SnapshotError> = None;
+    while let Some(msg) = rx.recv().await {
+        let p = match msg {
+            Ok(p) => p,
+            Err(e) => {
+                failure = Some(SnapshotError::io(&src.root, e));
+                break;
+            }
+        };
+        let len = p.data.len() as u64;
+        stream_bytes += len;
+        step.inc(len);
+        chunks.push(ChunkRef(hex::encode(p.id), len));
+        stats.chunks_total += 1;
+        let is_new = known.lock().map(|mut k| k.insert(p.id)).unwrap_or(true);
+        if !is_new {
+            continue;
+        }
+        uploaded.insert(p.id);
+        stats.chunks_new += 1;
+        stats.bytes_new += len;
+        // Reap finished uploads so errors surface early and the set stays small.
+        while let Some(done) = tasks.try_join_next() {
+            match flatten(done) {
+                Ok(n) => stats.bytes_uploaded += n,
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        if failure.is_some() {
+            break;
+        }
+        let permit = sem
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| SnapshotError::Other(e.to_string()))?;
+        let store = store.clone();
+        let keys = keys.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let key = format::chunk_key(&store.prefix, &hex::encode(p.id));
+            let sealed = tokio::task::spawn_blocking(move || keys.seal_chunk(&p.id, &p.data))
+                .await
+                .map_err(|e| SnapshotError::Other(format!("seal task: {e}")))?;
+            let n = sealed.len() as u64;
+            store.put(&key, sealed, false, Some(now)).await?;
+            Ok(n)
+        });
+    }
+    drop(rx);
+    let _ = producer.await;
+    while let Some(done) = tasks.join_next().await {
+        match flatten(done) {
+            Ok(n) => stats.bytes_uploaded += n,
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    step.finish();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if stream_bytes != total {
+        return Err(SnapshotError::Other(format!(
+            "volume {}: chunked {stream_bytes} bytes, expected {total}",
+            src.name
+        )));
+    }
+    if let Ok(w) = reader_warnings.lock() {
+        warnings.extend(w.iter().cloned());
+    }
+    let entries = Arc::try_unwrap(entries).unwrap_or_else(|a| (*a).clone());
+    Ok((
+        Volume {
+            name: src.name.clone(),
+            stream_bytes,
+            entries,
+            chunks,
+        },
+        warnings,
+    ))
+}
+
+fn flatten(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> Result<u64> {
+    r.map_err(|e| SnapshotError::Other(format!("upload task: {e}")))?
+}
+
+/// With Object Lock, chunks this snapshot reuses must stay locked as long as the
+/// snapshot's own objects. The previous snapshot records how long its chunks are
+/// guaranteed; when that guarantee runs below half the lock period, every reused chunk
+/// is extended (a few calls per chunk every `days/2`, not every backup).
+/// Returns the date until which every object of the new snapshot is locked.
+async fn extend_reused(
+    store: &Store,
+    keys: &Keys,
+    volumes: &[Volume],
+    uploaded: &HashSet<[u8; 32]>,
+    now: i64,
+    until: i64,
+) -> Result<i64> {
+    use futures_util::StreamExt;
+    let days = until - now;
+    let prev = super::restore::latest_manifest(store, keys)
+        .await
+        .ok()
+        .flatten();
+    let (prev_ids, prev_until): (HashSet<String>, i64) = match &prev {
+        Some(m) => (
+            m.chunk_ids().into_iter().map(str::to_string).collect(),
+            m.locked_until.unwrap_or(0),
+        ),
+        None => (HashSet::new(), 0),
+    };
+    let renew_all = prev_until < now + days / 2;
+    let reused: HashSet<String> = volumes
+        .iter()
+        .flat_map(|v| v.chunks.iter())
+        .filter(|c| parse_chunk_key(&c.0).is_some_and(|id| !uploaded.contains(&id)))
+        .map(|c| c.0.clone())
+        .collect();
+    let to_extend: Vec<String> = reused
+        .iter()
+        .filter(|id| renew_all || !prev_ids.contains(*id))
+        .cloned()
+        .collect();
+    let results: Vec<Result<()>> = futures_util::stream::iter(to_extend)
+        .map(|id| {
+            let key = format::chunk_key(&store.prefix, &id);
+            async move { store.extend_retention(&key, until).await }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(if renew_all || reused.is_empty() {
+        until
+    } else {
+        prev_until.min(until)
+    })
+}

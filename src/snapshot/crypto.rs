@@ -1,0 +1,350 @@
+//! Keys and the sealed object formats (chunks and manifests).
+//!
+//! One 32-byte host key (`snapshot-encryption.key`) is expanded with BLAKE3's
+//! key-derivation mode into independent subkeys, so a leak of one use (e.g. the
+//! chunk-id key through some side channel) says nothing about the others. The exact
+//! byte layouts are in docs/snapshot-format.md; change them only with a new version.
+
+use super::error::{Result, SnapshotError};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use std::path::Path;
+
+pub const CTX_CHUNK_ID: &str = "imgbuild snapshot v1 chunk id";
+pub const CTX_CHUNK_DATA: &str = "imgbuild snapshot v1 chunk data";
+pub const CTX_MANIFEST: &str = "imgbuild snapshot v1 manifest";
+pub const CTX_CHUNKER: &str = "imgbuild snapshot v1 chunker seed";
+
+/// First byte of a sealed chunk / after the magic of a manifest.
+pub const FORMAT_VERSION: u8 = 1;
+pub const MANIFEST_MAGIC: &[u8; 8] = b"IMGSNAP1";
+/// Domain separation for the manifest signature, so a signature made by this key for
+/// anything else (e.g. an image manifest) can never pass as a snapshot signature.
+pub const SIGN_DOMAIN: &[u8] = b"imgbuild snapshot manifest v1\0";
+
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+/// Plaintext flag byte: how the chunk payload is stored.
+const STORED_RAW: u8 = 0;
+const STORED_ZSTD: u8 = 1;
+const ZSTD_LEVEL: i32 = 3;
+
+/// The verification half: enough to list and check signatures.
+#[derive(Clone)]
+pub struct Keys {
+    id_key: [u8; 32],
+    data_key: [u8; 32],
+    manifest_key: [u8; 32],
+    chunker_seed: u64,
+    verifying: VerifyingKey,
+    signing: Option<SigningKey>,
+}
+
+impl std::fmt::Debug for Keys {
+    // Never print key material, not even by accident in a {:?}.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("verifying", &hex::encode(self.verifying.as_bytes()))
+            .field("can_sign", &self.signing.is_some())
+            .finish()
+    }
+}
+
+fn read_hex32(path: &Path) -> Result<[u8; 32]> {
+    let text = std::fs::read_to_string(path).map_err(|e| SnapshotError::KeyFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    parse_hex32(text.trim()).ok_or_else(|| SnapshotError::KeyFile {
+        path: path.to_path_buf(),
+        reason: "expected 64 hexadecimal characters".into(),
+    })
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let v = hex::decode(s).ok()?;
+    v.try_into().ok()
+}
+
+impl Keys {
+    /// From the raw key bytes (tests and the loaders below).
+    pub fn from_bytes(
+        master: [u8; 32],
+        signing_seed: Option<[u8; 32]>,
+        public: [u8; 32],
+    ) -> Result<Self> {
+        let verifying = VerifyingKey::from_bytes(&public).map_err(|e| SnapshotError::KeyFile {
+            path: "snapshot-signing.pub".into(),
+            reason: format!("not an ed25519 public key: {e}"),
+        })?;
+        let signing = signing_seed.map(|s| SigningKey::from_bytes(&s));
+        if let Some(sk) = &signing {
+            if sk.verifying_key() != verifying {
+                return Err(SnapshotError::KeyFile {
+                    path: "snapshot-signing.pub".into(),
+                    reason: "does not match snapshot-signing.key".into(),
+                });
+            }
+        }
+        let seed_bytes = blake3::derive_key(CTX_CHUNKER, &master);
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&seed_bytes[..8]);
+        Ok(Keys {
+            id_key: blake3::derive_key(CTX_CHUNK_ID, &master),
+            data_key: blake3::derive_key(CTX_CHUNK_DATA, &master),
+            manifest_key: blake3::derive_key(CTX_MANIFEST, &master),
+            chunker_seed: u64::from_le_bytes(seed),
+            verifying,
+            signing,
+        })
+    }
+
+    /// Loads the encryption key and the signing key pair. `signing` may be absent
+    /// (restore only needs to verify); the public key is then read from `<signing>.pub`
+    /// or derived when the seed is there.
+    pub fn load(encryption_key: &Path, signing_key: &Path) -> Result<Self> {
+        let master = read_hex32(encryption_key)?;
+        let pub_path = signing_key.with_extension("pub");
+        let seed = if signing_key.exists() {
+            Some(read_hex32(signing_key)?)
+        } else {
+            None
+        };
+        let public = match (seed, pub_path.exists()) {
+            (_, true) => read_hex32(&pub_path)?,
+            (Some(s), false) => SigningKey::from_bytes(&s).verifying_key().to_bytes(),
+            (None, false) => {
+                return Err(SnapshotError::KeyFile {
+                    path: signing_key.to_path_buf(),
+                    reason: "neither the signing key nor its .pub exists".into(),
+                })
+            }
+        };
+        Keys::from_bytes(master, seed, public)
+    }
+
+    pub fn can_sign(&self) -> bool {
+        self.signing.is_some()
+    }
+
+    pub fn chunker_seed(&self) -> u64 {
+        self.chunker_seed
+    }
+
+    /// Keyed BLAKE3 of the plaintext: equal data gives equal ids (dedup) but without the
+    /// key an id says nothing about the content.
+    pub fn chunk_id(&self, plain: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.id_key, plain).as_bytes()
+    }
+
+    /// `version(1) | nonce(24) | XChaCha20-Poly1305(flag(1) | payload)`, AAD = chunk id,
+    /// so a chunk stored under another chunk's name fails to open.
+    pub fn seal_chunk(&self, id: &[u8; 32], plain: &[u8]) -> Vec<u8> {
+        let mut body = Vec::with_capacity(plain.len() / 2 + 1);
+        match zstd::bulk::compress(plain, ZSTD_LEVEL) {
+            Ok(z) if z.len() < plain.len() => {
+                body.push(STORED_ZSTD);
+                body.extend_from_slice(&z);
+            }
+            // Incompressible (media, already compressed dumps): store as is.
+            _ => {
+                body.push(STORED_RAW);
+                body.extend_from_slice(plain);
+            }
+        }
+        seal(&self.data_key, id, body)
+    }
+
+    /// Opens and verifies a chunk: AEAD tag, then the keyed hash of the plaintext
+    /// against the id it was asked for. `expected_len` bounds decompression.
+    pub fn open_chunk(&self, id: &[u8; 32], sealed: &[u8], expected_len: usize) -> Result<Vec<u8>> {
+        let hid = hex::encode(id);
+        let corrupt = |reason: &str| SnapshotError::CorruptChunk {
+            id: hid.clone(),
+            reason: reason.to_string(),
+        };
+        let body = open(&self.data_key, id, sealed).map_err(&corrupt)?;
+        let (flag, payload) = body.split_first().ok_or_else(|| corrupt("empty payload"))?;
+        let plain = match *flag {
+            STORED_RAW => payload.to_vec(),
+            STORED_ZSTD => zstd::bulk::decompress(payload, expected_len)
+                .map_err(|e| corrupt(&format!("zstd: {e}")))?,
+            other => return Err(corrupt(&format!("unknown storage flag {other}"))),
+        };
+        if plain.len() != expected_len {
+            return Err(corrupt(&format!(
+                "length {} where the manifest says {expected_len}",
+                plain.len()
+            )));
+        }
+        if &self.chunk_id(&plain) != id {
+            return Err(corrupt("content does not match its id"));
+        }
+        Ok(plain)
+    }
+
+    /// `MAGIC(8) | signature(64) | nonce(24) | ciphertext`; the signature covers
+    /// `SIGN_DOMAIN | id | nonce | ciphertext`, so it can be checked without the
+    /// encryption key and binds the manifest to its object name.
+    pub fn seal_manifest(&self, snapshot_id: &str, json: &[u8]) -> Result<Vec<u8>> {
+        let signing = self
+            .signing
+            .as_ref()
+            .ok_or_else(|| SnapshotError::Other("no signing key: cannot write snapshots".into()))?;
+        let z = zstd::bulk::compress(json, ZSTD_LEVEL)
+            .map_err(|e| SnapshotError::Other(format!("zstd: {e}")))?;
+        let sealed = seal(&self.manifest_key, snapshot_id.as_bytes(), z);
+        // seal() starts with the version byte; the manifest has its own magic instead.
+        let nonce_and_ct = &sealed[1..];
+        let sig = signing.sign(&sign_message(snapshot_id, nonce_and_ct));
+        let mut out = Vec::with_capacity(8 + 64 + nonce_and_ct.len());
+        out.extend_from_slice(MANIFEST_MAGIC);
+        out.extend_from_slice(&sig.to_bytes());
+        out.extend_from_slice(nonce_and_ct);
+        Ok(out)
+    }
+
+    /// Verifies the signature first (so "tampered" and "wrong key" are told apart),
+    /// then decrypts.
+    pub fn open_manifest(&self, snapshot_id: &str, bytes: &[u8]) -> Result<Vec<u8>> {
+        self.verify_manifest(snapshot_id, bytes)?;
+        let mut sealed = Vec::with_capacity(bytes.len() - 71);
+        sealed.push(FORMAT_VERSION);
+        sealed.extend_from_slice(&bytes[72..]);
+        let z = open(&self.manifest_key, snapshot_id.as_bytes(), &sealed).map_err(|_| {
+            SnapshotError::WrongKey {
+                id: snapshot_id.to_string(),
+            }
+        })?;
+        zstd::stream::decode_all(&z[..]).map_err(|e| SnapshotError::BadManifest {
+            id: snapshot_id.to_string(),
+            reason: format!("zstd: {e}"),
+        })
+    }
+
+    pub fn verify_manifest(&self, snapshot_id: &str, bytes: &[u8]) -> Result<()> {
+        if bytes.len() < 8 + 64 + NONCE_LEN + TAG_LEN || &bytes[..8] != MANIFEST_MAGIC {
+            return Err(SnapshotError::BadManifest {
+                id: snapshot_id.to_string(),
+                reason: "not an imgbuild snapshot manifest (bad magic or too short)".into(),
+            });
+        }
+        let mut sig = [0u8; 64];
+        sig.copy_from_slice(&bytes[8..72]);
+        let sig = Signature::from_bytes(&sig);
+        self.verifying
+            .verify(&sign_message(snapshot_id, &bytes[72..]), &sig)
+            .map_err(|_| SnapshotError::BadSignature {
+                id: snapshot_id.to_string(),
+            })
+    }
+}
+
+fn sign_message(snapshot_id: &str, nonce_and_ct: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGN_DOMAIN.len() + snapshot_id.len() + 1 + nonce_and_ct.len());
+    m.extend_from_slice(SIGN_DOMAIN);
+    m.extend_from_slice(snapshot_id.as_bytes());
+    m.push(0);
+    m.extend_from_slice(nonce_and_ct);
+    m
+}
+
+fn random_nonce() -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    // getrandom only fails on exotic platforms without an entropy source; a fixed
+    // nonce there would be catastrophic, so refuse loudly instead.
+    if let Err(e) = getrandom::getrandom(&mut n) {
+        panic!("no entropy source for nonces: {e}");
+    }
+    n
+}
+
+fn seal(key: &[u8; 32], aad: &[u8], plain: Vec<u8>) -> Vec<u8> {
+    let cipher = XChaCha20Poly1305::new(key.into());
+    let nonce = random_nonce();
+    // Encryption with a valid key and nonce cannot fail for in-memory buffers.
+    let ct = cipher
+        .encrypt(XNonce::from_slice(&nonce), Payload { msg: &plain, aad })
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    out
+}
+
+fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> std::result::Result<Vec<u8>, &'static str> {
+    if sealed.len() < 1 + NONCE_LEN + TAG_LEN {
+        return Err("too short");
+    }
+    if sealed[0] != FORMAT_VERSION {
+        return Err("unknown format version");
+    }
+    let cipher = XChaCha20Poly1305::new(key.into());
+    cipher
+        .decrypt(
+            XNonce::from_slice(&sealed[1..1 + NONCE_LEN]),
+            Payload {
+                msg: &sealed[1 + NONCE_LEN..],
+                aad,
+            },
+        )
+        .map_err(|_| "authentication tag does not verify (bit rot, tampering or wrong key)")
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    let _ = getrandom::getrandom(&mut b);
+    hex::encode(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keys {
+        let sk = SigningKey::from_bytes(&[7u8; 32]);
+        Keys::from_bytes([1u8; 32], Some([7u8; 32]), sk.verifying_key().to_bytes()).unwrap()
+    }
+
+    #[test]
+    fn chunk_round_trip_and_tamper() {
+        let k = keys();
+        let data = vec![42u8; 100_000];
+        let id = k.chunk_id(&data);
+        let mut s = k.seal_chunk(&id, &data);
+        assert_eq!(k.open_chunk(&id, &s, data.len()).unwrap(), data);
+        let n = s.len();
+        s[n - 1] ^= 1;
+        assert!(matches!(
+            k.open_chunk(&id, &s, data.len()),
+            Err(SnapshotError::CorruptChunk { .. })
+        ));
+    }
+
+    #[test]
+    fn manifest_causes_are_told_apart() {
+        let k = keys();
+        let m = k.seal_manifest("s1", b"{}").unwrap();
+        assert_eq!(k.open_manifest("s1", &m).unwrap(), b"{}");
+        assert!(matches!(
+            k.open_manifest("s2", &m),
+            Err(SnapshotError::BadSignature { .. })
+        ));
+        let mut t = m.clone();
+        let n = t.len();
+        t[n - 3] ^= 0x40;
+        assert!(matches!(
+            k.open_manifest("s1", &t),
+            Err(SnapshotError::BadSignature { .. })
+        ));
+        let sk = SigningKey::from_bytes(&[7u8; 32]);
+        let other =
+            Keys::from_bytes([2u8; 32], Some([7u8; 32]), sk.verifying_key().to_bytes()).unwrap();
+        assert!(matches!(
+            other.open_manifest("s1", &m),
+            Err(SnapshotError::WrongKey { .. })
+        ));
+    }
+}

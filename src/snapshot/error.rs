@@ -1,0 +1,61 @@
+//! Errors of the snapshot library. Each variant names the cause a user can act on:
+//! restore must say *why* it refuses (missing chunk, corrupted chunk, wrong key,
+//! tampered manifest), not just that it failed.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot read key file {path}: {reason}")]
+    KeyFile { path: PathBuf, reason: String },
+
+    #[error("S3 {op} s3://{bucket}/{key}: {message}")]
+    S3 {
+        op: &'static str,
+        bucket: String,
+        key: String,
+        message: String,
+    },
+
+    #[error("chunk {id} is missing from the bucket (object {key} not found)")]
+    MissingChunk { id: String, key: String },
+
+    #[error("chunk {id} is corrupted: {reason}")]
+    CorruptChunk { id: String, reason: String },
+
+    #[error("manifest {id}: signature does not verify with the host's signing key (tampered manifest, or signed by another host)")]
+    BadSignature { id: String },
+
+    #[error("manifest {id}: cannot be decrypted with this host's encryption key (wrong key)")]
+    WrongKey { id: String },
+
+    #[error("manifest {id} is malformed: {reason}")]
+    BadManifest { id: String, reason: String },
+
+    #[error("snapshot {0} not found")]
+    NoSuchSnapshot(String),
+
+    #[error("no snapshot in s3://{bucket}/{prefix}")]
+    NoSnapshots { bucket: String, prefix: String },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{0}")]
+    Other(String),
+}
+
+impl SnapshotError {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        SnapshotError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = SnapshotError> = std::result::Result<T, E>;

@@ -1,0 +1,355 @@
+//! The manifest (the JSON inside a sealed manifest object) and the bucket layout.
+//!
+//! Every volume is one byte stream: the data extents of its regular files,
+//! concatenated in entry order, cut into content-defined chunks. A file therefore
+//! owns the next `sum(extent lengths)` bytes of the stream; nothing in the manifest
+//! points into chunks by offset, which keeps it small and lets restore write files
+//! front to back while chunks arrive. See docs/snapshot-format.md.
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Object keys inside the per-host prefix.
+pub fn snapshots_dir(prefix: &str) -> String {
+    join(prefix, "snapshots/")
+}
+pub fn snapshot_key(prefix: &str, id: &str) -> String {
+    join(prefix, &format!("snapshots/{id}"))
+}
+pub fn chunks_dir(prefix: &str) -> String {
+    join(prefix, "chunks/")
+}
+pub fn chunk_key(prefix: &str, id_hex: &str) -> String {
+    // Two-hex-digit fan-out keeps listings and some servers' directory-backed stores
+    // (Garage, MinIO on a filesystem) from holding millions of keys in one folder.
+    join(
+        prefix,
+        &format!("chunks/{}/{}", &id_hex[..2.min(id_hex.len())], id_hex),
+    )
+}
+pub fn locks_dir(prefix: &str) -> String {
+    join(prefix, "locks/")
+}
+pub fn lock_key(prefix: &str, id: &str) -> String {
+    join(prefix, &format!("locks/{id}"))
+}
+
+fn join(prefix: &str, rest: &str) -> String {
+    let p = prefix.trim_matches('/');
+    if p.is_empty() {
+        rest.to_string()
+    } else {
+        format!("{p}/{rest}")
+    }
+}
+
+/// A file name that is UTF-8 in the common case (readable in the JSON) and base64
+/// of the raw bytes otherwise: Linux names are bytes, JSON strings are not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Name {
+    Utf8(String),
+    Bytes { b64: String },
+}
+
+impl Name {
+    pub fn from_bytes(b: &[u8]) -> Name {
+        match std::str::from_utf8(b) {
+            Ok(s) => Name::Utf8(s.to_string()),
+            Err(_) => Name::Bytes {
+                b64: base64::engine::general_purpose::STANDARD.encode(b),
+            },
+        }
+    }
+    pub fn from_os(s: &OsStr) -> Name {
+        Name::from_bytes(s.as_bytes())
+    }
+    pub fn to_bytes(&self) -> Option<Vec<u8>> {
+        match self {
+            Name::Utf8(s) => Some(s.as_bytes().to_vec()),
+            Name::Bytes { b64 } => base64::engine::general_purpose::STANDARD.decode(b64).ok(),
+        }
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Name::Utf8(s) => f.write_str(s),
+            Name::Bytes { b64 } => write!(f, "<base64:{b64}>"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+    /// A further name of a regular file already listed (`target` = its path).
+    Hardlink,
+    Fifo,
+    Char,
+    Block,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Relative to the volume root, '/'-separated; "" is the root itself.
+    pub path: Name,
+    pub kind: Kind,
+    /// Permission bits including setuid/setgid/sticky (st_mode & 0o7777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub mtime_ns: u32,
+    pub atime: i64,
+    pub atime_ns: u32,
+    /// Regular files: logical size.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+    /// Regular files with holes: the data extents `[offset, length]` in the stream's
+    /// order; absent means the whole file `[0, size]` is data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extents: Option<Vec<[u64; 2]>>,
+    /// Symlink target, or the path of the first name of a hard-linked file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Name>,
+    /// Device number for char/block devices.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rdev: u64,
+    /// Extended attributes (name → base64 value), e.g. security.capability, user.*,
+    /// system.posix_acl_access.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl Entry {
+    /// The data extents this entry owns in the volume stream.
+    pub fn data_extents(&self) -> Vec<[u64; 2]> {
+        match (&self.kind, &self.extents) {
+            (Kind::File, Some(e)) => e.clone(),
+            (Kind::File, None) if self.size > 0 => vec![[0, self.size]],
+            _ => Vec::new(),
+        }
+    }
+    pub fn stream_len(&self) -> u64 {
+        self.data_extents().iter().map(|e| e[1]).sum()
+    }
+}
+
+/// One chunk of a volume stream: id (hex of the keyed BLAKE3) and plaintext length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef(pub String, pub u64);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub name: String,
+    /// Sum of the chunk lengths = sum of the entries' stream lengths.
+    pub stream_bytes: u64,
+    pub entries: Vec<Entry>,
+    pub chunks: Vec<ChunkRef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Logical bytes of file data in the snapshot.
+    pub bytes_total: u64,
+    /// Plaintext bytes of chunks this snapshot uploaded (not found in the bucket).
+    pub bytes_new: u64,
+    /// Bytes sent to S3 for those chunks (compressed + encrypted).
+    pub bytes_uploaded: u64,
+    pub chunks_total: u64,
+    pub chunks_new: u64,
+    pub files: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    pub id: String,
+    pub host: String,
+    /// Seconds since the epoch (UTC) when the backup started.
+    pub time: i64,
+    pub tool: String,
+    pub chunker: Chunker,
+    /// Every object of this snapshot is under Object Lock until at least this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<i64>,
+    pub stats: Stats,
+    pub volumes: Vec<Volume>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunker {
+    pub algorithm: String,
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl Manifest {
+    /// Every distinct chunk id the snapshot needs.
+    pub fn chunk_ids(&self) -> std::collections::BTreeSet<&str> {
+        self.volumes
+            .iter()
+            .flat_map(|v| v.chunks.iter().map(|c| c.0.as_str()))
+            .collect()
+    }
+
+    /// Internal consistency a restore relies on; a signed manifest from a buggy writer
+    /// must still not make restore write out of bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.version != MANIFEST_VERSION {
+            return Err(format!("unsupported manifest version {}", self.version));
+        }
+        for v in &self.volumes {
+            if v.name.is_empty() || v.name.contains('/') || v.name.starts_with('.') {
+                return Err(format!("bad volume name {:?}", v.name));
+            }
+            let chunk_sum: u64 = v.chunks.iter().map(|c| c.1).sum();
+            let entry_sum: u64 = v.entries.iter().map(|e| e.stream_len()).sum();
+            if chunk_sum != v.stream_bytes || entry_sum != v.stream_bytes {
+                return Err(format!(
+                    "volume {}: chunks hold {chunk_sum} bytes, files {entry_sum}, header {}",
+                    v.name, v.stream_bytes
+                ));
+            }
+            for c in &v.chunks {
+                if c.0.len() != 64 || hex::decode(&c.0).is_err() {
+                    return Err(format!("volume {}: bad chunk id {:?}", v.name, c.0));
+                }
+            }
+            for e in &v.entries {
+                let p = e.path.to_bytes().ok_or("bad base64 path")?;
+                if !safe_relative(&p) {
+                    return Err(format!("volume {}: unsafe path {}", v.name, e.path));
+                }
+                if e.kind == Kind::Hardlink {
+                    let t = e
+                        .target
+                        .as_ref()
+                        .and_then(|t| t.to_bytes())
+                        .unwrap_or_default();
+                    if t.is_empty() || !safe_relative(&t) {
+                        return Err(format!("volume {}: bad hard link {}", v.name, e.path));
+                    }
+                }
+                for x in e.data_extents() {
+                    if x[0].checked_add(x[1]).map_or(true, |end| end > e.size) {
+                        return Err(format!("volume {}: extent past end of {}", v.name, e.path));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// No absolute paths, no "..", no empty components: restore must never write
+/// outside the volume directory whatever the manifest says.
+pub fn safe_relative(p: &[u8]) -> bool {
+    if p.is_empty() {
+        return true;
+    }
+    if p[0] == b'/' || p.contains(&0) {
+        return false;
+    }
+    p.split(|b| *b == b'/')
+        .all(|c| !c.is_empty() && c != b"." && c != b"..")
+}
+
+/// Snapshot ids sort by time: `YYYYMMDDTHHMMSS.mmmZ-<8 hex>` (milliseconds, so
+/// snapshots taken within one second still list in order).
+pub fn new_snapshot_id(unix_ms: i64) -> String {
+    let (y, mo, d, h, mi, s) = civil(unix_ms.div_euclid(1000));
+    format!(
+        "{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}.{:03}Z-{}",
+        unix_ms.rem_euclid(1000),
+        super::crypto::random_hex(4)
+    )
+}
+
+/// Is `s` shaped like a snapshot id (so stray objects under snapshots/ are ignored)?
+pub fn is_snapshot_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 29
+        && b[8] == b'T'
+        && b[15] == b'.'
+        && b[19] == b'Z'
+        && b[20] == b'-'
+        && b[..8]
+            .iter()
+            .chain(&b[9..15])
+            .chain(&b[16..19])
+            .all(u8::is_ascii_digit)
+        && b[21..].iter().all(|c| c.is_ascii_hexdigit())
+}
+
+/// (year, month, day, hour, minute, second) in UTC, proleptic Gregorian.
+pub fn civil(unix: i64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Howard Hinnant's days_from_civil inverse.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = if m <= 2 { y + 1 } else { y };
+    (
+        y,
+        m,
+        d,
+        (secs / 3600) as u32,
+        ((secs % 3600) / 60) as u32,
+        (secs % 60) as u32,
+    )
+}
+
+pub fn rfc3339(unix: i64) -> String {
+    let (y, mo, d, h, mi, s) = civil(unix);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil(0), (1970, 1, 1, 0, 0, 0));
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(civil(951_782_400), (2000, 2, 29, 0, 0, 0));
+    }
+
+    #[test]
+    fn ids_and_paths() {
+        let id = new_snapshot_id(1_700_000_000_042);
+        assert!(is_snapshot_id(&id), "{id}");
+        assert!(id.starts_with("20231114T221320.042Z-"), "{id}");
+        assert!(!is_snapshot_id("20231114T221320.042Z-xyz"));
+        assert!(safe_relative(b"a/b c/\xff"));
+        for bad in [&b"/etc"[..], b"a/../b", b"..", b"a//b", b"./a"] {
+            assert!(!safe_relative(bad));
+        }
+        assert_eq!(chunk_key("h/p", "abcd"), "h/p/chunks/ab/abcd");
+        assert_eq!(Name::from_bytes(b"\xff").to_bytes().unwrap(), b"\xff");
+    }
+}

@@ -1,0 +1,497 @@
+//! The S3 side: one client per bucket, with the few operations snapshots need.
+//!
+//! Works against AWS and the S3-compatible servers self-hosters use: path-style
+//! addressing for custom endpoints, checksums only when an operation requires them
+//! (many servers reject the SDK's default trailing CRC32 chunks), Content-MD5 on every
+//! PUT (AWS demands it when Object Lock retention is set), retries with backoff.
+
+use super::error::{Result, SnapshotError};
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ObjectLockMode};
+use aws_sdk_s3::Client;
+use aws_smithy_types::DateTime;
+use base64::Engine;
+use md5::{Digest, Md5};
+use std::path::Path;
+use std::time::Duration;
+
+/// Objects larger than this go up in parts (chunks never do; huge manifests may).
+pub const MULTIPART_THRESHOLD: usize = 64 * 1024 * 1024;
+const PART_SIZE: usize = 16 * 1024 * 1024;
+
+/// Where and how to reach the bucket.
+#[derive(Debug, Clone, Default)]
+pub struct StoreConfig {
+    pub bucket: String,
+    pub prefix: String,
+    /// Custom endpoint; None uses AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS.
+    pub endpoint: Option<String>,
+    /// Empty: from the environment / profile.
+    pub region: String,
+    pub path_style: bool,
+    /// An env file with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the host's
+    /// s3.env); None uses the standard chain (env vars, ~/.aws profiles, SSO...).
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// Object Lock retention (COMPLIANCE mode) for every object written.
+    pub object_lock_days: Option<u32>,
+    /// Multipart threshold override (tests); 0 = default.
+    pub multipart_threshold: usize,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    pub bucket: String,
+    pub prefix: String,
+    pub object_lock_days: Option<u32>,
+    multipart_threshold: usize,
+    /// Cleared after a server answers 501 to If-None-Match (then we HEAD first).
+    conditional_put: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    /// Conditional PUT refused: the key already exists.
+    Exists,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    /// Refused by Object Lock (or a policy): still there.
+    Refused,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    pub last_modified: Option<i64>,
+}
+
+fn parse_env_file(path: &Path) -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| SnapshotError::KeyFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let l = l.strip_prefix("export ").unwrap_or(l);
+            let (k, v) = l.split_once('=')?;
+            let v = v.trim().trim_matches('"').trim_matches('\'');
+            Some((k.trim().to_string(), v.to_string()))
+        })
+        .collect())
+}
+
+impl Store {
+    pub async fn connect(cfg: &StoreConfig) -> Result<Store> {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        let mut region = cfg.region.clone();
+        if let Some(file) = &cfg.credentials_file {
+            let vars = parse_env_file(file)?;
+            let get = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            let (Some(id), Some(secret)) = (get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY"))
+            else {
+                return Err(SnapshotError::KeyFile {
+                    path: file.clone(),
+                    reason: "needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into(),
+                });
+            };
+            if region.is_empty() {
+                region = get("AWS_REGION").unwrap_or_default();
+            }
+            loader = loader.credentials_provider(Credentials::new(
+                id,
+                secret,
+                get("AWS_SESSION_TOKEN"),
+                None,
+                "imgbuild-s3-env",
+            ));
+        }
+        if !region.is_empty() {
+            loader = loader.region(Region::new(region));
+        }
+        if let Some(ep) = &cfg.endpoint {
+            loader = loader.endpoint_url(ep);
+        }
+        let shared = loader.load().await;
+        let env_endpoint = std::env::var_os("AWS_ENDPOINT_URL_S3")
+            .or_else(|| std::env::var_os("AWS_ENDPOINT_URL"))
+            .is_some();
+        let mut b = aws_sdk_s3::config::Builder::from(&shared)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_config(
+                aws_sdk_s3::config::retry::RetryConfig::standard()
+                    .with_max_attempts(6)
+                    .with_initial_backoff(Duration::from_millis(200))
+                    .with_max_backoff(Duration::from_secs(10)),
+            )
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .operation_attempt_timeout(Duration::from_secs(300))
+                    .build(),
+            );
+        // Custom endpoints (MinIO, Garage, moto, most providers' docs) expect path style;
+        // virtual-hosted style needs wildcard DNS they often lack.
+        if cfg.path_style || (cfg.endpoint.is_none() && env_endpoint) {
+            b = b.force_path_style(true);
+        }
+        if shared.region().is_none() {
+            // Custom endpoints ignore the region but SigV4 needs one.
+            b = b.region(Region::new("us-east-1"));
+        }
+        Ok(Store {
+            client: Client::from_conf(b.build()),
+            bucket: cfg.bucket.clone(),
+            prefix: cfg.prefix.trim_matches('/').to_string(),
+            object_lock_days: cfg.object_lock_days.filter(|d| *d > 0),
+            multipart_threshold: if cfg.multipart_threshold == 0 {
+                MULTIPART_THRESHOLD
+            } else {
+                cfg.multipart_threshold
+            },
+            conditional_put: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn err<E: ProvideErrorMetadata + std::error::Error + 'static>(
+        &self,
+        op: &'static str,
+        key: &str,
+        e: SdkError<E, HttpResponse>,
+    ) -> SnapshotError {
+        SnapshotError::S3 {
+            op,
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            message: describe(&e),
+        }
+    }
+
+    /// Retention date for an object written now, if Object Lock is on.
+    pub fn lock_until(&self, now: i64) -> Option<i64> {
+        self.object_lock_days.map(|d| now + i64::from(d) * 86_400)
+    }
+
+    /// GET; `Ok(None)` when the key does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let resp = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                    || status(&e) == Some(404)
+                {
+                    return Ok(None);
+                }
+                return Err(self.err("GetObject", key, e));
+            }
+        };
+        let body = resp.body.collect().await.map_err(|e| SnapshotError::S3 {
+            op: "GetObject",
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            message: format!("reading body: {e}"),
+        })?;
+        Ok(Some(body.into_bytes().to_vec()))
+    }
+
+    /// PUT with Content-MD5 and, when configured and `retain_from` (the snapshot time)
+    /// is given, Object Lock retention. With `if_none_match`, never replaces an
+    /// existing object.
+    pub async fn put(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        if_none_match: bool,
+        retain_from: Option<i64>,
+    ) -> Result<PutOutcome> {
+        use std::sync::atomic::Ordering;
+        let conditional = if_none_match && self.conditional_put.load(Ordering::Relaxed);
+        if if_none_match && !conditional && self.exists(key).await? {
+            return Ok(PutOutcome::Exists);
+        }
+        if body.len() > self.multipart_threshold {
+            return self
+                .put_multipart(key, body, conditional, retain_from)
+                .await;
+        }
+        // Bytes: the 501 fallback below resends without copying the body.
+        let body = bytes::Bytes::from(body);
+        let md5 = base64::engine::general_purpose::STANDARD.encode(Md5::digest(&body));
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_md5(md5)
+            .body(ByteStream::from(body.clone()));
+        if conditional {
+            req = req.if_none_match("*");
+        }
+        if let Some(until) = retain_from.and_then(|t| self.lock_until(t)) {
+            req = req
+                .object_lock_mode(ObjectLockMode::Compliance)
+                .object_lock_retain_until_date(DateTime::from_secs(until));
+        }
+        match req.send().await {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(e) => match status(&e) {
+                Some(412) => Ok(PutOutcome::Exists),
+                // Servers without conditional writes: remember, then check-and-put.
+                Some(501) if conditional => {
+                    self.conditional_put.store(false, Ordering::Relaxed);
+                    Box::pin(self.put(key, body.to_vec(), if_none_match, retain_from)).await
+                }
+                _ => Err(self.err("PutObject", key, e)),
+            },
+        }
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        conditional: bool,
+        retain_from: Option<i64>,
+    ) -> Result<PutOutcome> {
+        let mut create = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key);
+        if let Some(until) = retain_from.and_then(|t| self.lock_until(t)) {
+            create = create
+                .object_lock_mode(ObjectLockMode::Compliance)
+                .object_lock_retain_until_date(DateTime::from_secs(until));
+        }
+        let up = create
+            .send()
+            .await
+            .map_err(|e| self.err("CreateMultipartUpload", key, e))?;
+        let upload_id = up.upload_id().unwrap_or_default().to_string();
+        let result: Result<PutOutcome> = async {
+            let mut parts = Vec::new();
+            for (i, part) in body.chunks(PART_SIZE).enumerate() {
+                let n = i as i32 + 1;
+                let md5 = base64::engine::general_purpose::STANDARD.encode(Md5::digest(part));
+                let r = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .part_number(n)
+                    .content_md5(md5)
+                    .body(ByteStream::from(part.to_vec()))
+                    .send()
+                    .await
+                    .map_err(|e| self.err("UploadPart", key, e))?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(n)
+                        .set_e_tag(r.e_tag().map(str::to_string))
+                        .build(),
+                );
+            }
+            let mut done = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                );
+            if conditional {
+                done = done.if_none_match("*");
+            }
+            match done.send().await {
+                Ok(_) => Ok(PutOutcome::Created),
+                Err(e) if status(&e) == Some(412) => Ok(PutOutcome::Exists),
+                // S3 reports late failures as an <Error> body with status 200, so the SDK
+                // rejects any 200 whose root element it does not expect; some servers
+                // (moto) name the root `...Response` instead of `...Result`. A 200
+                // without <Error> is a completed upload.
+                Err(e) if status(&e) == Some(200) && !body_has_error(&e) => Ok(PutOutcome::Created),
+                Err(e) => Err(self.err("CompleteMultipartUpload", key, e)),
+            }
+        }
+        .await;
+        if !matches!(result, Ok(PutOutcome::Created)) {
+            // Parts left behind cost money until a lifecycle rule removes them.
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        }
+        result
+    }
+
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if status(&e) == Some(404) => Ok(false),
+            Err(e) => Err(self.err("HeadObject", key, e)),
+        }
+    }
+
+    /// Object Lock retain-until date (seconds), read through HeadObject.
+    pub async fn retention(&self, key: &str) -> Result<Option<i64>> {
+        let h = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.err("HeadObject", key, e))?;
+        Ok(h.object_lock_retain_until_date().map(|d| d.secs()))
+    }
+
+    /// Moves an object's retention forward (COMPLIANCE dates can only grow).
+    pub async fn extend_retention(&self, key: &str, until: i64) -> Result<()> {
+        use aws_sdk_s3::types::{ObjectLockRetention, ObjectLockRetentionMode};
+        self.client
+            .put_object_retention()
+            .bucket(&self.bucket)
+            .key(key)
+            .retention(
+                ObjectLockRetention::builder()
+                    .mode(ObjectLockRetentionMode::Compliance)
+                    .retain_until_date(DateTime::from_secs(until))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.err("PutObjectRetention", key, e))?;
+        Ok(())
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.err("ListObjectsV2", prefix, e))?;
+            for o in page.contents() {
+                out.push(Listed {
+                    key: o.key().unwrap_or_default().to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    last_modified: o.last_modified().map(|d| d.secs()),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// DELETE by key. On a versioned (Object Lock) bucket this only adds a delete
+    /// marker; the locked version stays until its date and a lifecycle rule.
+    pub async fn delete(&self, key: &str) -> Result<DeleteOutcome> {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(DeleteOutcome::Deleted),
+            Err(e) if matches!(status(&e), Some(403)) => Ok(DeleteOutcome::Refused),
+            Err(e) => Err(self.err("DeleteObject", key, e)),
+        }
+    }
+}
+
+/// "a: b: c" from an error and its sources, skipping repeats (the SDK nests
+/// wrappers that say the same thing).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        let s = x.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = x.source();
+    }
+    parts.join(": ")
+}
+
+fn body_has_error<E>(e: &SdkError<E, HttpResponse>) -> bool {
+    e.raw_response()
+        .and_then(|r| r.body().bytes())
+        .map_or(true, |b| String::from_utf8_lossy(b).contains("<Error>"))
+}
+
+fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
+}
+
+fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    e: &SdkError<E, HttpResponse>,
+) -> String {
+    match e {
+        SdkError::ServiceError(s) if s.err().code().is_some() => {
+            let err = s.err();
+            format!(
+                "{} (HTTP {}): {}",
+                err.code().unwrap_or("error"),
+                s.raw().status().as_u16(),
+                err.message().unwrap_or("(no message)")
+            )
+        }
+        SdkError::ServiceError(s) => format!(
+            "HTTP {}: {}",
+            s.raw().status().as_u16(),
+            String::from_utf8_lossy(s.raw().body().bytes().unwrap_or_default())
+                .chars()
+                .take(2000)
+                .collect::<String>()
+        ),
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
+            format!("cannot reach the endpoint: {}", error_chain(e))
+        }
+        _ => error_chain(e),
+    }
+}

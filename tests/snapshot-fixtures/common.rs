@@ -1,0 +1,407 @@
+//! Shared helpers for the snapshot tests: a real moto S3 server on 127.0.0.1, key
+//! files, and a tree hash that covers everything a restore must reproduce.
+#![allow(dead_code)]
+
+use imgbuild::snapshot::{Keys, Store, StoreConfig};
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub struct Moto {
+    pub endpoint: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+/// One moto server per test binary. It is started from a thread that lives as long
+/// as the process, with PR_SET_PDEATHSIG, so it dies with the test binary even when
+/// the harness exits without running destructors.
+pub fn moto() -> &'static Moto {
+    static M: OnceLock<Moto> = OnceLock::new();
+    M.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let port = free_port();
+            let mut cmd = Command::new("moto_server");
+            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn();
+            match child {
+                Ok(c) => {
+                    tx.send(Ok(port)).ok();
+                    let _keep = c;
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(e) => {
+                    tx.send(Err(e)).ok();
+                }
+            }
+        });
+        let port = match rx.recv().expect("moto thread") {
+            Ok(p) => p,
+            Err(e) => panic!(
+                "cannot start moto_server ({e}). The snapshot tests need the moto S3 server: \
+                 install it with `bash .ci/deps.sh` (pip moto[s3]==5.2.5 flask flask-cors)"
+            ),
+        };
+        let start = Instant::now();
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "moto_server did not listen on 127.0.0.1:{port} within 60s; install with `bash .ci/deps.sh`"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto {
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    })
+}
+
+pub fn unique(name: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub secrets: PathBuf,
+    pub cfg: StoreConfig,
+}
+
+impl Env {
+    /// A fresh bucket (with Object Lock enabled when `lock`) and fresh host keys.
+    pub fn new(lock: bool) -> Env {
+        let m = moto();
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        write_keys(&secrets, 1);
+        std::fs::write(
+            secrets.join("s3.env"),
+            "AWS_ACCESS_KEY_ID=test\nAWS_SECRET_ACCESS_KEY=test\nAWS_REGION=us-east-1\n",
+        )
+        .unwrap();
+        let bucket = unique("bkt").to_lowercase();
+        let cfg = StoreConfig {
+            bucket: bucket.clone(),
+            prefix: "hosts/test".into(),
+            endpoint: Some(m.endpoint.clone()),
+            region: "us-east-1".into(),
+            path_style: true,
+            credentials_file: Some(secrets.join("s3.env")),
+            object_lock_days: None,
+            multipart_threshold: 0,
+        };
+        let env = Env { dir, secrets, cfg };
+        rt().block_on(async {
+            let s = env.store().await;
+            s.client()
+                .create_bucket()
+                .bucket(&bucket)
+                .object_lock_enabled_for_bucket(lock)
+                .send()
+                .await
+                .expect("create bucket");
+        });
+        env
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::connect(&self.cfg).await.expect("connect")
+    }
+
+    pub fn keys(&self) -> Keys {
+        Keys::load(
+            &self.secrets.join("snapshot-encryption.key"),
+            &self.secrets.join("snapshot-signing.key"),
+        )
+        .unwrap()
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Key files as `imgbuild keys` writes them; `seed` makes different hosts.
+pub fn write_keys(dir: &Path, seed: u8) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut enc = [0u8; 32];
+    getrandom::getrandom(&mut enc).unwrap();
+    enc[0] = seed;
+    let mut sk = [0u8; 32];
+    getrandom::getrandom(&mut sk).unwrap();
+    let signing = ed25519_dalek::SigningKey::from_bytes(&sk);
+    std::fs::write(
+        dir.join("snapshot-encryption.key"),
+        format!("{}\n", hex::encode(enc)),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("snapshot-signing.key"),
+        format!("{}\n", hex::encode(sk)),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("snapshot-signing.pub"),
+        format!("{}\n", hex::encode(signing.verifying_key().to_bytes())),
+    )
+    .unwrap();
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn set_xattr(p: &Path, name: &str, val: &[u8]) -> bool {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid C strings and buffer.
+    unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), val.as_ptr().cast(), val.len(), 0) == 0 }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), incompressible like real media.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Everything restore must reproduce, as sorted lines: type, mode, owner, mtime
+/// (not atime: reading changes it), size, content hash, link target, hard-link
+/// grouping, xattrs, and whether a file is sparse.
+pub fn tree_hash(root: &Path) -> String {
+    let mut lines = Vec::new();
+    let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
+    walk(root, root, &mut lines, &mut inodes);
+    lines.sort();
+    let mut h = blake3::Hasher::new();
+    for l in &lines {
+        h.update(l.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().to_hex().to_string()
+}
+
+pub fn tree_lines(root: &Path) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut inodes = HashMap::new();
+    walk(root, root, &mut lines, &mut inodes);
+    lines.sort();
+    lines
+}
+
+fn walk(root: &Path, p: &Path, out: &mut Vec<String>, inodes: &mut HashMap<(u64, u64), String>) {
+    let md = std::fs::symlink_metadata(p).unwrap();
+    let rel = p.strip_prefix(root).unwrap();
+    let name = format!("{:?}", rel.as_os_str());
+    let ft = md.file_type();
+    let xattrs: BTreeMap<String, String> = list_xattrs(p);
+    let mut line = format!(
+        "{name} mode={:o} uid={} gid={} x={:?}",
+        md.mode(),
+        md.uid(),
+        md.gid(),
+        xattrs
+    );
+    line.push_str(&format!(" mtime={}.{}", md.mtime(), md.mtime_nsec()));
+    if ft.is_symlink() {
+        line.push_str(&format!(" -> {:?}", std::fs::read_link(p).unwrap()));
+    } else if ft.is_file() {
+        let first = inodes
+            .entry((md.dev(), md.ino()))
+            .or_insert_with(|| name.clone())
+            .clone();
+        let data = std::fs::read(p).unwrap();
+        line.push_str(&format!(
+            " size={} b3={} link={} sparse={}",
+            md.len(),
+            blake3::hash(&data).to_hex(),
+            if first == name { "-".into() } else { first },
+            md.blocks() * 512 < md.len() / 2
+        ));
+    } else if ft.is_fifo() {
+        line.push_str(" fifo");
+    }
+    out.push(line);
+    if ft.is_dir() {
+        let mut kids: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        kids.sort();
+        for k in kids {
+            walk(root, &k, out, inodes);
+        }
+    }
+}
+
+fn list_xattrs(p: &Path) -> BTreeMap<String, String> {
+    imgbuild::snapshot::fsio::read_xattrs(p).unwrap_or_default()
+}
+
+/// Builds the round-trip tree: many small files, a large file, a sparse file,
+/// symlinks, hard links, empty dirs, odd names, owners and modes, a fifo, xattrs.
+pub fn make_rich_tree(root: &Path) {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let set_mode =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    std::fs::create_dir_all(root.join("small/a/b")).unwrap();
+    for i in 0..600 {
+        let d = if i % 3 == 0 {
+            "small"
+        } else if i % 3 == 1 {
+            "small/a"
+        } else {
+            "small/a/b"
+        };
+        std::fs::write(
+            root.join(format!("{d}/f{i:04}.txt")),
+            format!("small file {i}\n").repeat(i % 17),
+        )
+        .unwrap();
+    }
+    std::fs::write(root.join("large.bin"), noise(1, 24 * 1024 * 1024 + 123)).unwrap();
+    // Sparse: 256 MiB logical, three islands of data.
+    {
+        let mut f = std::fs::File::create(root.join("sparse.img")).unwrap();
+        use std::io::{Seek, SeekFrom};
+        for (off, seed) in [(0u64, 2u64), (100 << 20, 3), (200 << 20, 4)] {
+            f.seek(SeekFrom::Start(off)).unwrap();
+            f.write_all(&noise(seed, 300_000)).unwrap();
+        }
+        f.set_len(256 << 20).unwrap();
+    }
+    std::fs::create_dir_all(root.join("empty/dir/deep")).unwrap();
+    std::fs::create_dir_all(root.join("links")).unwrap();
+    symlink("../large.bin", root.join("links/rel")).unwrap();
+    symlink("/etc/does-not-exist", root.join("links/dangling")).unwrap();
+    symlink("../small", root.join("links/dir")).unwrap();
+    std::fs::write(root.join("links/hard1"), b"shared by three names\n").unwrap();
+    std::fs::hard_link(root.join("links/hard1"), root.join("links/hard2")).unwrap();
+    std::fs::hard_link(root.join("links/hard1"), root.join("small/hard3")).unwrap();
+    let odd = root.join("odd names");
+    std::fs::create_dir_all(&odd).unwrap();
+    for n in [
+        &b"with space"[..],
+        b"new\nline",
+        b"tab\there",
+        b"caf\xc3\xa9",
+        b"latin1-\xe9\xff",
+        b"-dash",
+        b"*star?",
+        b"quote\"'",
+    ] {
+        std::fs::write(odd.join(std::ffi::OsStr::from_bytes(n)), n).unwrap();
+    }
+    std::fs::write(root.join("empty-file"), b"").unwrap();
+    let modes = root.join("modes");
+    std::fs::create_dir_all(&modes).unwrap();
+    for (n, m) in [
+        ("m0600", 0o600),
+        ("m0755", 0o755),
+        ("m4755", 0o4755),
+        ("m2750", 0o2750),
+        ("m0000", 0o000),
+        ("m0444", 0o444),
+    ] {
+        std::fs::write(modes.join(n), n).unwrap();
+        set_mode(&modes.join(n), m);
+    }
+    std::fs::create_dir_all(root.join("sticky")).unwrap();
+    set_mode(&root.join("sticky"), 0o1777);
+    std::fs::create_dir_all(root.join("ro-dir/inner")).unwrap();
+    std::fs::write(root.join("ro-dir/inner/file"), b"x").unwrap();
+    set_mode(&root.join("ro-dir/inner"), 0o555);
+    set_mode(&root.join("ro-dir"), 0o500);
+    let fifo = CString::new(root.join("fifo").as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid path.
+    unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) };
+    set_xattr(&root.join("large.bin"), "user.checksum", b"abc\x00\x01");
+    set_xattr(&root.join("empty"), "user.dir-attr", b"v");
+    if is_root() {
+        let own = |p: &str, u: u32, g: u32| {
+            let c = CString::new(root.join(p).as_os_str().as_bytes()).unwrap();
+            // SAFETY: valid path.
+            assert_eq!(unsafe { libc::lchown(c.as_ptr(), u, g) }, 0);
+        };
+        own("small", 1000, 1000);
+        own("small/f0000.txt", 999, 999);
+        own("large.bin", 70, 70);
+        own("links/rel", 1234, 5678);
+        own("odd names", 100_000, 100_000);
+        // chown cleared setuid: set it back after.
+        own("modes/m4755", 33, 33);
+        set_mode(&modes.join("m4755"), 0o4755);
+    }
+    // Fixed times so the tree is the same at every run.
+    let set_times = |p: &Path, t: i64| {
+        let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+        let ts = [
+            libc::timespec {
+                tv_sec: t,
+                tv_nsec: 5,
+            },
+            libc::timespec {
+                tv_sec: t,
+                tv_nsec: 123_456_789,
+            },
+        ];
+        // SAFETY: valid path and array.
+        unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                ts.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+    };
+    set_times(&root.join("links/rel"), 1_000_000_000);
+    set_times(&root.join("large.bin"), 1_600_000_000);
+}

@@ -1,0 +1,269 @@
+//! The in-image verbs against moto: the backup timer's job (strategies, metrics,
+//! ping) and first boot (restore into podman's volume dir, policies, retries).
+
+#[path = "snapshot-fixtures/common.rs"]
+mod common;
+
+use common::*;
+use imgbuild::hostconfig::{
+    BackupConfig, HostConfig, RestorePolicy, Retention, Strategy, VolumeBackup,
+};
+use imgbuild::progress::Progress;
+use imgbuild::snapshot::host::{backup_host, firstboot, FirstbootOutcome, HostPaths};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+fn host_config(
+    env: &Env,
+    restore: RestorePolicy,
+    ping: Option<String>,
+    metrics: &Path,
+) -> HostConfig {
+    HostConfig {
+        host: "services".into(),
+        env: "staging".into(),
+        units: vec![],
+        metrics_dir: metrics.display().to_string(),
+        backup: Some(BackupConfig {
+            bucket: env.cfg.bucket.clone(),
+            prefix: env.cfg.prefix.clone(),
+            endpoint: env.cfg.endpoint.clone(),
+            region: "us-east-1".into(),
+            path_style: true,
+            schedule: "daily".into(),
+            keep: Retention {
+                last: 3,
+                daily: 7,
+                weekly: 4,
+                monthly: 6,
+            },
+            object_lock_days: None,
+            ping_url: ping,
+            restore,
+            restore_timeout_secs: 3,
+            volumes: vec![
+                VolumeBackup {
+                    name: "pgdata".into(),
+                    strategy: Strategy::Stop,
+                    hook: None,
+                    units: vec!["postgres.service".into()],
+                },
+                VolumeBackup {
+                    name: "app".into(),
+                    strategy: Strategy::Hook,
+                    hook: Some(format!(
+                        "echo dumped > {}/app/_data/dump.sql",
+                        env.path("vols").display()
+                    )),
+                    units: vec![],
+                },
+                VolumeBackup {
+                    name: "cache".into(),
+                    strategy: Strategy::Live,
+                    hook: None,
+                    units: vec![],
+                },
+            ],
+            credentials_file: Some(env.secrets.join("s3.env").display().to_string()),
+            encryption_key_file: env
+                .secrets
+                .join("snapshot-encryption.key")
+                .display()
+                .to_string(),
+            signing_key_file: env
+                .secrets
+                .join("snapshot-signing.key")
+                .display()
+                .to_string(),
+        }),
+    }
+}
+
+/// A tiny HTTP server on 127.0.0.1 that records request paths (the ping target).
+fn ping_server() -> (String, Arc<Mutex<Vec<String>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/ping/abc", l.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).ok();
+            s2.lock()
+                .unwrap()
+                .push(line.split(' ').nth(1).unwrap_or("").to_string());
+            let mut c = c;
+            c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nOK")
+                .ok();
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn backup_timer_then_firstboot_restores_volumes_before_services() {
+    let env = Env::new(false);
+    let vols = env.path("vols");
+    for (v, n) in [("pgdata", 5u64), ("app", 6), ("cache", 7)] {
+        let d = vols.join(v).join("_data");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("data.bin"), noise(n, 1 << 20)).unwrap();
+    }
+    // systemctl stub: records its arguments.
+    let log = env.path("systemctl.log");
+    let stub = env.path("systemctl");
+    std::fs::write(
+        &stub,
+        format!("#!/bin/sh\necho \"$@\" >> {}\n", log.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (url, pings) = ping_server();
+    let metrics = env.path("metrics");
+    let hc = host_config(&env, RestorePolicy::Require, Some(url), &metrics);
+    let paths = HostPaths {
+        volumes: vols.clone(),
+        firstboot_done: env.path("state/firstboot.done"),
+        systemctl: stub,
+    };
+    let r = backup_host(&hc, &paths, &Progress::quiet()).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    let report = r.report.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "stop postgres.service\nstart postgres.service\n"
+    );
+    assert!(vols.join("app/_data/dump.sql").exists(), "hook did not run");
+    let prom = std::fs::read_to_string(metrics.join("imgbuild_backup.prom")).unwrap();
+    assert!(
+        prom.contains("imgbuild_backup_success{host=\"services\"} 1"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("imgbuild_backup_last_success_timestamp_seconds{host=\"services\"} 1"),
+        "{prom}"
+    );
+    assert_eq!(pings.lock().unwrap().as_slice(), ["/ping/abc"]);
+
+    // A fresh machine: empty volumes dir, nothing done yet.
+    let fresh = env.path("fresh-vols");
+    std::fs::create_dir_all(fresh.join("app/_data")).unwrap(); // an empty volume podman made
+    let fresh_paths = HostPaths {
+        volumes: fresh.clone(),
+        firstboot_done: env.path("fresh-state/firstboot.done"),
+        systemctl: "false".into(),
+    };
+    let o = firstboot(&hc, &fresh_paths).unwrap();
+    match &o {
+        FirstbootOutcome::Restored { id, bytes, .. } => {
+            assert_eq!(id, &report.id);
+            assert!(*bytes >= 3 << 20);
+        }
+        other => panic!("{other:?}"),
+    }
+    for v in ["pgdata", "app", "cache"] {
+        assert_eq!(
+            tree_hash(&vols.join(v).join("_data")),
+            tree_hash(&fresh.join(v).join("_data")),
+            "{v}"
+        );
+    }
+    assert!(!fresh.join(".imgbuild-staging").exists());
+    assert!(fresh_paths.firstboot_done.exists());
+    assert_eq!(
+        firstboot(&hc, &fresh_paths).unwrap(),
+        FirstbootOutcome::AlreadyDone
+    );
+
+    // A failing run keeps the last success time, says success 0 and pings /fail.
+    let mut broken = hc.clone();
+    broken.backup.as_mut().unwrap().volumes[0].name = "no-such-volume".into();
+    let r = backup_host(&broken, &paths, &Progress::quiet()).unwrap();
+    assert!(r.error.as_deref().unwrap().contains("no-such-volume"));
+    let prom2 = std::fs::read_to_string(metrics.join("imgbuild_backup.prom")).unwrap();
+    assert!(
+        prom2.contains("imgbuild_backup_success{host=\"services\"} 0"),
+        "{prom2}"
+    );
+    let last = |p: &str| {
+        p.lines()
+            .find(|l| l.starts_with("imgbuild_backup_last_success"))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(last(&prom), last(&prom2));
+    assert_eq!(pings.lock().unwrap().last().unwrap(), "/ping/abc/fail");
+}
+
+#[test]
+fn firstboot_policies_on_an_empty_or_unreadable_bucket() {
+    let env = Env::new(false);
+    let metrics = env.path("metrics");
+    let paths = |n: &str| HostPaths {
+        volumes: env.path(&format!("{n}/vols")),
+        firstboot_done: env.path(&format!("{n}/done")),
+        systemctl: "false".into(),
+    };
+    // allow-empty: starts with empty volumes and marks done.
+    let hc = host_config(&env, RestorePolicy::AllowEmpty, None, &metrics);
+    assert_eq!(
+        firstboot(&hc, &paths("a")).unwrap(),
+        FirstbootOutcome::EmptyBucket
+    );
+    assert!(paths("a").firstboot_done.exists());
+    // skip: never touches S3.
+    let mut skip = host_config(&env, RestorePolicy::Skip, None, &metrics);
+    skip.backup.as_mut().unwrap().endpoint = Some("http://127.0.0.1:9".into());
+    assert_eq!(
+        firstboot(&skip, &paths("s")).unwrap(),
+        FirstbootOutcome::Skipped
+    );
+    // require + empty bucket: retries until the timeout, then fails naming why.
+    let hc = host_config(&env, RestorePolicy::Require, None, &metrics);
+    let t = std::time::Instant::now();
+    let e = firstboot(&hc, &paths("r")).unwrap_err().to_string();
+    assert!(e.contains("no snapshot in s3://"), "{e}");
+    assert!(t.elapsed().as_secs() >= 2, "did not retry");
+    assert!(!paths("r").firstboot_done.exists());
+    // require + unreachable bucket: the cause is the network.
+    let mut down = host_config(&env, RestorePolicy::Require, None, &metrics);
+    down.backup.as_mut().unwrap().endpoint = Some("http://127.0.0.1:9".into());
+    down.backup.as_mut().unwrap().restore_timeout_secs = 1;
+    let e = firstboot(&down, &paths("d")).unwrap_err().to_string();
+    assert!(
+        e.contains("cannot reach") || e.contains("ListObjects"),
+        "{e}"
+    );
+    eprintln!("unreachable bucket → {e}");
+    // allow-empty does not hide unreadable snapshots: wrong key fails.
+    let src = env.path("v/pgdata/_data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("x"), b"x").unwrap();
+    for v in ["app", "cache"] {
+        std::fs::create_dir_all(env.path(&format!("v/{v}/_data"))).unwrap();
+    }
+    let bp = HostPaths {
+        volumes: env.path("v"),
+        firstboot_done: env.path("unused"),
+        systemctl: "true".into(),
+    };
+    let mut nohook = host_config(&env, RestorePolicy::AllowEmpty, None, &metrics);
+    nohook.backup.as_mut().unwrap().volumes[1].hook = None;
+    assert!(backup_host(&nohook, &bp, &Progress::quiet())
+        .unwrap()
+        .error
+        .is_none());
+    let other = env.path("other");
+    write_keys(&other, 9);
+    let mut wrong = nohook.clone();
+    let b = wrong.backup.as_mut().unwrap();
+    b.encryption_key_file = other.join("snapshot-encryption.key").display().to_string();
+    b.restore_timeout_secs = 1;
+    let e = firstboot(&wrong, &paths("w")).unwrap_err().to_string();
+    assert!(e.contains("wrong key"), "{e}");
+    eprintln!("wrong key at first boot → {e}");
+    assert!(!paths("w").firstboot_done.exists());
+}
