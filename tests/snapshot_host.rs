@@ -267,3 +267,88 @@ fn firstboot_policies_on_an_empty_or_unreadable_bucket() {
     eprintln!("wrong key at first boot → {e}");
     assert!(!paths("w").firstboot_done.exists());
 }
+
+#[test]
+fn workstation_verbs_back_up_list_check_and_restore() {
+    use imgbuild::snapshot::cli::{
+        cmd_backup, cmd_check, cmd_restore, cmd_snapshots, BackupArgs, BucketArgs, CheckArgs,
+        RestoreArgs, SnapshotsArgs,
+    };
+    let env = Env::new(false);
+    let metrics = env.path("metrics");
+    let mut hc = host_config(&env, RestorePolicy::Require, None, &metrics);
+    // The profile's endpoint is a host name only the servers resolve; --endpoint wins.
+    hc.backup.as_mut().unwrap().endpoint = Some("http://s3.invalid".into());
+    let secrets = env.secrets.clone();
+    let resolve = move |p: &str| -> anyhow::Result<(HostConfig, std::path::PathBuf)> {
+        anyhow::ensure!(p == "services", "unknown profile {p}");
+        Ok((hc.clone(), secrets.clone()))
+    };
+    let from = env.path("copy");
+    for v in ["pgdata", "app", "cache"] {
+        std::fs::create_dir_all(from.join(v)).unwrap();
+        std::fs::write(from.join(v).join("f"), noise(v.len() as u64, 100_000)).unwrap();
+    }
+    let bucket = BucketArgs {
+        endpoint: env.cfg.endpoint.clone(),
+        ..Default::default()
+    };
+    let backup = BackupArgs {
+        profile: Some("services".into()),
+        from: Some(from.clone()),
+        prune: true,
+        bucket: bucket.clone(),
+        json: true,
+        quiet: true,
+        ..Default::default()
+    };
+    assert_eq!(cmd_backup(&backup, &resolve).unwrap(), 0);
+    let list = SnapshotsArgs {
+        profile: "services".into(),
+        bucket: bucket.clone(),
+        json: false,
+    };
+    assert_eq!(cmd_snapshots(&list, &resolve).unwrap(), 0);
+    let to = env.path("restored");
+    let restore = RestoreArgs {
+        profile: "services".into(),
+        to: to.clone(),
+        bucket: bucket.clone(),
+        quiet: true,
+        ..Default::default()
+    };
+    assert_eq!(cmd_restore(&restore, &resolve).unwrap(), 0);
+    for v in ["pgdata", "app", "cache"] {
+        assert_eq!(
+            tree_hash(&from.join(v)),
+            tree_hash(&to.join(v).join("_data")),
+            "{v}"
+        );
+    }
+    let check = CheckArgs {
+        profile: "services".into(),
+        read_data: true,
+        bucket: bucket.clone(),
+        json: true,
+        quiet: true,
+    };
+    assert_eq!(cmd_check(&check, &resolve).unwrap(), 0);
+    // Restoring over an existing directory is refused, not merged.
+    let e = cmd_restore(&restore, &resolve).unwrap_err();
+    assert!(format!("{e:#}").contains("exists"), "{e:#}");
+    // --prefix elsewhere: no snapshots there.
+    let empty = RestoreArgs {
+        to: env.path("r2"),
+        bucket: BucketArgs {
+            prefix: Some("nobody".into()),
+            ..bucket.clone()
+        },
+        ..restore.clone()
+    };
+    let e = cmd_restore(&empty, &resolve).unwrap_err();
+    assert!(format!("{e:#}").contains("no snapshot in s3://"), "{e:#}");
+    // A missing volume directory is named.
+    std::fs::remove_dir_all(from.join("cache")).unwrap();
+    let e = cmd_backup(&backup, &resolve).unwrap_err();
+    assert!(format!("{e:#}").contains("volume cache"), "{e:#}");
+}

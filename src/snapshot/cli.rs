@@ -279,20 +279,20 @@ pub fn cmd_snapshots(args: &SnapshotsArgs, resolve: ResolveHost) -> anyhow::Resu
         println!("{}", serde_json::to_string_pretty(&lines)?);
     } else {
         println!(
-            "{:<26} {:<21} {:>12} {:>12} {:>8}",
+            "{:<30} {:<21} {:>12} {:>12} {:>8}",
             "ID", "TIME", "SIZE", "NEW", "FILES"
         );
         for l in &lines {
             match &l.error {
                 None => println!(
-                    "{:<26} {:<21} {:>12} {:>12} {:>8}",
+                    "{:<30} {:<21} {:>12} {:>12} {:>8}",
                     l.id,
                     l.time.as_deref().unwrap_or(""),
                     human_bytes(l.bytes.unwrap_or(0)),
                     human_bytes(l.bytes_new.unwrap_or(0)),
                     l.files.unwrap_or(0)
                 ),
-                Some(e) => println!("{:<26} UNREADABLE: {e}", l.id),
+                Some(e) => println!("{:<30} UNREADABLE: {e}", l.id),
             }
         }
     }
