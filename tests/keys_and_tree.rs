@@ -43,8 +43,8 @@ fn tree_listing(profile: &str, env: &str, secrets: &std::path::Path) -> String {
                     .map(|l| {
                         if l.starts_with("PublicKey=") {
                             "PublicKey=<peer key>"
-                        } else if l.starts_with("ssh-ed25519 ") && e.path.ends_with(".pub") {
-                            "<host public key>"
+                        } else if e.path.ends_with(".pub") {
+                            "<public key>"
                         } else {
                             l
                         }
