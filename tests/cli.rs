@@ -1,0 +1,148 @@
+//! The command line as users type it.
+
+mod common;
+use common::*;
+
+#[test]
+fn help_lists_every_verb() {
+    let out = imgbuild().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for verb in imgbuild::cli::VERBS.iter().filter(|v| **v != "help") {
+        assert!(
+            text.contains(&format!("  {verb} ")),
+            "--help does not list `{verb}`:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn profile_name_first_is_build_and_extension_picks_the_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path().join("s");
+    let out = tmp.path().join("vps1.ign");
+    let stdout = run_ok(
+        &[
+            "services",
+            "--out",
+            out.to_str().unwrap(),
+            "--secrets",
+            s.to_str().unwrap(),
+            "--helper-url",
+            "https://example.org/imgbuild",
+            "--json",
+        ],
+        &repo(),
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["format"], "ignition");
+    assert_eq!(v["host"], "vps1");
+    assert!(out.is_file());
+    // The explicit form and a path to the file work the same.
+    let out2 = tmp.path().join("second.ign");
+    run_ok(
+        &[
+            "build",
+            "profiles/services.toml",
+            "--out",
+            out2.to_str().unwrap(),
+            "--secrets",
+            s.to_str().unwrap(),
+            "--helper-url",
+            "https://example.org/imgbuild",
+        ],
+        &repo(),
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());
+}
+
+#[test]
+fn unknown_output_extension_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let res = imgbuild()
+        .current_dir(repo())
+        .args([
+            "services",
+            "--out",
+            tmp.path().join("vps1.zip").to_str().unwrap(),
+            "--secrets",
+            tmp.path().join("s").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1));
+    assert!(stderr.contains("--format"), "{stderr}");
+}
+
+#[test]
+fn environment_overlay_changes_what_it_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path().join("s");
+    let prod: serde_json::Value = serde_json::from_str(&run_ok(
+        &[
+            "summary",
+            "services",
+            "--json",
+            "--secrets",
+            s.to_str().unwrap(),
+        ],
+        &repo(),
+    ))
+    .unwrap();
+    let stag: serde_json::Value = serde_json::from_str(&run_ok(
+        &[
+            "summary",
+            "services",
+            "--env",
+            "staging",
+            "--json",
+            "--secrets",
+            s.to_str().unwrap(),
+        ],
+        &repo(),
+    ))
+    .unwrap();
+    assert_eq!(prod["env"], "production");
+    assert_eq!(stag["host"], "vps1-staging");
+    assert_eq!(stag["backup"]["prefix"], "vps1-staging");
+    assert_eq!(
+        stag["peers"][0]["address"], "10.9.0.2",
+        "the peer's staging address comes from its own profile"
+    );
+    let nc = stag["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "nextcloud")
+        .unwrap();
+    assert_eq!(nc["domain"], "cloud.staging.example.org");
+    assert_ne!(prod["tree_digest"], stag["tree_digest"]);
+}
+
+#[test]
+fn overlay_file_can_replace_whole_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let overlay = tmp.path().join("test.toml");
+    std::fs::write(&overlay, "replace = [\"containers\", \"volumes\", \"networks\", \"proxy\", \"backup\"]\n\n[volumes.www]\n\n[containers.web]\nimage = \"localhost/hello:1\"\npublish = [\"8080:8080\"]\nvolumes = [\"www:/www\"]\n").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&run_ok(
+        &[
+            "summary",
+            "services",
+            "--overlay",
+            overlay.to_str().unwrap(),
+            "--json",
+            "--secrets",
+            tmp.path().join("s").to_str().unwrap(),
+        ],
+        &repo(),
+    ))
+    .unwrap();
+    let names: Vec<&str> = v["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["web"]);
+    assert!(v["backup"].is_null());
+}
