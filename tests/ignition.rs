@@ -104,8 +104,24 @@ fn ignition_configs_validate_against_the_official_schemas() {
                     String::from_utf8_lossy(&res.stderr)
                 );
 
-                let cfg: serde_json::Value =
-                    serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+                // A large config ships gzip'd inside an outer one: both must validate.
+                let outer = std::fs::read(&out).unwrap();
+                let inner = imgbuild::emit::ignition::unwrap_config(&outer).unwrap();
+                let inner_path = tmp.path().join("inner.json");
+                std::fs::write(&inner_path, &inner).unwrap();
+                let res = std::process::Command::new("python3")
+                    .args(["-c", py])
+                    .arg(&schema)
+                    .arg(&inner_path)
+                    .output()
+                    .unwrap();
+                assert!(
+                    res.status.success(),
+                    "inner config of {} does not validate:\n{}",
+                    out.display(),
+                    String::from_utf8_lossy(&res.stderr)
+                );
+                let cfg: serde_json::Value = serde_json::from_slice(&inner).unwrap();
                 assert_eq!(cfg["ignition"]["version"], version);
                 let mut paths = BTreeSet::new();
                 for f in cfg["storage"]["files"].as_array().unwrap() {
@@ -174,9 +190,14 @@ fn ignition_configs_validate_against_the_official_schemas() {
                 let users = cfg["passwd"]["users"].as_array().unwrap();
                 assert_eq!(users[0]["name"], "admin");
                 assert!(!users[0]["sshAuthorizedKeys"].as_array().unwrap().is_empty());
-                let size = std::fs::metadata(&out).unwrap().len();
+                let size = outer.len();
+                assert!(
+                    size <= 32 * 1024,
+                    "{profile}: {size} bytes is over common user-data limits"
+                );
                 println!(
-                    "{profile}/{env}/{version}: {size} bytes, {} files, {} units",
+                    "{profile}/{env}/{version}: {size} bytes as written ({} inner), {} files, {} units",
+                    inner.len(),
                     paths.len(),
                     units.len()
                 );

@@ -143,7 +143,7 @@ fn percent(data: &[u8]) -> String {
 
 /// The shorter of a plain and a gzip+base64 data URL. The hash is of the
 /// decompressed content, as the spec defines it.
-fn contents(data: &[u8]) -> Contents {
+fn contents(data: &[u8], allow_gzip: bool) -> Contents {
     let plain = format!("data:,{}", percent(data));
     let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::best());
     // Writing to a Vec cannot fail.
@@ -156,7 +156,7 @@ fn contents(data: &[u8]) -> Contents {
     let verification = Verification {
         hash: format!("sha512-{}", sha512_hex(data)),
     };
-    if packed.len() < plain.len() {
+    if allow_gzip && packed.len() < plain.len() {
         Contents {
             source: packed,
             compression: Some("gzip".into()),
@@ -185,6 +185,23 @@ pub fn emit(
     version: &str,
     helper: Option<&Helper>,
     baked: &[String],
+) -> Result<Vec<u8>, IgnitionError> {
+    let out = emit_inner(tree, version, helper, baked, true)?;
+    if out.len() <= WRAP_ABOVE {
+        return Ok(out);
+    }
+    // Inside a compressed wrapper, plain data URLs compress far better together than
+    // many small gzip+base64 ones.
+    let inner = emit_inner(tree, version, helper, baked, false)?;
+    Ok(wrap(version, &inner))
+}
+
+fn emit_inner(
+    tree: &HostTree,
+    version: &str,
+    helper: Option<&Helper>,
+    baked: &[String],
+    allow_gzip: bool,
 ) -> Result<Vec<u8>, IgnitionError> {
     if !VERSIONS.contains(&version) {
         return Err(IgnitionError::Version(version.into()));
@@ -221,7 +238,7 @@ pub fn emit(
                     group: Owner {
                         name: e.group.clone(),
                     },
-                    contents: contents(content),
+                    contents: contents(content, allow_gzip),
                 });
             }
             EntryKind::Dir => dirs.push(Dir {
@@ -302,9 +319,81 @@ pub fn emit(
             units: units.into_values().collect(),
         },
     };
-    let mut out = serde_json::to_vec_pretty(&cfg).unwrap_or_default();
+    // Compact JSON: providers cap user-data (16-64 KiB), and nobody edits this by hand.
+    let mut out = serde_json::to_vec(&cfg).unwrap_or_default();
     out.push(b'\n');
     Ok(out)
+}
+
+/// Configs above this size are shipped gzip-compressed inside a small outer config
+/// (`ignition.config.replace`), which every Ignition 3.x understands.
+pub const WRAP_ABOVE: usize = 16 * 1024;
+
+#[derive(Serialize)]
+struct Outer {
+    ignition: OuterMeta,
+}
+
+#[derive(Serialize)]
+struct OuterMeta {
+    version: String,
+    config: OuterConfig,
+}
+
+#[derive(Serialize)]
+struct OuterConfig {
+    replace: Contents,
+}
+
+fn wrap(version: &str, inner: &[u8]) -> Vec<u8> {
+    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let _ = gz.write_all(inner);
+    let gz = gz.finish().unwrap_or_default();
+    let outer = Outer {
+        ignition: OuterMeta {
+            version: version.into(),
+            config: OuterConfig {
+                replace: Contents {
+                    source: format!(
+                        "data:;base64,{}",
+                        base64::engine::general_purpose::STANDARD.encode(&gz)
+                    ),
+                    compression: Some("gzip".into()),
+                    verification: Verification {
+                        hash: format!("sha512-{}", sha512_hex(inner)),
+                    },
+                },
+            },
+        },
+    };
+    let mut out = serde_json::to_vec(&outer).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// The config itself, unwrapping a compressed `config.replace` (for tests and `verify`).
+pub fn unwrap_config(data: &[u8]) -> Result<Vec<u8>, String> {
+    let v: serde_json::Value = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+    let Some(rep) = v.pointer("/ignition/config/replace") else {
+        return Ok(data.to_vec());
+    };
+    let src = rep["source"].as_str().ok_or("replace without source")?;
+    let b64 = src
+        .strip_prefix("data:;base64,")
+        .ok_or("replace is not a base64 data URL")?;
+    let gz = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| e.to_string())?;
+    let mut inner = Vec::new();
+    use std::io::Read;
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut inner)
+        .map_err(|e| e.to_string())?;
+    let want = rep["verification"]["hash"].as_str().unwrap_or_default();
+    if want != format!("sha512-{}", sha512_hex(&inner)) {
+        return Err("inner config hash mismatch".into());
+    }
+    Ok(inner)
 }
 
 /// sha512 of a file, for `--helper`.
