@@ -27,6 +27,99 @@ pub enum Command {
     Keys(KeysArgs),
     /// Show what a profile builds: containers, ports, peers, backups
     Summary(SummaryArgs),
+    /// Check an image against its signed manifest
+    Verify(VerifyArgs),
+    /// Boot an image in QEMU: a disposable staging copy of the host
+    Run(RunArgs),
+    /// Snapshot volumes to S3 (in the image; or from a workstation with a profile and --from)
+    Backup {
+        #[command(flatten)]
+        args: crate::snapshot::cli::BackupArgs,
+        #[command(flatten)]
+        sel: Selection,
+    },
+    /// List a host's snapshots
+    Snapshots {
+        #[command(flatten)]
+        args: crate::snapshot::cli::SnapshotsArgs,
+        #[command(flatten)]
+        sel: Selection,
+    },
+    /// Restore a snapshot into a directory
+    Restore {
+        #[command(flatten)]
+        args: crate::snapshot::cli::RestoreArgs,
+        #[command(flatten)]
+        sel: Selection,
+    },
+    /// Check a host's snapshots (every chunk with --read-data)
+    Check {
+        #[command(flatten)]
+        args: crate::snapshot::cli::CheckArgs,
+        #[command(flatten)]
+        sel: Selection,
+    },
+    /// In the image: restore volumes from the latest snapshot before services start
+    Firstboot(crate::snapshot::cli::FirstbootArgs),
+    /// In the image: wait for the host's units, print the readiness line on the console
+    Ready(ReadyArgs),
+}
+
+/// Environment and secrets for verbs whose profile argument belongs to another module.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Selection {
+    /// Environment overlay from the profile's [environments]
+    #[arg(long)]
+    pub env: Option<String>,
+    /// Secrets root holding <host>/ (default: secrets/ beside profiles/)
+    #[arg(long)]
+    pub secrets: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Image to check (raw or qcow2)
+    pub image: PathBuf,
+    /// Builder's public key: a file with 64 hex characters, or the hex itself
+    #[arg(long, conflicts_with = "secrets")]
+    pub key: Option<String>,
+    /// Secrets root whose builder/image-signing.pub to use (default: ./secrets)
+    #[arg(long)]
+    pub secrets: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Image to boot (raw or qcow2)
+    pub image: PathBuf,
+    /// Keep the guest's writes in the image (default: throw them away)
+    #[arg(long)]
+    pub persist: bool,
+    /// Host port on 127.0.0.1 forwarded to the guest's SSH
+    #[arg(long, default_value_t = 2222)]
+    pub ssh_port: u16,
+    /// Extra forward HOST:GUEST (TCP, on 127.0.0.1); may repeat
+    #[arg(long = "forward", value_name = "HOST:GUEST")]
+    pub forwards: Vec<String>,
+    /// Forward the public TCP ports this profile publishes (ports below 1024 as 8000+port)
+    #[arg(long)]
+    pub profile: Option<String>,
+    #[arg(long, default_value_t = 2048)]
+    pub memory: u32,
+    #[arg(long, default_value_t = 2)]
+    pub cpus: u32,
+    /// Present a bigger disk, like a provider's (e.g. 20G)
+    #[arg(long)]
+    pub disk_size: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReadyArgs {
+    /// Host config to read
+    #[arg(long, default_value = crate::hostconfig::HOST_CONFIG_PATH, hide = true)]
+    pub config: PathBuf,
 }
 
 /// Which profile, which environment, which secrets: shared by every profile verb.
@@ -122,7 +215,21 @@ pub struct SummaryArgs {
     pub json: bool,
 }
 
-pub const VERBS: &[&str] = &["build", "render", "keys", "summary", "help"];
+pub const VERBS: &[&str] = &[
+    "build",
+    "render",
+    "keys",
+    "summary",
+    "verify",
+    "run",
+    "backup",
+    "snapshots",
+    "restore",
+    "check",
+    "firstboot",
+    "ready",
+    "help",
+];
 
 /// `imgbuild services --out x` → `imgbuild build services --out x`.
 pub fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {

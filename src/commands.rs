@@ -1,8 +1,12 @@
 //! The profile verbs: build, render, keys, summary. Each loads the profile the same
 //! way (`render::prepare`) and reports with context at the edge.
 
-use crate::cli::{BuildArgs, Format, KeysArgs, ProfileArgs, RenderArgs, RenderTarget, SummaryArgs};
+use crate::cli::{
+    BuildArgs, Format, KeysArgs, ProfileArgs, RenderArgs, RenderTarget, RunArgs, Selection,
+    SummaryArgs, VerifyArgs,
+};
 use crate::emit;
+use crate::hostconfig::HostConfig;
 use crate::profile::LoadOptions;
 use crate::progress::Progress;
 use crate::render::{self, RenderInput, Target};
@@ -321,4 +325,149 @@ pub fn summary(args: &SummaryArgs) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Profile → (host config as the host would read it, host secrets dir), for the
+/// snapshot verbs.
+pub fn resolver(sel: &Selection) -> impl Fn(&str) -> Result<(HostConfig, PathBuf)> + '_ {
+    move |profile: &str| {
+        let opts = LoadOptions {
+            env: sel.env.clone(),
+            overlays: vec![],
+        };
+        let (input, _) = render::prepare(profile, &opts, sel.secrets.as_deref())?;
+        let tree = render::render(&input, Target::Image)?;
+        let hc = match tree
+            .entries
+            .get(crate::hostconfig::HOST_CONFIG_PATH)
+            .map(|e| &e.kind)
+        {
+            Some(crate::tree::EntryKind::File { content }) => {
+                toml::from_str::<HostConfig>(&String::from_utf8_lossy(content))
+                    .context("the rendered host config does not parse")?
+            }
+            _ => bail!(
+                "the rendered tree has no {}",
+                crate::hostconfig::HOST_CONFIG_PATH
+            ),
+        };
+        Ok((hc, input.secrets_dir.clone()))
+    }
+}
+
+fn read_pubkey(spec: &str) -> Result<ed25519_dalek::VerifyingKey> {
+    let text = if Path::new(spec).is_file() {
+        std::fs::read_to_string(spec).with_context(|| format!("reading {spec}"))?
+    } else {
+        spec.to_string()
+    };
+    let bytes = hex::decode(text.trim()).context("the key is not 64 hex characters")?;
+    let arr: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("the key is not 32 bytes"))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&arr).context("not an ed25519 public key")
+}
+
+pub fn verify(args: &VerifyArgs) -> Result<i32> {
+    let key = match (&args.key, &args.secrets) {
+        (Some(k), _) => read_pubkey(k)?,
+        (None, s) => {
+            let root = SecretsRoot::new(s.clone().unwrap_or_else(|| PathBuf::from("secrets")));
+            let p = root.builder_dir().join("image-signing.pub");
+            read_pubkey(p.to_str().unwrap_or_default()).with_context(|| {
+                format!(
+                    "builder key {}\n  hint: pass --key PUB or --secrets DIR",
+                    p.display()
+                )
+            })?
+        }
+    };
+    match crate::image::verify(&args.image, &key) {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    json!({ "image": args.image, "ok": true, "manifest": report.manifest_source, "checked": report.checked })
+                );
+            } else {
+                println!(
+                    "{}: OK ({} regions match the {} manifest, signature valid)",
+                    args.image.display(),
+                    report.checked.len(),
+                    report.manifest_source
+                );
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    json!({ "image": args.image, "ok": false, "error": e.to_string() })
+                );
+            }
+            Err(e).with_context(|| format!("{} does not verify", args.image.display()))
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let (num, mul) = match s.chars().last() {
+        Some('G') | Some('g') => (&s[..s.len() - 1], 1u64 << 30),
+        Some('M') | Some('m') => (&s[..s.len() - 1], 1u64 << 20),
+        _ => (s, 1),
+    };
+    Ok(num
+        .parse::<u64>()
+        .with_context(|| format!("`{s}` is not a size like 20G"))?
+        * mul)
+}
+
+pub fn run(args: &RunArgs) -> Result<i32> {
+    let mut opts = crate::image::RunOptions::new(&args.image);
+    opts.persist = args.persist;
+    opts.ssh_port = Some(args.ssh_port);
+    opts.memory_mib = args.memory;
+    opts.cpus = args.cpus;
+    opts.disk_size = args.disk_size.as_deref().map(parse_size).transpose()?;
+    for f in &args.forwards {
+        let (h, g) = f
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--forward {f}: expected HOST:GUEST"))?;
+        opts.forwards.push((
+            h.parse().context("--forward host port")?,
+            g.parse().context("--forward guest port")?,
+        ));
+    }
+    if let Some(p) = &args.profile {
+        let progress = Progress::detect(false);
+        let (input, _) = load(
+            &ProfileArgs {
+                profile: p.clone(),
+                env: None,
+                secrets: None,
+                overlays: vec![],
+            },
+            &progress,
+        )?;
+        for c in input.host.profile.containers.values() {
+            for spec in &c.publish {
+                if let Ok(pb) = crate::profile::parse_publish(spec) {
+                    if pb.proto == "tcp" && pb.ip.is_none() {
+                        let host_port = if pb.host_port < 1024 {
+                            8000 + pb.host_port
+                        } else {
+                            pb.host_port
+                        };
+                        progress.note(&format!(
+                            "imgbuild: 127.0.0.1:{host_port} → guest port {}",
+                            pb.host_port
+                        ));
+                        opts.forwards.push((host_port, pb.host_port));
+                    }
+                }
+            }
+        }
+    }
+    Ok(crate::image::run(&opts)?)
 }

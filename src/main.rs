@@ -11,6 +11,22 @@ fn main() {
         Command::Render(a) => commands::render_cmd(a),
         Command::Keys(a) => commands::keys(a),
         Command::Summary(a) => commands::summary(a),
+        Command::Verify(a) => commands::verify(a),
+        Command::Run(a) => commands::run(a),
+        Command::Backup { args, sel } => {
+            imgbuild::snapshot::cli::cmd_backup(args, &commands::resolver(sel))
+        }
+        Command::Snapshots { args, sel } => {
+            imgbuild::snapshot::cli::cmd_snapshots(args, &commands::resolver(sel))
+        }
+        Command::Restore { args, sel } => {
+            imgbuild::snapshot::cli::cmd_restore(args, &commands::resolver(sel))
+        }
+        Command::Check { args, sel } => {
+            imgbuild::snapshot::cli::cmd_check(args, &commands::resolver(sel))
+        }
+        Command::Firstboot(a) => imgbuild::snapshot::cli::cmd_firstboot(a),
+        Command::Ready(a) => imgbuild::image::ready(&a.config),
     };
     match result {
         Ok(code) => std::process::exit(code),
