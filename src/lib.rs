@@ -7,14 +7,14 @@
 //! `secrets` holds key generation; `snapshot` the S3 data half; `hostconfig`
 //! the file the in-image helper reads.
 
-pub mod hostconfig;
-pub mod image;
-pub mod progress;
-pub mod snapshot;
-pub mod tree;
-pub mod profile;
-pub mod secrets;
-pub mod emit;
-pub mod render;
 pub mod cli;
 pub mod commands;
+pub mod emit;
+pub mod hostconfig;
+pub mod image;
+pub mod profile;
+pub mod progress;
+pub mod render;
+pub mod secrets;
+pub mod snapshot;
+pub mod tree;
