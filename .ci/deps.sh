@@ -33,10 +33,28 @@ bp_need=()
 for pkg in mmdebstrap qemu-system-x86 ovmf qemu-utils; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || bp_need+=("$pkg")
 done
+# Disk images: `mkfs.ext4 -d rootfs.tar` (populate from a tarball) needs e2fsprogs >= 1.47.1;
+# Debian 12 has 1.47.0, bookworm-backports 1.47.2.
+e2v=$(dpkg-query -W -f='${Version}' e2fsprogs 2>/dev/null || echo 0)
+dpkg --compare-versions "$e2v" ge 1.47.1 || bp_need+=(e2fsprogs)
 if [ ${#need[@]} -gt 0 ] || [ ${#bp_need[@]} -gt 0 ]; then
   $SUDO apt-get update -q
   [ ${#need[@]} -gt 0 ] && $SUDO apt-get install "${apt_opts[@]}" --no-install-recommends "${need[@]}"
   [ ${#bp_need[@]} -gt 0 ] && $SUDO apt-get install "${apt_opts[@]}" --no-install-recommends "${backports[@]}" "${bp_need[@]}"
+fi
+
+# promtool and amtool check rendered monitoring configs. Only the binaries are unpacked
+# from Debian's packages: installing them would start Prometheus and Alertmanager
+# listening on every address.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v amtool >/dev/null 2>&1; then
+  tools=/usr/local/lib/imgbuild-tools
+  work=$(mktemp -d)
+  (cd "$work" && apt-get download prometheus prometheus-alertmanager >/dev/null)
+  $SUDO mkdir -p "$tools"
+  for deb in "$work"/*.deb; do $SUDO dpkg-deb -x "$deb" "$tools"; done
+  $SUDO ln -sf "$tools/usr/bin/promtool" /usr/local/bin/promtool
+  $SUDO ln -sf "$tools/usr/bin/amtool" /usr/local/bin/amtool
+  rm -rf "$work"
 fi
 
 # Python tools for tests: the Ignition JSON-schema validator and the moto S3 server.

@@ -44,6 +44,14 @@ pub fn pick_format(format: Option<Format>, out: &Path) -> Result<Format> {
     }
 }
 
+/// Third-party configs in the tree, checked by their own tools before any output.
+fn check_configs(tree: &crate::tree::HostTree, progress: &Progress) -> Result<()> {
+    for note in render::check::check_tree(tree)? {
+        progress.note(&format!("imgbuild: note: {note}"));
+    }
+    Ok(())
+}
+
 pub fn build(args: &BuildArgs) -> Result<i32> {
     let progress = Progress::detect(args.quiet || args.json);
     let format = pick_format(args.format, &args.out)?;
@@ -55,6 +63,7 @@ pub fn build(args: &BuildArgs) -> Result<i32> {
     match format {
         Format::Ignition => {
             let tree = render::render(&input, Target::Ignition)?;
+            check_configs(&tree, &progress)?;
             let helper = match &args.helper_url {
                 Some(url) => Some(emit::ignition::Helper {
                     url: url.clone(),
@@ -90,6 +99,7 @@ pub fn build(args: &BuildArgs) -> Result<i32> {
         }
         Format::Raw | Format::Qcow2 => {
             let tree = render::render(&input, Target::Image)?;
+            check_configs(&tree, &progress)?;
             let (signing_key, created) = root.ensure_builder()?;
             if !created.0.is_empty() {
                 progress.note(&format!(

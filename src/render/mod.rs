@@ -1,6 +1,7 @@
 //! Render: a validated host (+ its keys and its peers' public data) → `HostTree`,
 //! through minijinja templates compiled into the binary.
 
+pub mod check;
 mod monitoring;
 
 use crate::hostconfig::{
