@@ -1,0 +1,251 @@
+//! Boots a test host's image under QEMU (TCG here; KVM only if a probe guest runs) and
+//! checks from the serial console and forwarded ports what a user would: the readiness
+//! line, no failed units, a read-only /usr, /var grown over a bigger disk, the quadlet
+//! answering, a firewalled port closed, sshd presenting the host key from the tree.
+//!
+//! harness = false: this binary is also the in-image helper (`imgbuild ready`) when the
+//! imgbuild CLI in this checkout has no `ready` verb yet, so the test can run before the
+//! CLI wiring lands, with the same library code the CLI calls.
+
+#[path = "common.rs"]
+mod common;
+
+use common::*;
+use imgbuild::image::{self, qemu, DiskFormat, RunOptions, SerialTarget};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("ready") {
+        let cfg = Path::new(imgbuild::hostconfig::HOST_CONFIG_PATH);
+        let code = image::ready(cfg).unwrap_or_else(|e| {
+            eprintln!("imgbuild ready: {e:#}");
+            2
+        });
+        std::process::exit(code);
+    }
+    if args.iter().any(|a| a == "--list") {
+        println!("boots_to_ready_with_quadlet_firewall_ssh_and_grown_var: test");
+        return;
+    }
+    boots_to_ready_with_quadlet_firewall_ssh_and_grown_var();
+    println!("test boots_to_ready_with_quadlet_firewall_ssh_and_grown_var ... ok");
+}
+
+/// The CLI binary if it has the `ready` verb, else this test binary (see module doc).
+/// Debug info is stripped from the copy put into the image: it is most of its size.
+fn helper(dir: &Path) -> PathBuf {
+    let cli = PathBuf::from(env!("CARGO_BIN_EXE_imgbuild"));
+    let help = Command::new(&cli).arg("--help").output();
+    let has_ready = help
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("ready"))
+        .unwrap_or(false);
+    let src = if has_ready {
+        cli
+    } else {
+        eprintln!(
+            "note: {} has no `ready` verb yet; the test binary serves as the in-image helper",
+            cli.display()
+        );
+        std::env::current_exe().expect("current exe")
+    };
+    let dst = dir.join("imgbuild-helper");
+    let st = Command::new(require("objcopy", "sudo apt-get install binutils"))
+        .arg("--strip-debug")
+        .arg(&src)
+        .arg(&dst)
+        .status()
+        .expect("run objcopy");
+    assert!(st.success(), "objcopy --strip-debug failed");
+    dst
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port on 127.0.0.1")
+}
+
+/// Sends a GET and returns whatever came back before EOF or the timeout.
+fn http_get(port: u16, timeout: Duration) -> String {
+    let Ok(mut s) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn probe<'a>(log: &'a str, key: &str) -> &'a str {
+    let pat = format!("PROBE {key}=");
+    log.lines()
+        .find_map(|l| l.split_once(&pat).map(|(_, v)| v.trim()))
+        .unwrap_or_else(|| panic!("no {pat} in the serial log"))
+}
+
+fn boots_to_ready_with_quadlet_firewall_ssh_and_grown_var() {
+    require(
+        "qemu-system-x86_64",
+        "sudo apt-get install -t bookworm-backports qemu-system-x86 ovmf",
+    );
+    let keyscan = require("ssh-keyscan", "sudo apt-get install openssh-client");
+    let dir = scratch("qemu-boot");
+    let keys = keys(&dir);
+    let tree = test_tree(&keys);
+    let oci = dir.join("hello.oci.tar");
+    hello_archive(&oci);
+    let helper = helper(&dir);
+    let out = dir.join("qemutest.raw");
+    let t = Instant::now();
+    let rep = build(
+        &tree,
+        &out,
+        DiskFormat::Raw,
+        &helper,
+        vec![(HELLO_ARCHIVE.to_string(), oci)],
+    );
+    eprintln!(
+        "image built in {:.1}s ({} MiB disk): {:?}",
+        t.elapsed().as_secs_f64(),
+        rep.disk_bytes >> 20,
+        rep.timings
+    );
+    let manifest = image::verify(&out, &signing_key().verifying_key())
+        .expect("fresh image verifies")
+        .manifest;
+    let var_len = manifest
+        .regions
+        .iter()
+        .find(|r| r.name == "var")
+        .map(|r| r.length)
+        .expect("var region");
+
+    let serial = dir.join("serial.log");
+    let (ssh, hello, closed) = (free_port(), free_port(), free_port());
+    let mut opts = RunOptions::new(&out);
+    opts.serial = SerialTarget::File(serial.clone());
+    opts.ssh_port = Some(ssh);
+    opts.forwards = vec![(hello, HELLO_PORT), (closed, CLOSED_PORT)];
+    // A provider's disk is bigger than the image: /var must grow into the difference.
+    let grow = 2u64 << 30;
+    opts.disk_size = Some(rep.disk_bytes + grow);
+    let mut vm = qemu::start(&opts).expect("start qemu");
+    eprintln!("qemu started (accel {:?}), pid {}", vm.accel, vm.pid());
+
+    let (seen, log) = qemu::wait_for_serial(&mut vm, &serial, "imgbuild: qemutest ", BOOT_TIMEOUT)
+        .expect("serial log");
+    let boot = vm.started.elapsed();
+    assert!(
+        seen,
+        "no readiness line within {BOOT_TIMEOUT:?}; serial tail:\n{}",
+        tail(&log, 60)
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("imgbuild: qemutest "))
+        .unwrap_or_default()
+        .to_string();
+    eprintln!(
+        "BOOT TIME: {:.1}s to `{}` ({:?})",
+        boot.as_secs_f64(),
+        line.trim(),
+        vm.accel
+    );
+    assert!(
+        line.contains("imgbuild: qemutest ready (1 units active)"),
+        "readiness line says: {line}\n{}",
+        tail(&log, 80)
+    );
+    let (done, log) =
+        qemu::wait_for_serial(&mut vm, &serial, "PROBE done", Duration::from_secs(60))
+            .expect("serial log");
+    assert!(done, "probe did not finish:\n{}", tail(&log, 60));
+
+    assert_eq!(
+        probe(&log, "failed_units"),
+        "0",
+        "failed units:\n{}",
+        failed(&log)
+    );
+    assert_eq!(probe(&log, "usr"), "readonly", "/usr must not be writable");
+    let var_bytes: u64 = probe(&log, "var_bytes").parse().expect("var size");
+    eprintln!(
+        "/var: {} on {}, {} MiB (partition in the image: {} MiB)",
+        "ext4",
+        probe(&log, "var_source"),
+        var_bytes >> 20,
+        var_len >> 20
+    );
+    assert!(
+        var_bytes > var_len + grow / 2,
+        "/var was not grown: {var_bytes} bytes, image partition {var_len}"
+    );
+    assert_eq!(
+        probe(&log, "listener"),
+        "closed",
+        "the firewalled listener must run inside the guest"
+    );
+
+    // The quadlet answers through netavark's port forward.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let b = http_get(hello, Duration::from_secs(5));
+        if b.contains(HELLO_BODY) || Instant::now() > deadline {
+            break b;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(
+        body.contains(HELLO_BODY),
+        "quadlet did not answer: {body:?}"
+    );
+
+    // The listener on the port nftables does not open: nothing comes back.
+    let got = http_get(closed, Duration::from_secs(8));
+    assert!(
+        !got.contains("closed"),
+        "a port the profile does not open answered: {got:?}"
+    );
+
+    // sshd presents the host key from the tree.
+    let ks = Command::new(keyscan)
+        .args(["-T", "20", "-t", "ed25519", "-p"])
+        .arg(ssh.to_string())
+        .arg("127.0.0.1")
+        .output()
+        .expect("run ssh-keyscan");
+    let scanned = String::from_utf8_lossy(&ks.stdout);
+    let want = keys
+        .host_pub
+        .split_whitespace()
+        .nth(1)
+        .expect("pub key body");
+    assert!(
+        scanned.contains(want),
+        "sshd did not present the host key from the tree: {scanned:?} {}",
+        String::from_utf8_lossy(&ks.stderr)
+    );
+    vm.kill();
+    eprintln!("boot test passed; boot to ready {:.1}s", boot.as_secs_f64());
+}
+
+fn failed(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("PROBE failed:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}

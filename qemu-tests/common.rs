@@ -1,0 +1,355 @@
+//! Shared by the image and boot tests: a host tree like the renderer's (quadlet, ssh,
+//! nftables, readiness unit), a tiny OCI image made from busybox-static, keys, builds.
+//!
+//! Tests never skip: a missing tool fails with the command that installs it.
+#![allow(dead_code)]
+
+use imgbuild::hostconfig::HostConfig;
+use imgbuild::image::{self, DiskFormat, ImageReport, ImageRequest};
+use imgbuild::progress::Progress;
+use imgbuild::tree::{HostTree, User};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const HOST: &str = "qemutest";
+pub const HELLO_REF: &str = "localhost/hello:1";
+pub const HELLO_ARCHIVE: &str = "/usr/share/imgbuild/images/hello.oci.tar";
+pub const HELLO_BODY: &str = "hello from imgbuild";
+/// Guest port the quadlet publishes (opened in nftables).
+pub const HELLO_PORT: u16 = 8080;
+/// Guest port a host service listens on that nftables does NOT open.
+pub const CLOSED_PORT: u16 = 9090;
+
+pub fn require(tool: &str, install: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        let p = Path::new(dir).join(tool);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{tool} is required by this test; install it with: {install} (or run .ci/deps.sh)");
+}
+
+pub fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create scratch dir");
+    d
+}
+
+pub fn base_def() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("images/debian-trixie.toml")
+}
+
+pub fn signing_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[42u8; 32])
+}
+
+pub struct Keys {
+    pub host_key: String,
+    pub host_pub: String,
+    pub admin_pub: String,
+}
+
+/// Fixed keys (generated once per scratch dir with ssh-keygen), so two builds of the
+/// test tree are the same inputs.
+pub fn keys(dir: &Path) -> Keys {
+    let keygen = require("ssh-keygen", "sudo apt-get install openssh-client");
+    let gen = |name: &str| {
+        let p = dir.join(name);
+        if !p.exists() {
+            let st = Command::new(&keygen)
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+                .arg(&p)
+                .status()
+                .expect("run ssh-keygen");
+            assert!(st.success(), "ssh-keygen failed");
+        }
+        (
+            std::fs::read_to_string(&p).expect("read key"),
+            std::fs::read_to_string(p.with_extension("pub")).expect("read pub key"),
+        )
+    };
+    let (host_key, host_pub) = gen("host_ed25519");
+    let (_, admin_pub) = gen("admin_ed25519");
+    Keys {
+        host_key,
+        host_pub,
+        admin_pub,
+    }
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// An OCI archive with one uncompressed layer: busybox-static and a web root, named
+/// with a full reference so podman keeps that name when it loads it.
+pub fn hello_archive(out: &Path) {
+    let busybox = require("busybox", "sudo apt-get install busybox-static");
+    let bb = std::fs::read(&busybox).expect("read busybox");
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, mode: u32, data: &[u8], kind: tar::EntryType, link: Option<&str>| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_735_689_600);
+        h.set_size(data.len() as u64);
+        match link {
+            Some(t) => layer.append_link(&mut h, path, t).expect("layer link"),
+            None => layer.append_data(&mut h, path, data).expect("layer entry"),
+        }
+    };
+    add("bin", 0o755, b"", tar::EntryType::Directory, None);
+    add("bin/busybox", 0o755, &bb, tar::EntryType::Regular, None);
+    add(
+        "bin/sh",
+        0o777,
+        b"",
+        tar::EntryType::Symlink,
+        Some("busybox"),
+    );
+    add("www", 0o755, b"", tar::EntryType::Directory, None);
+    let body = format!("{HELLO_BODY}\n");
+    add(
+        "www/index.html",
+        0o644,
+        body.as_bytes(),
+        tar::EntryType::Regular,
+        None,
+    );
+    let layer = layer.into_inner().expect("layer tar");
+    let layer_d = sha256_hex(&layer);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "created": "2025-01-01T00:00:00Z",
+        "config": {"Cmd": ["/bin/busybox", "httpd", "-f", "-p", HELLO_PORT.to_string(), "-h", "/www"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_d}")]},
+    });
+    let config = serde_json::to_vec(&config).expect("config json");
+    let config_d = sha256_hex(&config);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{config_d}"), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": format!("sha256:{layer_d}"), "size": layer.len()}],
+    });
+    let manifest = serde_json::to_vec(&manifest).expect("manifest json");
+    let manifest_d = sha256_hex(&manifest);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": format!("sha256:{manifest_d}"), "size": manifest.len(),
+                       "annotations": {"org.opencontainers.image.ref.name": HELLO_REF}}],
+    });
+    let index = serde_json::to_vec(&index).expect("index json");
+    let f = std::fs::File::create(out).expect("create oci archive");
+    let mut ar = tar::Builder::new(f);
+    let mut put = |path: &str, data: &[u8], dir: bool| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(if dir {
+            tar::EntryType::Directory
+        } else {
+            tar::EntryType::Regular
+        });
+        h.set_mode(if dir { 0o755 } else { 0o644 });
+        h.set_mtime(1_735_689_600);
+        h.set_size(data.len() as u64);
+        ar.append_data(&mut h, path, data).expect("oci entry");
+    };
+    put("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, false);
+    put("index.json", &index, false);
+    put("blobs", b"", true);
+    put("blobs/sha256", b"", true);
+    put(&format!("blobs/sha256/{manifest_d}"), &manifest, false);
+    put(&format!("blobs/sha256/{config_d}"), &config, false);
+    put(&format!("blobs/sha256/{layer_d}"), &layer, false);
+    ar.into_inner().expect("finish oci archive");
+}
+
+pub const HELLO_CONTAINER: &str = "hello.container";
+
+pub fn quadlets() -> Vec<(String, String)> {
+    vec![(
+        HELLO_CONTAINER.to_string(),
+        format!(
+            "[Unit]\nDescription=hello (imgbuild test)\n\n[Container]\n\
+             Image=oci-archive:{HELLO_ARCHIVE}\nContainerName=hello\n\
+             PublishPort={HELLO_PORT}:{HELLO_PORT}\n\n[Service]\nRestart=on-failure\n\n\
+             [Install]\nWantedBy=multi-user.target\n"
+        ),
+    )]
+}
+
+/// What the services profile renders, reduced to one quadlet: enough to exercise every
+/// path of the image (secrets, users, enabled units, quadlets, firewall, readiness).
+pub fn test_tree(keys: &Keys) -> HostTree {
+    let mut t = HostTree::new(HOST);
+    let cfg = HostConfig {
+        host: HOST.into(),
+        env: "test".into(),
+        units: vec!["hello.service".into()],
+        backup: None,
+        metrics_dir: "/var/lib/prometheus/node-exporter".into(),
+    };
+    t.file(
+        "/etc/imgbuild/host.toml",
+        0o644,
+        toml::to_string(&cfg).expect("host config toml"),
+    )
+    .unwrap();
+    for (name, body) in quadlets() {
+        t.file(&format!("/etc/containers/systemd/{name}"), 0o644, body)
+            .unwrap();
+    }
+    // Netavark defaults to iptables, which the base does not ship.
+    t.file(
+        "/etc/containers/containers.conf.d/50-imgbuild.conf",
+        0o644,
+        "[network]\nfirewall_driver = \"nftables\"\n",
+    )
+    .unwrap();
+    t.file(
+        "/etc/nftables.conf",
+        0o755,
+        format!(
+            "#!/usr/sbin/nft -f\nflush ruleset\n\ntable inet filter {{\n  chain input {{\n    \
+             type filter hook input priority filter; policy drop;\n    iif lo accept\n    \
+             ct state established,related accept\n    ct state invalid drop\n    \
+             meta l4proto {{ icmp, ipv6-icmp }} accept\n    tcp dport {{ 22, {HELLO_PORT} }} accept\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    t.file(
+        "/etc/ssh/sshd_config.d/50-imgbuild.conf",
+        0o644,
+        "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin no\n",
+    )
+    .unwrap();
+    t.secret_file(
+        "/etc/ssh/ssh_host_ed25519_key",
+        0o600,
+        "root",
+        "root",
+        keys.host_key.clone(),
+    )
+    .unwrap();
+    t.file(
+        "/etc/ssh/ssh_host_ed25519_key.pub",
+        0o644,
+        keys.host_pub.clone(),
+    )
+    .unwrap();
+    t.file(
+        "/etc/systemd/system/imgbuild-ready.service",
+        0o644,
+        READY_UNIT,
+    )
+    .unwrap();
+    t.enable("imgbuild-ready.service", "multi-user.target");
+    // A host service on a port the firewall does not open: proves "closed" means the
+    // firewall, not an absent listener.
+    let bb = std::fs::read(require("busybox", "sudo apt-get install busybox-static"))
+        .expect("read busybox");
+    t.file("/usr/local/bin/busybox", 0o755, bb).unwrap();
+    t.file("/usr/local/share/closed-www/index.html", 0o644, "closed\n")
+        .unwrap();
+    t.file(
+        "/etc/systemd/system/imgbuild-test-listener.service",
+        0o644,
+        format!(
+            "[Unit]\nDescription=listener on a port nftables keeps closed\n\n[Service]\n\
+             ExecStart=/usr/local/bin/busybox httpd -f -p {CLOSED_PORT} -h /usr/local/share/closed-www\n\n\
+             [Install]\nWantedBy=multi-user.target\n"
+        ),
+    )
+    .unwrap();
+    t.enable("imgbuild-test-listener.service", "multi-user.target");
+    t.file("/usr/local/libexec/imgbuild-test-probe", 0o755, PROBE)
+        .unwrap();
+    t.file(
+        "/etc/systemd/system/imgbuild-test-probe.service",
+        0o644,
+        "[Unit]\nDescription=imgbuild boot test probe\nAfter=imgbuild-ready.service\n\n\
+         [Service]\nType=oneshot\nExecStart=/usr/local/libexec/imgbuild-test-probe\n\n\
+         [Install]\nWantedBy=multi-user.target\n",
+    )
+    .unwrap();
+    t.enable("imgbuild-test-probe.service", "multi-user.target");
+    t.users.push(User {
+        name: "admin".into(),
+        uid: 1000,
+        groups: vec!["sudo".into()],
+        home: "/var/home/admin".into(),
+        shell: "/bin/bash".into(),
+        ssh_authorized_keys: vec![keys.admin_pub.trim().to_string()],
+    });
+    t.ready_units.insert("hello.service".into());
+    t
+}
+
+/// The unit the renderer is asked to emit (see docs/image.md).
+pub const READY_UNIT: &str = "[Unit]\nDescription=imgbuild: report readiness on the console\n\
+After=multi-user.target\n\n[Service]\nType=oneshot\nExecStart=/usr/bin/imgbuild ready\n\
+RemainAfterExit=yes\nTimeoutStartSec=infinity\nStandardOutput=journal\n\n\
+[Install]\nWantedBy=multi-user.target\n";
+
+const PROBE: &str = r#"#!/bin/sh
+# Facts the boot test cannot see from outside, printed on the serial console.
+exec >/dev/console 2>&1
+if touch /usr/imgbuild-probe 2>/dev/null; then echo "PROBE usr=writable"; else echo "PROBE usr=readonly"; fi
+echo "PROBE var_source=$(findmnt -no SOURCE /var)"
+echo "PROBE var_bytes=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')"
+echo "PROBE listener=$(/usr/local/bin/busybox wget -q -O - http://127.0.0.1:9090/ 2>&1 | head -n 1)"
+echo "PROBE failed_units=$(systemctl list-units --state=failed --no-legend --plain | wc -l)"
+systemctl list-units --state=failed --no-legend --plain | sed 's/^/PROBE failed: /'
+echo "PROBE done"
+"#;
+
+pub fn build(
+    tree: &HostTree,
+    out: &Path,
+    format: DiskFormat,
+    helper: &Path,
+    baked: Vec<(String, PathBuf)>,
+) -> ImageReport {
+    let key = signing_key();
+    let req = ImageRequest {
+        tree,
+        out: out.to_path_buf(),
+        format,
+        base_def: base_def(),
+        refresh_base: false,
+        signing_key: &key,
+        profile_digest: "test-profile".into(),
+        baked_images: baked,
+        helper_binary: helper.to_path_buf(),
+        progress: Progress::detect(false),
+        cache_dir: None,
+        mirror: None,
+    };
+    match image::build(&req) {
+        Ok(r) => r,
+        Err(e) => panic!("image build failed: {e}"),
+    }
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).expect("open");
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}

@@ -1,0 +1,541 @@
+//! Disk assembly: layout, filesystems written in place, GPT, manifest, output format.
+//!
+//! Layout (512-byte sectors, 1 MiB aligned):
+//!   protective MBR + primary GPT | esp | root (ext4, read-only) | imgbuild-manifest | var
+//!   | backup GPT
+//! /var is last so systemd-repart can grow it over whatever the provider's disk adds.
+
+use super::base;
+use super::esp::{self, EspFiles};
+use super::manifest::{self, Manifest, Region};
+use super::rootfs::{self, Usage};
+use super::tools::{self, QEMU_IMG};
+use super::{io_err, DiskFormat, ImageError, ImageReport, ImageRequest};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+use uuid::Uuid;
+
+const MIB: u64 = 1 << 20;
+const SECTOR: u64 = 512;
+
+pub(crate) const TYPE_ESP: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
+/// Discoverable Partitions Specification: root (x86-64).
+pub(crate) const TYPE_ROOT_X86_64: &str = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709";
+/// Discoverable Partitions Specification: /var.
+pub(crate) const TYPE_VAR: &str = "4d21b016-b534-45c2-a9fb-5c16e091fd2d";
+/// imgbuild's own type for the partition holding the signed manifest.
+pub(crate) const TYPE_MANIFEST: &str = "5a1f3c2e-8d47-4b6a-9f1e-2c3d4e5f6a7b";
+pub(crate) const MANIFEST_PARTLABEL: &str = "imgbuild-manifest";
+
+/// GPT attribute bit 60: read-only (honoured by systemd's gpt-auto and repart).
+const FLAG_READ_ONLY: u64 = 1 << 60;
+
+/// Identifiers derived from what the image is, never random: same inputs, same bytes.
+pub(crate) struct Ids {
+    seed: Vec<u8>,
+}
+
+impl Ids {
+    pub fn new(host: &str, tree_digest: &str, base_digest: &str) -> Ids {
+        let mut seed = Vec::new();
+        for s in [host, tree_digest, base_digest] {
+            seed.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            seed.extend_from_slice(s.as_bytes());
+        }
+        Ids { seed }
+    }
+
+    pub fn uuid(&self, purpose: &str) -> Uuid {
+        let mut h = Sha256::new();
+        h.update(b"imgbuild-uuid\0");
+        h.update(purpose.as_bytes());
+        h.update([0]);
+        h.update(&self.seed);
+        let d = h.finalize();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d[..16]);
+        // Shaped as a version-4 UUID so tools that check the variant accept it.
+        uuid::Builder::from_random_bytes(b).into_uuid()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    pub start: u64,
+    pub len: u64,
+}
+
+impl Span {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+struct Layout {
+    esp: Span,
+    root: Span,
+    manifest: Span,
+    var: Span,
+    total: u64,
+}
+
+fn layout(esp: u64, root: u64, var: u64) -> Layout {
+    let esp = Span {
+        start: MIB,
+        len: esp,
+    };
+    let root = Span {
+        start: esp.end(),
+        len: root,
+    };
+    let manifest = Span {
+        start: root.end(),
+        len: MIB,
+    };
+    let var = Span {
+        start: manifest.end(),
+        len: var,
+    };
+    // The last MiB holds the backup GPT (33 sectors) and keeps the end aligned.
+    let total = var.end() + MIB;
+    Layout {
+        esp,
+        root,
+        manifest,
+        var,
+        total,
+    }
+}
+
+fn round_mib(b: u64) -> u64 {
+    b.div_ceil(MIB) * MIB
+}
+
+/// A read-only root needs no slack: data, inode tables and ext4 metadata, plus a margin
+/// that mkfs' own bookkeeping (group descriptors, bitmaps, directories) eats.
+fn root_size(u: Usage, extra: f64) -> u64 {
+    let est = u.bytes + u.entries * 256;
+    round_mib((est as f64 * (1.08 + extra)) as u64 + 32 * MIB)
+}
+
+/// /var starts small and grows at first boot; 256 MiB of room covers a host whose disk
+/// is exactly the image's size.
+fn var_size(u: Usage, extra: f64) -> u64 {
+    let est = u.bytes + u.entries * 256;
+    round_mib((est as f64 * (1.2 + extra)) as u64 + 256 * MIB)
+}
+
+pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
+    let mut timings = Vec::new();
+    let cache = req
+        .cache_dir
+        .clone()
+        .unwrap_or_else(super::default_cache_dir);
+    let mkfs = tools::mkfs_ext4()?;
+    if req.format == DiskFormat::Qcow2 {
+        QEMU_IMG.find()?;
+    }
+    let t = Instant::now();
+    let (base, base_built) = base::ensure(
+        &req.base_def,
+        &cache,
+        req.refresh_base,
+        req.mirror.as_deref(),
+        &req.progress,
+    )?;
+    timings.push(("base".to_string(), t.elapsed()));
+    let epoch = super::source_date_epoch();
+    let tree = req.tree;
+    let tree_digest = tree.digest();
+    let ids = Ids::new(&tree.host, &tree_digest, &base.digest);
+
+    let out_dir = match req.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&out_dir).map_err(io_err(format!(
+        "cannot create output dir {}",
+        out_dir.display()
+    )))?;
+    // Work files live beside the output: the final rename stays on one filesystem, and
+    // a crash leaves only a dot-directory that the next build does not read.
+    let work = tempfile::Builder::new()
+        .prefix(".imgbuild-work-")
+        .tempdir_in(&out_dir)
+        .map_err(io_err("cannot create work dir beside the output"))?;
+    fs::set_permissions(work.path(), fs::Permissions::from_mode(0o700))
+        .map_err(io_err("cannot restrict work dir"))?;
+
+    let step = req.progress.step("host tree", None);
+    let items = rootfs::overlay(tree, &base, &req.helper_binary, &req.baked_images, epoch)?;
+    let tars = rootfs::write_tars(&base, &items, work.path(), epoch)?;
+    timings.push(("host tree + tar".to_string(), step.finish()));
+
+    let esp_files = EspFiles {
+        bootloader: &base.bootloader(),
+        kernel: &base.kernel(),
+        initrd: &base.initrd(),
+        entry_title: format!("{} (imgbuild)", tree.host),
+        cmdline: String::new(),
+    };
+    let esp_size = esp::size_for(&esp_files)?;
+    let raw = work.path().join("disk.raw");
+
+    // mkfs fails cleanly when an estimate is short; retry with more room rather than
+    // over-allocating every image.
+    let mut extra = 0.0;
+    let (lay, disk) = loop {
+        let lay = layout(
+            esp_size,
+            root_size(tars.root_usage, extra),
+            var_size(tars.var_usage, extra),
+        );
+        let _ = fs::remove_file(&raw);
+        let disk = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&raw)
+            .map_err(io_err("cannot create disk file"))?;
+        disk.set_len(lay.total)
+            .map_err(io_err("cannot size disk file"))?;
+        let step = req.progress.step("filesystems", None);
+        let r = (|| -> Result<(), ImageError> {
+            mkfs_ext4(&mkfs, &raw, lay.root, "root", &ids, &tars.root, epoch, true)?;
+            mkfs_ext4(&mkfs, &raw, lay.var, "var", &ids, &tars.var, epoch, false)?;
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                timings.push(("mkfs root + var".to_string(), step.finish()));
+                break (lay, disk);
+            }
+            Err(ImageError::Command { log_tail, .. })
+                if extra < 1.0
+                    && (log_tail.contains("No space left")
+                        || log_tail.contains("Could not allocate")
+                        || log_tail.contains("too small")) =>
+            {
+                step.finish();
+                extra += 0.3;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let mut disk = disk;
+
+    let t = Instant::now();
+    let root_uuid = ids.uuid("root-partition");
+    let cmdline = format!("root=PARTUUID={root_uuid} ro {}", base.def.cmdline.trim())
+        .trim()
+        .to_string();
+    let esp_files = EspFiles {
+        cmdline,
+        ..esp_files
+    };
+    let esp_vol = u32::from_le_bytes(
+        ids.uuid("esp-filesystem").as_bytes()[..4]
+            .try_into()
+            .unwrap_or([0; 4]),
+    );
+    esp::write(
+        &mut disk,
+        lay.esp.start,
+        lay.esp.len,
+        esp_vol,
+        &esp_files,
+        epoch,
+    )?;
+    write_gpt(&mut disk, &lay, &ids)?;
+    timings.push(("esp + gpt".to_string(), t.elapsed()));
+
+    let step = req.progress.step("sign", Some(lay.total));
+    let regions = hash_regions(&raw, &lay, &ids)?;
+    step.inc(lay.total);
+    let m = Manifest {
+        format: manifest::FORMAT.to_string(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        host: tree.host.clone(),
+        profile_digest: req.profile_digest.clone(),
+        base_digest: base.digest.clone(),
+        base_name: base.def.name.clone(),
+        kernel_version: base.index.kernel_version.clone(),
+        host_tree_digest: tree_digest.clone(),
+        disk_size: lay.total,
+        disk_guid: ids.uuid("disk").to_string(),
+        manifest_partition: manifest::Extent {
+            offset: lay.manifest.start,
+            length: lay.manifest.len,
+        },
+        regions,
+    };
+    let (json, sig) = manifest::sign(&m, req.signing_key)?;
+    let embedded = manifest::embed(&json, &sig);
+    if embedded.len() as u64 > lay.manifest.len {
+        return Err(ImageError::Manifest(
+            "manifest does not fit its partition".into(),
+        ));
+    }
+    disk.write_all_at(&embedded, lay.manifest.start)
+        .map_err(io_err("cannot write manifest partition"))?;
+    disk.sync_data().map_err(io_err("cannot sync disk file"))?;
+    drop(disk);
+    timings.push(("hash + sign".to_string(), step.finish()));
+
+    let final_tmp = work.path().join("out");
+    match req.format {
+        DiskFormat::Raw => fs::rename(&raw, &final_tmp).map_err(io_err("cannot move raw"))?,
+        DiskFormat::Qcow2 => {
+            let step = req.progress.step("qcow2", None);
+            let qemu_img = QEMU_IMG.find()?;
+            tools::run_captured(
+                Command::new(qemu_img)
+                    .args(["convert", "-f", "raw", "-O", "qcow2", "-c", "-o"])
+                    .arg("compression_type=zstd")
+                    .arg(&raw)
+                    .arg(&final_tmp),
+                "qemu-img convert",
+            )?;
+            let _ = fs::remove_file(&raw);
+            timings.push(("qcow2 (zstd)".to_string(), step.finish()));
+        }
+    }
+    // 0600 before it gets its public name: the image holds the host's secrets.
+    fs::set_permissions(&final_tmp, fs::Permissions::from_mode(0o600))
+        .map_err(io_err("cannot chmod image"))?;
+    let manifest_path = sidecar(&req.out, ".manifest.json");
+    let sig_path = sidecar(&req.out, ".manifest.json.sig");
+    let mtmp = work.path().join("manifest.json");
+    let stmp = work.path().join("manifest.json.sig");
+    fs::write(&mtmp, &json).map_err(io_err("cannot write manifest"))?;
+    fs::write(&stmp, manifest::sig_text(&sig)).map_err(io_err("cannot write signature"))?;
+    fs::rename(&final_tmp, &req.out).map_err(io_err(format!(
+        "cannot move image to {}",
+        req.out.display()
+    )))?;
+    fs::rename(&mtmp, &manifest_path).map_err(io_err("cannot move manifest"))?;
+    fs::rename(&stmp, &sig_path).map_err(io_err("cannot move signature"))?;
+    let size_bytes = fs::metadata(&req.out)
+        .map_err(io_err("cannot stat image"))?
+        .len();
+    Ok(ImageReport {
+        out: req.out.clone(),
+        manifest: manifest_path,
+        signature: sig_path,
+        size_bytes,
+        disk_bytes: lay.total,
+        base_digest: base.digest.clone(),
+        base_built,
+        timings,
+    })
+}
+
+/// `vps1.qcow2` → `vps1.qcow2.manifest.json`.
+pub(crate) fn sidecar(image: &Path, suffix: &str) -> PathBuf {
+    let mut s = image.as_os_str().to_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mkfs_ext4(
+    mkfs: &Path,
+    disk: &Path,
+    span: Span,
+    label: &str,
+    ids: &Ids,
+    tar: &Path,
+    epoch: u64,
+    read_only_root: bool,
+) -> Result<(), ImageError> {
+    let fs_uuid = ids.uuid(&format!("{label}-filesystem"));
+    let seed = ids.uuid(&format!("{label}-hash-seed"));
+    let mut cmd = Command::new(mkfs);
+    // E2FSPROGS_FAKE_TIME pins every timestamp mke2fs writes itself (superblock,
+    // root and lost+found inodes); the tar carries the files' own times.
+    cmd.env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", label, "-U"])
+        .arg(fs_uuid.to_string())
+        .arg("-E")
+        .arg(format!(
+            "offset={},hash_seed={seed},nodiscard,root_owner=0:0",
+            span.start
+        ));
+    if read_only_root {
+        // Never mounted read-write: no journal, no reserved blocks; nothing changes the
+        // bytes after the build, which a dm-verity tree over this partition will need.
+        cmd.args(["-m", "0", "-O", "^has_journal"]);
+    }
+    cmd.arg("-d")
+        .arg(tar)
+        .arg(disk)
+        .arg(format!("{}k", span.len / 1024));
+    tools::run_captured(&mut cmd, &format!("mkfs.ext4 ({label})"))?;
+    Ok(())
+}
+
+fn write_gpt(disk: &mut fs::File, lay: &Layout, ids: &Ids) -> Result<(), ImageError> {
+    use gpt::partition::Partition;
+    use gpt::partition_types::{OperatingSystem, Type};
+    let gerr = |e: gpt::GptError| ImageError::Io {
+        what: "cannot write GPT".into(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let ty = |s: &str| -> Result<Type, ImageError> {
+        Ok(Type {
+            guid: Uuid::parse_str(s).map_err(|e| ImageError::Tree(e.to_string()))?,
+            os: OperatingSystem::Linux,
+        })
+    };
+    let part = |name: &str, span: Span, t: Type, flags: u64, purpose: &str| Partition {
+        part_type_guid: t,
+        part_guid: ids.uuid(purpose),
+        first_lba: span.start / SECTOR,
+        last_lba: span.end() / SECTOR - 1,
+        flags,
+        name: name.to_string(),
+    };
+    let mut parts = std::collections::BTreeMap::new();
+    parts.insert(1, part("esp", lay.esp, ty(TYPE_ESP)?, 0, "esp-partition"));
+    parts.insert(
+        2,
+        part(
+            "root",
+            lay.root,
+            ty(TYPE_ROOT_X86_64)?,
+            FLAG_READ_ONLY,
+            "root-partition",
+        ),
+    );
+    parts.insert(
+        3,
+        part(
+            MANIFEST_PARTLABEL,
+            lay.manifest,
+            ty(TYPE_MANIFEST)?,
+            0,
+            "manifest-partition",
+        ),
+    );
+    parts.insert(4, part("var", lay.var, ty(TYPE_VAR)?, 0, "var-partition"));
+    let dev = disk.try_clone().map_err(io_err("cannot reopen disk"))?;
+    let mut g = gpt::GptConfig::new()
+        .writable(true)
+        .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
+        .create_from_device(dev, Some(ids.uuid("disk")))
+        .map_err(gerr)?;
+    g.update_partitions(parts).map_err(gerr)?;
+    let mut dev = g.write().map_err(gerr)?;
+    let lbs = (lay.total / SECTOR - 1).min(u32::MAX as u64) as u32;
+    gpt::mbr::ProtectiveMBR::with_lb_size(lbs)
+        .overwrite_lba0(&mut dev)
+        .map_err(|e| ImageError::Io {
+            what: "cannot write protective MBR".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    Ok(())
+}
+
+/// sha256 of everything the manifest covers: both GPT areas and every partition but
+/// the manifest's own. Root (the bulk) hashes on a second thread.
+fn hash_regions(raw: &Path, lay: &Layout, ids: &Ids) -> Result<Vec<Region>, ImageError> {
+    let named = [
+        (
+            "gpt-primary",
+            Span {
+                start: 0,
+                len: lay.esp.start,
+            },
+            None,
+        ),
+        ("esp", lay.esp, Some(ids.uuid("esp-partition"))),
+        ("root", lay.root, Some(ids.uuid("root-partition"))),
+        ("var", lay.var, Some(ids.uuid("var-partition"))),
+        (
+            "gpt-backup",
+            Span {
+                start: lay.var.end(),
+                len: lay.total - lay.var.end(),
+            },
+            None,
+        ),
+    ];
+    let hashes: Vec<Result<String, ImageError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = named
+            .iter()
+            .map(|(_, span, _)| {
+                let span = *span;
+                s.spawn(move || hash_span(raw, span))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(ImageError::Manifest("hashing thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut out = Vec::new();
+    for ((name, span, uuid), h) in named.iter().zip(hashes) {
+        out.push(Region {
+            name: name.to_string(),
+            offset: span.start,
+            length: span.len,
+            sha256: h?,
+            partuuid: uuid.map(|u| u.to_string()),
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) fn hash_span(path: &Path, span: Span) -> Result<String, ImageError> {
+    let f = fs::File::open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    let mut pos = span.start;
+    let end = span.end();
+    while pos < end {
+        let n = ((end - pos) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..n], pos).map_err(io_err(format!(
+            "cannot read {} at {pos} (is the image truncated?)",
+            path.display()
+        )))?;
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_deterministic_and_distinct() {
+        let a = Ids::new("vps1", "t", "b");
+        assert_eq!(a.uuid("root-partition"), a.uuid("root-partition"));
+        assert_ne!(a.uuid("root-partition"), a.uuid("var-partition"));
+        assert_ne!(
+            a.uuid("root-partition"),
+            Ids::new("vps2", "t", "b").uuid("root-partition")
+        );
+        assert_eq!(a.uuid("disk").get_version_num(), 4);
+    }
+
+    #[test]
+    fn layout_is_aligned_and_var_is_last() {
+        let l = layout(64 * MIB, 700 * MIB, 300 * MIB);
+        for s in [l.esp, l.root, l.manifest, l.var] {
+            assert_eq!(s.start % MIB, 0);
+            assert_eq!(s.len % MIB, 0);
+        }
+        assert!(l.var.start > l.root.start);
+        assert_eq!(l.total, l.var.end() + MIB);
+    }
+}

@@ -1,0 +1,309 @@
+//! Booting an image in QEMU: the staging host (`imgbuild run`) and the boot tests.
+//!
+//! q35 + OVMF with a private copy of the variable store, virtio disk and NIC, user-mode
+//! networking with host ports forwarded on 127.0.0.1 only. KVM is used only after a
+//! probe guest has actually run under it: on some machines /dev/kvm opens fine yet every
+//! guest dies at its first instruction (broken nested virtualisation).
+
+use super::tools::{self, QEMU_IMG, QEMU_SYSTEM};
+use super::{io_err, ImageError};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM if a probe guest runs, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone)]
+pub enum SerialTarget {
+    /// Serial console on this terminal (stdin/stdout), Ctrl-A X quits.
+    Terminal,
+    /// Serial output appended to a file (tests read the boot log from it).
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub image: PathBuf,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Keep the guest's writes in the image; otherwise they vanish when QEMU exits.
+    pub persist: bool,
+    /// Host port (on 127.0.0.1) forwarded to the guest's SSH port 22.
+    pub ssh_port: Option<u16>,
+    /// (host port on 127.0.0.1, guest port), TCP.
+    pub forwards: Vec<(u16, u16)>,
+    pub serial: SerialTarget,
+    pub accel: Accel,
+    /// Present the disk as this many bytes (a provider's bigger disk) through a
+    /// throw-away qcow2 overlay; the image itself is not touched.
+    pub disk_size: Option<u64>,
+}
+
+impl RunOptions {
+    pub fn new(image: impl Into<PathBuf>) -> RunOptions {
+        RunOptions {
+            image: image.into(),
+            memory_mib: 2048,
+            cpus: 2,
+            persist: false,
+            ssh_port: None,
+            forwards: Vec::new(),
+            serial: SerialTarget::Terminal,
+            accel: Accel::Auto,
+            disk_size: None,
+        }
+    }
+}
+
+/// A running guest. Dropping it kills QEMU and removes its scratch files.
+pub struct Vm {
+    child: Child,
+    pub accel: Accel,
+    pub started: Instant,
+    _scratch: tempfile::TempDir,
+}
+
+impl Vm {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// Some(status) once QEMU has exited.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, ImageError> {
+        self.child.try_wait().map_err(io_err("cannot poll qemu"))
+    }
+    pub fn wait(&mut self) -> Result<ExitStatus, ImageError> {
+        self.child.wait().map_err(io_err("cannot wait for qemu"))
+    }
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn firmware() -> Result<(), ImageError> {
+    for p in [OVMF_CODE, OVMF_VARS] {
+        if !Path::new(p).is_file() {
+            return Err(ImageError::ToolMissing {
+                tool: format!("OVMF firmware ({p})"),
+                hint: "sudo apt-get install ovmf (on Debian 12 add -t bookworm-backports)".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// True when a tiny guest really runs under KVM for a couple of seconds.
+pub fn kvm_works() -> bool {
+    if fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return false;
+    }
+    let Ok(qemu) = QEMU_SYSTEM.find() else {
+        return false;
+    };
+    let Ok(dir) = tempfile::tempdir() else {
+        return false;
+    };
+    let vars = dir.path().join("vars.fd");
+    if fs::copy(OVMF_VARS, &vars).is_err() {
+        return false;
+    }
+    // The firmware alone is a real guest: a broken KVM kills it within milliseconds.
+    let child = Command::new(qemu)
+        .args(["-machine", "q35,accel=kvm", "-cpu", "host", "-m", "128"])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "none",
+            "-monitor",
+            "none",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return false;
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return false,
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    true
+}
+
+fn image_format(p: &Path) -> Result<&'static str, ImageError> {
+    let mut magic = [0u8; 4];
+    use std::io::Read;
+    fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(io_err(format!("cannot read {}", p.display())))?;
+    Ok(if &magic == b"QFI\xfb" { "qcow2" } else { "raw" })
+}
+
+/// Starts QEMU and returns at once; the caller waits, watches the serial file, kills.
+pub fn start(opts: &RunOptions) -> Result<Vm, ImageError> {
+    let qemu = QEMU_SYSTEM.find()?;
+    firmware()?;
+    let image = fs::canonicalize(&opts.image).map_err(io_err(format!(
+        "cannot find image {}",
+        opts.image.display()
+    )))?;
+    let fmt = image_format(&image)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("imgbuild-vm-")
+        .tempdir()
+        .map_err(io_err("cannot create VM scratch dir"))?;
+    let vars = scratch.path().join("OVMF_VARS.fd");
+    fs::copy(OVMF_VARS, &vars).map_err(io_err("cannot copy OVMF_VARS"))?;
+
+    let mut drive = if let Some(size) = opts.disk_size {
+        let overlay = scratch.path().join("disk.qcow2");
+        tools::run_captured(
+            Command::new(QEMU_IMG.find()?)
+                .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
+                .arg(&image)
+                .arg(&overlay)
+                .arg(size.to_string()),
+            "qemu-img create (overlay)",
+        )?;
+        format!("file={},format=qcow2,if=virtio", overlay.display())
+    } else {
+        let mut d = format!("file={},format={fmt},if=virtio", image.display());
+        if !opts.persist {
+            d.push_str(",snapshot=on");
+        }
+        d
+    };
+    drive.push_str(",cache=unsafe");
+
+    let accel = match opts.accel {
+        Accel::Auto if kvm_works() => Accel::Kvm,
+        Accel::Auto => Accel::Tcg,
+        a => a,
+    };
+    let mut nic = "user,model=virtio-net-pci".to_string();
+    let fwd = opts
+        .ssh_port
+        .map(|p| (p, 22))
+        .into_iter()
+        .chain(opts.forwards.iter().copied());
+    for (host, guest) in fwd {
+        nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+    }
+    let mut cmd = Command::new(qemu);
+    match accel {
+        Accel::Kvm => cmd.args(["-machine", "q35,accel=kvm", "-cpu", "host"]),
+        _ => cmd.args(["-machine", "q35,accel=tcg", "-cpu", "max"]),
+    };
+    cmd.arg("-m")
+        .arg(opts.memory_mib.to_string())
+        .arg("-smp")
+        .arg(opts.cpus.to_string())
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
+        .arg("-drive")
+        .arg(drive)
+        .arg("-nic")
+        .arg(nic)
+        .args(["-device", "virtio-rng-pci"]);
+    match &opts.serial {
+        SerialTarget::Terminal => {
+            cmd.args(["-serial", "mon:stdio"]);
+        }
+        SerialTarget::File(p) => {
+            cmd.arg("-serial")
+                .arg(format!("file:{}", p.display()))
+                .args(["-monitor", "none"])
+                .stdin(Stdio::null());
+        }
+    }
+    let child = cmd.spawn().map_err(io_err("cannot start qemu"))?;
+    Ok(Vm {
+        child,
+        accel,
+        started: Instant::now(),
+        _scratch: scratch,
+    })
+}
+
+/// `imgbuild run IMAGE`: boots with the serial console on this terminal until the guest
+/// powers off or the user quits QEMU (Ctrl-A X). Returns QEMU's exit code.
+pub fn run(opts: &RunOptions) -> Result<i32, ImageError> {
+    let mut vm = start(opts)?;
+    let st = vm.wait()?;
+    Ok(st.code().unwrap_or(1))
+}
+
+/// Reads a serial log until `pattern` appears, QEMU exits, or the timeout passes.
+/// Returns the log so far and whether the pattern was seen.
+pub fn wait_for_serial(
+    vm: &mut Vm,
+    log: &Path,
+    pattern: &str,
+    timeout: Duration,
+) -> Result<(bool, String), ImageError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = fs::read(log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        if text.contains(pattern) {
+            return Ok((true, text));
+        }
+        if Instant::now() >= deadline {
+            return Ok((false, text));
+        }
+        if let Some(st) = vm.try_wait()? {
+            return Err(ImageError::Qemu(format!(
+                "qemu exited ({st}) before {pattern:?} appeared:\n{}",
+                tools::tail(&text, 40)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
