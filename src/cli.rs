@@ -63,6 +63,12 @@ pub enum Command {
     Firstboot(crate::snapshot::cli::FirstbootArgs),
     /// In the image: wait for the host's units, print the readiness line on the console
     Ready(ReadyArgs),
+    /// Regenerate man pages and shell completions (for packagers; docs/ holds a copy)
+    #[command(hide = true)]
+    GenDocs {
+        /// Output directory (gets man/ and completions/)
+        out: PathBuf,
+    },
 }
 
 /// Environment and secrets for verbs whose profile argument belongs to another module.
@@ -234,7 +240,7 @@ pub const VERBS: &[&str] = &[
 /// `imgbuild services --out x` → `imgbuild build services --out x`.
 pub fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     if let Some(first) = args.get(1).and_then(|a| a.to_str()) {
-        if !first.starts_with('-') && !VERBS.contains(&first) {
+        if !first.starts_with('-') && !VERBS.contains(&first) && first != "gen-docs" {
             args.insert(1, "build".into());
         }
     }

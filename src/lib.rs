@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod commands;
 pub mod emit;
+pub mod gendocs;
 pub mod hostconfig;
 pub mod image;
 pub mod profile;

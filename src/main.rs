@@ -27,6 +27,14 @@ fn main() {
         }
         Command::Firstboot(a) => imgbuild::snapshot::cli::cmd_firstboot(a),
         Command::Ready(a) => imgbuild::image::ready(&a.config),
+        Command::GenDocs { out } => imgbuild::gendocs::generate(out)
+            .map(|w| {
+                for p in w {
+                    println!("{}", p.display());
+                }
+                0
+            })
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -73,3 +73,32 @@ fn profile_reference_documents_every_key() {
     );
     assert!(n > 60, "only {n} keys probed");
 }
+
+#[test]
+fn generated_man_pages_and_completions_are_up_to_date() {
+    let tmp = tempfile::tempdir().unwrap();
+    let written = imgbuild::gendocs::generate(tmp.path()).unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    assert!(written.len() >= 10);
+    for p in &written {
+        let rel = p.strip_prefix(tmp.path()).unwrap();
+        let committed = std::fs::read(repo.join(rel)).unwrap_or_default();
+        assert!(
+            committed == std::fs::read(p).unwrap(),
+            "docs/{} is stale: run `imgbuild gen-docs docs`",
+            rel.display()
+        );
+    }
+    // And nothing stale is left over from a removed verb.
+    for sub in ["man", "completions"] {
+        for e in std::fs::read_dir(repo.join(sub)).unwrap().flatten() {
+            assert!(
+                written
+                    .iter()
+                    .any(|w| w.file_name() == Some(&e.file_name())),
+                "docs/{sub}/{:?} is not generated any more",
+                e.file_name()
+            );
+        }
+    }
+}

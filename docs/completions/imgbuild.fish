@@ -1,0 +1,147 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_imgbuild_global_optspecs
+    string join \n h/help V/version
+end
+
+function __fish_imgbuild_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_imgbuild_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_imgbuild_using_subcommand
+    set -l cmd (__fish_imgbuild_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -s V -l version -d 'Print version'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "build" -d 'Build a host: disk image (raw, qcow2) or Ignition config'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "render" -d 'Write the host tree to a directory, for reading and diffing'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "keys" -d 'Create the host\'s keys (WireGuard, SSH host key, snapshot keys) and the builder\'s signing key'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "summary" -d 'Show what a profile builds: containers, ports, peers, backups'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "verify" -d 'Check an image against its signed manifest'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "run" -d 'Boot an image in QEMU: a disposable staging copy of the host'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "backup" -d 'Snapshot volumes to S3 (in the image; or from a workstation with a profile and --from)'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "snapshots" -d 'List a host\'s snapshots'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "restore" -d 'Restore a snapshot into a directory'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "check" -d 'Check a host\'s snapshots (every chunk with --read-data)'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "firstboot" -d 'In the image: restore volumes from the latest snapshot before services start'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "ready" -d 'In the image: wait for the host\'s units, print the readiness line on the console'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "gen-docs" -d 'Regenerate man pages and shell completions (for packagers; docs/ holds a copy)'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l env -d 'Environment overlay from the profile\'s [environments] (default: host.default_env)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l secrets -d 'Secrets root holding <host>/ and builder/ (default: secrets/ beside profiles/)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l overlay -d 'Extra overlay file merged last (tests, local tweaks); may repeat' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s o -l out -d 'Output file; its extension (.raw, .img, .qcow2, .ign) picks the format' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l format -d 'Output format (overrides the extension)' -r -f -a "raw\t''
+qcow2\t''
+ignition\t''"
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l ignition-version -d 'Ignition spec version' -r -f -a "3.4.0\t''
+3.5.0\t''
+3.6.0\t''"
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l helper-url -d 'Where an Ignition host downloads this imgbuild binary (https:// or s3://)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l helper -d 'The helper binary put in the image or hashed for --helper-url (default: this binary)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l base -d 'Base OS definition (default: images/<host.base>.toml)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l refresh-base -d 'Rebuild the cached base OS'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s q -l quiet -d 'No progress output'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l json -d 'Print a JSON summary on stdout'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -l env -d 'Environment overlay from the profile\'s [environments] (default: host.default_env)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -l secrets -d 'Secrets root holding <host>/ and builder/ (default: secrets/ beside profiles/)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -l overlay -d 'Extra overlay file merged last (tests, local tweaks); may repeat' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -s o -l out -d 'Directory to write (must not exist, or be empty)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -l target -d 'Render for a disk image (helper in /usr/bin) or an Ignition host (/usr/local/bin)' -r -f -a "image\t''
+ignition\t''"
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -l json -d 'Print the tree as JSON (paths, modes, owners, sizes; never contents) on stdout'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand keys" -l env -d 'Environment overlay from the profile\'s [environments] (default: host.default_env)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand keys" -l secrets -d 'Secrets root holding <host>/ and builder/ (default: secrets/ beside profiles/)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand keys" -l overlay -d 'Extra overlay file merged last (tests, local tweaks); may repeat' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand keys" -l json
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand keys" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand summary" -l env -d 'Environment overlay from the profile\'s [environments] (default: host.default_env)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand summary" -l secrets -d 'Secrets root holding <host>/ and builder/ (default: secrets/ beside profiles/)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand summary" -l overlay -d 'Extra overlay file merged last (tests, local tweaks); may repeat' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand summary" -l json
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand summary" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l key -d 'Builder\'s public key: a file with 64 hex characters, or the hex itself' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l secrets -d 'Secrets root whose builder/image-signing.pub to use (default: ./secrets)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l json
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand run" -l ssh-port -d 'Host port on 127.0.0.1 forwarded to the guest\'s SSH' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand run" -l forward -d 'Extra forward HOST:GUEST (TCP, on 127.0.0.1); may repeat' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand run" -l profile -d 'Forward the public TCP ports this profile publishes (ports below 1024 as 8000+port)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand run" -l memory -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand run" -l cpus -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand run" -l disk-size -d 'Present a bigger disk, like a provider\'s (e.g. 20G)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand run" -l persist -d 'Keep the guest\'s writes in the image (default: throw them away)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand run" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l from -d 'Directory holding one sub-directory per volume (`<volume>/_data` or `<volume>`)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l config -d 'Host config to read in the image' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l bucket -d 'Use this bucket instead of the profile\'s' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l prefix -d 'Use this key prefix instead of the profile\'s per-host prefix' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l endpoint -d 'S3 endpoint URL (default: the profile\'s, or AWS_ENDPOINT_URL_S3); implies path-style' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l env -d 'Environment overlay from the profile\'s [environments]' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l secrets -d 'Secrets root holding <host>/ (default: secrets/ beside profiles/)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l prune -d 'Apply the profile\'s retention after the snapshot (always done in the image)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l json -d 'Print the result as JSON on stdout'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -s q -l quiet -d 'No progress output'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand snapshots" -l bucket -d 'Use this bucket instead of the profile\'s' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand snapshots" -l prefix -d 'Use this key prefix instead of the profile\'s per-host prefix' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand snapshots" -l endpoint -d 'S3 endpoint URL (default: the profile\'s, or AWS_ENDPOINT_URL_S3); implies path-style' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand snapshots" -l env -d 'Environment overlay from the profile\'s [environments]' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand snapshots" -l secrets -d 'Secrets root holding <host>/ (default: secrets/ beside profiles/)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand snapshots" -l json
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand snapshots" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l snapshot -d 'Snapshot id (default: the newest that verifies)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l to -d 'Directory to restore into, as `<DIR>/<volume>/_data` (podman\'s layout)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l volume -d 'Only this volume (repeatable)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l bucket -d 'Use this bucket instead of the profile\'s' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l prefix -d 'Use this key prefix instead of the profile\'s per-host prefix' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l endpoint -d 'S3 endpoint URL (default: the profile\'s, or AWS_ENDPOINT_URL_S3); implies path-style' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l env -d 'Environment overlay from the profile\'s [environments]' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l secrets -d 'Secrets root holding <host>/ (default: secrets/ beside profiles/)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l no-owners -d 'Do not chown to the stored owners (default when not root)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l json
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -s q -l quiet
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l bucket -d 'Use this bucket instead of the profile\'s' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l prefix -d 'Use this key prefix instead of the profile\'s per-host prefix' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l endpoint -d 'S3 endpoint URL (default: the profile\'s, or AWS_ENDPOINT_URL_S3); implies path-style' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l env -d 'Environment overlay from the profile\'s [environments]' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l secrets -d 'Secrets root holding <host>/ (default: secrets/ beside profiles/)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l read-data -d 'Also download and verify every chunk'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l json
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -s q -l quiet
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand firstboot" -l config -d 'Host config to read' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand firstboot" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand ready" -l config -d 'Host config to read' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand ready" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand gen-docs" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "build" -d 'Build a host: disk image (raw, qcow2) or Ignition config'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "render" -d 'Write the host tree to a directory, for reading and diffing'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "keys" -d 'Create the host\'s keys (WireGuard, SSH host key, snapshot keys) and the builder\'s signing key'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "summary" -d 'Show what a profile builds: containers, ports, peers, backups'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "verify" -d 'Check an image against its signed manifest'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "run" -d 'Boot an image in QEMU: a disposable staging copy of the host'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "backup" -d 'Snapshot volumes to S3 (in the image; or from a workstation with a profile and --from)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "snapshots" -d 'List a host\'s snapshots'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "restore" -d 'Restore a snapshot into a directory'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "check" -d 'Check a host\'s snapshots (every chunk with --read-data)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "firstboot" -d 'In the image: restore volumes from the latest snapshot before services start'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "ready" -d 'In the image: wait for the host\'s units, print the readiness line on the console'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "gen-docs" -d 'Regenerate man pages and shell completions (for packagers; docs/ holds a copy)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
