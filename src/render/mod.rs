@@ -98,7 +98,11 @@ fn load_peer(host: &Host, name: &str, opts_env: &str) -> Result<Host, RenderErro
         Ok(h) => Ok(h),
         // A peer without this environment uses its own default; any other error in the
         // peer's profile is reported as it is.
-        Err(e) if e.0.iter().all(|x| x.message.contains("is not defined in this profile")) => {
+        Err(e)
+            if e.0
+                .iter()
+                .all(|x| x.message.contains("is not defined in this profile")) =>
+        {
             profile::load(&path, &LoadOptions::default()).map_err(RenderError::from)
         }
         Err(e) => Err(e.into()),
