@@ -240,7 +240,7 @@ fn boots_to_ready_with_quadlet_firewall_ssh_and_grown_var() {
 
 fn failed(log: &str) -> String {
     log.lines()
-        .filter(|l| l.contains("PROBE failed:"))
+        .filter(|l| l.contains("PROBE failed:") || l.contains("PROBE log "))
         .collect::<Vec<_>>()
         .join("\n")
 }

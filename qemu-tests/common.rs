@@ -276,11 +276,13 @@ pub fn test_tree(keys: &Keys) -> HostTree {
         "/etc/systemd/system/imgbuild-test-probe.service",
         0o644,
         "[Unit]\nDescription=imgbuild boot test probe\nAfter=imgbuild-ready.service\n\n\
-         [Service]\nType=oneshot\nExecStart=/usr/local/libexec/imgbuild-test-probe\n\n\
-         [Install]\nWantedBy=multi-user.target\n",
+         [Service]\nType=oneshot\nExecStart=/usr/local/libexec/imgbuild-test-probe\n",
     )
     .unwrap();
-    t.enable("imgbuild-test-probe.service", "multi-user.target");
+    // Pulled in by the readiness unit, not by multi-user.target: the readiness unit is
+    // ordered after multi-user.target, so a unit both wanted by that target and ordered
+    // after readiness would form a cycle systemd breaks by dropping a job.
+    t.enable("imgbuild-test-probe.service", "imgbuild-ready.service");
     t.users.push(User {
         name: "admin".into(),
         uid: 1000,
@@ -308,6 +310,9 @@ echo "PROBE var_bytes=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')"
 echo "PROBE listener=$(/usr/local/bin/busybox wget -q -O - http://127.0.0.1:9090/ 2>&1 | head -n 1)"
 echo "PROBE failed_units=$(systemctl list-units --state=failed --no-legend --plain | wc -l)"
 systemctl list-units --state=failed --no-legend --plain | sed 's/^/PROBE failed: /'
+for u in $(systemctl list-units --state=failed --no-legend --plain | cut -d' ' -f1); do
+  journalctl -b -u "$u" --no-pager -n 12 -o cat | sed "s|^|PROBE log $u: |"
+done
 echo "PROBE done"
 "#;
 

@@ -128,7 +128,13 @@ pub fn kvm_works() -> bool {
     if fs::copy(OVMF_VARS, &vars).is_err() {
         return false;
     }
-    // The firmware alone is a real guest: a broken KVM kills it within milliseconds.
+    // The firmware alone is a real guest. A broken KVM does not make QEMU exit: it
+    // prints "KVM internal error ... emulation failure" and pauses the guest, so the
+    // probe watches stderr as well as the process.
+    let err_path = dir.path().join("stderr");
+    let Ok(err_file) = fs::File::create(&err_path) else {
+        return false;
+    };
     let child = Command::new(qemu)
         .args(["-machine", "q35,accel=kvm", "-cpu", "host", "-m", "128"])
         .args([
@@ -151,21 +157,24 @@ pub fn kvm_works() -> bool {
         ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(err_file)
         .spawn();
     let Ok(mut child) = child else {
         return false;
     };
     let deadline = Instant::now() + Duration::from_secs(3);
+    let mut ok = true;
     while Instant::now() < deadline {
-        match child.try_wait() {
-            Ok(Some(_)) | Err(_) => return false,
-            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+        let complained = fs::metadata(&err_path).map(|m| m.len() > 0).unwrap_or(true);
+        if complained || !matches!(child.try_wait(), Ok(None)) {
+            ok = false;
+            break;
         }
+        std::thread::sleep(Duration::from_millis(100));
     }
     let _ = child.kill();
     let _ = child.wait();
-    true
+    ok
 }
 
 fn image_format(p: &Path) -> Result<&'static str, ImageError> {

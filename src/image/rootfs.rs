@@ -302,6 +302,21 @@ pub(crate) fn overlay(
         );
     }
 
+    // mmdebstrap copies the build machine's hostname into the base; the host's own name
+    // belongs there unless the tree brings an /etc/hostname.
+    if !tree.entries.contains_key("/etc/hostname") {
+        items.insert(
+            "/etc/hostname".to_string(),
+            Item {
+                kind: Kind::File(Source::Bytes(format!("{}\n", tree.host).into_bytes())),
+                meta: Some(Meta {
+                    mode: 0o644,
+                    ..ROOT
+                }),
+            },
+        );
+    }
+
     let mut add_file = |path: &str, src: &Path, mode: u32| -> Result<(), ImageError> {
         if items.contains_key(path) {
             return Err(terr(format!(
@@ -365,6 +380,10 @@ fn add_new(items: &mut BTreeMap<String, Item>, path: &str, kind: Kind, meta: Met
         meta: Some(meta),
     });
 }
+
+/// Directories also created under the /var mount point on root, for what runs before
+/// /var is mounted.
+const VAR_STUBS: [&str; 4] = ["/var/tmp", "/var/lib", "/var/log", "/var/cache"];
 
 /// Size accounting for one filesystem.
 #[derive(Debug, Default, Clone, Copy)]
@@ -512,6 +531,15 @@ pub(crate) fn write_tars(
             continue;
         }
         let (is_var, path) = place(&p);
+        if VAR_STUBS.contains(&p.as_str()) && h.entry_type().is_dir() {
+            // Units that start before /var is mounted (systemd-resolved's PrivateTmp needs
+            // /var/tmp) see the mount point's own contents, on the read-only root.
+            let mut hh = header_for(&Kind::Dir, base_meta, h.mtime().unwrap_or(epoch), 0);
+            root.count(4096);
+            root.b
+                .append_data(&mut hh, format!("var/{path}"), io::empty())
+                .map_err(io_err(format!("cannot write {p} stub")))?;
+        }
         let out = if is_var { &mut var } else { &mut root };
         if let Some((k, item)) = items.get_key_value(p.as_str()) {
             write_item(out, &path, item, Some(base_meta), epoch)?;
