@@ -192,6 +192,58 @@ async fn backup_locked(
     })
 }
 
+/// Small files are grouped into segments of at least this many bytes.
+pub const SEGMENT_MIN: u64 = 64 * 1024;
+/// A group of small files is closed at the latest here (a single file may be larger).
+pub const SEGMENT_MAX: u64 = 2 * 1024 * 1024;
+/// One small file in this many (by keyed hash of its path) may close a segment.
+const SEGMENT_ANCHOR: u64 = 4;
+
+/// Splits a volume's entries into segments that are chunked independently, so chunk
+/// boundaries follow file boundaries the way a per-file chunker's do: a file of at
+/// least CHUNK_MIN bytes is a segment of its own (an edit in it cannot shift the
+/// chunks of its neighbours), and small files are grouped, closing a group after a
+/// file whose path hash picks it as an anchor once the group holds SEGMENT_MIN bytes.
+/// Anchors depend on paths, not offsets, so an edited small file only changes the
+/// chunk of its own group, and groups stay large enough to keep the object count low.
+/// (Only backup uses this; the manifest lists chunks per volume as before.)
+pub fn segments(entries: &[format::Entry], keys: &Keys) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0u64;
+    for (i, e) in entries.iter().enumerate() {
+        let len = e.stream_len();
+        if len == 0 {
+            continue;
+        }
+        if len >= u64::from(CHUNK_MIN) {
+            if i > start {
+                out.push(start..i);
+            }
+            out.push(i..i + 1);
+            start = i + 1;
+            bytes = 0;
+            continue;
+        }
+        bytes += len;
+        let anchor = || {
+            let p = e.path.to_bytes().unwrap_or_default();
+            let h = keys.chunk_id(&p);
+            u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) % SEGMENT_ANCHOR
+                == 0
+        };
+        if bytes >= SEGMENT_MAX || (bytes >= SEGMENT_MIN && anchor()) {
+            out.push(start..i + 1);
+            start = i + 1;
+            bytes = 0;
+        }
+    }
+    if start < entries.len() {
+        out.push(start..entries.len());
+    }
+    out
+}
+
 struct Produced {
     id: [u8; 32],
     data: Vec<u8>,
@@ -224,28 +276,32 @@ async fn backup_volume(
         .step(&format!("backup {}", src.name), Some(total));
 
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Produced>>(4);
-    let reader = fsio::StreamReader::new(&src.root, entries.clone());
-    let reader_warnings = reader.warnings.clone();
+    let reader_warnings = Arc::new(std::sync::Mutex::new(Vec::new()));
     let k2 = keys.clone();
+    let root = src.root.clone();
+    let (entries2, warnings2) = (entries.clone(), reader_warnings.clone());
     let producer = tokio::task::spawn_blocking(move || {
-        let cdc = StreamCDC::with_level_and_seed(
-            reader,
-            CHUNK_MIN,
-            CHUNK_AVG,
-            CHUNK_MAX,
-            Normalization::Level1,
-            k2.chunker_seed(),
-        );
-        for c in cdc {
-            let msg = c
-                .map(|c| Produced {
-                    id: k2.chunk_id(&c.data),
-                    data: c.data,
-                })
-                .map_err(std::io::Error::from);
-            let failed = msg.is_err();
-            if tx.blocking_send(msg).is_err() || failed {
-                break;
+        for seg in segments(&entries2, &k2) {
+            let reader = fsio::StreamReader::new(&root, entries2.clone(), seg, warnings2.clone());
+            let cdc = StreamCDC::with_level_and_seed(
+                reader,
+                CHUNK_MIN,
+                CHUNK_AVG,
+                CHUNK_MAX,
+                Normalization::Level1,
+                k2.chunker_seed(),
+            );
+            for c in cdc {
+                let msg = c
+                    .map(|c| Produced {
+                        id: k2.chunk_id(&c.data),
+                        data: c.data,
+                    })
+                    .map_err(std::io::Error::from);
+                let failed = msg.is_err();
+                if tx.blocking_send(msg).is_err() || failed {
+                    return;
+                }
             }
         }
     });

@@ -212,26 +212,34 @@ pub struct StreamReader {
     root: PathBuf,
     entries: Arc<Vec<Entry>>,
     idx: usize,
+    end: usize,
     extents: Vec<[u64; 2]>,
     ext_idx: usize,
     left: u64,
     file: Option<File>,
     current_short: bool,
-    pub warnings: Arc<Mutex<Vec<String>>>,
+    warnings: Arc<Mutex<Vec<String>>>,
 }
 
 impl StreamReader {
-    pub fn new(root: &Path, entries: Arc<Vec<Entry>>) -> Self {
+    /// The stream of `entries[range]` (one segment; see backup::segments).
+    pub fn new(
+        root: &Path,
+        entries: Arc<Vec<Entry>>,
+        range: std::ops::Range<usize>,
+        warnings: Arc<Mutex<Vec<String>>>,
+    ) -> Self {
         StreamReader {
             root: root.to_path_buf(),
             entries,
-            idx: 0,
+            idx: range.start,
+            end: range.end,
             extents: Vec::new(),
             ext_idx: 0,
             left: 0,
             file: None,
             current_short: false,
-            warnings: Arc::new(Mutex::new(Vec::new())),
+            warnings,
         }
     }
 
@@ -259,6 +267,9 @@ impl StreamReader {
                 continue;
             }
             // next file entry
+            if self.idx >= self.end {
+                return false;
+            }
             let Some(e) = self.entries.get(self.idx) else {
                 return false;
             };
