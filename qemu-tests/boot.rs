@@ -179,8 +179,7 @@ fn boots_to_ready_with_quadlet_firewall_ssh_and_grown_var() {
     assert_eq!(probe(&log, "usr"), "readonly", "/usr must not be writable");
     let var_bytes: u64 = probe(&log, "var_bytes").parse().expect("var size");
     eprintln!(
-        "/var: {} on {}, {} MiB (partition in the image: {} MiB)",
-        "ext4",
+        "/var: ext4 on {}, {} MiB (partition in the image: {} MiB)",
         probe(&log, "var_source"),
         var_bytes >> 20,
         var_len >> 20

@@ -88,7 +88,7 @@ pub(crate) fn write(
     let part = Window::new(disk, offset, size)?;
     let mut part = io::BufWriter::with_capacity(1 << 20, part);
     fatfs::format_volume(
-        &mut BufRw(&mut part),
+        BufRw(&mut part),
         fatfs::FormatVolumeOptions::new()
             .volume_id(volume_id)
             .volume_label(*b"ESP        "),
