@@ -129,6 +129,15 @@ fn backup_timer_then_firstboot_restores_volumes_before_services() {
         firstboot_done: env.path("state/firstboot.done"),
         systemctl: stub,
     };
+    // Before first boot finished, the timer refuses (the volumes may be empty).
+    let r = backup_host(&hc, &paths, &Progress::quiet()).unwrap();
+    assert!(
+        r.error.as_deref().unwrap().contains("first boot"),
+        "{:?}",
+        r.error
+    );
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    std::fs::write(&paths.firstboot_done, "{}").unwrap();
     let r = backup_host(&hc, &paths, &Progress::quiet()).unwrap();
     assert!(r.error.is_none(), "{:?}", r.error);
     let report = r.report.unwrap();
@@ -146,7 +155,10 @@ fn backup_timer_then_firstboot_restores_volumes_before_services() {
         prom.contains("imgbuild_backup_last_success_timestamp_seconds{host=\"services\"} 1"),
         "{prom}"
     );
-    assert_eq!(pings.lock().unwrap().as_slice(), ["/ping/abc"]);
+    assert_eq!(
+        pings.lock().unwrap().as_slice(),
+        ["/ping/abc/fail", "/ping/abc"]
+    );
 
     // A fresh machine: empty volumes dir, nothing done yet.
     let fresh = env.path("fresh-vols");
@@ -245,9 +257,10 @@ fn firstboot_policies_on_an_empty_or_unreadable_bucket() {
     for v in ["app", "cache"] {
         std::fs::create_dir_all(env.path(&format!("v/{v}/_data"))).unwrap();
     }
+    std::fs::write(env.path("done-marker"), "{}").unwrap();
     let bp = HostPaths {
         volumes: env.path("v"),
-        firstboot_done: env.path("unused"),
+        firstboot_done: env.path("done-marker"),
         systemctl: "true".into(),
     };
     let mut nohook = host_config(&env, RestorePolicy::AllowEmpty, None, &metrics);

@@ -288,7 +288,6 @@ pub fn backup_host(
         .ok_or_else(|| anyhow::anyhow!("host.toml has no [backup] section: nothing to back up"))?;
     let start = Instant::now();
     let target = Target::in_image(&hc.host, b);
-    let rt = super::runtime()?;
     let sources: Vec<Source> = b
         .volumes
         .iter()
@@ -302,26 +301,41 @@ pub fn backup_host(
         systemctl: paths.systemctl.clone(),
         stopped_at: None,
     };
-    let run = rt.block_on(async {
-        for s in &sources {
-            if !s.root.is_dir() {
-                return Err(SnapshotError::Other(format!(
-                    "volume {}: {} does not exist",
-                    s.name,
-                    s.root.display()
-                )));
-            }
+    let run = (|| {
+        // Until first boot has restored (or explicitly started empty), the volumes do
+        // not hold the host's data: a snapshot now would become the newest one and the
+        // next reprovisioning would restore it, losing the real data.
+        if !paths.firstboot_done.exists() {
+            return Err(SnapshotError::Other(format!(
+                "first boot has not finished restoring ({} is missing): refusing to snapshot \
+                 volumes that may be empty",
+                paths.firstboot_done.display()
+            )));
         }
-        let keys = target.keys()?;
-        let store = target.connect().await?;
-        let opts = BackupOptions {
-            host: hc.host.clone(),
-            parallel: 16,
-            progress: progress.clone(),
-        };
-        let report = backup::backup(&store, &keys, &sources, &mut hooks, &opts).await?;
-        let pr = prune::prune(&store, &keys, &b.keep, CHUNK_GRACE_SECS).await;
-        Ok((report, pr))
+        super::runtime()
+    })()
+    .and_then(|rt| {
+        rt.block_on(async {
+            for s in &sources {
+                if !s.root.is_dir() {
+                    return Err(SnapshotError::Other(format!(
+                        "volume {}: {} does not exist",
+                        s.name,
+                        s.root.display()
+                    )));
+                }
+            }
+            let keys = target.keys()?;
+            let store = target.connect().await?;
+            let opts = BackupOptions {
+                host: hc.host.clone(),
+                parallel: 16,
+                progress: progress.clone(),
+            };
+            let report = backup::backup(&store, &keys, &sources, &mut hooks, &opts).await?;
+            let pr = prune::prune(&store, &keys, &b.keep, CHUNK_GRACE_SECS).await;
+            Ok((report, pr))
+        })
     });
     let mut result = HostBackupResult {
         report: None,
@@ -475,7 +489,14 @@ pub fn ping(url: &str, ok: bool) {
     for attempt in 0..3 {
         match agent.get(&u).call() {
             Ok(_) => return,
-            Err(e) if attempt == 2 => log(&format!("imgbuild backup: ping failed: {e}")),
+            // The URL often embeds a secret token: log the cause, never the URL.
+            Err(e) if attempt == 2 => {
+                let cause = match e {
+                    ureq::Error::Status(code, _) => format!("HTTP {code}"),
+                    ureq::Error::Transport(t) => t.kind().to_string(),
+                };
+                log(&format!("imgbuild backup: ping failed: {cause}"));
+            }
             Err(_) => std::thread::sleep(Duration::from_secs(2)),
         }
     }
