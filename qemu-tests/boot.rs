@@ -30,12 +30,220 @@ fn main() {
         });
         std::process::exit(code);
     }
+    let tests: [(&str, fn()); 2] = [
+        (
+            "services_profile_built_by_the_cli_boots_to_ready",
+            services_profile_built_by_the_cli_boots_to_ready,
+        ),
+        (
+            "boots_to_ready_with_quadlet_firewall_ssh_and_grown_var",
+            boots_to_ready_with_quadlet_firewall_ssh_and_grown_var,
+        ),
+    ];
     if args.iter().any(|a| a == "--list") {
-        println!("boots_to_ready_with_quadlet_firewall_ssh_and_grown_var: test");
+        for (name, _) in tests {
+            println!("{name}: test");
+        }
         return;
     }
-    boots_to_ready_with_quadlet_firewall_ssh_and_grown_var();
-    println!("test boots_to_ready_with_quadlet_firewall_ssh_and_grown_var ... ok");
+    // Like libtest: free arguments filter by substring.
+    let filters: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for (name, f) in tests {
+        if filters.is_empty() || filters.iter().any(|p| name.contains(p.as_str())) {
+            eprintln!("test {name} ...");
+            f();
+            println!("test {name} ... ok");
+        }
+    }
+}
+
+/// The CLI as a user runs it: `imgbuild build services --overlay test.toml`, where the
+/// overlay swaps the apps (which cannot be pulled offline) for one baked busybox web
+/// server, drops S3 backup, and sets the admin's SSH key to one the test holds.
+fn services_profile_built_by_the_cli_boots_to_ready() {
+    require(
+        "qemu-system-x86_64",
+        "sudo apt-get install -t bookworm-backports qemu-system-x86 ovmf",
+    );
+    let ssh_bin = require("ssh", "sudo apt-get install openssh-client");
+    let keyscan = require("ssh-keyscan", "sudo apt-get install openssh-client");
+    let cli = PathBuf::from(env!("CARGO_BIN_EXE_imgbuild"));
+    let help = Command::new(&cli)
+        .arg("--help")
+        .output()
+        .expect("run imgbuild --help");
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("ready"),
+        "the imgbuild CLI has no `ready` verb: the image could not report readiness"
+    );
+    let dir = scratch("qemu-boot-cli");
+    let keys = keys(&dir);
+    let oci = dir.join("hello.oci.tar");
+    hello_archive(&oci);
+    let overlay = dir.join("test-overlay.toml");
+    std::fs::write(
+        &overlay,
+        format!(
+            "replace = [\"containers\", \"volumes\", \"networks\", \"proxy\", \"backup\", \"admin\"]\n\n\
+             [admin]\nuser = \"admin\"\nssh_keys = [\"{}\"]\n\n\
+             [containers.web]\nimage = \"{HELLO_REF}\"\nbake = \"{}\"\npublish = [\"{HELLO_PORT}:{HELLO_PORT}\"]\n",
+            keys.admin_pub.trim(),
+            oci.display()
+        ),
+    )
+    .expect("write overlay");
+    let helper = strip(&cli, &dir);
+    let secrets = dir.join("secrets");
+    let out = dir.join("vps1.raw");
+    let profile = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/services.toml");
+    let t = Instant::now();
+    let st = Command::new(&cli)
+        .arg("build")
+        .arg(&profile)
+        .arg("--overlay")
+        .arg(&overlay)
+        .arg("--secrets")
+        .arg(&secrets)
+        .arg("--helper")
+        .arg(&helper)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .expect("run imgbuild build");
+    assert!(st.success(), "imgbuild build failed");
+    eprintln!("CLI build: {:.1}s", t.elapsed().as_secs_f64());
+    let st = Command::new(&cli)
+        .arg("verify")
+        .arg(&out)
+        .arg("--secrets")
+        .arg(&secrets)
+        .status()
+        .expect("run imgbuild verify");
+    assert!(st.success(), "imgbuild verify failed on a fresh image");
+
+    let serial = dir.join("serial.log");
+    let (ssh, hello, closed) = (free_port(), free_port(), free_port());
+    let mut opts = RunOptions::new(&out);
+    opts.serial = SerialTarget::File(serial.clone());
+    opts.ssh_port = Some(ssh);
+    opts.forwards = vec![(hello, HELLO_PORT), (closed, CLOSED_PORT)];
+    let disk = std::fs::metadata(&out).expect("image").len();
+    let grow = 2u64 << 30;
+    opts.disk_size = Some(disk + grow);
+    let mut vm = qemu::start(&opts).expect("start qemu");
+    let (seen, log) = qemu::wait_for_serial(&mut vm, &serial, "imgbuild: vps1 ", BOOT_TIMEOUT)
+        .expect("serial log");
+    let boot = vm.started.elapsed();
+    assert!(
+        seen,
+        "no readiness line within {BOOT_TIMEOUT:?}:\n{}",
+        tail(&log, 60)
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("imgbuild: vps1 "))
+        .unwrap_or_default()
+        .to_string();
+    eprintln!(
+        "BOOT TIME (services via CLI): {:.1}s to `{}` ({:?})",
+        boot.as_secs_f64(),
+        line.trim(),
+        vm.accel
+    );
+    assert!(
+        line.contains("imgbuild: vps1 ready ("),
+        "readiness: {line}\n{}",
+        tail(&log, 80)
+    );
+
+    let body = http_get(hello, Duration::from_secs(10));
+    assert!(
+        body.contains(HELLO_BODY),
+        "the baked container did not answer: {body:?}"
+    );
+    let got = http_get(closed, Duration::from_secs(8));
+    assert!(
+        got.is_empty(),
+        "a port the profile does not open answered: {got:?}"
+    );
+
+    // sshd presents the host key from the secrets dir, and lets the admin in.
+    let want = std::fs::read_to_string(secrets.join("vps1/ssh_host_ed25519_key.pub"))
+        .expect("host key in secrets");
+    let ks = Command::new(keyscan)
+        .args(["-T", "20", "-t", "ed25519", "-p"])
+        .arg(ssh.to_string())
+        .arg("127.0.0.1")
+        .output()
+        .expect("run ssh-keyscan");
+    let body_of = |k: &str| k.split_whitespace().nth(1).unwrap_or("-").to_string();
+    assert!(
+        String::from_utf8_lossy(&ks.stdout).contains(&body_of(&want)),
+        "sshd did not present the host key from the secrets dir"
+    );
+    let o = Command::new(ssh_bin)
+        .arg("-i")
+        .arg(dir.join("admin_ed25519"))
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        .args([
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=20",
+            "-p",
+        ])
+        .arg(ssh.to_string())
+        .arg("admin@127.0.0.1")
+        .arg(
+            "echo failed=$(systemctl list-units --state=failed --no-legend --plain | wc -l); \
+             systemctl list-units --state=failed --no-legend --plain; \
+             echo rootopts=$(findmnt -no OPTIONS /); \
+             echo var_bytes=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')",
+        )
+        .output()
+        .expect("run ssh");
+    let out_s = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "admin ssh login failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let val = |k: &str| {
+        out_s
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(val("failed"), "0", "failed units:\n{out_s}");
+    assert!(
+        val("rootopts").split(',').any(|o| o == "ro"),
+        "root not read-only: {out_s}"
+    );
+    let var_bytes: u64 = val("var_bytes").parse().unwrap_or(0);
+    assert!(var_bytes > grow / 2, "/var not grown: {out_s}");
+    vm.kill();
+    eprintln!(
+        "services boot test passed; boot to ready {:.1}s",
+        boot.as_secs_f64()
+    );
+}
+
+fn strip(src: &Path, dir: &Path) -> PathBuf {
+    let dst = dir.join("imgbuild-helper");
+    let st = Command::new(require("objcopy", "sudo apt-get install binutils"))
+        .arg("--strip-debug")
+        .arg(src)
+        .arg(&dst)
+        .status()
+        .expect("run objcopy");
+    assert!(st.success(), "objcopy --strip-debug failed");
+    dst
 }
 
 /// The CLI binary if it has the `ready` verb, else this test binary (see module doc).
@@ -55,15 +263,7 @@ fn helper(dir: &Path) -> PathBuf {
         );
         std::env::current_exe().expect("current exe")
     };
-    let dst = dir.join("imgbuild-helper");
-    let st = Command::new(require("objcopy", "sudo apt-get install binutils"))
-        .arg("--strip-debug")
-        .arg(&src)
-        .arg(&dst)
-        .status()
-        .expect("run objcopy");
-    assert!(st.success(), "objcopy --strip-debug failed");
-    dst
+    strip(&src, dir)
 }
 
 fn free_port() -> u16 {
