@@ -16,7 +16,7 @@ use std::fs;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 const MIB: u64 = 1 << 20;
@@ -122,14 +122,16 @@ fn root_size(u: Usage, extra: f64) -> u64 {
     round_mib((est as f64 * (1.08 + extra)) as u64 + 32 * MIB)
 }
 
-/// /var starts small and grows at first boot; 256 MiB of room covers a host whose disk
-/// is exactly the image's size.
+/// /var starts small (what the base and tree put there, plus 64 MiB) and grows over the
+/// rest of the disk at first boot; every byte here is written, hashed and compressed on
+/// each build, so no more than that.
 fn var_size(u: Usage, extra: f64) -> u64 {
     let est = u.bytes + u.entries * 256;
-    round_mib((est as f64 * (1.2 + extra)) as u64 + 256 * MIB)
+    round_mib((est as f64 * (1.2 + extra)) as u64 + 64 * MIB)
 }
 
 pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
+    let started = Instant::now();
     let mut timings = Vec::new();
     let cache = req
         .cache_dir
@@ -175,20 +177,30 @@ pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
     let tars = rootfs::write_tars(&base, &items, work.path(), epoch)?;
     timings.push(("host tree + tar".to_string(), step.finish()));
 
+    let root_uuid = ids.uuid("root-partition");
+    let cmdline = format!("root=PARTUUID={root_uuid} ro {}", base.def.cmdline.trim())
+        .trim()
+        .to_string();
     let esp_files = EspFiles {
         bootloader: &base.bootloader(),
         kernel: &base.kernel(),
         initrd: &base.initrd(),
         entry_title: format!("{} (imgbuild)", tree.host),
-        cmdline: String::new(),
+        cmdline,
     };
     let esp_size = esp::size_for(&esp_files)?;
+    let esp_vol = u32::from_le_bytes(
+        ids.uuid("esp-filesystem").as_bytes()[..4]
+            .try_into()
+            .unwrap_or([0; 4]),
+    );
     let raw = work.path().join("disk.raw");
 
-    // mkfs fails cleanly when an estimate is short; retry with more room rather than
-    // over-allocating every image.
+    // Root (the bulk) is made and hashed on one core while /var and the ESP are made and
+    // hashed on the other. mkfs fails cleanly when an estimate is short: retry with more
+    // room rather than over-allocating every image.
     let mut extra = 0.0;
-    let (lay, disk) = loop {
+    let (lay, mut hashes) = loop {
         let lay = layout(
             esp_size,
             root_size(tars.root_usage, extra),
@@ -203,16 +215,63 @@ pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
             .map_err(io_err("cannot create disk file"))?;
         disk.set_len(lay.total)
             .map_err(io_err("cannot size disk file"))?;
+        drop(disk);
         let step = req.progress.step("filesystems", None);
-        let r = (|| -> Result<(), ImageError> {
-            mkfs_ext4(&mkfs, &raw, lay.root, "root", &ids, &tars.root, epoch, true)?;
-            mkfs_ext4(&mkfs, &raw, lay.var, "var", &ids, &tars.var, epoch, false)?;
-            Ok(())
-        })();
-        match r {
-            Ok(()) => {
-                timings.push(("mkfs root + var".to_string(), step.finish()));
-                break (lay, disk);
+        let (ra, rb) = std::thread::scope(|s| {
+            let a = s.spawn(
+                || -> Result<Vec<(&'static str, String, Duration)>, ImageError> {
+                    let t = Instant::now();
+                    mkfs_ext4(&mkfs, &raw, lay.root, "root", &ids, &tars.root, epoch, true)?;
+                    let d = t.elapsed();
+                    let t = Instant::now();
+                    let h = hash_span(&raw, lay.root)?;
+                    Ok(vec![
+                        ("mkfs root", String::new(), d),
+                        ("root", h, t.elapsed()),
+                    ])
+                },
+            );
+            let b = s.spawn(
+                || -> Result<Vec<(&'static str, String, Duration)>, ImageError> {
+                    let t = Instant::now();
+                    mkfs_ext4(&mkfs, &raw, lay.var, "var", &ids, &tars.var, epoch, false)?;
+                    let mut disk = fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&raw)
+                        .map_err(io_err("cannot open disk file"))?;
+                    esp::write(
+                        &mut disk,
+                        lay.esp.start,
+                        lay.esp.len,
+                        esp_vol,
+                        &esp_files,
+                        epoch,
+                    )?;
+                    let d = t.elapsed();
+                    let t = Instant::now();
+                    let hv = hash_span(&raw, lay.var)?;
+                    let he = hash_span(&raw, lay.esp)?;
+                    Ok(vec![
+                        ("mkfs var + esp", String::new(), d),
+                        ("var", hv, t.elapsed()),
+                        ("esp", he, Duration::ZERO),
+                    ])
+                },
+            );
+            let join = |h: std::thread::ScopedJoinHandle<'_, _>| {
+                h.join().unwrap_or_else(|_| {
+                    Err(ImageError::Manifest("filesystem thread panicked".into()))
+                })
+            };
+            (join(a), join(b))
+        });
+        match ra.and_then(|a| rb.map(|b| (a, b))) {
+            Ok((a, b)) => {
+                step.finish();
+                let mut all = a;
+                all.extend(b);
+                break (lay, all);
             }
             Err(ImageError::Command { log_tail, .. })
                 if extra < 1.0
@@ -226,36 +285,54 @@ pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
             Err(e) => return Err(e),
         }
     };
-    let mut disk = disk;
+    for (name, _, d) in &hashes {
+        let label = match *name {
+            "root" | "var" | "esp" => format!("hash {name}"),
+            n => n.to_string(),
+        };
+        if !d.is_zero() {
+            timings.push((label, *d));
+        }
+    }
 
-    let t = Instant::now();
-    let root_uuid = ids.uuid("root-partition");
-    let cmdline = format!("root=PARTUUID={root_uuid} ro {}", base.def.cmdline.trim())
-        .trim()
-        .to_string();
-    let esp_files = EspFiles {
-        cmdline,
-        ..esp_files
-    };
-    let esp_vol = u32::from_le_bytes(
-        ids.uuid("esp-filesystem").as_bytes()[..4]
-            .try_into()
-            .unwrap_or([0; 4]),
-    );
-    esp::write(
-        &mut disk,
-        lay.esp.start,
-        lay.esp.len,
-        esp_vol,
-        &esp_files,
-        epoch,
-    )?;
+    let step = req.progress.step("sign", None);
+    let mut disk = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&raw)
+        .map_err(io_err("cannot open disk file"))?;
     write_gpt(&mut disk, &lay, &ids)?;
-    timings.push(("esp + gpt".to_string(), t.elapsed()));
-
-    let step = req.progress.step("sign", Some(lay.total));
-    let regions = hash_regions(&raw, &lay, &ids)?;
-    step.inc(lay.total);
+    let gpt_primary = Span {
+        start: 0,
+        len: lay.esp.start,
+    };
+    let gpt_backup = Span {
+        start: lay.var.end(),
+        len: lay.total - lay.var.end(),
+    };
+    hashes.push(("gpt-primary", hash_span(&raw, gpt_primary)?, Duration::ZERO));
+    hashes.push(("gpt-backup", hash_span(&raw, gpt_backup)?, Duration::ZERO));
+    let hash_of = |n: &str| {
+        hashes
+            .iter()
+            .find(|(k, _, _)| *k == n)
+            .map(|(_, h, _)| h.clone())
+            .unwrap_or_default()
+    };
+    let region = |name: &str, span: Span, purpose: Option<&str>| Region {
+        name: name.to_string(),
+        offset: span.start,
+        length: span.len,
+        sha256: hash_of(name),
+        partuuid: purpose.map(|p| ids.uuid(p).to_string()),
+    };
+    let regions = vec![
+        region("gpt-primary", gpt_primary, None),
+        region("esp", lay.esp, Some("esp-partition")),
+        region("root", lay.root, Some("root-partition")),
+        region("var", lay.var, Some("var-partition")),
+        region("gpt-backup", gpt_backup, None),
+    ];
     let m = Manifest {
         format: manifest::FORMAT.to_string(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -282,9 +359,10 @@ pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
     }
     disk.write_all_at(&embedded, lay.manifest.start)
         .map_err(io_err("cannot write manifest partition"))?;
-    disk.sync_data().map_err(io_err("cannot sync disk file"))?;
+    // No fsync: mkfs flushed the filesystems, and a crash before the rename below leaves
+    // only the work dir, never a half image under the output name.
     drop(disk);
-    timings.push(("hash + sign".to_string(), step.finish()));
+    timings.push(("gpt + sign".to_string(), step.finish()));
 
     let final_tmp = work.path().join("out");
     match req.format {
@@ -319,6 +397,18 @@ pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
     )))?;
     fs::rename(&mtmp, &manifest_path).map_err(io_err("cannot move manifest"))?;
     fs::rename(&stmp, &sig_path).map_err(io_err("cannot move signature"))?;
+    let total: Duration = timings.iter().map(|(_, d)| *d).sum();
+    let summary: Vec<String> = timings
+        .iter()
+        .map(|(n, d)| format!("{n} {:.2}s", d.as_secs_f64()))
+        .collect();
+    // Steps on the two filesystem threads overlap, so the wall time is less than the sum.
+    req.progress.note(&format!(
+        "image timing: {} (sum {:.1}s, wall {:.1}s)",
+        summary.join(", "),
+        total.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    ));
     let size_bytes = fs::metadata(&req.out)
         .map_err(io_err("cannot stat image"))?
         .len();
@@ -439,59 +529,6 @@ fn write_gpt(disk: &mut fs::File, lay: &Layout, ids: &Ids) -> Result<(), ImageEr
             source: std::io::Error::other(e.to_string()),
         })?;
     Ok(())
-}
-
-/// sha256 of everything the manifest covers: both GPT areas and every partition but
-/// the manifest's own. Root (the bulk) hashes on a second thread.
-fn hash_regions(raw: &Path, lay: &Layout, ids: &Ids) -> Result<Vec<Region>, ImageError> {
-    let named = [
-        (
-            "gpt-primary",
-            Span {
-                start: 0,
-                len: lay.esp.start,
-            },
-            None,
-        ),
-        ("esp", lay.esp, Some(ids.uuid("esp-partition"))),
-        ("root", lay.root, Some(ids.uuid("root-partition"))),
-        ("var", lay.var, Some(ids.uuid("var-partition"))),
-        (
-            "gpt-backup",
-            Span {
-                start: lay.var.end(),
-                len: lay.total - lay.var.end(),
-            },
-            None,
-        ),
-    ];
-    let hashes: Vec<Result<String, ImageError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = named
-            .iter()
-            .map(|(_, span, _)| {
-                let span = *span;
-                s.spawn(move || hash_span(raw, span))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(ImageError::Manifest("hashing thread panicked".into())))
-            })
-            .collect()
-    });
-    let mut out = Vec::new();
-    for ((name, span, uuid), h) in named.iter().zip(hashes) {
-        out.push(Region {
-            name: name.to_string(),
-            offset: span.start,
-            length: span.len,
-            sha256: h?,
-            partuuid: uuid.map(|u| u.to_string()),
-        });
-    }
-    Ok(out)
 }
 
 pub(crate) fn hash_span(path: &Path, span: Span) -> Result<String, ImageError> {
