@@ -63,6 +63,8 @@ pub enum Command {
     Firstboot(crate::snapshot::cli::FirstbootArgs),
     /// In the image: wait for the host's units, print the readiness line on the console
     Ready(ReadyArgs),
+    /// Encrypt (lock) or decrypt (unlock) the secrets directory with age
+    Secrets(SecretsArgs),
     /// Regenerate man pages and shell completions (for packagers; docs/ holds a copy)
     #[command(hide = true)]
     GenDocs {
@@ -122,6 +124,40 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SecretsArgs {
+    #[command(subcommand)]
+    pub action: SecretsAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsAction {
+    /// Pack secrets/ into secrets.age (to age recipients or a passphrase) and remove the directory
+    Lock {
+        /// Secrets root (default: ./secrets)
+        #[arg(long)]
+        secrets: Option<PathBuf>,
+        /// age recipient (age1...); may repeat
+        #[arg(long = "recipient", short = 'r')]
+        recipients: Vec<String>,
+        /// Name of an environment variable holding the passphrase (instead of recipients)
+        #[arg(long, conflicts_with = "recipients")]
+        passphrase_env: Option<String>,
+    },
+    /// Unpack secrets.age back into secrets/
+    Unlock {
+        /// Secrets root (default: ./secrets)
+        #[arg(long)]
+        secrets: Option<PathBuf>,
+        /// age identity file
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Name of an environment variable holding the passphrase
+        #[arg(long)]
+        passphrase_env: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct ReadyArgs {
     /// Host config to read
     #[arg(long, default_value = crate::hostconfig::HOST_CONFIG_PATH, hide = true)]
@@ -142,6 +178,10 @@ pub struct ProfileArgs {
     /// Extra overlay file merged last (tests, local tweaks); may repeat
     #[arg(long = "overlay", value_name = "FILE")]
     pub overlays: Vec<PathBuf>,
+    /// age identity file to open a locked secrets root (or IMGBUILD_AGE_IDENTITY;
+    /// a passphrase comes from IMGBUILD_PASSPHRASE)
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -221,26 +261,25 @@ pub struct SummaryArgs {
     pub json: bool,
 }
 
-pub const VERBS: &[&str] = &[
-    "build",
-    "render",
-    "keys",
-    "summary",
-    "verify",
-    "run",
-    "backup",
-    "snapshots",
-    "restore",
-    "check",
-    "firstboot",
-    "ready",
-    "help",
-];
+/// The verbs `--help` lists (hidden ones excluded), from the clap definition itself.
+pub fn verbs() -> Vec<String> {
+    use clap::CommandFactory;
+    Cli::command()
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set())
+        .map(|c| c.get_name().to_string())
+        .collect()
+}
 
 /// `imgbuild services --out x` → `imgbuild build services --out x`.
 pub fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     if let Some(first) = args.get(1).and_then(|a| a.to_str()) {
-        if !first.starts_with('-') && !VERBS.contains(&first) && first != "gen-docs" {
+        use clap::CommandFactory;
+        let known = Cli::command()
+            .get_subcommands()
+            .any(|c| c.get_name() == first)
+            || first == "help";
+        if !first.starts_with('-') && !known {
             args.insert(1, "build".into());
         }
     }

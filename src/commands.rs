@@ -20,7 +20,8 @@ fn load(args: &ProfileArgs, progress: &Progress) -> Result<(RenderInput, Secrets
         env: args.env.clone(),
         overlays: args.overlays.clone(),
     };
-    let (input, root) = render::prepare(&args.profile, &opts, args.secrets.as_deref())?;
+    let unlock = crate::secrets::Unlock::from_env(args.identity.clone());
+    let (input, root) = render::prepare(&args.profile, &opts, args.secrets.as_deref(), &unlock)?;
     if !input.created.is_empty() {
         progress.note(&format!(
             "imgbuild: created {} new key file(s) in {} (keep this directory safe: it is the host's identity)",
@@ -345,7 +346,12 @@ pub fn resolver(sel: &Selection) -> impl Fn(&str) -> Result<(HostConfig, PathBuf
             env: sel.env.clone(),
             overlays: vec![],
         };
-        let (input, _) = render::prepare(profile, &opts, sel.secrets.as_deref())?;
+        let (input, _) = render::prepare(
+            profile,
+            &opts,
+            sel.secrets.as_deref(),
+            &crate::secrets::Unlock::from_env(None),
+        )?;
         let tree = render::render(&input, Target::Image)?;
         let hc = match tree
             .entries
@@ -457,6 +463,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 env: None,
                 secrets: None,
                 overlays: vec![],
+                identity: None,
             },
             &progress,
         )?;
@@ -480,4 +487,51 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         }
     }
     Ok(crate::image::run(&opts)?)
+}
+
+pub fn secrets_cmd(args: &crate::cli::SecretsArgs) -> Result<i32> {
+    use crate::cli::SecretsAction;
+    use crate::secrets::{self, LockTo, Unlock};
+    let env_pass = |var: &Option<String>| -> Result<Option<String>> {
+        match var {
+            Some(v) => {
+                Ok(Some(std::env::var(v).with_context(|| {
+                    format!("environment variable {v} is not set")
+                })?))
+            }
+            None => Ok(None),
+        }
+    };
+    match &args.action {
+        SecretsAction::Lock {
+            secrets: dir,
+            recipients,
+            passphrase_env,
+        } => {
+            let root = SecretsRoot::new(dir.clone().unwrap_or_else(|| PathBuf::from("secrets")));
+            let to = match env_pass(passphrase_env)? {
+                Some(p) => LockTo::Passphrase(p),
+                None if !recipients.is_empty() => LockTo::Recipients(recipients.clone()),
+                None => bail!(
+                    "say who can unlock: --recipient age1... (repeatable) or --passphrase-env VAR"
+                ),
+            };
+            let out = secrets::lock(&root, &to)?;
+            println!("locked {} into {} (the directory is removed; builds read the locked file in memory)", root.root.display(), out.display());
+        }
+        SecretsAction::Unlock {
+            secrets: dir,
+            identity,
+            passphrase_env,
+        } => {
+            let root = dir.clone().unwrap_or_else(|| PathBuf::from("secrets"));
+            let mut u = Unlock::from_env(identity.clone());
+            if let Some(p) = env_pass(passphrase_env)? {
+                u.passphrase = Some(p);
+            }
+            secrets::unlock(&root, &u)?;
+            println!("unlocked into {}", root.display());
+        }
+    }
+    Ok(0)
 }

@@ -9,6 +9,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -41,10 +42,34 @@ fn random<const N: usize>() -> Result<[u8; N], SecretsError> {
     Ok(b)
 }
 
-/// The secrets root and the file names in it.
+/// The secrets root and the file names in it. A locked root (`<root>.age`, see
+/// `lock`) is decrypted into memory only; nothing of it is written to disk.
 #[derive(Debug, Clone)]
 pub struct SecretsRoot {
     pub root: PathBuf,
+    locked: Option<std::sync::Arc<BTreeMap<PathBuf, Vec<u8>>>>,
+}
+
+/// How to open a locked secrets root.
+#[derive(Debug, Clone, Default)]
+pub struct Unlock {
+    /// age identity file (`AGE-SECRET-KEY-1...` lines).
+    pub identity: Option<PathBuf>,
+    /// Passphrase (scrypt recipient).
+    pub passphrase: Option<String>,
+}
+
+impl Unlock {
+    /// From flags, else the environment: IMGBUILD_AGE_IDENTITY (a file), IMGBUILD_PASSPHRASE.
+    pub fn from_env(identity: Option<PathBuf>) -> Unlock {
+        Unlock {
+            identity: identity
+                .or_else(|| std::env::var_os("IMGBUILD_AGE_IDENTITY").map(PathBuf::from)),
+            passphrase: std::env::var("IMGBUILD_PASSPHRASE")
+                .ok()
+                .filter(|p| !p.is_empty()),
+        }
+    }
 }
 
 /// Files created by one call, for the one-line notice.
@@ -53,7 +78,108 @@ pub struct Created(pub Vec<PathBuf>);
 
 impl SecretsRoot {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        SecretsRoot { root: root.into() }
+        SecretsRoot {
+            root: root.into(),
+            locked: None,
+        }
+    }
+
+    /// The encrypted form of this root: `secrets/` → `secrets.age`.
+    pub fn locked_path(&self) -> PathBuf {
+        let mut p = self.root.clone().into_os_string();
+        p.push(".age");
+        PathBuf::from(p)
+    }
+
+    pub fn is_locked(&self) -> bool {
+        self.locked.is_some()
+    }
+
+    /// A plain directory when it exists; else the locked file, decrypted in memory.
+    pub fn open(root: impl Into<PathBuf>, unlock: &Unlock) -> Result<Self, SecretsError> {
+        let mut me = SecretsRoot::new(root);
+        let lp = me.locked_path();
+        if me.root.is_dir() || !lp.is_file() {
+            return Ok(me);
+        }
+        let data = fs::read(&lp).map_err(io(&lp))?;
+        let plain = decrypt(&data, unlock).map_err(|what| SecretsError::Bad {
+            path: lp.clone(),
+            what,
+        })?;
+        let mut map = BTreeMap::new();
+        let mut ar = tar::Archive::new(&plain[..]);
+        let bad = |e: std::io::Error| SecretsError::Bad {
+            path: lp.clone(),
+            what: format!("archive: {e}"),
+        };
+        for entry in ar.entries().map_err(bad)? {
+            let mut entry = entry.map_err(bad)?;
+            if !entry.header().entry_type().is_file() {
+                continue;
+            }
+            let rel = entry.path().map_err(bad)?.into_owned();
+            if rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(SecretsError::Bad {
+                    path: lp,
+                    what: format!("unsafe path {} in archive", rel.display()),
+                });
+            }
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut buf).map_err(bad)?;
+            map.insert(me.root.join(rel), buf);
+        }
+        me.locked = Some(std::sync::Arc::new(map));
+        Ok(me)
+    }
+
+    fn exists(&self, p: &Path) -> bool {
+        match &self.locked {
+            Some(m) => m.contains_key(p) || m.keys().any(|k| k.starts_with(p)),
+            None => p.exists(),
+        }
+    }
+
+    /// Reads a secret file, from the directory or the unlocked archive.
+    pub fn read(&self, p: &Path) -> Result<Vec<u8>, SecretsError> {
+        match &self.locked {
+            Some(m) => m.get(p).cloned().ok_or_else(|| SecretsError::Io {
+                path: p.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not in the locked secrets",
+                ),
+            }),
+            None => fs::read(p).map_err(io(p)),
+        }
+    }
+
+    pub fn read_text(&self, p: &Path) -> Result<String, SecretsError> {
+        String::from_utf8(self.read(p)?).map_err(|_| SecretsError::Bad {
+            path: p.to_path_buf(),
+            what: "not UTF-8".into(),
+        })
+    }
+
+    pub fn is_file(&self, p: &Path) -> bool {
+        match &self.locked {
+            Some(m) => m.contains_key(p),
+            None => p.is_file(),
+        }
+    }
+
+    fn refuse_if_locked(&self, what: &Path) -> Result<(), SecretsError> {
+        if self.locked.is_some() {
+            return Err(SecretsError::Bad {
+                path: what.to_path_buf(),
+                what: "missing, and the secrets are locked: run `imgbuild secrets unlock` to create new keys".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Default: `secrets/` next to the profiles directory (or next to the profile file
@@ -76,6 +202,13 @@ impl SecretsRoot {
     }
 
     fn ensure_dir(&self, dir: &Path) -> Result<(), SecretsError> {
+        if self.locked.is_some() {
+            return if self.exists(dir) {
+                Ok(())
+            } else {
+                self.refuse_if_locked(dir)
+            };
+        }
         if !self.root.exists() {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -110,7 +243,8 @@ impl SecretsRoot {
         let mut created = Created::default();
 
         let wg = dir.join("wireguard.key");
-        if !wg.exists() {
+        if !self.exists(&wg) {
+            self.refuse_if_locked(&wg)?;
             let mut k = random::<32>()?;
             // Clamp as `wg genkey` does, so the file is interchangeable with wg's own.
             k[0] &= 248;
@@ -119,11 +253,15 @@ impl SecretsRoot {
             created.0.push(wg.clone());
         }
         let wg_pub = dir.join("wireguard.pub");
-        let derived = format!("{}\n", wireguard_public(&read_wireguard_private(&wg)?));
-        if !wg_pub.exists() {
+        let derived = format!(
+            "{}\n",
+            wireguard_public(&parse_wireguard_private(&wg, &self.read_text(&wg)?)?)
+        );
+        if !self.exists(&wg_pub) {
+            self.refuse_if_locked(&wg_pub)?;
             write_new(&wg_pub, derived.as_bytes(), 0o600)?;
             created.0.push(wg_pub);
-        } else if fs::read_to_string(&wg_pub).map_err(io(&wg_pub))? != derived {
+        } else if self.read_text(&wg_pub)? != derived {
             return Err(SecretsError::Bad {
                 path: wg_pub,
                 what: "does not match wireguard.key; delete it to re-derive".into(),
@@ -131,7 +269,8 @@ impl SecretsRoot {
         }
 
         let ssh = dir.join("ssh_host_ed25519_key");
-        if !ssh.exists() {
+        if !self.exists(&ssh) {
+            self.refuse_if_locked(&ssh)?;
             let seed = random::<32>()?;
             let comment = format!("root@{host}");
             write_new(&ssh, openssh_private(&seed, &comment).as_bytes(), 0o600)?;
@@ -144,7 +283,8 @@ impl SecretsRoot {
         }
 
         let enc = dir.join("snapshot-encryption.key");
-        if !enc.exists() {
+        if !self.exists(&enc) {
+            self.refuse_if_locked(&enc)?;
             write_new(
                 &enc,
                 format!("{}\n", hex::encode(random::<32>()?)).as_bytes(),
@@ -153,7 +293,8 @@ impl SecretsRoot {
             created.0.push(enc);
         }
         let sign = dir.join("snapshot-signing.key");
-        if !sign.exists() {
+        if !self.exists(&sign) {
+            self.refuse_if_locked(&sign)?;
             let seed = random::<32>()?;
             write_new(&sign, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
             let pk = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
@@ -173,7 +314,8 @@ impl SecretsRoot {
         self.ensure_dir(&dir)?;
         let path = dir.join("image-signing.key");
         let mut created = Created::default();
-        if !path.exists() {
+        if !self.exists(&path) {
+            self.refuse_if_locked(&path)?;
             let seed = random::<32>()?;
             write_new(&path, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
             let pk = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
@@ -200,7 +342,8 @@ impl SecretsRoot {
         self.ensure_dir(&dir)?;
         let path = dir.join(name);
         let mut created = false;
-        if !path.exists() {
+        if !self.exists(&path) {
+            self.refuse_if_locked(&path)?;
             // 32 characters from a 62-letter alphabet: ~190 bits, safe in any env file or URL.
             const ALPHA: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
             let mut out = String::new();
@@ -215,7 +358,7 @@ impl SecretsRoot {
             write_new(&path, format!("{out}\n").as_bytes(), 0o600)?;
             created = true;
         }
-        let v = fs::read_to_string(&path).map_err(io(&path))?;
+        let v = self.read_text(&path)?;
         let v = v.trim_end_matches('\n').to_string();
         if v.is_empty() || v.contains('\n') || v.chars().any(|c| c.is_control()) {
             return Err(SecretsError::Bad {
@@ -241,7 +384,10 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), SecretsError> {
 }
 
 pub fn read_hex32(path: &Path) -> Result<[u8; 32], SecretsError> {
-    let s = fs::read_to_string(path).map_err(io(path))?;
+    parse_hex32(path, &fs::read_to_string(path).map_err(io(path))?)
+}
+
+fn parse_hex32(path: &Path, s: &str) -> Result<[u8; 32], SecretsError> {
     let bytes = hex::decode(s.trim()).map_err(|_| SecretsError::Bad {
         path: path.to_path_buf(),
         what: "expected 64 hex characters".into(),
@@ -253,7 +399,10 @@ pub fn read_hex32(path: &Path) -> Result<[u8; 32], SecretsError> {
 }
 
 pub fn read_wireguard_private(path: &Path) -> Result<[u8; 32], SecretsError> {
-    let s = fs::read_to_string(path).map_err(io(path))?;
+    parse_wireguard_private(path, &fs::read_to_string(path).map_err(io(path))?)
+}
+
+pub fn parse_wireguard_private(path: &Path, s: &str) -> Result<[u8; 32], SecretsError> {
     let bytes = B64.decode(s.trim()).map_err(|_| SecretsError::Bad {
         path: path.to_path_buf(),
         what: "expected a base64 WireGuard key".into(),
@@ -329,4 +478,132 @@ pub fn openssh_private(seed: &[u8; 32], comment: &str) -> String {
 /// Reads a file the host needs, with a clear error when it is missing.
 pub fn read_text(path: &Path) -> Result<String, SecretsError> {
     fs::read_to_string(path).map_err(io(path))
+}
+
+fn decrypt(data: &[u8], unlock: &Unlock) -> Result<Vec<u8>, String> {
+    let mut identities: Vec<Box<dyn age::Identity>> = vec![];
+    if let Some(p) = &unlock.identity {
+        let file = age::IdentityFile::from_file(p.to_string_lossy().into_owned())
+            .map_err(|e| format!("identity {}: {e}", p.display()))?;
+        identities.extend(
+            file.into_identities()
+                .map_err(|e| format!("identity {}: {e}", p.display()))?,
+        );
+    }
+    if let Some(pass) = &unlock.passphrase {
+        identities.push(Box::new(age::scrypt::Identity::new(
+            age::secrecy::SecretString::from(pass.clone()),
+        )));
+    }
+    if identities.is_empty() {
+        return Err("the secrets are locked: pass --identity FILE, or set IMGBUILD_AGE_IDENTITY or IMGBUILD_PASSPHRASE".into());
+    }
+    let dec = age::Decryptor::new(data).map_err(|e| format!("not an age file: {e}"))?;
+    let mut r = dec
+        .decrypt(identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
+        .map_err(|e| format!("cannot decrypt (wrong identity or passphrase?): {e}"))?;
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut r, &mut out).map_err(|e| format!("corrupt age file: {e}"))?;
+    Ok(out)
+}
+
+/// Who can open a locked root: age recipients (`age1...`) or one passphrase.
+pub enum LockTo {
+    Recipients(Vec<String>),
+    Passphrase(String),
+}
+
+/// Packs the secrets directory into `<root>.age` (0600) and removes the directory.
+pub fn lock(root: &SecretsRoot, to: &LockTo) -> Result<PathBuf, SecretsError> {
+    let bad = |what: String| SecretsError::Bad {
+        path: root.root.clone(),
+        what,
+    };
+    if !root.root.is_dir() {
+        return Err(bad("no secrets directory to lock".into()));
+    }
+    let mut files = vec![];
+    collect(&root.root, &root.root, &mut files).map_err(io(&root.root))?;
+    files.sort();
+    let mut ar = tar::Builder::new(Vec::new());
+    for rel in &files {
+        let data = fs::read(root.root.join(rel)).map_err(io(rel))?;
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o600);
+        h.set_mtime(0);
+        h.set_cksum();
+        ar.append_data(&mut h, rel, &data[..]).map_err(io(rel))?;
+    }
+    let plain = ar.into_inner().map_err(io(&root.root))?;
+    let enc = match to {
+        LockTo::Passphrase(p) => {
+            age::Encryptor::with_user_passphrase(age::secrecy::SecretString::from(p.clone()))
+        }
+        LockTo::Recipients(rs) => {
+            let parsed: Vec<age::x25519::Recipient> = rs
+                .iter()
+                .map(|r| {
+                    r.parse::<age::x25519::Recipient>()
+                        .map_err(|e| bad(format!("recipient {r}: {e}")))
+                })
+                .collect::<Result<_, _>>()?;
+            age::Encryptor::with_recipients(parsed.iter().map(|r| r as &dyn age::Recipient))
+                .map_err(|e| bad(e.to_string()))?
+        }
+    };
+    let mut out = Vec::new();
+    let mut w = enc.wrap_output(&mut out).map_err(io(&root.root))?;
+    w.write_all(&plain).map_err(io(&root.root))?;
+    w.finish().map_err(io(&root.root))?;
+    let lp = root.locked_path();
+    if lp.exists() {
+        fs::remove_file(&lp).map_err(io(&lp))?;
+    }
+    write_new(&lp, &out, 0o600)?;
+    // Check it opens before deleting anything.
+    fs::remove_dir_all(&root.root).map_err(io(&root.root))?;
+    Ok(lp)
+}
+
+/// Unpacks `<root>.age` back into the directory (0700/0600) and removes the file.
+pub fn unlock(root: &Path, unlock: &Unlock) -> Result<PathBuf, SecretsError> {
+    let opened = SecretsRoot::open(root, unlock)?;
+    let Some(map) = &opened.locked else {
+        return Err(SecretsError::Bad {
+            path: root.to_path_buf(),
+            what: "not locked (the directory exists or there is no .age file)".into(),
+        });
+    };
+    for (path, data) in map.iter() {
+        if let Some(parent) = path.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io(parent))?;
+        }
+        let mode = if path.file_name().is_some_and(|n| n == "image-signing.pub") {
+            0o644
+        } else {
+            0o600
+        };
+        write_new(path, data, mode)?;
+    }
+    let lp = opened.locked_path();
+    fs::remove_file(&lp).map_err(io(&lp))?;
+    Ok(root.to_path_buf())
+}
+
+fn collect(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let p = e.path();
+        if e.file_type()?.is_dir() {
+            collect(base, &p, out)?;
+        } else if e.file_type()?.is_file() {
+            out.push(p.strip_prefix(base).unwrap_or(&p).to_path_buf());
+        }
+    }
+    Ok(())
 }

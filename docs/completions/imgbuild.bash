@@ -49,6 +49,9 @@ _imgbuild() {
             imgbuild,run)
                 cmd="imgbuild__subcmd__run"
                 ;;
+            imgbuild,secrets)
+                cmd="imgbuild__subcmd__secrets"
+                ;;
             imgbuild,snapshots)
                 cmd="imgbuild__subcmd__snapshots"
                 ;;
@@ -91,6 +94,9 @@ _imgbuild() {
             imgbuild__subcmd__help,run)
                 cmd="imgbuild__subcmd__help__subcmd__run"
                 ;;
+            imgbuild__subcmd__help,secrets)
+                cmd="imgbuild__subcmd__help__subcmd__secrets"
+                ;;
             imgbuild__subcmd__help,snapshots)
                 cmd="imgbuild__subcmd__help__subcmd__snapshots"
                 ;;
@@ -100,6 +106,30 @@ _imgbuild() {
             imgbuild__subcmd__help,verify)
                 cmd="imgbuild__subcmd__help__subcmd__verify"
                 ;;
+            imgbuild__subcmd__help__subcmd__secrets,lock)
+                cmd="imgbuild__subcmd__help__subcmd__secrets__subcmd__lock"
+                ;;
+            imgbuild__subcmd__help__subcmd__secrets,unlock)
+                cmd="imgbuild__subcmd__help__subcmd__secrets__subcmd__unlock"
+                ;;
+            imgbuild__subcmd__secrets,help)
+                cmd="imgbuild__subcmd__secrets__subcmd__help"
+                ;;
+            imgbuild__subcmd__secrets,lock)
+                cmd="imgbuild__subcmd__secrets__subcmd__lock"
+                ;;
+            imgbuild__subcmd__secrets,unlock)
+                cmd="imgbuild__subcmd__secrets__subcmd__unlock"
+                ;;
+            imgbuild__subcmd__secrets__subcmd__help,help)
+                cmd="imgbuild__subcmd__secrets__subcmd__help__subcmd__help"
+                ;;
+            imgbuild__subcmd__secrets__subcmd__help,lock)
+                cmd="imgbuild__subcmd__secrets__subcmd__help__subcmd__lock"
+                ;;
+            imgbuild__subcmd__secrets__subcmd__help,unlock)
+                cmd="imgbuild__subcmd__secrets__subcmd__help__subcmd__unlock"
+                ;;
             *)
                 ;;
         esac
@@ -107,7 +137,7 @@ _imgbuild() {
 
     case "${cmd}" in
         imgbuild)
-            opts="-h -V --help --version build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help"
+            opts="-h -V --help --version build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -163,7 +193,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__build)
-            opts="-o -q -h --env --secrets --overlay --out --format --ignition-version --helper-url --helper --base --refresh-base --quiet --json --help"
+            opts="-o -q -h --env --secrets --overlay --identity --out --format --ignition-version --helper-url --helper --base --refresh-base --quiet --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -178,6 +208,10 @@ _imgbuild() {
                     return 0
                     ;;
                 --overlay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -283,7 +317,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__help)
-            opts="build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help"
+            opts="build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -450,6 +484,48 @@ _imgbuild() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        imgbuild__subcmd__help__subcmd__secrets)
+            opts="lock unlock"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__help__subcmd__secrets__subcmd__lock)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__help__subcmd__secrets__subcmd__unlock)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         imgbuild__subcmd__help__subcmd__snapshots)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -493,7 +569,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__keys)
-            opts="-h --env --secrets --overlay --json --help"
+            opts="-h --env --secrets --overlay --identity --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -508,6 +584,10 @@ _imgbuild() {
                     return 0
                     ;;
                 --overlay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -537,7 +617,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__render)
-            opts="-o -h --env --secrets --overlay --out --target --json --help"
+            opts="-o -h --env --secrets --overlay --identity --out --target --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -552,6 +632,10 @@ _imgbuild() {
                     return 0
                     ;;
                 --overlay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -658,6 +742,132 @@ _imgbuild() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        imgbuild__subcmd__secrets)
+            opts="-h --help lock unlock help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__secrets__subcmd__help)
+            opts="lock unlock help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__secrets__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__secrets__subcmd__help__subcmd__lock)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__secrets__subcmd__help__subcmd__unlock)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__secrets__subcmd__lock)
+            opts="-r -h --secrets --recipient --passphrase-env --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --secrets)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --recipient)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -r)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-env)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__secrets__subcmd__unlock)
+            opts="-h --secrets --identity --passphrase-env --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --secrets)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --passphrase-env)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         imgbuild__subcmd__snapshots)
             opts="-h --bucket --prefix --endpoint --json --env --secrets --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -693,7 +903,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__summary)
-            opts="-h --env --secrets --overlay --json --help"
+            opts="-h --env --secrets --overlay --identity --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -708,6 +918,10 @@ _imgbuild() {
                     return 0
                     ;;
                 --overlay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -38,11 +38,13 @@ complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "restore" -d 'Rest
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "check" -d 'Check a host\'s snapshots (every chunk with --read-data)'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "firstboot" -d 'In the image: restore volumes from the latest snapshot before services start'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "ready" -d 'In the image: wait for the host\'s units, print the readiness line on the console'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "secrets" -d 'Encrypt (lock) or decrypt (unlock) the secrets directory with age'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "gen-docs" -d 'Regenerate man pages and shell completions (for packagers; docs/ holds a copy)'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l env -d 'Environment overlay from the profile\'s [environments] (default: host.default_env)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l secrets -d 'Secrets root holding <host>/ and builder/ (default: secrets/ beside profiles/)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l overlay -d 'Extra overlay file merged last (tests, local tweaks); may repeat' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l identity -d 'age identity file to open a locked secrets root (or IMGBUILD_AGE_IDENTITY; a passphrase comes from IMGBUILD_PASSPHRASE)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s o -l out -d 'Output file; its extension (.raw, .img, .qcow2, .ign) picks the format' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -l format -d 'Output format (overrides the extension)' -r -f -a "raw\t''
 qcow2\t''
@@ -60,6 +62,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand build" -s h -l help -d
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -l env -d 'Environment overlay from the profile\'s [environments] (default: host.default_env)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -l secrets -d 'Secrets root holding <host>/ and builder/ (default: secrets/ beside profiles/)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -l overlay -d 'Extra overlay file merged last (tests, local tweaks); may repeat' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -l identity -d 'age identity file to open a locked secrets root (or IMGBUILD_AGE_IDENTITY; a passphrase comes from IMGBUILD_PASSPHRASE)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -s o -l out -d 'Directory to write (must not exist, or be empty)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -l target -d 'Render for a disk image (helper in /usr/bin) or an Ignition host (/usr/local/bin)' -r -f -a "image\t''
 ignition\t''"
@@ -68,11 +71,13 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand render" -s h -l help -
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand keys" -l env -d 'Environment overlay from the profile\'s [environments] (default: host.default_env)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand keys" -l secrets -d 'Secrets root holding <host>/ and builder/ (default: secrets/ beside profiles/)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand keys" -l overlay -d 'Extra overlay file merged last (tests, local tweaks); may repeat' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand keys" -l identity -d 'age identity file to open a locked secrets root (or IMGBUILD_AGE_IDENTITY; a passphrase comes from IMGBUILD_PASSPHRASE)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand keys" -l json
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand keys" -s h -l help -d 'Print help'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand summary" -l env -d 'Environment overlay from the profile\'s [environments] (default: host.default_env)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand summary" -l secrets -d 'Secrets root holding <host>/ and builder/ (default: secrets/ beside profiles/)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand summary" -l overlay -d 'Extra overlay file merged last (tests, local tweaks); may repeat' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand summary" -l identity -d 'age identity file to open a locked secrets root (or IMGBUILD_AGE_IDENTITY; a passphrase comes from IMGBUILD_PASSPHRASE)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand summary" -l json
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand summary" -s h -l help -d 'Print help'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand verify" -l key -d 'Builder\'s public key: a file with 64 hex characters, or the hex itself' -r
@@ -130,18 +135,36 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand firstboot" -l config -
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand firstboot" -s h -l help -d 'Print help'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand ready" -l config -d 'Host config to read' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand ready" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and not __fish_seen_subcommand_from lock unlock help" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and not __fish_seen_subcommand_from lock unlock help" -f -a "lock" -d 'Pack secrets/ into secrets.age (to age recipients or a passphrase) and remove the directory'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and not __fish_seen_subcommand_from lock unlock help" -f -a "unlock" -d 'Unpack secrets.age back into secrets/'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and not __fish_seen_subcommand_from lock unlock help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from lock" -l secrets -d 'Secrets root (default: ./secrets)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from lock" -s r -l recipient -d 'age recipient (age1...); may repeat' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from lock" -l passphrase-env -d 'Name of an environment variable holding the passphrase (instead of recipients)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from lock" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from unlock" -l secrets -d 'Secrets root (default: ./secrets)' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from unlock" -l identity -d 'age identity file' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from unlock" -l passphrase-env -d 'Name of an environment variable holding the passphrase' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from unlock" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from help" -f -a "lock" -d 'Pack secrets/ into secrets.age (to age recipients or a passphrase) and remove the directory'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from help" -f -a "unlock" -d 'Unpack secrets.age back into secrets/'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand gen-docs" -s h -l help -d 'Print help'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "build" -d 'Build a host: disk image (raw, qcow2) or Ignition config'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "render" -d 'Write the host tree to a directory, for reading and diffing'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "keys" -d 'Create the host\'s keys (WireGuard, SSH host key, snapshot keys) and the builder\'s signing key'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "summary" -d 'Show what a profile builds: containers, ports, peers, backups'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "verify" -d 'Check an image against its signed manifest'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "run" -d 'Boot an image in QEMU: a disposable staging copy of the host'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "backup" -d 'Snapshot volumes to S3 (in the image; or from a workstation with a profile and --from)'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "snapshots" -d 'List a host\'s snapshots'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "restore" -d 'Restore a snapshot into a directory'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "check" -d 'Check a host\'s snapshots (every chunk with --read-data)'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "firstboot" -d 'In the image: restore volumes from the latest snapshot before services start'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "ready" -d 'In the image: wait for the host\'s units, print the readiness line on the console'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "gen-docs" -d 'Regenerate man pages and shell completions (for packagers; docs/ holds a copy)'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready gen-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "build" -d 'Build a host: disk image (raw, qcow2) or Ignition config'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "render" -d 'Write the host tree to a directory, for reading and diffing'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "keys" -d 'Create the host\'s keys (WireGuard, SSH host key, snapshot keys) and the builder\'s signing key'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "summary" -d 'Show what a profile builds: containers, ports, peers, backups'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "verify" -d 'Check an image against its signed manifest'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "run" -d 'Boot an image in QEMU: a disposable staging copy of the host'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "backup" -d 'Snapshot volumes to S3 (in the image; or from a workstation with a profile and --from)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "snapshots" -d 'List a host\'s snapshots'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "restore" -d 'Restore a snapshot into a directory'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "check" -d 'Check a host\'s snapshots (every chunk with --read-data)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "firstboot" -d 'In the image: restore volumes from the latest snapshot before services start'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "ready" -d 'In the image: wait for the host\'s units, print the readiness line on the console'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "secrets" -d 'Encrypt (lock) or decrypt (unlock) the secrets directory with age'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "gen-docs" -d 'Regenerate man pages and shell completions (for packagers; docs/ holds a copy)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and __fish_seen_subcommand_from secrets" -f -a "lock" -d 'Pack secrets/ into secrets.age (to age recipients or a passphrase) and remove the directory'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and __fish_seen_subcommand_from secrets" -f -a "unlock" -d 'Unpack secrets.age back into secrets/'

@@ -72,6 +72,8 @@ pub struct PeerInfo {
 pub struct RenderInput {
     pub host: Host,
     pub secrets_dir: PathBuf,
+    /// Where secret files are read from (a directory, or a locked archive in memory).
+    pub secrets: SecretsRoot,
     pub peers: Vec<PeerInfo>,
     /// Hosts this host scrapes (monitoring): name and WireGuard address.
     pub scrape: Vec<(String, Host)>,
@@ -126,8 +128,10 @@ pub fn gather(host: Host, secrets_root: &SecretsRoot) -> Result<RenderInput, Ren
             // Peer keys are generated here if the peer was never built.
             created.extend(secrets_root.ensure_host(peer.name())?.0);
             let key_path = secrets_root.host_dir(peer.name()).join("wireguard.key");
-            let public_key =
-                secrets::wireguard_public(&secrets::read_wireguard_private(&key_path)?);
+            let public_key = secrets::wireguard_public(&secrets::parse_wireguard_private(
+                &key_path,
+                &secrets_root.read_text(&key_path)?,
+            )?);
             let addr = wg_ip(&peer).ok_or_else(|| RenderError::Peer {
                 profile: host.path.clone(),
                 peer: p.host.clone(),
@@ -172,6 +176,7 @@ pub fn gather(host: Host, secrets_root: &SecretsRoot) -> Result<RenderInput, Ren
     }
     Ok(RenderInput {
         secrets_dir: secrets_root.host_dir(host.name()),
+        secrets: secrets_root.clone(),
         host,
         peers,
         scrape,
@@ -317,12 +322,14 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
         0o600,
         "root",
         "root",
-        secrets::read_text(&sd.join("ssh_host_ed25519_key"))?,
+        input.secrets.read_text(&sd.join("ssh_host_ed25519_key"))?,
     )?;
     t.file(
         "/etc/ssh/ssh_host_ed25519_key.pub",
         0o644,
-        secrets::read_text(&sd.join("ssh_host_ed25519_key.pub"))?,
+        input
+            .secrets
+            .read_text(&sd.join("ssh_host_ed25519_key.pub"))?,
     )?;
     t.file(
         "/etc/tmpfiles.d/imgbuild.conf",
@@ -350,7 +357,7 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
             0o600,
             "systemd-network",
             "systemd-network",
-            secrets::read_text(&sd.join("wireguard.key"))?,
+            input.secrets.read_text(&sd.join("wireguard.key"))?,
         )?;
         t.file(&format!("/etc/systemd/network/50-{}.netdev", wg.interface), 0o644, render_t(&e, "wg.netdev.j2", context! { header, interface => wg.interface, key_file, listen_port => wg.listen_port, peers => input.peers })?)?;
         t.file(
@@ -566,24 +573,32 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
                 0o600,
                 "root",
                 "root",
-                secrets::read_text(&sd.join("snapshot-encryption.key"))?,
+                input
+                    .secrets
+                    .read_text(&sd.join("snapshot-encryption.key"))?,
             )?;
             t.secret_file(
                 &format!("{sdir}/snapshot-signing.key"),
                 0o600,
                 "root",
                 "root",
-                secrets::read_text(&sd.join("snapshot-signing.key"))?,
+                input.secrets.read_text(&sd.join("snapshot-signing.key"))?,
             )?;
             t.file(
                 &format!("{sdir}/snapshot-signing.pub"),
                 0o644,
-                secrets::read_text(&sd.join("snapshot-signing.pub"))?,
+                input.secrets.read_text(&sd.join("snapshot-signing.pub"))?,
             )?;
             let s3_env = sd.join("s3.env");
-            let credentials_file = if s3_env.is_file() {
+            let credentials_file = if input.secrets.is_file(&s3_env) {
                 let path = format!("{sdir}/s3.env");
-                t.secret_file(&path, 0o600, "root", "root", secrets::read_text(&s3_env)?)?;
+                t.secret_file(
+                    &path,
+                    0o600,
+                    "root",
+                    "root",
+                    input.secrets.read_text(&s3_env)?,
+                )?;
                 Some(path)
             } else {
                 None
@@ -759,15 +774,17 @@ pub fn prepare(
     profile_arg: &str,
     opts: &LoadOptions,
     secrets: Option<&Path>,
+    unlock: &secrets::Unlock,
 ) -> anyhow::Result<(RenderInput, SecretsRoot)> {
     use anyhow::Context;
     let cwd = std::env::current_dir().context("current directory")?;
     let path = profile::resolve(profile_arg, &cwd).ok_or_else(|| anyhow::anyhow!("no profile `{profile_arg}`: looked for profiles/{profile_arg}.toml and {profile_arg}.toml (or give a path to a .toml file)"))?;
     let host = profile::load(&path, opts)?;
-    let root = match secrets {
-        Some(s) => SecretsRoot::new(s),
-        None => SecretsRoot::default_for(&host.dir),
+    let dir = match secrets {
+        Some(s) => s.to_path_buf(),
+        None => SecretsRoot::default_for(&host.dir).root,
     };
+    let root = SecretsRoot::open(dir, unlock)?;
     let input = gather(host, &root)?;
     Ok((input, root))
 }

@@ -1,0 +1,224 @@
+//! Secrets at rest: a locked secrets dir (age, passphrase or X25519 identity) builds
+//! the same output as the plain one, decrypting in memory only; wrong keys fail clearly.
+
+mod common;
+use age::secrecy::ExposeSecret;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+
+fn build(
+    dir: &std::path::Path,
+    secrets: &std::path::Path,
+    out: &str,
+    envs: &[(&str, &str)],
+    extra: &[&str],
+) -> std::process::Output {
+    let mut cmd = imgbuild();
+    cmd.current_dir(repo())
+        .env_remove("IMGBUILD_PASSPHRASE")
+        .env_remove("IMGBUILD_AGE_IDENTITY");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.args([
+        "services",
+        "--out",
+        dir.join(out).to_str().unwrap(),
+        "--secrets",
+        secrets.to_str().unwrap(),
+        "--helper-url",
+        "https://example.org/imgbuild",
+    ])
+    .args(extra);
+    cmd.output().unwrap()
+}
+
+fn tree_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = vec![];
+    for e in walk(dir) {
+        out.push((
+            e.strip_prefix(dir).unwrap().display().to_string(),
+            std::fs::read(&e).unwrap(),
+        ));
+    }
+    out.sort();
+    out
+}
+
+fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v = vec![];
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            v.extend(walk(&e.path()));
+        } else {
+            v.push(e.path());
+        }
+    }
+    v
+}
+
+#[test]
+fn passphrase_locked_secrets_build_the_same_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secrets = tmp.path().join("secrets");
+    let plain = build(tmp.path(), &secrets, "plain.ign", &[], &[]);
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let before = tree_files(&secrets);
+
+    let res = imgbuild()
+        .env("LOCK_PASS", "correct horse battery staple")
+        .args([
+            "secrets",
+            "lock",
+            "--secrets",
+            secrets.to_str().unwrap(),
+            "--passphrase-env",
+            "LOCK_PASS",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(!secrets.exists(), "plain directory removed after locking");
+    let locked = tmp.path().join("secrets.age");
+    assert_eq!(
+        std::fs::metadata(&locked).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let blob = std::fs::read(&locked).unwrap();
+    assert!(blob.starts_with(b"age-encryption.org/v1"));
+    let wg = &before
+        .iter()
+        .find(|(n, _)| n == "vps1/wireguard.key")
+        .unwrap()
+        .1;
+    assert!(
+        !blob.windows(wg.len()).any(|w| w == &wg[..]),
+        "key in clear in the locked file"
+    );
+
+    let good = build(
+        tmp.path(),
+        &secrets,
+        "locked.ign",
+        &[("IMGBUILD_PASSPHRASE", "correct horse battery staple")],
+        &[],
+    );
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join("plain.ign")).unwrap(),
+        std::fs::read(tmp.path().join("locked.ign")).unwrap(),
+        "same output from locked and plain secrets"
+    );
+    assert!(
+        !secrets.exists(),
+        "a locked build wrote plaintext secrets to disk"
+    );
+
+    let wrong = build(
+        tmp.path(),
+        &secrets,
+        "wrong.ign",
+        &[("IMGBUILD_PASSPHRASE", "wrong")],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success());
+    assert!(err.contains("cannot decrypt"), "{err}");
+    assert!(!tmp.path().join("wrong.ign").exists());
+    let none = build(tmp.path(), &secrets, "none.ign", &[], &[]);
+    assert!(String::from_utf8_lossy(&none.stderr).contains("IMGBUILD_PASSPHRASE"));
+    assert!(!secrets.exists());
+
+    let res = imgbuild()
+        .env("LOCK_PASS", "correct horse battery staple")
+        .args([
+            "secrets",
+            "unlock",
+            "--secrets",
+            secrets.to_str().unwrap(),
+            "--passphrase-env",
+            "LOCK_PASS",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(tree_files(&secrets), before, "unlock restores every file");
+    assert!(!locked.exists());
+}
+
+#[test]
+fn identity_locked_secrets_build_and_a_wrong_identity_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secrets = tmp.path().join("secrets");
+    assert!(build(tmp.path(), &secrets, "plain.ign", &[], &[])
+        .status
+        .success());
+    let id = age::x25519::Identity::generate();
+    let other = age::x25519::Identity::generate();
+    let id_file = tmp.path().join("me.key");
+    let other_file = tmp.path().join("other.key");
+    std::fs::write(&id_file, format!("{}\n", id.to_string().expose_secret())).unwrap();
+    std::fs::write(
+        &other_file,
+        format!("{}\n", other.to_string().expose_secret()),
+    )
+    .unwrap();
+    let res = imgbuild()
+        .args([
+            "secrets",
+            "lock",
+            "--secrets",
+            secrets.to_str().unwrap(),
+            "-r",
+            &id.to_public().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let good = build(
+        tmp.path(),
+        &secrets,
+        "locked.ign",
+        &[],
+        &["--identity", id_file.to_str().unwrap()],
+    );
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join("plain.ign")).unwrap(),
+        std::fs::read(tmp.path().join("locked.ign")).unwrap()
+    );
+    let bad = build(
+        tmp.path(),
+        &secrets,
+        "bad.ign",
+        &[],
+        &["--identity", other_file.to_str().unwrap()],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot decrypt"));
+    assert!(!tmp.path().join("bad.ign").exists());
+}
