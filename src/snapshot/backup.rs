@@ -129,16 +129,26 @@ async fn backup_locked(
 ) -> Result<BackupReport> {
     let existing: HashSet<[u8; 32]> = list_chunks(store).await?.into_iter().map(|c| c.0).collect();
     let known = Arc::new(std::sync::Mutex::new(existing.clone()));
+    // The newest readable snapshot lets unchanged files be skipped without reading
+    // them; any problem with it just means reading everything.
+    let prev = super::restore::latest_manifest(store, keys)
+        .await
+        .ok()
+        .flatten();
     let mut volumes = Vec::new();
     let mut stats = Stats::default();
     let mut warnings = Vec::new();
     let mut uploaded: HashSet<[u8; 32]> = HashSet::new();
     for src in sources {
         hooks.before(&src.name)?;
+        let prev_vol = prev
+            .as_ref()
+            .and_then(|m| m.volumes.iter().find(|v| v.name == src.name));
         let r = backup_volume(
             store,
             keys,
             src,
+            prev_vol,
             opts,
             now,
             &known,
@@ -152,7 +162,9 @@ async fn backup_locked(
         volumes.push(vol);
     }
     let locked_until = match store.lock_until(now) {
-        Some(until) => Some(extend_reused(store, keys, &volumes, &uploaded, now, until).await?),
+        Some(until) => {
+            Some(extend_reused(store, prev.as_ref(), &volumes, &uploaded, now, until).await?)
+        }
         None => None,
     };
     stats.duration_ms = started.elapsed().as_millis() as u64;
@@ -244,9 +256,84 @@ pub fn segments(entries: &[format::Entry], keys: &Keys) -> Vec<std::ops::Range<u
     out
 }
 
-struct Produced {
+struct Produced2 {
     id: [u8; 32],
     data: Vec<u8>,
+}
+
+enum Produced {
+    Chunk {
+        id: [u8; 32],
+        data: Vec<u8>,
+    },
+    /// A segment whose files did not change: the previous snapshot's chunks.
+    Reused(Vec<ChunkRef>),
+}
+
+/// Identifies a segment's files as they were when scanned: if every file has the same
+/// path, size, extents, mtime, ctime and inode, its bytes are assumed unchanged (the
+/// rule restic and most backup tools use).
+fn segment_fingerprint(entries: &[format::Entry]) -> Option<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    for e in entries {
+        if e.kind == format::Kind::File && e.ino == 0 {
+            return None; // no change information: always read
+        }
+        h.update(&e.path.to_bytes().unwrap_or_default());
+        h.update(&[0]);
+        if e.kind == format::Kind::File {
+            for v in [
+                e.size,
+                e.mtime as u64,
+                e.mtime_ns.into(),
+                e.ctime as u64,
+                e.ctime_ns.into(),
+                e.ino,
+            ] {
+                h.update(&v.to_le_bytes());
+            }
+            for x in e.data_extents() {
+                h.update(&x[0].to_le_bytes());
+                h.update(&x[1].to_le_bytes());
+            }
+        }
+    }
+    Some(*h.finalize().as_bytes())
+}
+
+/// Segment fingerprint → the previous snapshot's chunks for exactly that segment.
+/// Segments are chunked independently, so their chunks start and end on segment
+/// boundaries; a segment where that does not hold (other chunker settings) is left out.
+fn reusable_segments(
+    prev: &Volume,
+    keys: &Keys,
+) -> std::collections::HashMap<[u8; 32], Vec<ChunkRef>> {
+    let mut out = std::collections::HashMap::new();
+    let mut chunk_iter = prev.chunks.iter();
+    let mut chunk_pos = 0u64;
+    let mut stream_pos = 0u64;
+    for seg in segments(&prev.entries, keys) {
+        let slice = &prev.entries[seg];
+        let len: u64 = slice.iter().map(|e| e.stream_len()).sum();
+        let end = stream_pos + len;
+        let mut refs = Vec::new();
+        let mut aligned = chunk_pos == stream_pos;
+        while chunk_pos < end {
+            let Some(c) = chunk_iter.next() else {
+                return out;
+            };
+            chunk_pos += c.1;
+            refs.push(c.clone());
+        }
+        aligned &= chunk_pos == end;
+        if aligned && len > 0 {
+            if let Some(fp) = segment_fingerprint(slice) {
+                out.insert(fp, refs);
+            }
+        }
+        stream_pos = end;
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -254,6 +341,7 @@ async fn backup_volume(
     store: &Store,
     keys: &Keys,
     src: &Source,
+    prev: Option<&Volume>,
     opts: &BackupOptions,
     now: i64,
     known: &Arc<std::sync::Mutex<HashSet<[u8; 32]>>>,
@@ -280,8 +368,32 @@ async fn backup_volume(
     let k2 = keys.clone();
     let root = src.root.clone();
     let (entries2, warnings2) = (entries.clone(), reader_warnings.clone());
+    let reuse = prev.map(|p| reusable_segments(p, keys)).unwrap_or_default();
+    let known2 = known.clone();
     let producer = tokio::task::spawn_blocking(move || {
         for seg in segments(&entries2, &k2) {
+            if let Some(refs) =
+                segment_fingerprint(&entries2[seg.clone()]).and_then(|fp| reuse.get(&fp))
+            {
+                // Reuse only what is still in the bucket (a prune may have run).
+                let present = known2.lock().is_ok_and(|k| {
+                    refs.iter().all(|r| {
+                        hex::decode(&r.0)
+                            .ok()
+                            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                            .is_some_and(|id| k.contains(&id))
+                    })
+                });
+                if present {
+                    if tx
+                        .blocking_send(Ok(Produced::Reused(refs.clone())))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+            }
             let reader = fsio::StreamReader::new(&root, entries2.clone(), seg, warnings2.clone());
             let cdc = StreamCDC::with_level_and_seed(
                 reader,
@@ -293,7 +405,7 @@ async fn backup_volume(
             );
             for c in cdc {
                 let msg = c
-                    .map(|c| Produced {
+                    .map(|c| Produced::Chunk {
                         id: k2.chunk_id(&c.data),
                         data: c.data,
                     })
@@ -313,7 +425,16 @@ async fn backup_volume(
     let mut failure: Option<SnapshotError> = None;
     while let Some(msg) = rx.recv().await {
         let p = match msg {
-            Ok(p) => p,
+            Ok(Produced::Chunk { id, data }) => Produced2 { id, data },
+            Ok(Produced::Reused(refs)) => {
+                for r in refs {
+                    stream_bytes += r.1;
+                    step.inc(r.1);
+                    stats.chunks_total += 1;
+                    chunks.push(r);
+                }
+                continue;
+            }
             Err(e) => {
                 failure = Some(SnapshotError::io(&src.root, e));
                 break;
@@ -403,7 +524,7 @@ fn flatten(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> Resul
 /// Returns the date until which every object of the new snapshot is locked.
 async fn extend_reused(
     store: &Store,
-    keys: &Keys,
+    prev: Option<&Manifest>,
     volumes: &[Volume],
     uploaded: &HashSet<[u8; 32]>,
     now: i64,
@@ -411,11 +532,7 @@ async fn extend_reused(
 ) -> Result<i64> {
     use futures_util::StreamExt;
     let days = until - now;
-    let prev = super::restore::latest_manifest(store, keys)
-        .await
-        .ok()
-        .flatten();
-    let (prev_ids, prev_until): (HashSet<String>, i64) = match &prev {
+    let (prev_ids, prev_until): (HashSet<String>, i64) = match prev {
         Some(m) => (
             m.chunk_ids().into_iter().map(str::to_string).collect(),
             m.locked_until.unwrap_or(0),

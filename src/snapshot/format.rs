@@ -129,6 +129,22 @@ pub struct Entry {
     /// system.posix_acl_access.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub xattrs: BTreeMap<String, String>,
+    /// Change detection only (restore ignores them): ctime and inode at backup time,
+    /// so the next backup can skip reading files that did not change.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub ctime: i64,
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub ctime_ns: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ino: u64,
+}
+
+fn is_zero_i64(v: &i64) -> bool {
+    *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 fn is_zero(v: &u64) -> bool {

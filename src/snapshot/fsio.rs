@@ -144,6 +144,9 @@ fn scan_into(
         target: None,
         rdev: 0,
         xattrs: read_xattrs(&path)?,
+        ctime: md.ctime(),
+        ctime_ns: md.ctime_nsec() as u32,
+        ino: md.ino(),
     };
     if ft.is_dir() {
         e.kind = Kind::Dir;
