@@ -221,7 +221,17 @@ pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
             let a = s.spawn(
                 || -> Result<Vec<(&'static str, String, Duration)>, ImageError> {
                     let t = Instant::now();
-                    mkfs_ext4(&mkfs, &raw, lay.root, "root", &ids, &tars.root, epoch, true)?;
+                    let inodes = tars.root_usage.entries + tars.root_usage.entries / 10 + 1024;
+                    mkfs_ext4(
+                        &mkfs,
+                        &raw,
+                        lay.root,
+                        "root",
+                        &ids,
+                        &tars.root,
+                        epoch,
+                        Some(inodes),
+                    )?;
                     let d = t.elapsed();
                     let t = Instant::now();
                     let h = hash_span(&raw, lay.root)?;
@@ -234,7 +244,7 @@ pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
             let b = s.spawn(
                 || -> Result<Vec<(&'static str, String, Duration)>, ImageError> {
                     let t = Instant::now();
-                    mkfs_ext4(&mkfs, &raw, lay.var, "var", &ids, &tars.var, epoch, false)?;
+                    mkfs_ext4(&mkfs, &raw, lay.var, "var", &ids, &tars.var, epoch, None)?;
                     let mut disk = fs::OpenOptions::new()
                         .read(true)
                         .write(true)
@@ -440,7 +450,7 @@ fn mkfs_ext4(
     ids: &Ids,
     tar: &Path,
     epoch: u64,
-    read_only_root: bool,
+    read_only_root: Option<u64>,
 ) -> Result<(), ImageError> {
     let fs_uuid = ids.uuid(&format!("{label}-filesystem"));
     let seed = ids.uuid(&format!("{label}-hash-seed"));
@@ -451,15 +461,23 @@ fn mkfs_ext4(
         .env("SOURCE_DATE_EPOCH", epoch.to_string())
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", label, "-U"])
         .arg(fs_uuid.to_string())
-        .arg("-E")
-        .arg(format!(
+        .arg("-E");
+    if let Some(inodes) = read_only_root {
+        // Never mounted read-write: no journal, no reserved blocks, only the inodes the
+        // tree needs, and inode tables left unwritten (they are zeros in the sparse
+        // file; the kernel's lazy init only runs on read-write mounts). Nothing changes
+        // the bytes after the build, which a dm-verity tree over this partition needs.
+        cmd.arg(format!(
+            "offset={},hash_seed={seed},nodiscard,root_owner=0:0,lazy_itable_init=1",
+            span.start
+        ))
+        .args(["-m", "0", "-O", "^has_journal", "-N"])
+        .arg(inodes.to_string());
+    } else {
+        cmd.arg(format!(
             "offset={},hash_seed={seed},nodiscard,root_owner=0:0",
             span.start
         ));
-    if read_only_root {
-        // Never mounted read-write: no journal, no reserved blocks; nothing changes the
-        // bytes after the build, which a dm-verity tree over this partition will need.
-        cmd.args(["-m", "0", "-O", "^has_journal"]);
     }
     cmd.arg("-d")
         .arg(tar)
