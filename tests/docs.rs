@@ -49,6 +49,7 @@ fn profile_reference_documents_every_key() {
         ("volumes", keys::<Volume>()),
         ("containers.health", keys::<Health>()),
         ("containers", keys::<Container>()),
+        ("files", keys::<ExtraFile>()),
     ];
     let mut missing = vec![];
     let mut n = 0;

@@ -23,6 +23,10 @@ pub struct Profile {
     pub volumes: BTreeMap<String, Volume>,
     #[serde(default)]
     pub containers: BTreeMap<String, Container>,
+    /// Extra files for the host, by absolute path (configs an app needs, static
+    /// network settings...).
+    #[serde(default)]
+    pub files: BTreeMap<String, ExtraFile>,
     /// Partial profiles merged over the base by `--env NAME`; checked when selected.
     #[serde(default)]
     pub environments: BTreeMap<String, toml::Value>,
@@ -366,4 +370,20 @@ pub struct Container {
     pub read_only: bool,
     /// Expose `/metrics` of this container to the monitoring host: `"PORT"`.
     pub metrics_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraFile {
+    pub content: String,
+    /// Octal mode as a string, e.g. "0644".
+    #[serde(default = "default_file_mode")]
+    pub mode: String,
+    /// Holds a secret: never printed, output written 0600.
+    #[serde(default)]
+    pub secret: bool,
+}
+
+fn default_file_mode() -> String {
+    "0644".into()
 }

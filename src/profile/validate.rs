@@ -823,6 +823,37 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
         }
     }
 
+    for (path, f) in &p.files {
+        let at = [k("files"), k(path)];
+        let ok = path.starts_with('/')
+            && !path.ends_with('/')
+            && !path.contains("//")
+            && !path.split('/').any(|c| c == "." || c == "..")
+            && no_control(path);
+        if !ok {
+            c.err(
+                &at,
+                format!(
+                    "`{}` is not an absolute, normalised path",
+                    path.escape_debug()
+                ),
+                None,
+            );
+        } else if !(path.starts_with("/etc/") || path.starts_with("/usr/local/")) {
+            c.err(&at, "extra files go under /etc or /usr/local (the rest of the root is the base OS; state belongs on /var)", None);
+        }
+        if u32::from_str_radix(f.mode.trim_start_matches("0o"), 8)
+            .map(|m| m > 0o7777)
+            .unwrap_or(true)
+        {
+            c.err(
+                &[k("files"), k(path), k("mode")],
+                format!("`{}` is not an octal mode", f.mode.escape_debug()),
+                "e.g. \"0644\"".to_string(),
+            );
+        }
+    }
+
     if let Some(m) = &p.monitoring {
         for (i, h) in m.scrape.iter().enumerate() {
             let at = [k("monitoring"), k("scrape"), Seg::Index(i)];

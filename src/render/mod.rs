@@ -525,6 +525,16 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
         t.enable("podman-auto-update.timer", "timers.target");
     }
 
+    // Extra files from the profile; a clash with a generated file is an error (TreeError).
+    for (path, f) in &p.files {
+        let mode = u32::from_str_radix(f.mode.trim_start_matches("0o"), 8).unwrap_or(0o644);
+        if f.secret {
+            t.secret_file(path, mode, "root", "root", f.content.clone())?;
+        } else {
+            t.file(path, mode, f.content.clone())?;
+        }
+    }
+
     // The in-image helper: first-boot restore, backups, readiness.
     t.file(
         &format!("{SYSTEMD_UNIT_DIR}/imgbuild-firstboot.service"),
