@@ -259,23 +259,23 @@ fn bench_snapshots_vs_restic_rustic() {
             .stderr(std::process::Stdio::null());
         c
     };
+    // rustic takes S3 settings from a profile file (`-P <path without .toml>`).
+    let rustic_profile = work.path().join("rustic-bench");
+    std::fs::write(
+        rustic_profile.with_extension("toml"),
+        format!(
+            "[repository]\nrepository = \"opendal:s3\"\npassword = \"bench\"\n\
+             [repository.options]\nendpoint = \"{endpoint}\"\nbucket = \"{}\"\nroot = \"/rustic\"\n\
+             region = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n",
+            env.cfg.bucket
+        ),
+    )
+    .unwrap();
     let rustic_opts = |sub: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = vec![
-            "-r".into(),
-            "opendal:s3".into(),
+            "-P".into(),
+            rustic_profile.display().to_string(),
             "--no-progress".into(),
-            "-o".into(),
-            format!("endpoint={endpoint}"),
-            "-o".into(),
-            format!("bucket={}", env.cfg.bucket),
-            "-o".into(),
-            "root=/rustic".into(),
-            "-o".into(),
-            "region=us-east-1".into(),
-            "-o".into(),
-            "access_key_id=test".into(),
-            "-o".into(),
-            "secret_access_key=test".into(),
         ];
         v.extend(sub.iter().map(|s| s.to_string()));
         v
