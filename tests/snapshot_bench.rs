@@ -28,6 +28,8 @@ struct Measured {
 }
 
 /// Runs `cmd` to completion, timing it and reading its peak RSS (ru_maxrss).
+// The child is reaped by wait4() (std's wait() cannot return the rusage).
+#[allow(clippy::zombie_processes)]
 fn measured(cmd: &mut Command) -> Measured {
     let out = tempfile::NamedTempFile::new().unwrap();
     cmd.stdout(out.reopen().unwrap());

@@ -144,6 +144,14 @@ async fn firstboot_once(
         write: WriteOptions::default(),
         volumes: Vec::new(),
     };
+    for v in &b.volumes {
+        if !m.volumes.iter().any(|mv| mv.name == v.name) {
+            log(&format!(
+                "imgbuild firstboot: volume {} is not in snapshot {}: it starts empty",
+                v.name, m.id
+            ));
+        }
+    }
     let report = restore::restore(&store, &keys, &m, &staging, &opts).await?;
     for w in &report.warnings {
         log(&format!("imgbuild firstboot: warning: {w}"));
