@@ -63,6 +63,8 @@ pub enum Command {
     Firstboot(crate::snapshot::cli::FirstbootArgs),
     /// In the image: wait for the host's units, print the readiness line on the console
     Ready(ReadyArgs),
+    /// Upload an image (and its signed manifest) to s3://bucket/key for a provider's import
+    Upload(crate::upload::UploadArgs),
     /// Encrypt (lock) or decrypt (unlock) the secrets directory with age
     Secrets(SecretsArgs),
     /// Regenerate man pages and shell completions (for packagers; docs/ holds a copy)

@@ -19,3 +19,4 @@ pub mod render;
 pub mod secrets;
 pub mod snapshot;
 pub mod tree;
+pub mod upload;

@@ -28,6 +28,7 @@ fn main() {
         Command::Firstboot(a) => imgbuild::snapshot::cli::cmd_firstboot(a),
         Command::Ready(a) => imgbuild::image::ready(&a.config),
         Command::Secrets(a) => commands::secrets_cmd(a),
+        Command::Upload(a) => imgbuild::upload::cmd_upload(a),
         Command::GenDocs { out } => imgbuild::gendocs::generate(out)
             .map(|w| {
                 for p in w {

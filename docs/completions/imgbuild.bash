@@ -58,6 +58,9 @@ _imgbuild() {
             imgbuild,summary)
                 cmd="imgbuild__subcmd__summary"
                 ;;
+            imgbuild,upload)
+                cmd="imgbuild__subcmd__upload"
+                ;;
             imgbuild,verify)
                 cmd="imgbuild__subcmd__verify"
                 ;;
@@ -103,6 +106,9 @@ _imgbuild() {
             imgbuild__subcmd__help,summary)
                 cmd="imgbuild__subcmd__help__subcmd__summary"
                 ;;
+            imgbuild__subcmd__help,upload)
+                cmd="imgbuild__subcmd__help__subcmd__upload"
+                ;;
             imgbuild__subcmd__help,verify)
                 cmd="imgbuild__subcmd__help__subcmd__verify"
                 ;;
@@ -137,7 +143,7 @@ _imgbuild() {
 
     case "${cmd}" in
         imgbuild)
-            opts="-h -V --help --version build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help"
+            opts="-h -V --help --version build render keys summary verify run backup snapshots restore check firstboot ready upload secrets gen-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -317,7 +323,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__help)
-            opts="build render keys summary verify run backup snapshots restore check firstboot ready secrets gen-docs help"
+            opts="build render keys summary verify run backup snapshots restore check firstboot ready upload secrets gen-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -541,6 +547,20 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__help__subcmd__summary)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__help__subcmd__upload)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -922,6 +942,32 @@ _imgbuild() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__upload)
+            opts="-q -h --endpoint --region --part-mib --quiet --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --region)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --part-mib)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

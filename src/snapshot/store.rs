@@ -458,13 +458,13 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-fn body_has_error<E>(e: &SdkError<E, HttpResponse>) -> bool {
+pub(crate) fn body_has_error<E>(e: &SdkError<E, HttpResponse>) -> bool {
     e.raw_response()
         .and_then(|r| r.body().bytes())
         .map_or(true, |b| String::from_utf8_lossy(b).contains("<Error>"))
 }
 
-fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+pub(crate) fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
     e.raw_response().map(|r| r.status().as_u16())
 }
 
