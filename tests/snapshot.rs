@@ -570,10 +570,37 @@ fn object_lock_protects_every_object_until_its_date() {
         .await
         .unwrap();
         eprintln!("prune under object lock: {p:?}");
-        restore_id(&store, &env, &r2.id, &env.path("out"))
+        // A longer lock period later (the previous guarantee, +2 d, is under half of
+        // 5 d): the reused chunks are extended to the new date,
+        // so the newest snapshot is protected as long as its own objects.
+        let mut cfg4 = env.cfg.clone();
+        cfg4.object_lock_days = Some(5);
+        let store4 = Store::connect(&cfg4).await.unwrap();
+        std::fs::write(v.join("c"), b"again").unwrap();
+        let r3 = backup::backup(&store4, &keys, &[src("v", &v)], &mut NoHooks, &opts())
+            .await
+            .unwrap();
+        let now = backup::now_unix();
+        assert!((r3.locked_until.unwrap() - (now + 5 * 86_400)).abs() < 120);
+        let m3 = restore::load_manifest(&store4, &keys, &r3.id)
+            .await
+            .unwrap();
+        for id in m3.chunk_ids() {
+            let until = store4
+                .retention(&format::chunk_key(&store4.prefix, id))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(
+                (until - (now + 5 * 86_400)).abs() < 120,
+                "chunk {id} locked until {until}"
+            );
+        }
+        restore_id(&store, &env, &r3.id, &env.path("out"))
             .await
             .unwrap();
         assert_eq!(tree_hash(&v), tree_hash(&env.path("out/v/_data")));
+        let _ = r2;
     });
 }
 
