@@ -146,11 +146,30 @@ pub fn ensure(
     let digest = digest_of(&bytes);
     let base_dir = cache_root.join("base");
     let dir = base_dir.join(&digest);
+    fs::create_dir_all(&base_dir).map_err(io_err(format!(
+        "cannot create cache dir {}",
+        base_dir.display()
+    )))?;
+    // One builder per base at a time (parallel tests, two terminals): the second waits
+    // and then finds the first one's base in the cache.
+    let lock = fs::File::create(base_dir.join(format!("{digest}.lock")))
+        .map_err(io_err("cannot create base lock file"))?;
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(ImageError::Io {
+                what: "cannot lock the base cache".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
     let mut built = false;
     if refresh || !dir.join("index.json").is_file() {
         build_base(&def, &digest, &base_dir, mirror, progress)?;
         built = true;
     }
+    drop(lock);
     let index: BaseIndex = serde_json::from_slice(
         &fs::read(dir.join("index.json")).map_err(io_err("cannot read base index"))?,
     )
