@@ -399,7 +399,7 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
         }
     }
 
-    for (name, _) in &p.networks {
+    for name in p.networks.keys() {
         if !is_unit_safe(name) {
             c.err(
                 &[k("networks"), k(name)],

@@ -264,7 +264,7 @@ impl Manifest {
                     }
                 }
                 for x in e.data_extents() {
-                    if x[0].checked_add(x[1]).map_or(true, |end| end > e.size) {
+                    if x[0].checked_add(x[1]).is_none_or(|end| end > e.size) {
                         return Err(format!("volume {}: extent past end of {}", v.name, e.path));
                     }
                 }

@@ -160,7 +160,7 @@ pub async fn prune(
         .list(&lock_dir)
         .await?
         .into_iter()
-        .filter(|o| o.last_modified.map_or(true, |t| now - t < LOCK_STALE_SECS))
+        .filter(|o| o.last_modified.is_none_or(|t| now - t < LOCK_STALE_SECS))
         .map(|o| o.key)
         .collect();
     if let Some(l) = live_locks.first() {
@@ -177,7 +177,7 @@ pub async fn prune(
     let orphans: Vec<(String, u64)> = list_chunks(store)
         .await?
         .into_iter()
-        .filter(|(_, _, t)| t.map_or(true, |t| now - t >= grace_secs))
+        .filter(|(_, _, t)| t.is_none_or(|t| now - t >= grace_secs))
         .map(|(id, size, _)| (hex::encode(id), size))
         .filter(|(id, _)| !needed.contains(id))
         .collect();

@@ -461,7 +461,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 pub(crate) fn body_has_error<E>(e: &SdkError<E, HttpResponse>) -> bool {
     e.raw_response()
         .and_then(|r| r.body().bytes())
-        .map_or(true, |b| String::from_utf8_lossy(b).contains("<Error>"))
+        .is_none_or(|b| String::from_utf8_lossy(b).contains("<Error>"))
 }
 
 pub(crate) fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
