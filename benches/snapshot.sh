@@ -39,7 +39,8 @@ small-file anchors also change with each run's fresh key). imgbuild's incrementa
 (same path, size, mtime, ctime, inode) are not read at all; it stores about as much as
 restic (1.0-1.2×) because small-file groups (~300 KB) are coarser than restic's
 per-file chunks. Packing chunks into larger objects is the next step for restore
-speed on request-bound servers.
+speed on request-bound servers. Peak RSS is measured with GNU time (`%M`) around
+each restore process.
 """
 section = ("## Snapshots\n\n"
            f"Measured {datetime.date.today()} by `bash benches/snapshot.sh` "

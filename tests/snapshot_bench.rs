@@ -27,24 +27,43 @@ struct Measured {
     stdout: String,
 }
 
-/// Runs `cmd` to completion, timing it and reading its peak RSS (ru_maxrss).
-// The child is reaped by wait4() (std's wait() cannot return the rusage).
-#[allow(clippy::zombie_processes)]
+/// Runs `cmd` to completion, timing it and reading its peak RSS. The RSS comes from
+/// GNU time (`/usr/bin/time -f %M`): Linux carries a process's high-water RSS across
+/// fork+exec, so a child forked straight from this (large) test process would report
+/// at least our own RSS.
 fn measured(cmd: &mut Command) -> Measured {
     let out = tempfile::NamedTempFile::new().unwrap();
-    cmd.stdout(out.reopen().unwrap());
+    let err = tempfile::NamedTempFile::new().unwrap();
+    let mut wrapped = Command::new("/usr/bin/time");
+    wrapped
+        .arg("-f")
+        .arg("IMGBUILD-MAXRSS-KIB %M")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdout(out.reopen().unwrap())
+        .stderr(err.reopen().unwrap());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
     let t = Instant::now();
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let mut status = 0;
-    // SAFETY: zeroed rusage is a valid value; wait4 fills it.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child.
-    unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let status = wrapped
+        .status()
+        .unwrap_or_else(|e| panic!("/usr/bin/time (apt-get install time): {e}"));
     let secs = t.elapsed().as_secs_f64();
+    let stderr = std::fs::read_to_string(err.path()).unwrap_or_default();
+    let max_rss_kib = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("IMGBUILD-MAXRSS-KIB "))
+        .filter_map(|v| v.trim().parse().ok())
+        .next_back()
+        .unwrap_or(0);
     Measured {
         secs,
-        max_rss_kib: ru.ru_maxrss as u64,
-        ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        max_rss_kib,
+        ok: status.success(),
         stdout: std::fs::read_to_string(out.path()).unwrap_or_default(),
     }
 }
@@ -257,8 +276,7 @@ fn bench_snapshots_vs_restic_rustic() {
         c.args(args)
             .envs(aws_env)
             .env("RESTIC_PASSWORD", "bench")
-            .env("RUSTIC_PASSWORD", "bench")
-            .stderr(std::process::Stdio::null());
+            .env("RUSTIC_PASSWORD", "bench");
         c
     };
     // rustic takes S3 settings from a profile file (`-P <path without .toml>`).
