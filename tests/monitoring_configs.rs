@@ -101,3 +101,52 @@ fn a_broken_rendered_config_fails_the_build() {
     let err = imgbuild::render::check::check_tree(&t).unwrap_err();
     assert!(err.to_string().contains("promtool rejects"), "{err}");
 }
+
+#[test]
+fn alert_rules_use_the_metrics_the_backup_really_writes() {
+    // The real metrics writer of the in-image backup, for a failed run.
+    let dir = tempfile::tempdir().unwrap();
+    let failed = imgbuild::snapshot::host::HostBackupResult {
+        report: None,
+        prune: None,
+        error: Some("bucket unreachable".into()),
+        seconds: 1.0,
+    };
+    imgbuild::snapshot::host::write_metrics(dir.path(), "vps1", &failed).unwrap();
+    let mut written = String::new();
+    for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        written.push_str(&std::fs::read_to_string(e.path()).unwrap());
+    }
+    assert!(
+        written.contains("imgbuild_backup_success{host=\"vps1\"} 0"),
+        "{written}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("t");
+    run_ok(
+        &[
+            "render",
+            "monitoring",
+            "--out",
+            out.to_str().unwrap(),
+            "--secrets",
+            tmp.path().join("s").to_str().unwrap(),
+        ],
+        &repo(),
+    );
+    let rules =
+        std::fs::read_to_string(out.join("etc/imgbuild/config/prometheus/rules/imgbuild.yml"))
+            .unwrap();
+    let dash =
+        std::fs::read_to_string(out.join("etc/imgbuild/config/grafana/dashboards/hosts.json"))
+            .unwrap();
+    for text in [&rules, &dash] {
+        for (i, _) in text.match_indices("imgbuild_backup_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(written.contains(&format!("\n{name}{{")) || written.starts_with(&format!("{name}{{")), "`{name}` is used by the monitoring host but never written by the backup:\n{written}");
+        }
+    }
+}
