@@ -1,0 +1,290 @@
+//! The data half end to end: a services image (test overlay: one baked busybox web
+//! server serving a volume, backups to a moto S3 server on the host's 127.0.0.1, which
+//! the guest reaches as 10.0.2.2) boots, gets data written into its volume, backs it up;
+//! a fresh copy of the same image (pristine /var) then restores the volume at first boot
+//! before the container starts, and says so on the console.
+
+#[path = "common.rs"]
+mod common;
+#[path = "../tests/snapshot-fixtures/common.rs"]
+mod snapfix;
+
+use common::*;
+use imgbuild::image::{qemu, RunOptions, SerialTarget};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        println!("data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy: test");
+        return;
+    }
+    let filters: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let name = "data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy";
+    if filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())) {
+        eprintln!("test {name} ...");
+        data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy();
+        println!("test {name} ... ok");
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn http_get(port: u16, path: &str, timeout: Duration) -> String {
+    let Ok(mut s) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes());
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn strip(src: &Path, dir: &Path) -> PathBuf {
+    let dst = dir.join("imgbuild-helper");
+    let st = Command::new(require("objcopy", "sudo apt-get install binutils"))
+        .arg("--strip-debug")
+        .arg(src)
+        .arg(&dst)
+        .status()
+        .expect("objcopy");
+    assert!(st.success());
+    dst
+}
+
+fn ssh(dir: &Path, port: u16, script: &str) -> String {
+    let o = Command::new(require("ssh", "sudo apt-get install openssh-client"))
+        .arg("-i")
+        .arg(dir.join("admin_ed25519"))
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=20",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg("admin@127.0.0.1")
+        .arg(script)
+        .output()
+        .expect("ssh");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "ssh `{script}` failed:\n{out}");
+    out
+}
+
+fn boot(image: &Path, serial: &Path, ssh_port: u16, web_port: u16) -> (qemu::Vm, String, Duration) {
+    let _ = std::fs::remove_file(serial);
+    let mut opts = RunOptions::new(image);
+    opts.serial = SerialTarget::File(serial.to_path_buf());
+    opts.ssh_port = Some(ssh_port);
+    opts.forwards = vec![(web_port, HELLO_PORT)];
+    let mut vm = qemu::start(&opts).expect("start qemu");
+    let (seen, log) =
+        qemu::wait_for_serial(&mut vm, serial, "imgbuild: vps1 ", BOOT_TIMEOUT).expect("serial");
+    let t = vm.started.elapsed();
+    let tail: String = log
+        .lines()
+        .rev()
+        .take(60)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        seen && log.contains("imgbuild: vps1 ready ("),
+        "not ready within {BOOT_TIMEOUT:?}:\n{tail}"
+    );
+    (vm, log, t)
+}
+
+fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
+    require(
+        "qemu-system-x86_64",
+        "sudo apt-get install -t bookworm-backports qemu-system-x86 ovmf",
+    );
+    let moto = snapfix::moto();
+    let port: u16 = moto
+        .endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("moto port");
+    let bucket = snapfix::unique("drill").to_lowercase();
+    snapfix::rt().block_on(async {
+        let cfg = imgbuild::snapshot::StoreConfig {
+            bucket: bucket.clone(),
+            endpoint: Some(moto.endpoint.clone()),
+            region: "us-east-1".into(),
+            path_style: true,
+            ..Default::default()
+        };
+        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+        let s = imgbuild::snapshot::Store::connect(&cfg)
+            .await
+            .expect("connect");
+        s.client()
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .expect("create bucket");
+    });
+
+    let dir = scratch("qemu-restore");
+    let keys = keys(&dir);
+    let oci = dir.join("hello.oci.tar");
+    hello_archive(&oci);
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(secrets.join("vps1")).unwrap();
+    std::fs::write(
+        secrets.join("vps1/s3.env"),
+        "AWS_ACCESS_KEY_ID=test\nAWS_SECRET_ACCESS_KEY=test\nAWS_REGION=us-east-1\n",
+    )
+    .unwrap();
+    let overlay = dir.join("overlay.toml");
+    std::fs::write(
+        &overlay,
+        format!(
+            "replace = [\"containers\", \"volumes\", \"networks\", \"proxy\", \"backup\", \"admin\"]\n\n\
+             [admin]\nuser = \"admin\"\nssh_keys = [\"{}\"]\n\n\
+             [backup]\nbucket = \"{bucket}\"\nprefix = \"vps1-test\"\nendpoint = \"http://10.0.2.2:{port}\"\nregion = \"us-east-1\"\n\
+             restore = \"allow-empty\"\nrestore_timeout = 120\nkeep = {{ last = 3 }}\n\n\
+             [volumes.www]\nbackup = \"live\"\n\n\
+             [containers.web]\nimage = \"{HELLO_REF}\"\nbake = \"{}\"\npublish = [\"{HELLO_PORT}:{HELLO_PORT}\"]\nvolumes = [\"www:/www\"]\n",
+            keys.admin_pub.trim(),
+            oci.display()
+        ),
+    )
+    .unwrap();
+    let cli = PathBuf::from(env!("CARGO_BIN_EXE_imgbuild"));
+    let helper = strip(&cli, &dir);
+    let image = dir.join("vps1.raw");
+    let profile = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/services.toml");
+    let st = Command::new(&cli)
+        .arg("build")
+        .arg(&profile)
+        .arg("--overlay")
+        .arg(&overlay)
+        .arg("--secrets")
+        .arg(&secrets)
+        .arg("--helper")
+        .arg(&helper)
+        .arg("--out")
+        .arg(&image)
+        .status()
+        .expect("imgbuild build");
+    assert!(st.success(), "build failed");
+
+    // First boot: empty bucket, allow-empty: services start on empty volumes.
+    let serial = dir.join("serial1.log");
+    let (ssh_port, web) = (free_port(), free_port());
+    let (mut vm, log1, t1) = boot(&image, &serial, ssh_port, web);
+    assert!(
+        log1.contains("holds no snapshot; restore = allow-empty"),
+        "first boot did not see the empty bucket"
+    );
+    eprintln!("BOOT 1 (empty bucket): {:.1}s to ready", t1.as_secs_f64());
+    let proof = format!("restored-{}", std::process::id());
+    let t = Instant::now();
+    let out = ssh(&dir, ssh_port, &format!("sudo sh -c 'echo {proof} > /var/lib/containers/storage/volumes/www/_data/proof.txt && mkdir -p /var/lib/containers/storage/volumes/www/_data/sub && head -c 3000000 /dev/urandom > /var/lib/containers/storage/volumes/www/_data/sub/blob && sha256sum /var/lib/containers/storage/volumes/www/_data/sub/blob && systemctl start imgbuild-backup.service && echo backup=ok'"));
+    assert!(out.contains("backup=ok"), "{out}");
+    let blob_sum = out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("backup in the guest: {:.1}s", t.elapsed().as_secs_f64());
+    assert!(
+        http_get(web, "/proof.txt", Duration::from_secs(10)).contains(&proof),
+        "the container does not serve the volume"
+    );
+    vm.kill();
+
+    // The workstation sees the snapshot the host made.
+    let list = Command::new(&cli)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .args(["snapshots", "--json", "--secrets"])
+        .arg(&secrets)
+        .arg(&profile)
+        .args([
+            "--bucket",
+            &bucket,
+            "--prefix",
+            "vps1-test",
+            "--endpoint",
+            &moto.endpoint,
+        ])
+        .output()
+        .expect("imgbuild snapshots");
+    let listing = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.status.success(),
+        "snapshots: {}{}",
+        listing,
+        String::from_utf8_lossy(&list.stderr)
+    );
+
+    // A fresh copy of the image (the same file, pristine /var): data back before the service.
+    let serial = dir.join("serial2.log");
+    let (ssh_port, web) = (free_port(), free_port());
+    let (mut vm, log2, t2) = boot(&image, &serial, ssh_port, web);
+    let line = log2
+        .lines()
+        .find(|l| l.contains("imgbuild firstboot: restored snapshot"))
+        .unwrap_or_else(|| panic!("no restore line on the console:\n{log2}"));
+    eprintln!(
+        "BOOT 2 (restore): {:.1}s to ready; console: {}",
+        t2.as_secs_f64(),
+        line.trim()
+    );
+    let body = http_get(web, "/proof.txt", Duration::from_secs(10));
+    assert!(body.contains(&proof), "restored data not served: {body:?}");
+    let out = ssh(&dir, ssh_port, "sudo sha256sum /var/lib/containers/storage/volumes/www/_data/sub/blob; \
+        echo fb_done=$(systemctl show -p ExecMainExitTimestampMonotonic --value imgbuild-firstboot.service); \
+        echo web_start=$(systemctl show -p ExecMainStartTimestampMonotonic --value web.service)");
+    assert!(out.starts_with(&blob_sum), "restored blob differs:\n{out}");
+    let val = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        val("fb_done") > 0 && val("web_start") > val("fb_done"),
+        "the container started before the restore finished:\n{out}"
+    );
+    vm.kill();
+    eprintln!(
+        "restore test passed: boot 1 {:.1}s, boot 2 {:.1}s",
+        t1.as_secs_f64(),
+        t2.as_secs_f64()
+    );
+}
