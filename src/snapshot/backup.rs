@@ -241,8 +241,8 @@ pub fn segments(entries: &[format::Entry], keys: &Keys) -> Vec<std::ops::Range<u
         let anchor = || {
             let p = e.path.to_bytes().unwrap_or_default();
             let h = keys.chunk_id(&p);
-            u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) % SEGMENT_ANCHOR
-                == 0
+            u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+                .is_multiple_of(SEGMENT_ANCHOR)
         };
         if bytes >= SEGMENT_MAX || (bytes >= SEGMENT_MIN && anchor()) {
             out.push(start..i + 1);
