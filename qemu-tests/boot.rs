@@ -12,8 +12,6 @@ mod common;
 
 use common::*;
 use imgbuild::image::{self, qemu, DiskFormat, RunOptions, SerialTarget};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -160,12 +158,12 @@ fn services_profile_built_by_the_cli_boots_to_ready() {
         tail(&log, 80)
     );
 
-    let body = http_get(hello, Duration::from_secs(10));
+    let body = http_get(hello, "/", Duration::from_secs(10));
     assert!(
         body.contains(HELLO_BODY),
         "the baked container did not answer: {body:?}"
     );
-    let got = http_get(closed, Duration::from_secs(8));
+    let got = http_get(closed, "/", Duration::from_secs(8));
     assert!(
         got.is_empty(),
         "a port the profile does not open answered: {got:?}"
@@ -234,18 +232,6 @@ fn services_profile_built_by_the_cli_boots_to_ready() {
     );
 }
 
-fn strip(src: &Path, dir: &Path) -> PathBuf {
-    let dst = dir.join("imgbuild-helper");
-    let st = Command::new(require("objcopy", "sudo apt-get install binutils"))
-        .arg("--strip-debug")
-        .arg(src)
-        .arg(&dst)
-        .status()
-        .expect("run objcopy");
-    assert!(st.success(), "objcopy --strip-debug failed");
-    dst
-}
-
 /// The CLI binary if it has the `ready` verb, else this test binary (see module doc).
 /// Debug info is stripped from the copy put into the image: it is most of its size.
 fn helper(dir: &Path) -> PathBuf {
@@ -264,25 +250,6 @@ fn helper(dir: &Path) -> PathBuf {
         std::env::current_exe().expect("current exe")
     };
     strip(&src, dir)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port on 127.0.0.1")
-}
-
-/// Sends a GET and returns whatever came back before EOF or the timeout.
-fn http_get(port: u16, timeout: Duration) -> String {
-    let Ok(mut s) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(timeout));
-    let _ = s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 fn probe<'a>(log: &'a str, key: &str) -> &'a str {
@@ -397,7 +364,7 @@ fn boots_to_ready_with_quadlet_firewall_ssh_and_grown_var() {
     // The quadlet answers through netavark's port forward.
     let deadline = Instant::now() + Duration::from_secs(30);
     let body = loop {
-        let b = http_get(hello, Duration::from_secs(5));
+        let b = http_get(hello, "/", Duration::from_secs(5));
         if b.contains(HELLO_BODY) || Instant::now() > deadline {
             break b;
         }
@@ -409,7 +376,7 @@ fn boots_to_ready_with_quadlet_firewall_ssh_and_grown_var() {
     );
 
     // The listener on the port nftables does not open: nothing comes back.
-    let got = http_get(closed, Duration::from_secs(8));
+    let got = http_get(closed, "/", Duration::from_secs(8));
     assert!(
         !got.contains("closed"),
         "a port the profile does not open answered: {got:?}"

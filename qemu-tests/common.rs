@@ -358,3 +358,38 @@ pub fn sha256_file(p: &Path) -> String {
     }
     hex::encode(h.finalize())
 }
+
+/// A free TCP port on 127.0.0.1 for a QEMU host forward.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port on 127.0.0.1")
+}
+
+/// Sends `GET path` and returns whatever came back before EOF or the timeout.
+pub fn http_get(port: u16, path: &str, timeout: std::time::Duration) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout)
+    else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes());
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// A copy of the helper binary without debug info (most of a debug build's size).
+pub fn strip(src: &Path, dir: &Path) -> PathBuf {
+    let dst = dir.join("imgbuild-helper");
+    let st = Command::new(require("objcopy", "sudo apt-get install binutils"))
+        .arg("--strip-debug")
+        .arg(src)
+        .arg(&dst)
+        .status()
+        .expect("run objcopy");
+    assert!(st.success(), "objcopy --strip-debug failed");
+    dst
+}

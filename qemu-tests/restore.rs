@@ -11,8 +11,6 @@ mod snapfix;
 
 use common::*;
 use imgbuild::image::{qemu, RunOptions, SerialTarget};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -36,36 +34,6 @@ fn main() {
         data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy();
         println!("test {name} ... ok");
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn http_get(port: u16, path: &str, timeout: Duration) -> String {
-    let Ok(mut s) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(timeout));
-    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes());
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-fn strip(src: &Path, dir: &Path) -> PathBuf {
-    let dst = dir.join("imgbuild-helper");
-    let st = Command::new(require("objcopy", "sudo apt-get install binutils"))
-        .arg("--strip-debug")
-        .arg(src)
-        .arg(&dst)
-        .status()
-        .expect("objcopy");
-    assert!(st.success());
-    dst
 }
 
 fn ssh(dir: &Path, port: u16, script: &str) -> String {
