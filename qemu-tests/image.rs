@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use imgbuild::image::{self, DiskFormat, ImageError};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn helper() -> std::path::PathBuf {
@@ -176,36 +176,87 @@ fn the_base_quadlet_generator_accepts_the_quadlets_without_warnings() {
     for (name, body) in quadlets() {
         std::fs::write(qdir.join(name), body).unwrap();
     }
-    let is_root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
-    let mut cmd = if is_root {
-        Command::new(require("chroot", "sudo apt-get install coreutils"))
-    } else {
-        let mut c = Command::new(require("unshare", "sudo apt-get install util-linux"));
-        c.args(["--map-root-user", "chroot"]);
-        c
+    let run_generator = |root: &Path| -> (String, String) {
+        let is_root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+        let mut cmd = if is_root {
+            Command::new(require("chroot", "sudo apt-get install coreutils"))
+        } else {
+            let mut c = Command::new(require("unshare", "sudo apt-get install util-linux"));
+            c.args(["--map-root-user", "chroot"]);
+            c
+        };
+        let out = cmd
+            .arg(root)
+            .args([
+                "/usr/lib/systemd/system-generators/podman-system-generator",
+                "--dryrun",
+            ])
+            .output()
+            .expect("run the quadlet generator in the base");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "generator failed:\n{stderr}");
+        let complaints: Vec<&str> = stderr
+            .lines()
+            .filter(|l| {
+                let l = l.to_ascii_lowercase();
+                l.contains("warn") || l.contains("error") || l.contains("unsupported")
+            })
+            .collect();
+        assert!(complaints.is_empty(), "generator complained:\n{stderr}");
+        (stdout, stderr)
     };
-    let out = cmd
-        .arg(&root)
-        .args([
-            "/usr/lib/systemd/system-generators/podman-system-generator",
-            "--dryrun",
-        ])
-        .output()
-        .expect("run the quadlet generator in the base");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "generator failed:\n{stderr}");
-    let complaints: Vec<&str> = stderr
-        .lines()
-        .filter(|l| {
-            let l = l.to_ascii_lowercase();
-            l.contains("warn") || l.contains("error") || l.contains("unsupported")
-        })
-        .collect();
-    assert!(complaints.is_empty(), "generator complained:\n{stderr}");
+    let (stdout, stderr) = run_generator(&root);
     assert!(
         stdout.contains("---hello.service---"),
         "no hello.service generated:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("oci-archive:/usr/share/imgbuild/images/hello.oci.tar"));
+
+    // Every quadlet the renderer makes for the real profiles, through the same generator.
+    let cli = PathBuf::from(env!("CARGO_BIN_EXE_imgbuild"));
+    for (profile, env) in [
+        ("services", "production"),
+        ("services", "staging"),
+        ("monitoring", "production"),
+    ] {
+        let out = dir.join(format!("tree-{profile}-{env}"));
+        let st = Command::new(&cli)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["render", profile, "--env", env, "--secrets"])
+            .arg(dir.join("secrets"))
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .expect("imgbuild render");
+        assert!(st.success(), "render {profile}/{env} failed");
+        for e in std::fs::read_dir(&qdir).unwrap().flatten() {
+            if e.path().is_file() {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+        let mut containers = vec![];
+        for e in std::fs::read_dir(out.join("etc/containers/systemd"))
+            .unwrap()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(".container") {
+                containers.push(stem.to_string());
+            }
+            std::fs::copy(e.path(), qdir.join(&name)).unwrap();
+        }
+        assert!(containers.len() >= 5, "{profile}: only {containers:?}");
+        let (stdout, stderr) = run_generator(&root);
+        for c in &containers {
+            assert!(
+                stdout.contains(&format!("---{c}.service---")),
+                "{profile}/{env}: no {c}.service generated:\n{stderr}"
+            );
+        }
+        eprintln!(
+            "quadlet generator: {profile}/{env}: {} containers, no warnings",
+            containers.len()
+        );
+    }
 }
