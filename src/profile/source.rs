@@ -121,7 +121,7 @@ impl Source {
     }
 
     /// Span of the deepest existing prefix of `path`, and how many segments matched.
-    /// A value's span when the whole path exists, else the key or table nearest to it.
+    /// The key's span (or, for list items, the value's) of the deepest part that exists.
     fn lookup(&self, path: &[Seg]) -> Option<(usize, Range<usize>)> {
         let full: Vec<Seg> = self
             .prefix
@@ -135,7 +135,8 @@ impl Source {
             let key_span = node.key_span(seg);
             match node.child(seg) {
                 Some(next) => {
-                    let sp = next.span().or(key_span);
+                    // Point at the key the user wrote (its line and column), else the value.
+                    let sp = key_span.or(next.span());
                     if i + 1 >= self.prefix.len() {
                         if let Some(sp) = sp {
                             best = Some(((i + 1).saturating_sub(self.prefix.len()), sp));
