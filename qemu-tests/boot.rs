@@ -28,7 +28,7 @@ fn main() {
         });
         std::process::exit(code);
     }
-    let tests: [(&str, fn()); 2] = [
+    run_tests(&[
         (
             "services_profile_built_by_the_cli_boots_to_ready",
             services_profile_built_by_the_cli_boots_to_ready,
@@ -37,26 +37,7 @@ fn main() {
             "boots_to_ready_with_quadlet_firewall_ssh_and_grown_var",
             boots_to_ready_with_quadlet_firewall_ssh_and_grown_var,
         ),
-    ];
-    if args.iter().any(|a| a == "--list") {
-        for (name, _) in tests {
-            println!("{name}: test");
-        }
-        return;
-    }
-    // Like libtest: free arguments filter by substring.
-    let filters: Vec<&String> = args
-        .iter()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    for (name, f) in tests {
-        if filters.is_empty() || filters.iter().any(|p| name.contains(p.as_str())) {
-            eprintln!("test {name} ...");
-            f();
-            println!("test {name} ... ok");
-        }
-    }
+    ]);
 }
 
 /// The CLI as a user runs it: `imgbuild build services --overlay test.toml`, where the

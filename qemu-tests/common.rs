@@ -393,3 +393,27 @@ pub fn strip(src: &Path, dir: &Path) -> PathBuf {
     assert!(st.success(), "objcopy --strip-debug failed");
     dst
 }
+
+/// A minimal libtest-like runner for `harness = false` test binaries: `--list` lists,
+/// free arguments filter by substring, tests run one at a time (each boots a VM).
+pub fn run_tests(tests: &[(&str, fn())]) {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in tests {
+            println!("{name}: test");
+        }
+        return;
+    }
+    let filters: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for (name, f) in tests {
+        if filters.is_empty() || filters.iter().any(|p| name.contains(p.as_str())) {
+            eprintln!("test {name} ...");
+            f();
+            println!("test {name} ... ok");
+        }
+    }
+}

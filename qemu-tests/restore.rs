@@ -18,22 +18,10 @@ use std::time::{Duration, Instant};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
-        println!("data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy: test");
-        return;
-    }
-    let filters: Vec<&String> = args
-        .iter()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let name = "data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy";
-    if filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())) {
-        eprintln!("test {name} ...");
-        data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy();
-        println!("test {name} ... ok");
-    }
+    run_tests(&[(
+        "data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy",
+        data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy,
+    )]);
 }
 
 fn ssh(dir: &Path, port: u16, script: &str) -> String {

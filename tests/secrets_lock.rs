@@ -57,6 +57,27 @@ fn walk(d: &std::path::Path) -> Vec<std::path::PathBuf> {
     v
 }
 
+/// `imgbuild secrets lock|unlock` with the test passphrase, which must succeed.
+fn secrets_with_passphrase(verb: &str, secrets: &std::path::Path) {
+    let res = imgbuild()
+        .env("LOCK_PASS", "correct horse battery staple")
+        .args([
+            "secrets",
+            verb,
+            "--secrets",
+            secrets.to_str().unwrap(),
+            "--passphrase-env",
+            "LOCK_PASS",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "secrets {verb}: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}
+
 #[test]
 fn passphrase_locked_secrets_build_the_same_config() {
     let tmp = tempfile::tempdir().unwrap();
@@ -69,23 +90,7 @@ fn passphrase_locked_secrets_build_the_same_config() {
     );
     let before = tree_files(&secrets);
 
-    let res = imgbuild()
-        .env("LOCK_PASS", "correct horse battery staple")
-        .args([
-            "secrets",
-            "lock",
-            "--secrets",
-            secrets.to_str().unwrap(),
-            "--passphrase-env",
-            "LOCK_PASS",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    secrets_with_passphrase("lock", &secrets);
     assert!(!secrets.exists(), "plain directory removed after locking");
     let locked = tmp.path().join("secrets.age");
     assert_eq!(
@@ -141,23 +146,7 @@ fn passphrase_locked_secrets_build_the_same_config() {
     assert!(String::from_utf8_lossy(&none.stderr).contains("IMGBUILD_PASSPHRASE"));
     assert!(!secrets.exists());
 
-    let res = imgbuild()
-        .env("LOCK_PASS", "correct horse battery staple")
-        .args([
-            "secrets",
-            "unlock",
-            "--secrets",
-            secrets.to_str().unwrap(),
-            "--passphrase-env",
-            "LOCK_PASS",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    secrets_with_passphrase("unlock", &secrets);
     assert_eq!(tree_files(&secrets), before, "unlock restores every file");
     assert!(!locked.exists());
 }
