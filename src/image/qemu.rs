@@ -47,6 +47,30 @@ pub struct RunOptions {
     /// Present the disk as this many bytes (a provider's bigger disk) through a
     /// throw-away qcow2 overlay; the image itself is not touched.
     pub disk_size: Option<u64>,
+    /// Cut the user-mode NIC off from the host and everything beyond it: only the
+    /// forwards above and `guest_forwards` below still pass (a drill's "no route to
+    /// production").
+    pub restrict: bool,
+    /// TCP connections the guest makes to (guest-side address, port) are carried to
+    /// this port on the host's 127.0.0.1: the one door a restricted guest has.
+    pub guest_forwards: Vec<(std::net::Ipv4Addr, u16, u16)>,
+    /// Second NICs joined to other guests by UDP datagrams between ports on 127.0.0.1
+    /// (a private LAN between two staging hosts, nothing else on it).
+    pub lans: Vec<LanNic>,
+    /// systemd credentials handed to the guest through SMBIOS type 11; units read them
+    /// with `ImportCredential=`.
+    pub credentials: Vec<(String, Vec<u8>)>,
+}
+
+/// One end of a point-to-point guest LAN.
+#[derive(Debug, Clone)]
+pub struct LanNic {
+    /// MAC address; the guest's network config matches on it.
+    pub mac: String,
+    /// UDP port on 127.0.0.1 this guest's NIC receives on.
+    pub local_port: u16,
+    /// UDP port on 127.0.0.1 of the other guest's NIC.
+    pub remote_port: u16,
 }
 
 impl RunOptions {
@@ -61,6 +85,10 @@ impl RunOptions {
             serial: SerialTarget::Terminal,
             accel: Accel::Auto,
             disk_size: None,
+            restrict: false,
+            guest_forwards: Vec::new(),
+            lans: Vec::new(),
+            credentials: Vec::new(),
         }
     }
 }
@@ -236,6 +264,12 @@ pub fn start(opts: &RunOptions) -> Result<Vm, ImageError> {
     for (host, guest) in fwd {
         nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
     }
+    if opts.restrict {
+        nic.push_str(",restrict=on");
+    }
+    for (addr, port, host) in &opts.guest_forwards {
+        nic.push_str(&format!(",guestfwd=tcp:{addr}:{port}-tcp:127.0.0.1:{host}"));
+    }
     let mut cmd = Command::new(qemu);
     match accel {
         Accel::Kvm => cmd.args(["-machine", "q35,accel=kvm", "-cpu", "host"]),
@@ -260,6 +294,22 @@ pub fn start(opts: &RunOptions) -> Result<Vm, ImageError> {
         .arg("-nic")
         .arg(nic)
         .args(["-device", "virtio-rng-pci"]);
+    for (i, lan) in opts.lans.iter().enumerate() {
+        cmd.arg("-netdev").arg(format!(
+            "dgram,id=lan{i},local.type=inet,local.host=127.0.0.1,local.port={},\
+             remote.type=inet,remote.host=127.0.0.1,remote.port={}",
+            lan.local_port, lan.remote_port
+        ));
+        cmd.arg("-device")
+            .arg(format!("virtio-net-pci,netdev=lan{i},mac={}", lan.mac));
+    }
+    for (name, value) in &opts.credentials {
+        use base64::Engine;
+        let v = base64::engine::general_purpose::STANDARD.encode(value);
+        cmd.arg("-smbios").arg(format!(
+            "type=11,value=io.systemd.credential.binary:{name}={v}"
+        ));
+    }
     match &opts.serial {
         SerialTarget::Terminal => {
             cmd.args(["-serial", "mon:stdio"]);
