@@ -183,6 +183,21 @@ pub struct Backup {
     pub restore: RestoreMode,
     #[serde(default = "default_restore_timeout")]
     pub restore_timeout: u64,
+    /// Random delay added to each scheduled run, seconds, so that hosts sharing a
+    /// bucket do not all upload at the same second.
+    #[serde(default = "default_jitter")]
+    pub jitter: u32,
+    /// Recovery point objective, hours: the oldest a snapshot may be before a drill
+    /// (and the operator) treats it as a failure.
+    #[serde(default = "default_rpo_hours")]
+    pub rpo_hours: u32,
+}
+
+fn default_jitter() -> u32 {
+    600
+}
+fn default_rpo_hours() -> u32 {
+    30
 }
 
 fn default_region() -> String {

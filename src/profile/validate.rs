@@ -814,6 +814,13 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
                 None,
             );
         }
+        if b.rpo_hours == 0 {
+            c.err(
+                &[k("backup"), k("rpo_hours")],
+                "an RPO of 0 hours fails every snapshot",
+                "e.g. 30 for daily backups with a 6 h margin".to_string(),
+            );
+        }
         if b.restore_timeout == 0 {
             c.err(
                 &[k("backup"), k("restore_timeout")],

@@ -573,7 +573,7 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
                 render_t(
                     &e,
                     "imgbuild-backup.timer.j2",
-                    context! { header, schedule => b.schedule },
+                    context! { header, schedule => b.schedule, jitter => b.jitter },
                 )?,
             )?;
             t.enable("imgbuild-backup.timer", "timers.target");
