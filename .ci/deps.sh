@@ -43,13 +43,15 @@ if [ ${#need[@]} -gt 0 ] || [ ${#bp_need[@]} -gt 0 ]; then
   [ ${#bp_need[@]} -gt 0 ] && $SUDO apt-get install "${apt_opts[@]}" --no-install-recommends "${backports[@]}" "${bp_need[@]}"
 fi
 
-# promtool and amtool check rendered monitoring configs. Only the binaries are unpacked
-# from Debian's packages: installing them would start Prometheus and Alertmanager
-# listening on every address.
-if ! command -v promtool >/dev/null 2>&1 || ! command -v amtool >/dev/null 2>&1; then
-  tools=/usr/local/lib/imgbuild-tools
+# promtool and amtool check rendered monitoring configs; the two-host QEMU test packs
+# prometheus, alertmanager and node-exporter into OCI images (registries are out of
+# reach). Only the binaries are unpacked from Debian's packages: installing them would
+# start the daemons listening on every address.
+tools=/usr/local/lib/imgbuild-tools
+if ! command -v promtool >/dev/null 2>&1 || ! command -v amtool >/dev/null 2>&1 \
+   || [ ! -x "$tools/usr/bin/prometheus-node-exporter" ]; then
   work=$(mktemp -d)
-  (cd "$work" && apt-get download prometheus prometheus-alertmanager >/dev/null)
+  (cd "$work" && apt-get download prometheus prometheus-alertmanager prometheus-node-exporter >/dev/null)
   $SUDO mkdir -p "$tools"
   for deb in "$work"/*.deb; do $SUDO dpkg-deb -x "$deb" "$tools"; done
   $SUDO ln -sf "$tools/usr/bin/promtool" /usr/local/bin/promtool

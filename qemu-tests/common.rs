@@ -84,48 +84,49 @@ fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-/// An OCI archive with one uncompressed layer: busybox-static and a web root, named
-/// with a full reference so podman keeps that name when it loads it.
-pub fn hello_archive(out: &Path) {
-    let busybox = require("busybox", "sudo apt-get install busybox-static");
-    let bb = std::fs::read(&busybox).expect("read busybox");
+/// One entry of an OCI image layer.
+pub enum LayerEntry {
+    Dir(String),
+    File(String, u32, Vec<u8>),
+    Symlink(String, String),
+}
+
+/// An OCI archive with one uncompressed layer, named with a full reference so podman
+/// keeps that name when it loads it. `config` is the image config's `config` object
+/// (Entrypoint, Cmd...).
+pub fn oci_archive(out: &Path, reference: &str, entries: &[LayerEntry], config: serde_json::Value) {
     let mut layer = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, mode: u32, data: &[u8], kind: tar::EntryType, link: Option<&str>| {
+    for e in entries {
         let mut h = tar::Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
         h.set_uid(0);
         h.set_gid(0);
         h.set_mtime(1_735_689_600);
-        h.set_size(data.len() as u64);
-        match link {
-            Some(t) => layer.append_link(&mut h, path, t).expect("layer link"),
-            None => layer.append_data(&mut h, path, data).expect("layer entry"),
+        match e {
+            LayerEntry::Dir(p) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                layer.append_data(&mut h, p, &b""[..]).expect("layer dir");
+            }
+            LayerEntry::File(p, mode, data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_size(data.len() as u64);
+                layer.append_data(&mut h, p, &data[..]).expect("layer file");
+            }
+            LayerEntry::Symlink(p, target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                layer.append_link(&mut h, p, target).expect("layer link");
+            }
         }
-    };
-    add("bin", 0o755, b"", tar::EntryType::Directory, None);
-    add("bin/busybox", 0o755, &bb, tar::EntryType::Regular, None);
-    add(
-        "bin/sh",
-        0o777,
-        b"",
-        tar::EntryType::Symlink,
-        Some("busybox"),
-    );
-    add("www", 0o755, b"", tar::EntryType::Directory, None);
-    let body = format!("{HELLO_BODY}\n");
-    add(
-        "www/index.html",
-        0o644,
-        body.as_bytes(),
-        tar::EntryType::Regular,
-        None,
-    );
+    }
     let layer = layer.into_inner().expect("layer tar");
     let layer_d = sha256_hex(&layer);
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux", "created": "2025-01-01T00:00:00Z",
-        "config": {"Cmd": ["/bin/busybox", "httpd", "-f", "-p", HELLO_PORT.to_string(), "-h", "/www"]},
+        "config": config,
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_d}")]},
     });
     let config = serde_json::to_vec(&config).expect("config json");
@@ -145,7 +146,7 @@ pub fn hello_archive(out: &Path) {
         "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
                        "digest": format!("sha256:{manifest_d}"), "size": manifest.len(),
-                       "annotations": {"org.opencontainers.image.ref.name": HELLO_REF}}],
+                       "annotations": {"org.opencontainers.image.ref.name": reference}}],
     });
     let index = serde_json::to_vec(&index).expect("index json");
     let f = std::fs::File::create(out).expect("create oci archive");
@@ -170,6 +171,93 @@ pub fn hello_archive(out: &Path) {
     put(&format!("blobs/sha256/{config_d}"), &config, false);
     put(&format!("blobs/sha256/{layer_d}"), &layer, false);
     ar.into_inner().expect("finish oci archive");
+}
+
+/// busybox-static as /bin/busybox with the applets images' health checks use.
+pub fn busybox_entries() -> Vec<LayerEntry> {
+    let busybox = require("busybox", "sudo apt-get install busybox-static");
+    let bb = std::fs::read(&busybox).expect("read busybox");
+    let mut v = vec![
+        LayerEntry::Dir("bin".into()),
+        LayerEntry::File("bin/busybox".into(), 0o755, bb),
+    ];
+    for applet in ["sh", "wget", "cat", "ls"] {
+        v.push(LayerEntry::Symlink(
+            format!("bin/{applet}"),
+            "busybox".into(),
+        ));
+    }
+    v
+}
+
+/// A tiny OCI image: busybox-static serving a web root.
+pub fn hello_archive(out: &Path) {
+    let mut entries = busybox_entries();
+    entries.push(LayerEntry::Dir("www".into()));
+    entries.push(LayerEntry::File(
+        "www/index.html".into(),
+        0o644,
+        format!("{HELLO_BODY}\n").into_bytes(),
+    ));
+    oci_archive(
+        out,
+        HELLO_REF,
+        &entries,
+        serde_json::json!({"Cmd": ["/bin/busybox", "httpd", "-f", "-p", HELLO_PORT.to_string(), "-h", "/www"]}),
+    );
+}
+
+/// An OCI image of a dynamically linked binary from the build machine (a Debian
+/// package's), with the libraries `ldd` names and busybox for health checks. The binary
+/// becomes `/bin/<name>` and the entrypoint.
+pub fn binary_archive(out: &Path, reference: &str, binary: &Path, name: &str, cmd: &[&str]) {
+    let ldd = require("ldd", "sudo apt-get install libc-bin");
+    let o = Command::new(ldd).arg(binary).output().expect("run ldd");
+    assert!(o.status.success(), "ldd {} failed", binary.display());
+    let mut entries = busybox_entries();
+    entries.push(LayerEntry::File(
+        format!("bin/{name}"),
+        0o755,
+        std::fs::read(binary).expect("read binary"),
+    ));
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut libs = vec![];
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|r| r.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        let Some(path) = path else { continue };
+        let real = std::fs::canonicalize(path).expect("resolve library");
+        let rel = path.trim_start_matches('/').to_string();
+        let mut parent = Path::new(&rel).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            dirs.insert(p.to_string_lossy().into_owned());
+            parent = p.parent();
+        }
+        libs.push(LayerEntry::File(
+            rel,
+            0o755,
+            std::fs::read(real).expect("read library"),
+        ));
+    }
+    entries.extend(dirs.into_iter().map(LayerEntry::Dir));
+    entries.extend(libs);
+    entries.push(LayerEntry::Dir("etc".into()));
+    entries.push(LayerEntry::File(
+        "etc/nsswitch.conf".into(),
+        0o644,
+        b"hosts: files dns\n".to_vec(),
+    ));
+    entries.push(LayerEntry::Dir("tmp".into()));
+    oci_archive(
+        out,
+        reference,
+        &entries,
+        serde_json::json!({"Entrypoint": [format!("/bin/{name}")], "Cmd": cmd}),
+    );
 }
 
 pub const HELLO_CONTAINER: &str = "hello.container";
@@ -416,4 +504,81 @@ pub fn run_tests(tests: &[(&str, fn())]) {
             println!("test {name} ... ok");
         }
     }
+}
+
+/// Runs `script` as the admin user over SSH on a guest's forwarded port (the key is
+/// `admin_ed25519` in `dir`, see `keys`) and returns stdout and stderr. Fails the test
+/// when the script fails.
+pub fn ssh(dir: &Path, port: u16, script: &str) -> String {
+    let (ok, out) = ssh_status(dir, port, script);
+    assert!(ok, "ssh `{script}` failed:\n{out}");
+    out
+}
+
+/// Like `ssh`, but returns whether the script succeeded instead of failing the test.
+pub fn ssh_status(dir: &Path, port: u16, script: &str) -> (bool, String) {
+    let o = Command::new(require("ssh", "sudo apt-get install openssh-client"))
+        .arg("-i")
+        .arg(dir.join("admin_ed25519"))
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=20",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg("admin@127.0.0.1")
+        .arg(script)
+        .output()
+        .expect("ssh");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), out)
+}
+
+/// Creates `bucket` on the S3 server at `endpoint` (moto: any credentials work).
+pub fn create_bucket(endpoint: &str, bucket: &str) {
+    std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async {
+        let cfg = imgbuild::snapshot::StoreConfig {
+            bucket: bucket.to_string(),
+            endpoint: Some(endpoint.to_string()),
+            region: "us-east-1".into(),
+            path_style: true,
+            ..Default::default()
+        };
+        let s = imgbuild::snapshot::Store::connect(&cfg)
+            .await
+            .expect("connect to S3");
+        s.client()
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("create bucket");
+    });
+}
+
+/// The port of an `http://127.0.0.1:PORT` endpoint.
+pub fn endpoint_port(endpoint: &str) -> u16 {
+    endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("endpoint port")
 }

@@ -24,35 +24,6 @@ fn main() {
     )]);
 }
 
-fn ssh(dir: &Path, port: u16, script: &str) -> String {
-    let o = Command::new(require("ssh", "sudo apt-get install openssh-client"))
-        .arg("-i")
-        .arg(dir.join("admin_ed25519"))
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "ConnectTimeout=20",
-            "-p",
-        ])
-        .arg(port.to_string())
-        .arg("admin@127.0.0.1")
-        .arg(script)
-        .output()
-        .expect("ssh");
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "ssh `{script}` failed:\n{out}");
-    out
-}
-
 fn boot(image: &Path, serial: &Path, ssh_port: u16, web_port: u16) -> (qemu::Vm, String, Duration) {
     let _ = std::fs::remove_file(serial);
     let mut opts = RunOptions::new(image);
@@ -85,33 +56,9 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
         "sudo apt-get install -t bookworm-backports qemu-system-x86 ovmf",
     );
     let moto = snapfix::moto();
-    let port: u16 = moto
-        .endpoint
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .expect("moto port");
+    let port = endpoint_port(&moto.endpoint);
     let bucket = snapfix::unique("drill").to_lowercase();
-    snapfix::rt().block_on(async {
-        let cfg = imgbuild::snapshot::StoreConfig {
-            bucket: bucket.clone(),
-            endpoint: Some(moto.endpoint.clone()),
-            region: "us-east-1".into(),
-            path_style: true,
-            ..Default::default()
-        };
-        std::env::set_var("AWS_ACCESS_KEY_ID", "test");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
-        let s = imgbuild::snapshot::Store::connect(&cfg)
-            .await
-            .expect("connect");
-        s.client()
-            .create_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .expect("create bucket");
-    });
+    create_bucket(&moto.endpoint, &bucket);
 
     let dir = scratch("qemu-restore");
     let keys = keys(&dir);

@@ -17,7 +17,7 @@ mod rootfs;
 mod tools;
 
 pub use manifest::{verify, Manifest, Region, VerifyReport};
-pub use qemu::{run, start, Accel, RunOptions, SerialTarget, Vm};
+pub use qemu::{run, start, Accel, LanNic, RunOptions, SerialTarget, Vm};
 pub use ready::ready;
 
 use crate::progress::Progress;
