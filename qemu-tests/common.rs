@@ -209,8 +209,15 @@ pub fn hello_archive(out: &Path) {
 
 /// An OCI image of a dynamically linked binary from the build machine (a Debian
 /// package's), with the libraries `ldd` names and busybox for health checks. The binary
-/// becomes `/bin/<name>` and the entrypoint.
-pub fn binary_archive(out: &Path, reference: &str, binary: &Path, name: &str, cmd: &[&str]) {
+/// becomes `/bin/<name>` and the entrypoint; `extra` files (host path, image path) come
+/// along (Debian's builds read some assets from /usr/share).
+pub fn binary_archive(
+    out: &Path,
+    reference: &str,
+    binary: &Path,
+    name: &str,
+    extra: &[(PathBuf, &str)],
+) {
     let ldd = require("ldd", "sudo apt-get install libc-bin");
     let o = Command::new(ldd).arg(binary).output().expect("run ldd");
     assert!(o.status.success(), "ldd {} failed", binary.display());
@@ -252,11 +259,26 @@ pub fn binary_archive(out: &Path, reference: &str, binary: &Path, name: &str, cm
         b"hosts: files dns\n".to_vec(),
     ));
     entries.push(LayerEntry::Dir("tmp".into()));
+    let mut extra_dirs = std::collections::BTreeSet::new();
+    for (src, dst) in extra {
+        let dst = dst.trim_start_matches('/');
+        let mut parent = Path::new(dst).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            extra_dirs.insert(p.to_string_lossy().into_owned());
+            parent = p.parent();
+        }
+        let data = std::fs::read(src).unwrap_or_else(|e| panic!("read {}: {e}", src.display()));
+        entries.push(LayerEntry::File(dst.to_string(), 0o644, data));
+    }
+    // Parents first, as in any tar podman unpacks.
+    let files = entries.split_off(entries.len() - extra.len());
+    entries.extend(extra_dirs.into_iter().map(LayerEntry::Dir));
+    entries.extend(files);
     oci_archive(
         out,
         reference,
         &entries,
-        serde_json::json!({"Entrypoint": [format!("/bin/{name}")], "Cmd": cmd}),
+        serde_json::json!({"Entrypoint": [format!("/bin/{name}")]}),
     );
 }
 

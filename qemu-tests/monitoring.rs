@@ -169,6 +169,9 @@ fn start(name: &'static str, image: &Path, serial: PathBuf, lan: LanNic) -> Gues
     // One vCPU each: two TCG guests on a two-core machine.
     opts.cpus = 1;
     opts.lans = vec![lan];
+    // A provider's disk is bigger than the image: /var grows into it at first boot, and
+    // the daemons' images (Prometheus alone is 100 MB) are unpacked there.
+    opts.disk_size = Some(4 << 30);
     let vm = qemu::start(&opts).expect("start qemu");
     Guest {
         name,
@@ -191,12 +194,21 @@ fn wait_ready(g: &mut Guest, host: &str) -> Duration {
         BOOT_TIMEOUT,
     )
     .expect("serial");
-    assert!(
-        seen && log.contains(&format!("imgbuild: {host} ready (")),
-        "{} not ready within {BOOT_TIMEOUT:?}:\n{}",
-        g.name,
-        tail(&log, 80)
-    );
+    if !(seen && log.contains(&format!("imgbuild: {host} ready ("))) {
+        // The console says which units failed; their journal says why.
+        let dir = g.serial.parent().expect("scratch dir");
+        let (_, journal) = ssh_status(
+            dir,
+            g.ssh_port,
+            "sudo systemctl --no-pager --failed; sudo journalctl -b --no-pager -o cat \
+             -u 'prometheus*' -u 'alertmanager*' -u 'node-exporter*' -u 'web*' -u 'imgbuild*' | tail -n 120",
+        );
+        panic!(
+            "{} not ready within {BOOT_TIMEOUT:?}:\n{}\n--- journal ---\n{journal}",
+            g.name,
+            tail(&log, 40)
+        );
+    }
     g.vm.started.elapsed()
 }
 
@@ -264,13 +276,24 @@ fn two_hosts_tunnel_scrape_firewall_and_backup_alert() {
         "prometheus",
         &[],
     );
+    // Debian's Alertmanager reads its notification templates from /usr/share.
+    let share = Path::new(TOOLS).join("../share/prometheus/alertmanager");
     let am = dir.join("alertmanager.oci.tar");
     binary_archive(
         &am,
         "localhost/alertmanager:0.25.0",
         &tool("prometheus-alertmanager"),
         "alertmanager",
-        &[],
+        &[
+            (
+                share.join("default.tmpl"),
+                "/usr/share/prometheus/alertmanager/default.tmpl",
+            ),
+            (
+                share.join("email.tmpl"),
+                "/usr/share/prometheus/alertmanager/email.tmpl",
+            ),
+        ],
     );
     let ne = dir.join("node-exporter.oci.tar");
     binary_archive(
@@ -513,7 +536,7 @@ fn two_hosts_tunnel_scrape_firewall_and_backup_alert() {
             let out = ssh(
                 &dir,
                 svc.ssh_port,
-                "cat /var/lib/imgbuild/metrics/*.prom 2>/dev/null || true",
+                "sudo sh -c 'cat /var/lib/imgbuild/metrics/*.prom' 2>/dev/null || true",
             );
             out.lines()
                 .any(|l| l.starts_with("imgbuild_backup_success") && l.trim_end().ends_with(" 0"))

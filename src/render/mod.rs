@@ -37,6 +37,9 @@ pub enum RenderError {
     },
 }
 
+/// podman's network definitions on an image host (its /etc is read-only).
+pub const PODMAN_NETWORKS: &str = "/var/lib/containers/networks";
+
 /// Where the helper binary lives on the target: in the read-only /usr of an image,
 /// or in /usr/local/bin where an Ignition config installs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,9 +340,21 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
         render_t(
             &e,
             "tmpfiles.conf.j2",
-            context! { header, user => p.admin.user },
+            context! { header, user => p.admin.user, image => target == Target::Image },
         )?,
     )?;
+    if target == Target::Image {
+        // podman writes the networks that quadlet .network units create under
+        // /etc/containers/networks, which is read-only in the image.
+        t.file(
+            "/etc/containers/containers.conf.d/50-imgbuild.conf",
+            0o644,
+            format!(
+                "# {header}\n# The root is read-only: podman keeps the networks it creates on /var.\n\
+                 [network]\nnetwork_config_dir = \"{PODMAN_NETWORKS}\"\n"
+            ),
+        )?;
+    }
 
     // Networking.
     t.file(
