@@ -61,6 +61,12 @@ pub enum Command {
     },
     /// Disaster-recovery drill: boot the host's image in an isolated QEMU, restore from the bucket read-only, check services
     Drill(DrillArgs),
+    /// Drill internals: QEMU runs this once per guest connection to the read-only gateway
+    #[command(hide = true, name = "drill-relay")]
+    DrillRelay {
+        /// The gateway's port on 127.0.0.1
+        port: u16,
+    },
     /// In the image: restore volumes from the latest snapshot before services start
     Firstboot(crate::snapshot::cli::FirstbootArgs),
     /// In the image: wait for the host's units, print the readiness line on the console

@@ -28,6 +28,9 @@ _imgbuild() {
             imgbuild,drill)
                 cmd="imgbuild__subcmd__drill"
                 ;;
+            imgbuild,drill-relay)
+                cmd="imgbuild__subcmd__drill__subcmd__relay"
+                ;;
             imgbuild,firstboot)
                 cmd="imgbuild__subcmd__firstboot"
                 ;;
@@ -78,6 +81,9 @@ _imgbuild() {
                 ;;
             imgbuild__subcmd__help,drill)
                 cmd="imgbuild__subcmd__help__subcmd__drill"
+                ;;
+            imgbuild__subcmd__help,drill-relay)
+                cmd="imgbuild__subcmd__help__subcmd__drill__subcmd__relay"
                 ;;
             imgbuild__subcmd__help,firstboot)
                 cmd="imgbuild__subcmd__help__subcmd__firstboot"
@@ -149,7 +155,7 @@ _imgbuild() {
 
     case "${cmd}" in
         imgbuild)
-            opts="-h -V --help --version build render keys summary verify run backup snapshots restore check drill firstboot ready upload secrets gen-docs help"
+            opts="-h -V --help --version build render keys summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -366,6 +372,20 @@ _imgbuild() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        imgbuild__subcmd__drill__subcmd__relay)
+            opts="-h --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         imgbuild__subcmd__firstboot)
             opts="-h --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -399,7 +419,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__help)
-            opts="build render keys summary verify run backup snapshots restore check drill firstboot ready upload secrets gen-docs help"
+            opts="build render keys summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -455,6 +475,20 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__help__subcmd__drill)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__help__subcmd__drill__subcmd__relay)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -342,7 +342,18 @@ fn drill(
     opts.memory_mib = args.memory;
     opts.cpus = args.cpus;
     opts.restrict = true;
-    opts.guest_forwards = vec![(guest::GATEWAY_ADDR, guest::GATEWAY_PORT, gw.port())];
+    // One relay process per guest connection (the restore fetches in parallel); a
+    // plain chardev guestfwd would carry a single connection.
+    let exe = std::env::current_exe().context("locating this imgbuild binary")?;
+    opts.guest_forward_cmds = vec![(
+        guest::GATEWAY_ADDR,
+        guest::GATEWAY_PORT,
+        format!(
+            "'{}' drill-relay {}",
+            exe.display().to_string().replace('\'', "'\\''"),
+            gw.port()
+        ),
+    )];
     opts.credentials = vec![(guest::CREDENTIAL.into(), serde_json::to_vec(&cfg)?)];
     // Public TCP ports, each forwarded from a free port on the host's 127.0.0.1.
     let mut probes = Vec::new();
@@ -448,6 +459,32 @@ fn drill(
         eprintln!("--- last console lines ---\n{}", tail(&log, 40));
     }
     Ok(())
+}
+
+/// `imgbuild drill-relay PORT`, run by QEMU for each connection the guest opens to the
+/// gateway's address: stdin/stdout (and stderr) are that connection, so this copies
+/// bytes both ways to the gateway on 127.0.0.1 and never prints anything.
+pub fn relay(port: u16) -> i32 {
+    use std::net::{Shutdown, TcpStream};
+    use std::os::fd::AsFd;
+    let run = || -> std::io::Result<()> {
+        let mut from_guest = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+        let mut to_guest = from_guest.try_clone()?;
+        let gw = TcpStream::connect(("127.0.0.1", port))?;
+        let mut from_gw = gw.try_clone()?;
+        let mut to_gw = gw;
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from_guest, &mut to_gw);
+            let _ = to_gw.shutdown(Shutdown::Write);
+        });
+        std::io::copy(&mut from_gw, &mut to_guest)?;
+        Ok(())
+    };
+    // Exiting closes the guest's connection; a thread still reading it ends with us.
+    match run() {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
 }
 
 /// Fills `report.restore` from the console; true when a restore line was found.

@@ -106,7 +106,8 @@ fn unit_line(unit: &str, st: &State) -> crate::drill::guest::UnitLine {
                 "--type",
                 "container",
                 "--format",
-                "{{.State.Health.Status}}",
+                // Health is nil (and .Status an error) without a HealthCmd.
+                "{{if .State.Health}}{{.State.Health.Status}}{{end}}",
                 stem,
             ])
             .output()
