@@ -722,7 +722,9 @@ fn print_report(r: &Report, args: &DrillArgs) {
             if s.within_rpo { "ok" } else { "EXCEEDED" }
         ));
     }
+    let booted = r.accel.is_some() || r.restore.is_some();
     match &r.restore {
+        _ if !booted => {}
         Some(x) if x.ok => line(format!(
             "  restore   {} bytes, {} files, {} volume(s) in {:.1} s",
             x.bytes, x.files, x.volumes, x.seconds
@@ -734,6 +736,7 @@ fn print_report(r: &Report, args: &DrillArgs) {
         None => line("  restore   (no report from the guest)".into()),
     }
     match r.rto_seconds {
+        _ if !booted => {}
         Some(t) => line(format!(
             "  RTO       {t:.1} s from QEMU start to the readiness line ({})",
             r.accel.as_deref().unwrap_or("?")
