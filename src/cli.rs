@@ -59,6 +59,14 @@ pub enum Command {
         #[command(flatten)]
         sel: Selection,
     },
+    /// Disaster-recovery drill: boot the host's image in an isolated QEMU, restore from the bucket read-only, check services
+    Drill(DrillArgs),
+    /// Drill internals: QEMU runs this once per guest connection to the read-only gateway
+    #[command(hide = true, name = "drill-relay")]
+    DrillRelay {
+        /// The gateway's port on 127.0.0.1
+        port: u16,
+    },
     /// In the image: restore volumes from the latest snapshot before services start
     Firstboot(crate::snapshot::cli::FirstbootArgs),
     /// In the image: wait for the host's units, print the readiness line on the console
@@ -98,6 +106,42 @@ pub struct VerifyArgs {
     pub secrets: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+}
+
+/// `imgbuild drill`: exit 0 when the drill passes, 1 when it fails (with the reasons),
+/// 2 for a bad profile or usage.
+#[derive(Debug, Args)]
+pub struct DrillArgs {
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+    /// Snapshot id to restore (default: the newest in the bucket)
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// Drill this image (checked against its signed manifest first) instead of building one
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Builder's public key for --image: a file with 64 hex characters, or the hex itself
+    /// (default: <secrets>/builder/image-signing.pub)
+    #[arg(long, requires = "image")]
+    pub key: Option<String>,
+    #[command(flatten)]
+    pub bucket: crate::snapshot::cli::BucketArgs,
+    /// Give up when the guest is not ready after this many seconds
+    #[arg(long, default_value_t = 1200, value_name = "SECS")]
+    pub timeout: u64,
+    /// Keep the guest's serial console log in this file
+    #[arg(long, value_name = "FILE")]
+    pub console_log: Option<PathBuf>,
+    #[arg(long, default_value_t = 2048)]
+    pub memory: u32,
+    #[arg(long, default_value_t = 2)]
+    pub cpus: u32,
+    /// Print the report as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// Print nothing unless the drill fails (for cron)
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]

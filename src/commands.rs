@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
-fn load(args: &ProfileArgs, progress: &Progress) -> Result<(RenderInput, SecretsRoot)> {
+pub(crate) fn load(args: &ProfileArgs, progress: &Progress) -> Result<(RenderInput, SecretsRoot)> {
     let opts = LoadOptions {
         env: args.env.clone(),
         overlays: args.overlays.clone(),
@@ -353,25 +353,29 @@ pub fn resolver(sel: &Selection) -> impl Fn(&str) -> Result<(HostConfig, PathBuf
             &crate::secrets::Unlock::from_env(None),
         )?;
         let tree = render::render(&input, Target::Image)?;
-        let hc = match tree
-            .entries
-            .get(crate::hostconfig::HOST_CONFIG_PATH)
-            .map(|e| &e.kind)
-        {
-            Some(crate::tree::EntryKind::File { content }) => {
-                toml::from_str::<HostConfig>(&String::from_utf8_lossy(content))
-                    .context("the rendered host config does not parse")?
-            }
-            _ => bail!(
-                "the rendered tree has no {}",
-                crate::hostconfig::HOST_CONFIG_PATH
-            ),
-        };
-        Ok((hc, input.secrets_dir.clone()))
+        Ok((host_config_of(&tree)?, input.secrets_dir.clone()))
     }
 }
 
-fn read_pubkey(spec: &str) -> Result<ed25519_dalek::VerifyingKey> {
+/// The host config a rendered tree installs (what the in-image helper will read).
+pub(crate) fn host_config_of(tree: &crate::tree::HostTree) -> Result<HostConfig> {
+    match tree
+        .entries
+        .get(crate::hostconfig::HOST_CONFIG_PATH)
+        .map(|e| &e.kind)
+    {
+        Some(crate::tree::EntryKind::File { content }) => {
+            toml::from_str::<HostConfig>(&String::from_utf8_lossy(content))
+                .context("the rendered host config does not parse")
+        }
+        _ => bail!(
+            "the rendered tree has no {}",
+            crate::hostconfig::HOST_CONFIG_PATH
+        ),
+    }
+}
+
+pub(crate) fn read_pubkey(spec: &str) -> Result<ed25519_dalek::VerifyingKey> {
     let text = if Path::new(spec).is_file() {
         std::fs::read_to_string(spec).with_context(|| format!("reading {spec}"))?
     } else {

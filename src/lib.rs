@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod drill;
 pub mod emit;
 pub mod gendocs;
 pub mod hostconfig;

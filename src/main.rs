@@ -25,6 +25,8 @@ fn main() {
         Command::Check { args, sel } => {
             imgbuild::snapshot::cli::cmd_check(args, &commands::resolver(sel))
         }
+        Command::Drill(a) => imgbuild::drill::cmd_drill(a),
+        Command::DrillRelay { port } => Ok(imgbuild::drill::relay(*port)),
         Command::Firstboot(a) => imgbuild::snapshot::cli::cmd_firstboot(a),
         Command::Ready(a) => imgbuild::image::ready(&a.config),
         Command::Secrets(a) => commands::secrets_cmd(a),

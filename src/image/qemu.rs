@@ -54,6 +54,10 @@ pub struct RunOptions {
     /// TCP connections the guest makes to (guest-side address, port) are carried to
     /// this port on the host's 127.0.0.1: the one door a restricted guest has.
     pub guest_forwards: Vec<(std::net::Ipv4Addr, u16, u16)>,
+    /// Like `guest_forwards`, but each guest connection gets its own run of `command`
+    /// (its stdin/stdout are the connection). The chardev of `guest_forwards` carries
+    /// a single connection: a guest that opens several at once (parallel HTTP) needs this.
+    pub guest_forward_cmds: Vec<(std::net::Ipv4Addr, u16, String)>,
     /// Second NICs joined to other guests by UDP datagrams between ports on 127.0.0.1
     /// (a private LAN between two staging hosts, nothing else on it).
     pub lans: Vec<LanNic>,
@@ -87,6 +91,7 @@ impl RunOptions {
             disk_size: None,
             restrict: false,
             guest_forwards: Vec::new(),
+            guest_forward_cmds: Vec::new(),
             lans: Vec::new(),
             credentials: Vec::new(),
         }
@@ -269,6 +274,11 @@ pub fn start(opts: &RunOptions) -> Result<Vm, ImageError> {
     }
     for (addr, port, host) in &opts.guest_forwards {
         nic.push_str(&format!(",guestfwd=tcp:{addr}:{port}-tcp:127.0.0.1:{host}"));
+    }
+    for (addr, port, command) in &opts.guest_forward_cmds {
+        // QEMU's option syntax escapes a comma by doubling it.
+        let command = command.replace(',', ",,");
+        nic.push_str(&format!(",guestfwd=tcp:{addr}:{port}-cmd:{command}"));
     }
     let mut cmd = Command::new(qemu);
     match accel {

@@ -30,11 +30,15 @@ pub fn ready(host_config_path: &Path) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot read {}", host_config_path.display()))?;
     let cfg: HostConfig = toml::from_str(&text)
         .with_context(|| format!("cannot parse {}", host_config_path.display()))?;
-    let timeout = std::env::var("IMGBUILD_READY_TIMEOUT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_TIMEOUT);
+    let drill = crate::drill::guest::active();
+    let timeout = match &drill {
+        Some(d) => Duration::from_secs(d.ready_timeout_secs),
+        None => std::env::var("IMGBUILD_READY_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TIMEOUT),
+    };
     let deadline = Instant::now() + timeout;
     let states = loop {
         let states = query(&cfg.units)?;
@@ -44,6 +48,12 @@ pub fn ready(host_config_path: &Path) -> anyhow::Result<i32> {
         }
         std::thread::sleep(Duration::from_secs(1));
     };
+    if drill.is_some() {
+        // Before the readiness line, so a watcher that stops at that line has them all.
+        for (unit, st) in &states {
+            announce(&unit_line(unit, st).render());
+        }
+    }
     let failed: Vec<String> = states
         .iter()
         .filter_map(|(u, s)| match s {
@@ -76,6 +86,45 @@ fn announce(line: &str) {
         let _ = writeln!(c, "{line}");
     }
     println!("{line}");
+}
+
+/// A unit's state and, for a quadlet container, its podman health, for the drill report.
+fn unit_line(unit: &str, st: &State) -> crate::drill::guest::UnitLine {
+    let (state, detail) = match st {
+        State::Up => ("up", None),
+        State::Failed(why) => ("failed", Some(why.clone())),
+        State::Waiting(why) => ("waiting", Some(why.clone())),
+    };
+    let stem = unit.strip_suffix(".service").unwrap_or(unit);
+    let is_container = Path::new("/etc/containers/systemd")
+        .join(format!("{stem}.container"))
+        .exists();
+    let health = if is_container {
+        Command::new("podman")
+            .args([
+                "inspect",
+                "--type",
+                "container",
+                "--format",
+                // Health is nil (and .Status an error) without a HealthCmd.
+                "{{if .State.Health}}{{.State.Health.Status}}{{end}}",
+                stem,
+            ])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .map(|h| if h.is_empty() { "none".to_string() } else { h })
+            .unwrap_or_else(|| "unknown".into())
+    } else {
+        "none".into()
+    };
+    crate::drill::guest::UnitLine {
+        unit: unit.to_string(),
+        state: state.into(),
+        health,
+        detail,
+    }
 }
 
 fn query(units: &[String]) -> anyhow::Result<BTreeMap<String, State>> {

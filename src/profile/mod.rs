@@ -6,7 +6,7 @@ pub mod model;
 pub mod source;
 mod validate;
 
-pub use validate::{check_image, is_unit_safe, parse_publish, Publish};
+pub use validate::{check_image, is_unit_safe, parse_publish, public_tcp_port, Publish};
 
 pub use model::*;
 use sha2::{Digest, Sha256};

@@ -385,6 +385,9 @@ pub struct Container {
     pub read_only: bool,
     /// Expose `/metrics` of this container to the monitoring host: `"PORT"`.
     pub metrics_port: Option<u16>,
+    /// HTTP path `imgbuild drill` GETs through the container's public TCP port; it must
+    /// answer 2xx or 3xx. Without it a public TCP port only has to accept a connection.
+    pub check: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -104,6 +104,16 @@ pub fn parse_publish(s: &str) -> Result<Publish, String> {
     })
 }
 
+/// The first host port a container publishes for TCP on every address (what a drill
+/// forwards to check it); loopback- or WireGuard-bound ports are not public.
+pub fn public_tcp_port(c: &Container) -> Option<u16> {
+    c.publish
+        .iter()
+        .filter_map(|s| parse_publish(s).ok())
+        .find(|p| p.proto == "tcp" && p.ip.is_none_or(|ip| ip.is_unspecified()))
+        .map(|p| p.host_port)
+}
+
 /// A container image reference pinned by tag or digest, with an explicit registry.
 pub fn check_image(image: &str) -> Result<(), String> {
     if image.is_empty() || !no_control(image) || image.contains(' ') {
@@ -655,6 +665,23 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
                     .all(|ch| ch.is_ascii_alphanumeric() || ":_-".contains(ch))
             {
                 c.err(&at("user"), "not a user[:group] spec", None);
+            }
+        }
+        if let Some(path) = &ct.check {
+            if !path.starts_with('/') || path.contains(' ') || !no_control(path) {
+                c.err(
+                    &at("check"),
+                    format!("`{}` is not an HTTP path", path.escape_debug()),
+                    "e.g. \"/\" or \"/status.php\"".to_string(),
+                );
+            }
+            if public_tcp_port(ct).is_none() {
+                c.err(
+                    &at("check"),
+                    "the drill reaches a check through a public TCP port, and this container publishes none",
+                    "publish a TCP port on all addresses (e.g. \"80:80\"), or remove `check`"
+                        .to_string(),
+                );
             }
         }
         if let Some(d) = &ct.domain {

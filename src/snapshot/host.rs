@@ -47,54 +47,133 @@ pub enum FirstbootOutcome {
     EmptyBucket,
     Restored {
         id: String,
+        /// Backup start of the snapshot (seconds since the epoch).
+        time: i64,
         bytes: u64,
+        files: u64,
+        volumes: u64,
         seconds: f64,
     },
 }
 
 /// Restores the newest verifiable snapshot into `paths.volumes`, through a staging
 /// directory on the same filesystem so a crash leaves either nothing or whole volumes.
-/// Errors (after retrying for `restore_timeout_secs`) mean services must stay down.
+/// Errors mean services must stay down. Transport errors are retried for
+/// `restore_timeout_secs`; integrity failures (a corrupted or missing chunk, a manifest
+/// that does not verify, a wrong key) are final at once: waiting does not repair them.
+///
+/// With the `imgbuild.drill` credential (a drill boot, see `crate::drill`) it restores
+/// the pinned snapshot through the drill's read-only gateway, switches backups and
+/// WireGuard off first, and prints `imgbuild drill: ...` lines the workstation parses.
 pub fn firstboot(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<FirstbootOutcome> {
+    use crate::drill::guest;
     if paths.firstboot_done.exists() {
         log("imgbuild firstboot: already done, nothing to restore");
         return Ok(FirstbootOutcome::AlreadyDone);
     }
+    let drill = match guest::from_credentials() {
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            log(&guest::restore_failed_line(&e.to_string()));
+            return Err(e.into());
+        }
+        None => None,
+    };
+    if let Some(d) = &drill {
+        enter_drill_mode(d, paths);
+    }
+    let drill_fail = |why: String| -> anyhow::Result<FirstbootOutcome> {
+        log(&guest::restore_failed_line(&why));
+        Err(anyhow::anyhow!(why))
+    };
     let Some(b) = &hc.backup else {
+        if drill.is_some() {
+            return drill_fail("the image has no [backup] section: nothing to restore".into());
+        }
         log("imgbuild firstboot: no backup configured, starting with empty volumes");
         mark_done(paths, &serde_json::json!({"restored": null}))?;
         return Ok(FirstbootOutcome::Skipped);
     };
     if b.restore == RestorePolicy::Skip {
+        if drill.is_some() {
+            return drill_fail("the image says restore = \"skip\": nothing to drill".into());
+        }
         log("imgbuild firstboot: restore = skip, starting with empty volumes");
         mark_done(paths, &serde_json::json!({"restored": null}))?;
         return Ok(FirstbootOutcome::Skipped);
     }
-    let target = Target::in_image(&hc.host, b);
+    let mut target = Target::in_image(&hc.host, b);
+    let mut timeout = b.restore_timeout_secs;
+    let mut pinned = None;
+    if let Some(d) = &drill {
+        target.store.endpoint = Some(d.endpoint.clone());
+        target.store.path_style = true;
+        target.store.bucket = d.bucket.clone();
+        target.store.prefix = d.prefix.clone();
+        // The gateway does not check signatures, and the host's real keys must not be
+        // what a drilled copy presents; fixed dummies also keep the SDK from probing
+        // instance metadata it cannot reach.
+        target.store.credentials_file = None;
+        std::env::set_var("AWS_ACCESS_KEY_ID", "imgbuild-drill");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "imgbuild-drill");
+        std::env::remove_var("AWS_PROFILE");
+        timeout = d.restore_timeout_secs;
+        pinned = d.snapshot.clone();
+    }
     let rt = super::runtime()?;
-    let deadline = Instant::now() + Duration::from_secs(b.restore_timeout_secs);
+    let deadline = Instant::now() + Duration::from_secs(timeout);
     let mut delay = Duration::from_secs(2);
     let mut attempt = 1;
     loop {
-        match rt.block_on(firstboot_once(&target, b, paths)) {
+        match rt.block_on(firstboot_once(&target, b, paths, pinned.as_deref())) {
             Ok(o) => {
                 let done = match &o {
-                    FirstbootOutcome::Restored { id, bytes, seconds } => {
+                    FirstbootOutcome::Restored {
+                        id, bytes, seconds, ..
+                    } => {
                         serde_json::json!({"restored": id, "bytes": bytes, "seconds": seconds})
                     }
                     _ => serde_json::json!({"restored": null}),
                 };
                 mark_done(paths, &done)?;
+                if drill.is_some() {
+                    match &o {
+                        FirstbootOutcome::Restored {
+                            id,
+                            time,
+                            bytes,
+                            files,
+                            volumes,
+                            seconds,
+                        } => log(&guest::RestoreLine {
+                            id: id.clone(),
+                            time: *time,
+                            bytes: *bytes,
+                            files: *files,
+                            volumes: *volumes,
+                            seconds: *seconds,
+                        }
+                        .render()),
+                        _ => log(&guest::restore_failed_line(
+                            "the bucket holds no snapshot: nothing was restored",
+                        )),
+                    }
+                }
                 return Ok(o);
             }
             Err(e) => {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
+                let fatal = is_final(&e);
+                if left.is_zero() || fatal {
                     let msg = format!(
-                        "imgbuild firstboot: FAILED after {attempt} attempt(s): {e:#}; services stay down \
-                         (fix the cause and `systemctl restart imgbuild-firstboot`, or set restore = \"allow-empty\" / \"skip\")"
+                        "imgbuild firstboot: FAILED after {attempt} attempt(s){}: {e:#}; services stay down \
+                         (fix the cause and `systemctl restart imgbuild-firstboot`, or set restore = \"allow-empty\" / \"skip\")",
+                        if fatal { " (not retried: an integrity failure does not go away)" } else { "" }
                     );
                     log(&msg);
+                    if drill.is_some() {
+                        log(&guest::restore_failed_line(&format!("{e:#}")));
+                    }
                     return Err(anyhow::anyhow!(msg));
                 }
                 log(&format!(
@@ -110,14 +189,82 @@ pub fn firstboot(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<Firstboot
     }
 }
 
+/// Failures retrying cannot fix: what the bucket holds is wrong, not how we reach it.
+fn is_final(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<SnapshotError>(),
+            Some(
+                SnapshotError::MissingChunk { .. }
+                    | SnapshotError::CorruptChunk { .. }
+                    | SnapshotError::BadSignature { .. }
+                    | SnapshotError::WrongKey { .. }
+                    | SnapshotError::BadManifest { .. }
+                    | SnapshotError::NoSuchSnapshot(_)
+                    | SnapshotError::KeyFile { .. }
+            )
+        )
+    })
+}
+
+/// A drilled copy must not act as the host: no backup may run (it would write the
+/// copy's state into the real bucket if it could reach it), and the WireGuard tunnel
+/// to the real peers goes down. Best effort with every step logged: the drill's
+/// network has no route out and its gateway refuses writes whatever happens here.
+fn enter_drill_mode(d: &crate::drill::guest::DrillConfig, paths: &HostPaths) {
+    use crate::drill::guest::{self, LINE};
+    log(&format!(
+        "{LINE}mode on: restoring {} through {} (read-only); backups and WireGuard off",
+        d.snapshot.as_deref().unwrap_or("the newest snapshot"),
+        d.endpoint
+    ));
+    if let Err(e) = guest::remember(d) {
+        log(&format!(
+            "{LINE}warning: cannot write {}: {e}",
+            guest::RUNTIME_FILE
+        ));
+    }
+    let run = |what: &str, cmd: &mut Command| match cmd.status() {
+        Ok(st) if st.success() => log(&format!("{LINE}{what}: ok")),
+        Ok(st) => log(&format!("{LINE}{what}: exited with {st}")),
+        Err(e) => log(&format!("{LINE}{what}: {e}")),
+    };
+    run(
+        "mask imgbuild-backup.timer and .service",
+        Command::new(&paths.systemctl).args([
+            "mask",
+            "--runtime",
+            "imgbuild-backup.timer",
+            "imgbuild-backup.service",
+        ]),
+    );
+    // --no-block: this unit runs inside the boot transaction; waiting on another job
+    // from here could deadlock it.
+    run(
+        "stop imgbuild-backup.timer",
+        Command::new(&paths.systemctl).args(["stop", "--no-block", "imgbuild-backup.timer"]),
+    );
+    for wg in &d.wireguard_interfaces {
+        run(
+            &format!("wireguard {wg} down"),
+            Command::new("networkctl").args(["down", wg]),
+        );
+    }
+}
+
 async fn firstboot_once(
     target: &Target,
     b: &BackupConfig,
     paths: &HostPaths,
+    pinned: Option<&str>,
 ) -> anyhow::Result<FirstbootOutcome> {
     let keys = target.keys()?;
     let store = target.connect().await?;
-    let m = match restore::latest_manifest(&store, &keys).await? {
+    let found = match pinned {
+        Some(id) => Some(restore::load_manifest(&store, &keys, id).await?),
+        None => restore::latest_manifest(&store, &keys).await?,
+    };
+    let m = match found {
         Some(m) => m,
         None if b.restore == RestorePolicy::AllowEmpty => {
             log(&format!(
@@ -179,7 +326,10 @@ async fn firstboot_once(
     ));
     Ok(FirstbootOutcome::Restored {
         id: m.id,
+        time: m.time,
         bytes: report.bytes,
+        files: report.files,
+        volumes: m.volumes.len() as u64,
         seconds: report.seconds,
     })
 }
@@ -294,6 +444,12 @@ pub fn backup_host(
         .backup
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("host.toml has no [backup] section: nothing to back up"))?;
+    if crate::drill::guest::active().is_some() {
+        // A drilled copy holds restored data, not the host's live data: a snapshot of
+        // it must never become the newest one (and its ping must not report success).
+        log("imgbuild backup: refused: this is a drill boot (imgbuild drill), not the host");
+        anyhow::bail!("drill boot: backups are off");
+    }
     let start = Instant::now();
     let target = Target::in_image(&hc.host, b);
     let sources: Vec<Source> = b

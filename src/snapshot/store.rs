@@ -75,6 +75,21 @@ pub struct Listed {
     pub last_modified: Option<i64>,
 }
 
+#[derive(Debug, Clone)]
+pub struct PageObject {
+    pub key: String,
+    pub size: u64,
+    pub last_modified: Option<i64>,
+    pub etag: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub objects: Vec<PageObject>,
+    /// Set when the listing goes on.
+    pub next_continuation: Option<String>,
+}
+
 fn parse_env_file(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).map_err(|e| SnapshotError::KeyFile {
         path: path.to_path_buf(),
@@ -423,6 +438,42 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// One ListObjectsV2 page, as the server cut it: the drill's gateway relays pages
+    /// one for one so a guest's continuation tokens are the real bucket's.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<&str>,
+        max_keys: Option<i32>,
+    ) -> Result<ListPage> {
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_continuation_token(continuation.map(str::to_string))
+            .set_max_keys(max_keys)
+            .send()
+            .await
+            .map_err(|e| self.err("ListObjectsV2", prefix, e))?;
+        Ok(ListPage {
+            objects: page
+                .contents()
+                .iter()
+                .map(|o| PageObject {
+                    key: o.key().unwrap_or_default().to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    last_modified: o.last_modified().map(|d| d.secs()),
+                    etag: o.e_tag().map(str::to_string),
+                })
+                .collect(),
+            next_continuation: page
+                .next_continuation_token()
+                .filter(|_| page.is_truncated() == Some(true))
+                .map(str::to_string),
+        })
     }
 
     /// DELETE by key. On a versioned (Object Lock) bucket this only adds a delete
