@@ -235,16 +235,25 @@ fn guest_connects(dir: &Path, g: &Guest, addr: &str, port: u16) -> bool {
     out.contains("OPEN")
 }
 
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+fn poll<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    poll_or(what, timeout, f, String::new)
+}
+
+/// `poll`, and on timeout the failure message carries what `diag` gathers.
+fn poll_or<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    diag: impl FnOnce() -> String,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}\n{}", diag());
+        }
         std::thread::sleep(Duration::from_secs(5));
     }
 }
@@ -551,7 +560,23 @@ fn two_hosts_tunnel_scrape_firewall_and_backup_alert() {
             .collect::<Vec<_>>()
             .join("; ")
     );
-    let alert = poll(
+    let diag = || {
+        let mut d = String::new();
+        for path in ["/api/v1/rules", "/api/v1/alerts", "/api/v1/alertmanagers"] {
+            let r = guest_http(&dir, &mon, WG_MONITORING, 9090, path);
+            d += &format!("--- prometheus {path}\n{}\n", body(&r));
+        }
+        let r = guest_http(&dir, &mon, WG_MONITORING, 9093, "/api/v2/alerts");
+        d += &format!("--- alertmanager /api/v2/alerts\n{}\n", body(&r));
+        d += &ssh_status(
+            &dir,
+            mon.ssh_port,
+            "sudo journalctl -b --no-pager -o cat -u prometheus -u alertmanager | grep -v Copying | tail -n 60",
+        )
+        .1;
+        d
+    };
+    let alert = poll_or(
         "BackupFailed to be active in Alertmanager",
         Duration::from_secs(300),
         || {
@@ -570,6 +595,7 @@ fn two_hosts_tunnel_scrape_firewall_and_backup_alert() {
                 })
                 .cloned()
         },
+        diag,
     );
     eprintln!(
         "Alertmanager: BackupFailed {} since {}",
