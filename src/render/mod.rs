@@ -539,6 +539,15 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
     if p.containers.values().any(|c| c.auto_update) {
         t.enable("podman-auto-update.timer", "timers.target");
     }
+    // A container that talks to podman's API (the podman exporter's per-container
+    // metrics) needs the socket, which podman ships disabled.
+    if p.containers.values().any(|c| {
+        c.volumes
+            .iter()
+            .any(|v| v.starts_with("/run/podman/podman.sock:"))
+    }) {
+        t.enable("podman.socket", "sockets.target");
+    }
 
     // Extra files from the profile; a clash with a generated file is an error (TreeError).
     for (path, f) in &p.files {
