@@ -327,7 +327,8 @@ impl SecretsRoot {
             created.0.push(path.clone());
         }
         Ok((
-            ed25519_dalek::SigningKey::from_bytes(&read_hex32(&path)?),
+            // Through `read_text`: a locked root holds the key only in memory.
+            ed25519_dalek::SigningKey::from_bytes(&parse_hex32(&path, &self.read_text(&path)?)?),
             created,
         ))
     }

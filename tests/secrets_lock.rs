@@ -158,6 +158,13 @@ fn identity_locked_secrets_build_and_a_wrong_identity_fails() {
     assert!(build(tmp.path(), &secrets, "plain.ign", &[], &[])
         .status
         .success());
+    // The disk image too (builds are reproducible, so equal inputs give equal bytes).
+    let plain_img = build(tmp.path(), &secrets, "plain.raw", &[], &[]);
+    assert!(
+        plain_img.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain_img.stderr)
+    );
     let id = age::x25519::Identity::generate();
     let other = age::x25519::Identity::generate();
     let id_file = tmp.path().join("me.key");
@@ -200,6 +207,31 @@ fn identity_locked_secrets_build_and_a_wrong_identity_fails() {
         std::fs::read(tmp.path().join("plain.ign")).unwrap(),
         std::fs::read(tmp.path().join("locked.ign")).unwrap()
     );
+    let locked_img = build(
+        tmp.path(),
+        &secrets,
+        "locked.raw",
+        &[],
+        &["--identity", id_file.to_str().unwrap()],
+    );
+    assert!(
+        locked_img.status.success(),
+        "{}",
+        String::from_utf8_lossy(&locked_img.stderr)
+    );
+    assert_eq!(
+        file_sha256(&tmp.path().join("plain.raw")),
+        file_sha256(&tmp.path().join("locked.raw")),
+        "a locked secrets dir built a different disk image"
+    );
+    // The work files (which hold the tree, keys included) go with the build.
+    for f in walk(tmp.path()) {
+        assert!(
+            !f.to_string_lossy().contains(".imgbuild-work-"),
+            "work file left behind: {}",
+            f.display()
+        );
+    }
     let bad = build(
         tmp.path(),
         &secrets,
@@ -210,4 +242,20 @@ fn identity_locked_secrets_build_and_a_wrong_identity_fails() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot decrypt"));
     assert!(!tmp.path().join("bad.ign").exists());
+}
+
+fn file_sha256(p: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
 }
