@@ -309,6 +309,10 @@ fn drill_passes_for_a_good_snapshot_and_leaves_the_bucket_untouched() {
     );
     assert!(r["rto_seconds"].as_f64().unwrap_or(0.0) > 0.0, "{}", ctx());
     assert_eq!(r["image_verified"], true);
+    assert_eq!(
+        r["egress"], false,
+        "the drill guest must be isolated by default"
+    );
     let checks = r["checks"].as_array().expect("checks");
     let web = checks
         .iter()

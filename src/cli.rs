@@ -136,6 +136,12 @@ pub struct DrillArgs {
     pub memory: u32,
     #[arg(long, default_value_t = 2)]
     pub cpus: u32,
+    /// Let the guest reach the internet, for containers whose images are pulled from a
+    /// registry rather than baked. WireGuard stays down, backups stay off and the bucket
+    /// is still reached only through the read-only gateway, but the apps themselves may
+    /// talk to the outside (federation, mail): bake the images instead when you can
+    #[arg(long)]
+    pub allow_egress: bool,
     /// Print the report as JSON on stdout
     #[arg(long)]
     pub json: bool,

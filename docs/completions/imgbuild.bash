@@ -303,7 +303,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__drill)
-            opts="-q -h --env --secrets --overlay --identity --snapshot --image --key --bucket --prefix --endpoint --timeout --console-log --memory --cpus --json --quiet --help"
+            opts="-q -h --env --secrets --overlay --identity --snapshot --image --key --bucket --prefix --endpoint --timeout --console-log --memory --cpus --allow-egress --json --quiet --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

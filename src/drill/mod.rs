@@ -89,6 +89,9 @@ pub struct Report {
     pub bucket: BucketInfo,
     pub image: Option<PathBuf>,
     pub image_verified: bool,
+    /// The guest could reach the internet (`--allow-egress`); otherwise it had no route
+    /// but the gateway and the forwarded ports.
+    pub egress: bool,
     pub console_log: Option<PathBuf>,
 }
 
@@ -193,6 +196,7 @@ pub fn cmd_drill(args: &DrillArgs) -> Result<i32> {
         },
         image: None,
         image_verified: false,
+        egress: args.allow_egress,
         console_log: args.console_log.clone(),
     };
     let rt = snapshot::runtime()?;
@@ -341,7 +345,7 @@ fn drill(
     opts.serial = SerialTarget::File(serial.clone());
     opts.memory_mib = args.memory;
     opts.cpus = args.cpus;
-    opts.restrict = true;
+    opts.restrict = !args.allow_egress;
     // One relay process per guest connection (the restore fetches in parallel); a
     // plain chardev guestfwd would carry a single connection.
     let exe = std::env::current_exe().context("locating this imgbuild binary")?;
@@ -772,6 +776,11 @@ fn print_report(r: &Report, args: &DrillArgs) {
         "  bucket    s3://{}/{} read-only: {} objects, {} bytes read; bucket writes attempted: {} (all refused)",
         r.bucket.bucket, r.bucket.prefix, g.objects_served, g.bytes_served, r.bucket.writes_attempted
     ));
+    line(if r.egress {
+        "  network   egress ALLOWED (--allow-egress): the apps could reach the internet".to_string()
+    } else {
+        "  network   isolated: no route but the read-only gateway and forwarded ports".to_string()
+    });
     for f in &r.failures {
         line(format!("  FAILED    {f}"));
     }
