@@ -340,7 +340,9 @@ pub fn summary(args: &SummaryArgs) -> Result<i32> {
 
 /// Profile → (host config as the host would read it, host secrets dir), for the
 /// snapshot verbs.
-pub fn resolver(sel: &Selection) -> impl Fn(&str) -> Result<(HostConfig, PathBuf)> + '_ {
+pub fn resolver(
+    sel: &Selection,
+) -> impl Fn(&str) -> Result<(HostConfig, crate::secrets::SecretsRoot)> + '_ {
     move |profile: &str| {
         let opts = LoadOptions {
             env: sel.env.clone(),
@@ -353,7 +355,7 @@ pub fn resolver(sel: &Selection) -> impl Fn(&str) -> Result<(HostConfig, PathBuf
             &crate::secrets::Unlock::from_env(None),
         )?;
         let tree = render::render(&input, Target::Image)?;
-        Ok((host_config_of(&tree)?, input.secrets_dir.clone()))
+        Ok((host_config_of(&tree)?, input.secrets.clone()))
     }
 }
 

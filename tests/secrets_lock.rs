@@ -2,6 +2,8 @@
 //! the same output as the plain one, decrypting in memory only; wrong keys fail clearly.
 
 mod common;
+#[path = "snapshot-fixtures/common.rs"]
+mod snapfix;
 use age::secrecy::ExposeSecret;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
@@ -258,4 +260,131 @@ fn file_sha256(p: &std::path::Path) -> String {
         h.update(&buf[..n]);
     }
     hex::encode(h.finalize())
+}
+
+/// The workstation's snapshot verbs read the snapshot keys from a locked root in memory:
+/// `imgbuild snapshots` lists what a backup made with the plain keys, with the identity
+/// and without any key file on disk.
+#[test]
+fn snapshot_verbs_read_keys_from_a_locked_root() {
+    use imgbuild::progress::Progress;
+    use imgbuild::snapshot::backup::{self, BackupOptions, NoHooks, Source};
+    use imgbuild::snapshot::{Keys, Store, StoreConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let secrets = tmp.path().join("secrets");
+    assert!(build(tmp.path(), &secrets, "plain.ign", &[], &[])
+        .status
+        .success());
+    let moto = snapfix::moto();
+    let bucket = snapfix::unique("locked").to_lowercase();
+    let cfg = StoreConfig {
+        bucket: bucket.clone(),
+        prefix: "vps1-locked".into(),
+        endpoint: Some(moto.endpoint.clone()),
+        region: "us-east-1".into(),
+        path_style: true,
+        ..Default::default()
+    };
+    std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+    let data = tmp.path().join("www");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("index.html"), "locked\n").unwrap();
+    let keys = Keys::load(
+        &secrets.join("vps1/snapshot-encryption.key"),
+        &secrets.join("vps1/snapshot-signing.key"),
+    )
+    .unwrap();
+    let id = snapfix::rt().block_on(async {
+        let s = Store::connect(&cfg).await.unwrap();
+        s.client()
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .unwrap();
+        backup::backup(
+            &s,
+            &keys,
+            &[Source {
+                name: "www".into(),
+                root: data.clone(),
+            }],
+            &mut NoHooks,
+            &BackupOptions {
+                host: "vps1".into(),
+                parallel: 2,
+                progress: Progress::quiet(),
+            },
+        )
+        .await
+        .unwrap()
+        .id
+    });
+
+    let id_key = age::x25519::Identity::generate();
+    let id_file = tmp.path().join("me.key");
+    std::fs::write(
+        &id_file,
+        format!("{}\n", id_key.to_string().expose_secret()),
+    )
+    .unwrap();
+    let res = imgbuild()
+        .args([
+            "secrets",
+            "lock",
+            "--secrets",
+            secrets.to_str().unwrap(),
+            "-r",
+        ])
+        .arg(id_key.to_public().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(
+        !secrets.join("vps1/snapshot-encryption.key").exists(),
+        "lock left the plain key on disk"
+    );
+    let list = |identity: Option<&std::path::Path>| {
+        let mut cmd = imgbuild();
+        cmd.current_dir(repo())
+            .env_remove("IMGBUILD_PASSPHRASE")
+            .env_remove("IMGBUILD_AGE_IDENTITY")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test");
+        if let Some(i) = identity {
+            cmd.env("IMGBUILD_AGE_IDENTITY", i);
+        }
+        cmd.args(["snapshots", "services", "--json", "--secrets"])
+            .arg(&secrets)
+            .args([
+                "--bucket",
+                &bucket,
+                "--prefix",
+                "vps1-locked",
+                "--endpoint",
+                &moto.endpoint,
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = list(Some(&id_file));
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success() && out.contains(&id),
+        "snapshots with a locked root: {out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let locked = list(None);
+    assert!(!locked.status.success());
+    assert!(
+        String::from_utf8_lossy(&locked.stderr).contains("locked"),
+        "{}",
+        String::from_utf8_lossy(&locked.stderr)
+    );
+    assert!(!secrets.join("vps1/snapshot-encryption.key").exists());
 }

@@ -292,8 +292,12 @@ fn workstation_verbs_back_up_list_check_and_restore() {
     let mut hc = host_config(&env, RestorePolicy::Require, None, &metrics);
     // The profile's endpoint is a host name only the servers resolve; --endpoint wins.
     hc.backup.as_mut().unwrap().endpoint = Some("http://s3.invalid".into());
-    let secrets = env.secrets.clone();
-    let resolve = move |p: &str| -> anyhow::Result<(HostConfig, std::path::PathBuf)> {
+    // A secrets root holds one dir per host; the fixture's key dir becomes `services/`.
+    let root = env.path("root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::os::unix::fs::symlink(&env.secrets, root.join("services")).unwrap();
+    let secrets = imgbuild::secrets::SecretsRoot::new(root);
+    let resolve = move |p: &str| -> anyhow::Result<(HostConfig, imgbuild::secrets::SecretsRoot)> {
         anyhow::ensure!(p == "services", "unknown profile {p}");
         Ok((hc.clone(), secrets.clone()))
     };

@@ -173,7 +173,8 @@ pub fn cmd_drill(args: &DrillArgs) -> Result<i32> {
         prefix: args.bucket.prefix.clone(),
         endpoint: args.bucket.endpoint.clone(),
     };
-    let target = Target::workstation(&hc.host, bc, &input.secrets_dir, &overrides);
+    let mut target = Target::workstation(&hc.host, bc, &input.secrets_dir, &overrides);
+    target.use_secrets(&input.secrets)?;
     let mut report = Report {
         host: hc.host.clone(),
         env: input.host.env.clone(),

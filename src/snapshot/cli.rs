@@ -17,8 +17,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 use std::path::{Path, PathBuf};
 
-/// Resolves a profile argument (name or path) to the host config and its secrets dir.
-pub type ResolveHost<'a> = &'a dyn Fn(&str) -> anyhow::Result<(HostConfig, PathBuf)>;
+/// Resolves a profile argument (name or path) to the host config and the secrets root
+/// (opened: a locked root is decrypted in memory).
+pub type ResolveHost<'a> =
+    &'a dyn Fn(&str) -> anyhow::Result<(HostConfig, crate::secrets::SecretsRoot)>;
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct BucketArgs {
@@ -128,11 +130,12 @@ fn workstation(
     b: &BucketArgs,
     resolve: ResolveHost,
 ) -> anyhow::Result<(HostConfig, Target)> {
-    let (hc, secrets) = resolve(profile)?;
+    let (hc, root) = resolve(profile)?;
     let Some(bc) = &hc.backup else {
         bail!("profile {profile} has no backup section: it has no snapshots");
     };
-    let t = Target::workstation(&hc.host, bc, &secrets, &b.overrides());
+    let mut t = Target::workstation(&hc.host, bc, &root.host_dir(&hc.host), &b.overrides());
+    t.use_secrets(&root)?;
     Ok((hc, t))
 }
 

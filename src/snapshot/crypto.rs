@@ -51,17 +51,6 @@ impl std::fmt::Debug for Keys {
     }
 }
 
-fn read_hex32(path: &Path) -> Result<[u8; 32]> {
-    let text = std::fs::read_to_string(path).map_err(|e| SnapshotError::KeyFile {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    parse_hex32(text.trim()).ok_or_else(|| SnapshotError::KeyFile {
-        path: path.to_path_buf(),
-        reason: "expected 64 hexadecimal characters".into(),
-    })
-}
-
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     let v = hex::decode(s).ok()?;
     v.try_into().ok()
@@ -104,17 +93,46 @@ impl Keys {
     /// (restore only needs to verify); the public key is then read from `<signing>.pub`
     /// or derived when the seed is there.
     pub fn load(encryption_key: &Path, signing_key: &Path) -> Result<Self> {
-        let master = read_hex32(encryption_key)?;
-        let pub_path = signing_key.with_extension("pub");
-        let seed = if signing_key.exists() {
-            Some(read_hex32(signing_key)?)
-        } else {
-            None
+        Keys::load_with(encryption_key, signing_key, |p| {
+            if p.exists() {
+                std::fs::read(p).map(Some)
+            } else {
+                Ok(None)
+            }
+        })
+    }
+
+    /// `load`, with the files read by `read` (None: the file does not exist), e.g.
+    /// from a locked secrets root decrypted in memory.
+    pub fn load_with(
+        encryption_key: &Path,
+        signing_key: &Path,
+        read: impl Fn(&Path) -> std::io::Result<Option<Vec<u8>>>,
+    ) -> Result<Self> {
+        let hex32 = |path: &Path| -> Result<Option<[u8; 32]>> {
+            let bytes = read(path).map_err(|e| SnapshotError::KeyFile {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            let Some(bytes) = bytes else { return Ok(None) };
+            let text = String::from_utf8_lossy(&bytes);
+            parse_hex32(text.trim())
+                .map(Some)
+                .ok_or_else(|| SnapshotError::KeyFile {
+                    path: path.to_path_buf(),
+                    reason: "expected 64 hexadecimal characters".into(),
+                })
         };
-        let public = match (seed, pub_path.exists()) {
-            (_, true) => read_hex32(&pub_path)?,
-            (Some(s), false) => SigningKey::from_bytes(&s).verifying_key().to_bytes(),
-            (None, false) => {
+        let master = hex32(encryption_key)?.ok_or_else(|| SnapshotError::KeyFile {
+            path: encryption_key.to_path_buf(),
+            reason: "No such file or directory".into(),
+        })?;
+        let pub_path = signing_key.with_extension("pub");
+        let seed = hex32(signing_key)?;
+        let public = match (seed, hex32(&pub_path)?) {
+            (_, Some(p)) => p,
+            (Some(s), None) => SigningKey::from_bytes(&s).verifying_key().to_bytes(),
+            (None, None) => {
                 return Err(SnapshotError::KeyFile {
                     path: signing_key.to_path_buf(),
                     reason: "neither the signing key nor its .pub exists".into(),

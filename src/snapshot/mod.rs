@@ -42,6 +42,9 @@ pub struct Target {
     pub store: StoreConfig,
     pub encryption_key: PathBuf,
     pub signing_key: PathBuf,
+    /// Keys already decrypted in memory (a locked secrets root); then the paths above
+    /// only name them in messages.
+    pub keys_in_memory: Option<Keys>,
 }
 
 impl Target {
@@ -61,6 +64,7 @@ impl Target {
             },
             encryption_key: PathBuf::from(&b.encryption_key_file),
             signing_key: PathBuf::from(&b.signing_key_file),
+            keys_in_memory: None,
         }
     }
 
@@ -110,7 +114,30 @@ impl Target {
     }
 
     pub fn keys(&self) -> Result<Keys, SnapshotError> {
-        Keys::load(&self.encryption_key, &self.signing_key)
+        match &self.keys_in_memory {
+            Some(k) => Ok(k.clone()),
+            None => Keys::load(&self.encryption_key, &self.signing_key),
+        }
+    }
+
+    /// With a locked secrets root the key files exist only inside its archive: read
+    /// them from there (in memory) instead of from the disk. A plain root changes
+    /// nothing.
+    pub fn use_secrets(&mut self, root: &crate::secrets::SecretsRoot) -> Result<(), SnapshotError> {
+        if !root.is_locked() {
+            return Ok(());
+        }
+        let keys = Keys::load_with(&self.encryption_key, &self.signing_key, |p| {
+            if root.is_file(p) {
+                root.read(p)
+                    .map(Some)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            } else {
+                Ok(None)
+            }
+        })?;
+        self.keys_in_memory = Some(keys);
+        Ok(())
     }
 
     pub async fn connect(&self) -> Result<Store, SnapshotError> {
