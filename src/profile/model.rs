@@ -260,13 +260,6 @@ pub struct Monitoring {
     #[serde(default)]
     pub scrape: Vec<String>,
     pub alerts: Option<Alerts>,
-    /// Margin added to the backup schedule before "backup too old" fires, hours.
-    #[serde(default = "default_backup_margin")]
-    pub backup_margin_hours: u32,
-}
-
-fn default_backup_margin() -> u32 {
-    6
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -10,6 +10,23 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 #[derive(Serialize)]
+struct BackupHost {
+    host: String,
+    rpo_hours: u32,
+    rpo_seconds: u64,
+}
+
+impl BackupHost {
+    fn new(host: &str, rpo_hours: u32) -> BackupHost {
+        BackupHost {
+            host: host.to_string(),
+            rpo_hours,
+            rpo_seconds: u64::from(rpo_hours) * 3600,
+        }
+    }
+}
+
+#[derive(Serialize)]
 struct Target {
     host: String,
     address: String,
@@ -69,9 +86,10 @@ pub(super) fn render(
     let mut apps = vec![];
     targets(host, &mut node, &mut apps);
     let mut domains = vec![];
-    let mut backup_hosts = vec![];
-    if host.profile.backup.is_some() {
-        backup_hosts.push(name.to_string());
+    // (host, RPO hours): each host's backups are judged against its own objective.
+    let mut backup_hosts: Vec<BackupHost> = vec![];
+    if let Some(b) = &host.profile.backup {
+        backup_hosts.push(BackupHost::new(name, b.rpo_hours));
     }
     for (_, other) in &input.scrape {
         targets(other, &mut node, &mut apps);
@@ -82,8 +100,8 @@ pub(super) fn render(
                 .values()
                 .filter_map(|c| c.domain.clone()),
         );
-        if other.profile.backup.is_some() {
-            backup_hosts.push(other.name().to_string());
+        if let Some(b) = &other.profile.backup {
+            backup_hosts.push(BackupHost::new(other.name(), b.rpo_hours));
         }
     }
     domains.extend(
@@ -113,14 +131,11 @@ pub(super) fn render(
             0o644,
             prom_yml,
         )?;
-        // Backups run at most daily: a day plus the margin without success is an alert.
-        let max_age_hours = 24 + m.backup_margin_hours;
         let rules = render_t(
             e,
             "alert-rules.yml.j2",
             context! {
-                header, max_age_hours, max_age_seconds => max_age_hours as u64 * 3600,
-                backup_hosts => backup_hosts.join("|"), missing_for => format!("{max_age_hours}h"),
+                header, backup_hosts,
             },
         )?;
         t.file(
