@@ -239,18 +239,30 @@ fn profile() -> PathBuf {
 
 /// Runs `imgbuild drill --json`; returns (exit code, report, stderr).
 fn drill(f: &Fixture, extra: &[&str], log: &str) -> (i32, serde_json::Value, String) {
+    drill_with(f, Some(&f.image), extra, log)
+}
+
+/// `image: None` lets the drill build the image itself from the profile.
+fn drill_with(
+    f: &Fixture,
+    image: Option<&Path>,
+    extra: &[&str],
+    log: &str,
+) -> (i32, serde_json::Value, String) {
     let t = Instant::now();
-    let o = Command::new(env!("CARGO_BIN_EXE_imgbuild"))
-        .env("AWS_ACCESS_KEY_ID", "test")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgbuild"));
+    cmd.env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .arg("drill")
         .arg(profile())
         .arg("--overlay")
         .arg(&f.overlay)
         .arg("--secrets")
-        .arg(&f.secrets)
-        .arg("--image")
-        .arg(&f.image)
+        .arg(&f.secrets);
+    if let Some(image) = image {
+        cmd.arg("--image").arg(image);
+    }
+    let o = cmd
         .args([
             "--bucket",
             &f.bucket,
@@ -361,7 +373,14 @@ fn drill_passes_for_a_good_snapshot_and_leaves_the_bucket_untouched() {
 
 fn drill_fails_naming_the_rpo_for_an_old_snapshot() {
     let f = fixture();
-    let (code, r, stderr) = drill(f, &["--snapshot", &f.old], "old.log");
+    // This drill builds its own image from the profile (the path a cron job without
+    // --image takes); the others drill the prebuilt one.
+    let (code, r, stderr) = drill_with(f, None, &["--snapshot", &f.old], "old.log");
+    assert_eq!(r["image_verified"], false, "{r}");
+    assert!(
+        r["image"].as_str().is_some_and(|p| p.ends_with("vps1.raw")),
+        "{r}"
+    );
     let failures = r["failures"].to_string();
     assert_eq!(code, 1, "{r}\n{stderr}");
     assert!(
