@@ -106,6 +106,13 @@ fn ignition_configs_validate_against_the_official_schemas() {
 
                 // A large config ships gzip'd inside an outer one: both must validate.
                 let outer = std::fs::read(&out).unwrap();
+                // The smallest user-data cap among common providers (AWS: 16 KiB).
+                assert!(
+                    outer.len() <= 16 * 1024,
+                    "{} is {} bytes: over the 16 KiB user-data limit",
+                    out.display(),
+                    outer.len()
+                );
                 let inner = imgbuild::emit::ignition::unwrap_config(&outer).unwrap();
                 let inner_path = tmp.path().join("inner.json");
                 std::fs::write(&inner_path, &inner).unwrap();
@@ -124,24 +131,51 @@ fn ignition_configs_validate_against_the_official_schemas() {
                 let cfg: serde_json::Value = serde_json::from_slice(&inner).unwrap();
                 assert_eq!(cfg["ignition"]["version"], version);
                 let mut paths = BTreeSet::new();
+                let mut nm_keyfiles = 0;
+                // The build ships the running binary as the helper.
+                let helper_hash = format!(
+                    "sha512-{}",
+                    hex::encode(Sha512::digest(
+                        std::fs::read(env!("CARGO_BIN_EXE_imgbuild")).unwrap()
+                    ))
+                );
                 for f in cfg["storage"]["files"].as_array().unwrap() {
                     let path = f["path"].as_str().unwrap();
                     assert!(paths.insert(path.to_string()), "duplicate path {path}");
                     assert!(f["mode"].is_u64(), "{path}: mode must be a decimal number");
                     let src = f["contents"]["source"].as_str().unwrap();
-                    let hash = f["contents"]["verification"]["hash"].as_str().unwrap();
                     if path == "/usr/local/bin/imgbuild" {
+                        // Fetched at first boot: only its hash vouches for it.
                         assert!(src.starts_with("https://"));
                         assert_eq!(f["mode"], 0o755);
+                        assert_eq!(
+                            f["contents"]["verification"]["hash"],
+                            helper_hash.as_str(),
+                            "the helper's hash is not the binary's"
+                        );
                         continue;
                     }
+                    // Inline data needs no hash (it is inside the config); it must decode.
+                    assert!(src.starts_with("data:"), "{path}: {src}");
+                    assert!(f["contents"]["verification"].is_null(), "{path}");
                     let data = decode_data_url(src, f["contents"]["compression"].as_str());
-                    assert_eq!(
-                        hash,
-                        format!("sha512-{}", hex::encode(Sha512::digest(&data))),
-                        "{path}: hash mismatch"
-                    );
+                    if path.starts_with("/etc/NetworkManager/system-connections/") {
+                        // Fedora CoreOS brings WireGuard up from this keyfile.
+                        let text = String::from_utf8_lossy(&data);
+                        assert_eq!(f["mode"], 0o600, "{path} holds the private key");
+                        for want in [
+                            "type=wireguard",
+                            "private-key=",
+                            "[wireguard-peer.",
+                            "allowed-ips=10.",
+                            "address1=10.",
+                        ] {
+                            assert!(text.contains(want), "{path} lacks {want}:\n{text}");
+                        }
+                        nm_keyfiles += 1;
+                    }
                 }
+                assert_eq!(nm_keyfiles, 1, "one NetworkManager WireGuard keyfile");
                 for l in cfg["storage"]["links"].as_array().unwrap() {
                     assert!(
                         paths.insert(l["path"].as_str().unwrap().to_string()),

@@ -89,7 +89,8 @@ struct Contents {
     source: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     compression: Option<String>,
-    verification: Verification,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verification: Option<Verification>,
 }
 
 #[derive(Serialize)]
@@ -141,8 +142,9 @@ fn percent(data: &[u8]) -> String {
     out
 }
 
-/// The shorter of a plain and a gzip+base64 data URL. The hash is of the
-/// decompressed content, as the spec defines it.
+/// The shorter of a plain and a gzip+base64 data URL. No hash: the bytes travel inside
+/// the config itself, so a hash beside them proves nothing, and 64 random bytes per
+/// file were a quarter of a compressed config (providers cap user-data at 16 KiB).
 fn contents(data: &[u8], allow_gzip: bool) -> Contents {
     let plain = format!("data:,{}", percent(data));
     let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::best());
@@ -153,9 +155,7 @@ fn contents(data: &[u8], allow_gzip: bool) -> Contents {
         "data:;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(&gz)
     );
-    let verification = Verification {
-        hash: format!("sha512-{}", sha512_hex(data)),
-    };
+    let verification = None;
     if allow_gzip && packed.len() < plain.len() {
         Contents {
             source: packed,
@@ -278,9 +278,9 @@ fn emit_inner(
             contents: Contents {
                 source: h.url.clone(),
                 compression: None,
-                verification: Verification {
+                verification: Some(Verification {
                     hash: format!("sha512-{}", h.sha512),
-                },
+                }),
             },
         });
         files.sort_by(|a, b| a.path.cmp(&b.path));
@@ -359,9 +359,9 @@ fn wrap(version: &str, inner: &[u8]) -> Vec<u8> {
                         base64::engine::general_purpose::STANDARD.encode(&gz)
                     ),
                     compression: Some("gzip".into()),
-                    verification: Verification {
+                    verification: Some(Verification {
                         hash: format!("sha512-{}", sha512_hex(inner)),
-                    },
+                    }),
                 },
             },
         },

@@ -207,6 +207,7 @@ fn env() -> Environment<'static> {
         "sshd.conf.j2",
         "wg.netdev.j2",
         "wg.network.j2",
+        "wg.nmconnection.j2",
         "uplink.network.j2",
         "imgbuild-firstboot.service.j2",
         "imgbuild-backup.service.j2",
@@ -384,6 +385,27 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
                 context! { header, interface => wg.interface, address => wg.address },
             )?,
         )?;
+        if target == Target::Ignition {
+            let private_key = input.secrets.read_text(&sd.join("wireguard.key"))?;
+            t.secret_file(
+                &format!(
+                    "/etc/NetworkManager/system-connections/{}.nmconnection",
+                    wg.interface
+                ),
+                0o600,
+                "root",
+                "root",
+                render_t(
+                    &e,
+                    "wg.nmconnection.j2",
+                    context! {
+                        header, interface => wg.interface, listen_port => wg.listen_port,
+                        private_key => private_key.trim(), peers => input.peers,
+                        address => wg.address,
+                    },
+                )?,
+            )?;
+        }
     }
 
     // Firewall: what the profile opens, and nothing else.
