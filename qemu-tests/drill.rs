@@ -65,24 +65,7 @@ fn store(f: &Fixture) -> Store {
 /// Every key and ETag in the bucket.
 fn inventory(f: &Fixture) -> BTreeMap<String, String> {
     let s = store(f);
-    snapfix::rt().block_on(async {
-        let mut out = BTreeMap::new();
-        let mut pages = s
-            .client()
-            .list_objects_v2()
-            .bucket(&s.bucket)
-            .into_paginator()
-            .send();
-        while let Some(p) = pages.next().await {
-            for o in p.expect("list").contents() {
-                out.insert(
-                    o.key().unwrap_or_default().to_string(),
-                    o.e_tag().unwrap_or_default().to_string(),
-                );
-            }
-        }
-        out
-    })
+    snapfix::rt().block_on(snapfix::bucket_inventory(&s))
 }
 
 fn fixture() -> &'static Fixture {

@@ -12,27 +12,6 @@ use imgbuild::snapshot::backup::{self, BackupOptions, NoHooks, Source};
 use imgbuild::snapshot::restore::{self, RestoreOptions};
 use imgbuild::snapshot::{Store, StoreConfig};
 use snapfix::Env;
-use std::collections::BTreeMap;
-
-/// Every key and ETag in the bucket, read directly from moto.
-async fn inventory(store: &Store) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut pages = store
-        .client()
-        .list_objects_v2()
-        .bucket(&store.bucket)
-        .into_paginator()
-        .send();
-    while let Some(p) = pages.next().await {
-        for o in p.expect("list").contents() {
-            out.insert(
-                o.key().unwrap_or_default().to_string(),
-                o.e_tag().unwrap_or_default().to_string(),
-            );
-        }
-    }
-    out
-}
 
 fn status<E>(
     e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
@@ -87,7 +66,7 @@ fn gateway_serves_restore_reads_and_refuses_everything_else() {
             .unwrap();
     });
     let gw = Gateway::start(direct.clone(), rt.handle().clone()).expect("gateway");
-    let before = rt.block_on(inventory(&direct));
+    let before = rt.block_on(snapfix::bucket_inventory(&direct));
 
     rt.block_on(async {
         let g = through(&env, &gw).await;
@@ -198,7 +177,7 @@ fn gateway_serves_restore_reads_and_refuses_everything_else() {
         "{stats:?}"
     );
     assert_eq!(stats.objects_served, 3, "{stats:?}");
-    let after = rt.block_on(inventory(&direct));
+    let after = rt.block_on(snapfix::bucket_inventory(&direct));
     assert_eq!(
         before, after,
         "the bucket changed behind the read-only gateway"
@@ -233,7 +212,7 @@ fn a_whole_restore_goes_through_the_gateway() {
         .await
         .expect("backup");
     });
-    let before = rt.block_on(inventory(&direct));
+    let before = rt.block_on(snapfix::bucket_inventory(&direct));
     let gw = Gateway::start(direct.clone(), rt.handle().clone()).expect("gateway");
     let out = env.path("out");
     let report = rt.block_on(async {
@@ -260,5 +239,5 @@ fn a_whole_restore_goes_through_the_gateway() {
     let stats = gw.stats();
     assert_eq!(stats.writes_refused, 0, "{stats:?}");
     assert!(stats.bytes_served > 0 && stats.lists >= 1, "{stats:?}");
-    assert_eq!(before, rt.block_on(inventory(&direct)));
+    assert_eq!(before, rt.block_on(snapfix::bucket_inventory(&direct)));
 }

@@ -35,6 +35,16 @@ fn build(
     cmd.output().unwrap()
 }
 
+/// `build` without extra environment, which must succeed.
+fn build_ok(dir: &std::path::Path, secrets: &std::path::Path, out: &str, extra: &[&str]) {
+    let o = build(dir, secrets, out, &[], extra);
+    assert!(
+        o.status.success(),
+        "building {out}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn tree_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     let mut out = vec![];
     for e in walk(dir) {
@@ -161,12 +171,7 @@ fn identity_locked_secrets_build_and_a_wrong_identity_fails() {
         .status
         .success());
     // The disk image too (builds are reproducible, so equal inputs give equal bytes).
-    let plain_img = build(tmp.path(), &secrets, "plain.raw", &[], &[]);
-    assert!(
-        plain_img.status.success(),
-        "{}",
-        String::from_utf8_lossy(&plain_img.stderr)
-    );
+    build_ok(tmp.path(), &secrets, "plain.raw", &[]);
     let id = age::x25519::Identity::generate();
     let other = age::x25519::Identity::generate();
     let id_file = tmp.path().join("me.key");
@@ -193,34 +198,13 @@ fn identity_locked_secrets_build_and_a_wrong_identity_fails() {
         "{}",
         String::from_utf8_lossy(&res.stderr)
     );
-    let good = build(
-        tmp.path(),
-        &secrets,
-        "locked.ign",
-        &[],
-        &["--identity", id_file.to_str().unwrap()],
-    );
-    assert!(
-        good.status.success(),
-        "{}",
-        String::from_utf8_lossy(&good.stderr)
-    );
+    let identity = ["--identity", id_file.to_str().unwrap()];
+    build_ok(tmp.path(), &secrets, "locked.ign", &identity);
     assert_eq!(
         std::fs::read(tmp.path().join("plain.ign")).unwrap(),
         std::fs::read(tmp.path().join("locked.ign")).unwrap()
     );
-    let locked_img = build(
-        tmp.path(),
-        &secrets,
-        "locked.raw",
-        &[],
-        &["--identity", id_file.to_str().unwrap()],
-    );
-    assert!(
-        locked_img.status.success(),
-        "{}",
-        String::from_utf8_lossy(&locked_img.stderr)
-    );
+    build_ok(tmp.path(), &secrets, "locked.raw", &identity);
     assert_eq!(
         file_sha256(&tmp.path().join("plain.raw")),
         file_sha256(&tmp.path().join("locked.raw")),

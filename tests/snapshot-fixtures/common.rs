@@ -405,3 +405,24 @@ pub fn make_rich_tree(root: &Path) {
     set_times(&root.join("links/rel"), 1_000_000_000);
     set_times(&root.join("large.bin"), 1_600_000_000);
 }
+
+/// Every key and ETag in the store's bucket, listed directly: what "the bucket did not
+/// change" is checked against.
+pub async fn bucket_inventory(store: &Store) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut pages = store
+        .client()
+        .list_objects_v2()
+        .bucket(&store.bucket)
+        .into_paginator()
+        .send();
+    while let Some(p) = pages.next().await {
+        for o in p.expect("list").contents() {
+            out.insert(
+                o.key().unwrap_or_default().to_string(),
+                o.e_tag().unwrap_or_default().to_string(),
+            );
+        }
+    }
+    out
+}
