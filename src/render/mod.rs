@@ -368,12 +368,13 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
     let wg_addr = wg_ip(host);
     if let Some(wg) = &p.wireguard {
         let key_file = format!("/etc/systemd/network/{}.key", wg.interface);
+        let private_key = input.secrets.read_text(&sd.join("wireguard.key"))?;
         t.secret_file(
             &key_file,
             0o600,
             "systemd-network",
             "systemd-network",
-            input.secrets.read_text(&sd.join("wireguard.key"))?,
+            private_key.clone(),
         )?;
         t.file(&format!("/etc/systemd/network/50-{}.netdev", wg.interface), 0o644, render_t(&e, "wg.netdev.j2", context! { header, interface => wg.interface, key_file, listen_port => wg.listen_port, peers => input.peers })?)?;
         t.file(
@@ -386,7 +387,6 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
             )?,
         )?;
         if target == Target::Ignition {
-            let private_key = input.secrets.read_text(&sd.join("wireguard.key"))?;
             t.secret_file(
                 &format!(
                     "/etc/NetworkManager/system-connections/{}.nmconnection",
