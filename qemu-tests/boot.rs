@@ -80,20 +80,7 @@ fn services_profile_built_by_the_cli_boots_to_ready() {
     let out = dir.join("vps1.raw");
     let profile = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/services.toml");
     let t = Instant::now();
-    let st = Command::new(&cli)
-        .arg("build")
-        .arg(&profile)
-        .arg("--overlay")
-        .arg(&overlay)
-        .arg("--secrets")
-        .arg(&secrets)
-        .arg("--helper")
-        .arg(&helper)
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .expect("run imgbuild build");
-    assert!(st.success(), "imgbuild build failed");
+    cli_build(&profile, &overlay, &secrets, &helper, &out, &[]);
     eprintln!("CLI build: {:.1}s", t.elapsed().as_secs_f64());
     let st = Command::new(&cli)
         .arg("verify")

@@ -604,3 +604,34 @@ pub fn endpoint_port(endpoint: &str) -> u16 {
         .and_then(|p| p.trim_end_matches('/').parse().ok())
         .expect("endpoint port")
 }
+
+/// `imgbuild build PROFILE --overlay … --secrets … --helper … --out …` plus `extra`, as a
+/// user would run it; its output goes to the test's stderr, and failure fails the test.
+pub fn cli_build(
+    profile: &Path,
+    overlay: &Path,
+    secrets: &Path,
+    helper: &Path,
+    out: &Path,
+    extra: &[&str],
+) {
+    let st = Command::new(env!("CARGO_BIN_EXE_imgbuild"))
+        .arg("build")
+        .arg(profile)
+        .arg("--overlay")
+        .arg(overlay)
+        .arg("--secrets")
+        .arg(secrets)
+        .arg("--helper")
+        .arg(helper)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .status()
+        .expect("run imgbuild build");
+    assert!(
+        st.success(),
+        "imgbuild build {} failed (its output is above)",
+        profile.display()
+    );
+}

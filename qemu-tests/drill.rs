@@ -14,8 +14,7 @@ mod common;
 mod snapfix;
 
 use common::*;
-use imgbuild::progress::Progress;
-use imgbuild::snapshot::backup::{self, BackupOptions, NoHooks, Source};
+use imgbuild::snapshot::backup;
 use imgbuild::snapshot::{format, restore, Keys, Store, StoreConfig};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -138,21 +137,7 @@ fn fixture() -> &'static Fixture {
         let helper = strip(&cli, &dir);
         let image = dir.join("vps1.raw");
         let t = Instant::now();
-        let st = Command::new(&cli)
-            .arg("build")
-            .arg(profile())
-            .arg("--overlay")
-            .arg(&overlay)
-            .arg("--secrets")
-            .arg(&secrets)
-            .arg("--helper")
-            .arg(&helper)
-            .arg("--out")
-            .arg(&image)
-            .arg("--quiet")
-            .status()
-            .expect("imgbuild build");
-        assert!(st.success(), "build failed");
+        cli_build(&profile(), &overlay, &secrets, &helper, &image, &["--quiet"]);
         eprintln!("image built in {:.1}s", t.elapsed().as_secs_f64());
 
         // The data: a volume with a known file, snapshotted by the library as the
@@ -169,22 +154,7 @@ fn fixture() -> &'static Fixture {
         .expect("keys");
         let (good, old) = snapfix::rt().block_on(async {
             let s = Store::connect(&cfg).await.expect("connect");
-            let r = backup::backup(
-                &s,
-                &keys,
-                &[Source {
-                    name: "www".into(),
-                    root: data.clone(),
-                }],
-                &mut NoHooks,
-                &BackupOptions {
-                    host: "vps1".into(),
-                    parallel: 4,
-                    progress: Progress::quiet(),
-                },
-            )
-            .await
-            .expect("backup");
+            let r = snapfix::backup_volume(&s, &keys, "www", &data, "vps1").await;
             // The same data as a snapshot taken three days ago: a re-signed manifest
             // with an older id and time (the library has no clock to turn back).
             let mut m = restore::load_manifest(&s, &keys, &r.id)

@@ -19,7 +19,6 @@ use common::*;
 use imgbuild::image::{qemu, LanNic, RunOptions, SerialTarget};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -128,29 +127,6 @@ fn node_exporter(archive: &Path, wg_addr: &str) -> String {
          metrics_port = 9100\n\n",
         archive.display()
     )
-}
-
-fn build(cli: &Path, profile: &Path, overlay: &Path, secrets: &Path, helper: &Path, out: &Path) {
-    let o = Command::new(cli)
-        .arg("build")
-        .arg(profile)
-        .args(["--env", "qemu", "--overlay"])
-        .arg(overlay)
-        .arg("--secrets")
-        .arg(secrets)
-        .arg("--helper")
-        .arg(helper)
-        .arg("--out")
-        .arg(out)
-        .output()
-        .expect("imgbuild build");
-    assert!(
-        o.status.success(),
-        "build of {} failed:\n{}{}",
-        profile.display(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 struct Guest {
@@ -389,22 +365,19 @@ fn two_hosts_tunnel_scrape_firewall_and_backup_alert() {
     let helper = strip(&cli, &dir);
     let services_img = dir.join("vps1.raw");
     let monitoring_img = dir.join("monitoring.raw");
-    build(
-        &cli,
-        &services,
-        &services_overlay,
-        &secrets,
-        &helper,
-        &services_img,
-    );
-    build(
-        &cli,
-        &monitoring,
-        &monitoring_overlay,
-        &secrets,
-        &helper,
-        &monitoring_img,
-    );
+    for (profile, overlay, image) in [
+        (&services, &services_overlay, &services_img),
+        (&monitoring, &monitoring_overlay, &monitoring_img),
+    ] {
+        cli_build(
+            profile,
+            overlay,
+            &secrets,
+            &helper,
+            image,
+            &["--env", "qemu"],
+        );
+    }
     eprintln!("two images built in {:.1}s", t0.elapsed().as_secs_f64());
 
     let (pa, pb) = (free_udp_port(), free_udp_port());

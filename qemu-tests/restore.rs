@@ -90,20 +90,7 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
     let helper = strip(&cli, &dir);
     let image = dir.join("vps1.raw");
     let profile = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/services.toml");
-    let st = Command::new(&cli)
-        .arg("build")
-        .arg(&profile)
-        .arg("--overlay")
-        .arg(&overlay)
-        .arg("--secrets")
-        .arg(&secrets)
-        .arg("--helper")
-        .arg(&helper)
-        .arg("--out")
-        .arg(&image)
-        .status()
-        .expect("imgbuild build");
-    assert!(st.success(), "build failed");
+    cli_build(&profile, &overlay, &secrets, &helper, &image, &[]);
 
     // First boot: empty bucket, allow-empty: services start on empty volumes.
     let serial = dir.join("serial1.log");

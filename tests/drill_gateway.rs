@@ -7,8 +7,6 @@
 mod snapfix;
 
 use imgbuild::drill::gateway::Gateway;
-use imgbuild::progress::Progress;
-use imgbuild::snapshot::backup::{self, BackupOptions, NoHooks, Source};
 use imgbuild::snapshot::restore::{self, RestoreOptions};
 use imgbuild::snapshot::{Store, StoreConfig};
 use snapfix::Env;
@@ -194,24 +192,7 @@ fn a_whole_restore_goes_through_the_gateway() {
     std::fs::write(src.join("sub/blob"), snapfix::noise(7, 3 << 20)).unwrap();
     let direct = rt.block_on(env.store());
     let keys = env.keys();
-    rt.block_on(async {
-        backup::backup(
-            &direct,
-            &keys,
-            &[Source {
-                name: "www".into(),
-                root: src.clone(),
-            }],
-            &mut NoHooks,
-            &BackupOptions {
-                host: "test".into(),
-                parallel: 4,
-                progress: Progress::quiet(),
-            },
-        )
-        .await
-        .expect("backup");
-    });
+    rt.block_on(snapfix::backup_volume(&direct, &keys, "www", &src, "test"));
     let before = rt.block_on(snapfix::bucket_inventory(&direct));
     let gw = Gateway::start(direct.clone(), rt.handle().clone()).expect("gateway");
     let out = env.path("out");

@@ -45,6 +45,36 @@ fn build_ok(dir: &std::path::Path, secrets: &std::path::Path, out: &str, extra: 
     );
 }
 
+/// A new age identity written to `dir/name`.
+fn identity_file(dir: &std::path::Path, name: &str) -> (age::x25519::Identity, std::path::PathBuf) {
+    let id = age::x25519::Identity::generate();
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{}\n", id.to_string().expose_secret())).unwrap();
+    (id, path)
+}
+
+/// Locks `secrets` to a new identity, which must succeed; returns the identity file.
+fn lock_to_new_identity(dir: &std::path::Path, secrets: &std::path::Path) -> std::path::PathBuf {
+    let (id, path) = identity_file(dir, "me.key");
+    let res = imgbuild()
+        .args([
+            "secrets",
+            "lock",
+            "--secrets",
+            secrets.to_str().unwrap(),
+            "-r",
+        ])
+        .arg(id.to_public().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    path
+}
+
 fn tree_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     let mut out = vec![];
     for e in walk(dir) {
@@ -172,32 +202,9 @@ fn identity_locked_secrets_build_and_a_wrong_identity_fails() {
         .success());
     // The disk image too (builds are reproducible, so equal inputs give equal bytes).
     build_ok(tmp.path(), &secrets, "plain.raw", &[]);
-    let id = age::x25519::Identity::generate();
-    let other = age::x25519::Identity::generate();
-    let id_file = tmp.path().join("me.key");
-    let other_file = tmp.path().join("other.key");
-    std::fs::write(&id_file, format!("{}\n", id.to_string().expose_secret())).unwrap();
-    std::fs::write(
-        &other_file,
-        format!("{}\n", other.to_string().expose_secret()),
-    )
-    .unwrap();
-    let res = imgbuild()
-        .args([
-            "secrets",
-            "lock",
-            "--secrets",
-            secrets.to_str().unwrap(),
-            "-r",
-            &id.to_public().to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    let id_file = lock_to_new_identity(tmp.path(), &secrets);
+    // An identity the root was not locked to.
+    let (_, other_file) = identity_file(tmp.path(), "other.key");
     let identity = ["--identity", id_file.to_str().unwrap()];
     build_ok(tmp.path(), &secrets, "locked.ign", &identity);
     assert_eq!(
@@ -251,8 +258,6 @@ fn file_sha256(p: &std::path::Path) -> String {
 /// and without any key file on disk.
 #[test]
 fn snapshot_verbs_read_keys_from_a_locked_root() {
-    use imgbuild::progress::Progress;
-    use imgbuild::snapshot::backup::{self, BackupOptions, NoHooks, Source};
     use imgbuild::snapshot::{Keys, Store, StoreConfig};
     let tmp = tempfile::tempdir().unwrap();
     let secrets = tmp.path().join("secrets");
@@ -287,48 +292,12 @@ fn snapshot_verbs_read_keys_from_a_locked_root() {
             .send()
             .await
             .unwrap();
-        backup::backup(
-            &s,
-            &keys,
-            &[Source {
-                name: "www".into(),
-                root: data.clone(),
-            }],
-            &mut NoHooks,
-            &BackupOptions {
-                host: "vps1".into(),
-                parallel: 2,
-                progress: Progress::quiet(),
-            },
-        )
-        .await
-        .unwrap()
-        .id
+        snapfix::backup_volume(&s, &keys, "www", &data, "vps1")
+            .await
+            .id
     });
 
-    let id_key = age::x25519::Identity::generate();
-    let id_file = tmp.path().join("me.key");
-    std::fs::write(
-        &id_file,
-        format!("{}\n", id_key.to_string().expose_secret()),
-    )
-    .unwrap();
-    let res = imgbuild()
-        .args([
-            "secrets",
-            "lock",
-            "--secrets",
-            secrets.to_str().unwrap(),
-            "-r",
-        ])
-        .arg(id_key.to_public().to_string())
-        .output()
-        .unwrap();
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    let id_file = lock_to_new_identity(tmp.path(), &secrets);
     assert!(
         !secrets.join("vps1/snapshot-encryption.key").exists(),
         "lock left the plain key on disk"

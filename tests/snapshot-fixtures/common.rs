@@ -426,3 +426,30 @@ pub async fn bucket_inventory(store: &Store) -> BTreeMap<String, String> {
     }
     out
 }
+
+/// One snapshot of one volume (`name`, read from `root`) as `host` would take it.
+pub async fn backup_volume(
+    store: &Store,
+    keys: &Keys,
+    name: &str,
+    root: &Path,
+    host: &str,
+) -> imgbuild::snapshot::backup::BackupReport {
+    use imgbuild::snapshot::backup::{backup, BackupOptions, NoHooks, Source};
+    backup(
+        store,
+        keys,
+        &[Source {
+            name: name.into(),
+            root: root.to_path_buf(),
+        }],
+        &mut NoHooks,
+        &BackupOptions {
+            host: host.into(),
+            parallel: 4,
+            progress: imgbuild::progress::Progress::quiet(),
+        },
+    )
+    .await
+    .expect("backup")
+}
