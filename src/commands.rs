@@ -377,7 +377,7 @@ pub(crate) fn host_config_of(tree: &crate::tree::HostTree) -> Result<HostConfig>
     }
 }
 
-pub(crate) fn read_pubkey(spec: &str) -> Result<ed25519_dalek::VerifyingKey> {
+fn read_pubkey(spec: &str) -> Result<ed25519_dalek::VerifyingKey> {
     let text = if Path::new(spec).is_file() {
         std::fs::read_to_string(spec).with_context(|| format!("reading {spec}"))?
     } else {
@@ -390,20 +390,33 @@ pub(crate) fn read_pubkey(spec: &str) -> Result<ed25519_dalek::VerifyingKey> {
     ed25519_dalek::VerifyingKey::from_bytes(&arr).context("not an ed25519 public key")
 }
 
-pub fn verify(args: &VerifyArgs) -> Result<i32> {
-    let key = match (&args.key, &args.secrets) {
-        (Some(k), _) => read_pubkey(k)?,
-        (None, s) => {
-            let root = SecretsRoot::new(s.clone().unwrap_or_else(|| PathBuf::from("secrets")));
+/// The key an image must be signed with: `--key` (a file or the hex itself), else the
+/// builder's public key in the secrets root.
+pub fn builder_pubkey(
+    key: Option<&str>,
+    root: &SecretsRoot,
+) -> Result<ed25519_dalek::VerifyingKey> {
+    match key {
+        Some(k) => read_pubkey(k),
+        None => {
             let p = root.builder_dir().join("image-signing.pub");
-            read_pubkey(p.to_str().unwrap_or_default()).with_context(|| {
+            read_pubkey(&p.to_string_lossy()).with_context(|| {
                 format!(
                     "builder key {}\n  hint: pass --key PUB or --secrets DIR",
                     p.display()
                 )
-            })?
+            })
         }
-    };
+    }
+}
+
+pub fn verify(args: &VerifyArgs) -> Result<i32> {
+    let root = SecretsRoot::new(
+        args.secrets
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("secrets")),
+    );
+    let key = builder_pubkey(args.key.as_deref(), &root)?;
     match crate::image::verify(&args.image, &key) {
         Ok(report) => {
             if args.json {

@@ -384,10 +384,6 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), SecretsError> {
     Ok(())
 }
 
-pub fn read_hex32(path: &Path) -> Result<[u8; 32], SecretsError> {
-    parse_hex32(path, &fs::read_to_string(path).map_err(io(path))?)
-}
-
 fn parse_hex32(path: &Path, s: &str) -> Result<[u8; 32], SecretsError> {
     let bytes = hex::decode(s.trim()).map_err(|_| SecretsError::Bad {
         path: path.to_path_buf(),
@@ -474,11 +470,6 @@ pub fn openssh_private(seed: &[u8; 32], comment: &str) -> String {
     }
     pem.push_str("-----END OPENSSH PRIVATE KEY-----\n");
     pem
-}
-
-/// Reads a file the host needs, with a clear error when it is missing.
-pub fn read_text(path: &Path) -> Result<String, SecretsError> {
-    fs::read_to_string(path).map_err(io(path))
 }
 
 fn decrypt(data: &[u8], unlock: &Unlock) -> Result<Vec<u8>, String> {

@@ -14,7 +14,7 @@ use crate::cli::{BuildArgs, DrillArgs};
 use crate::hostconfig::RestorePolicy;
 use crate::image::{qemu, RunOptions, SerialTarget};
 use crate::progress::Progress;
-use crate::snapshot::{self, restore, Overrides, Target};
+use crate::snapshot::{self, restore, Target};
 use anyhow::{Context, Result};
 use guest::{RestoreLine, UnitLine};
 use serde::Serialize;
@@ -168,11 +168,7 @@ pub fn cmd_drill(args: &DrillArgs) -> Result<i32> {
         .as_ref()
         .map(|b| b.rpo_hours)
         .unwrap_or(30);
-    let overrides = Overrides {
-        bucket: args.bucket.bucket.clone(),
-        prefix: args.bucket.prefix.clone(),
-        endpoint: args.bucket.endpoint.clone(),
-    };
+    let overrides = args.bucket.overrides();
     let mut target = Target::workstation(&hc.host, bc, &input.secrets_dir, &overrides);
     target.use_secrets(&input.secrets)?;
     let mut report = Report {
@@ -281,18 +277,7 @@ fn drill(
         .context("creating a scratch directory")?;
     let image = match &args.image {
         Some(p) => {
-            let key = match &args.key {
-                Some(k) => crate::commands::read_pubkey(k)?,
-                None => {
-                    let p = root.builder_dir().join("image-signing.pub");
-                    crate::commands::read_pubkey(&p.to_string_lossy()).with_context(|| {
-                        format!(
-                            "builder key {}\n  hint: pass --key PUB or --secrets DIR",
-                            p.display()
-                        )
-                    })?
-                }
-            };
+            let key = crate::commands::builder_pubkey(args.key.as_deref(), root)?;
             let step = progress.step("verify", None);
             crate::image::verify(p, &key)
                 .with_context(|| format!("{} does not verify", p.display()))?;

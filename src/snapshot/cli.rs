@@ -36,7 +36,7 @@ pub struct BucketArgs {
 }
 
 impl BucketArgs {
-    fn overrides(&self) -> Overrides {
+    pub fn overrides(&self) -> Overrides {
         Overrides {
             bucket: self.bucket.clone(),
             prefix: self.prefix.clone(),
