@@ -11,7 +11,8 @@
 mod common;
 
 use common::*;
-use imgbuild::image::{self, qemu, DiskFormat, RunOptions, SerialTarget};
+use imgbuild::image::{self, DiskFormat};
+use imgbuild::qemu::{self, RunOptions, SerialTarget};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("ready") {
         let cfg = Path::new(imgbuild::hostconfig::HOST_CONFIG_PATH);
-        let code = image::ready(cfg).unwrap_or_else(|e| {
+        let code = imgbuild::agent::ready::ready(cfg).unwrap_or_else(|e| {
             eprintln!("imgbuild ready: {e:#}");
             2
         });

@@ -16,7 +16,7 @@ mod common;
 mod snapfix;
 
 use common::*;
-use imgbuild::image::{qemu, LanNic, RunOptions, SerialTarget};
+use imgbuild::qemu::{self, LanNic, RunOptions, SerialTarget};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

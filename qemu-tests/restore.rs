@@ -10,7 +10,7 @@ mod common;
 mod snapfix;
 
 use common::*;
-use imgbuild::image::{qemu, RunOptions, SerialTarget};
+use imgbuild::qemu::{self, RunOptions, SerialTarget};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};

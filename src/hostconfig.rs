@@ -6,6 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Retention is the snapshot engine's notion; host.toml carries it as is.
+pub use crate::snapshot::prune::Retention;
+
 pub const HOST_CONFIG_PATH: &str = "/etc/imgbuild/host.toml";
 pub const SECRETS_DIR: &str = "/etc/imgbuild/secrets";
 /// Where state lives (on the /var partition).
@@ -52,19 +55,6 @@ pub struct BackupConfig {
     pub credentials_file: Option<String>,
     pub encryption_key_file: String,
     pub signing_key_file: String,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields)]
-pub struct Retention {
-    #[serde(default)]
-    pub last: u32,
-    #[serde(default)]
-    pub daily: u32,
-    #[serde(default)]
-    pub weekly: u32,
-    #[serde(default)]
-    pub monthly: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -3,35 +3,14 @@
 //! in memory), each part with its Content-MD5, then the signed manifest beside it.
 
 use crate::progress::Progress;
-use crate::snapshot::{Store, StoreConfig};
+use crate::snapshot::Store;
 use anyhow::{bail, Context, Result};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use base64::Engine;
 use md5::{Digest, Md5};
 use std::io::Read;
-use std::path::{Path, PathBuf};
-
-#[derive(Debug, clap::Args)]
-pub struct UploadArgs {
-    /// Image file (raw or qcow2)
-    pub image: PathBuf,
-    /// Destination, s3://bucket/key
-    pub dest: String,
-    /// S3 endpoint (default: AWS_ENDPOINT_URL_S3, or AWS); implies path-style
-    #[arg(long)]
-    pub endpoint: Option<String>,
-    /// Region (default: AWS_REGION, else us-east-1)
-    #[arg(long)]
-    pub region: Option<String>,
-    /// Part size in MiB (64: a 2 GiB image is 32 parts, far under S3's 10 000-part limit)
-    #[arg(long, default_value_t = 64)]
-    pub part_mib: usize,
-    #[arg(long, short)]
-    pub quiet: bool,
-    #[arg(long)]
-    pub json: bool,
-}
+use std::path::Path;
 
 pub fn parse_dest(dest: &str) -> Result<(String, String)> {
     let rest = dest
@@ -59,7 +38,7 @@ fn read_part(f: &mut std::fs::File, size: usize) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-async fn upload_file(
+pub async fn upload_file(
     store: &Store,
     path: &Path,
     key: &str,
@@ -155,76 +134,4 @@ async fn upload_file(
     result?;
     step.finish();
     Ok(size)
-}
-
-pub fn cmd_upload(args: &UploadArgs) -> Result<i32> {
-    let (bucket, key) = parse_dest(&args.dest)?;
-    if args.part_mib < 5 {
-        bail!("--part-mib must be at least 5 (S3's minimum part size)");
-    }
-    let progress = Progress::detect(args.quiet || args.json);
-    let endpoint = args
-        .endpoint
-        .clone()
-        .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
-        .filter(|e| !e.is_empty());
-    let cfg = StoreConfig {
-        bucket: bucket.clone(),
-        prefix: String::new(),
-        path_style: endpoint.is_some(),
-        endpoint,
-        region: args
-            .region
-            .clone()
-            .or_else(|| std::env::var("AWS_REGION").ok())
-            .unwrap_or_else(|| "us-east-1".into()),
-        credentials_file: None,
-        object_lock_days: None,
-        multipart_threshold: 0,
-    };
-    let rt = crate::snapshot::runtime()?;
-    let (bytes, sidecars) = rt.block_on(async {
-        let store = Store::connect(&cfg).await?;
-        let bytes = upload_file(
-            &store,
-            &args.image,
-            &key,
-            args.part_mib * 1024 * 1024,
-            &progress,
-        )
-        .await?;
-        let mut sidecars = vec![];
-        for ext in ["manifest.json", "manifest.json.sig"] {
-            let mut p = args.image.clone().into_os_string();
-            p.push(format!(".{ext}"));
-            let p = PathBuf::from(p);
-            if p.is_file() {
-                let k = format!("{key}.{ext}");
-                let data = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-                store
-                    .put(&k, data, false, None)
-                    .await
-                    .with_context(|| format!("uploading {k}"))?;
-                sidecars.push(k);
-            }
-        }
-        anyhow::Ok((bytes, sidecars))
-    })?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({ "bucket": bucket, "key": key, "bytes": bytes, "sidecars": sidecars })
-        );
-    } else {
-        progress.note(&format!(
-            "imgbuild: uploaded {} ({bytes} bytes) to s3://{bucket}/{key}{}",
-            args.image.display(),
-            if sidecars.is_empty() {
-                String::new()
-            } else {
-                format!(" with {}", sidecars.join(", "))
-            }
-        ));
-    }
-    Ok(0)
 }

@@ -106,13 +106,13 @@ fn a_broken_rendered_config_fails_the_build() {
 fn alert_rules_use_the_metrics_the_backup_really_writes() {
     // The real metrics writer of the in-image backup, for a failed run.
     let dir = tempfile::tempdir().unwrap();
-    let failed = imgbuild::snapshot::host::HostBackupResult {
+    let failed = imgbuild::agent::HostBackupResult {
         report: None,
         prune: None,
         error: Some("bucket unreachable".into()),
         seconds: 1.0,
     };
-    imgbuild::snapshot::host::write_metrics(dir.path(), "vps1", &failed).unwrap();
+    imgbuild::agent::write_metrics(dir.path(), "vps1", &failed).unwrap();
     let mut written = String::new();
     for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
         written.push_str(&std::fs::read_to_string(e.path()).unwrap());

@@ -5,11 +5,11 @@
 mod common;
 
 use common::*;
+use imgbuild::agent::{backup_host, firstboot, FirstbootOutcome, HostPaths};
 use imgbuild::hostconfig::{
     BackupConfig, HostConfig, RestorePolicy, Retention, Strategy, VolumeBackup,
 };
 use imgbuild::progress::Progress;
-use imgbuild::snapshot::host::{backup_host, firstboot, FirstbootOutcome, HostPaths};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -283,10 +283,8 @@ fn firstboot_policies_on_an_empty_or_unreadable_bucket() {
 
 #[test]
 fn workstation_verbs_back_up_list_check_and_restore() {
-    use imgbuild::snapshot::cli::{
-        cmd_backup, cmd_check, cmd_restore, cmd_snapshots, BackupArgs, BucketArgs, CheckArgs,
-        RestoreArgs, SnapshotsArgs,
-    };
+    use imgbuild::cli::snapshot::{BackupArgs, BucketArgs, CheckArgs, RestoreArgs, SnapshotsArgs};
+    use imgbuild::cmd::{backup, check, restore, snapshots};
     let env = Env::new(false);
     let metrics = env.path("metrics");
     let mut hc = host_config(&env, RestorePolicy::Require, None, &metrics);
@@ -319,13 +317,13 @@ fn workstation_verbs_back_up_list_check_and_restore() {
         quiet: true,
         ..Default::default()
     };
-    assert_eq!(cmd_backup(&backup, &resolve).unwrap(), 0);
+    assert_eq!(backup::run(&backup, &resolve).unwrap(), 0);
     let list = SnapshotsArgs {
         profile: "services".into(),
         bucket: bucket.clone(),
         json: false,
     };
-    assert_eq!(cmd_snapshots(&list, &resolve).unwrap(), 0);
+    assert_eq!(snapshots::run(&list, &resolve).unwrap(), 0);
     let to = env.path("restored");
     let restore = RestoreArgs {
         profile: "services".into(),
@@ -334,7 +332,7 @@ fn workstation_verbs_back_up_list_check_and_restore() {
         quiet: true,
         ..Default::default()
     };
-    assert_eq!(cmd_restore(&restore, &resolve).unwrap(), 0);
+    assert_eq!(restore::run(&restore, &resolve).unwrap(), 0);
     for v in ["pgdata", "app", "cache"] {
         assert_eq!(
             tree_hash(&from.join(v)),
@@ -349,9 +347,9 @@ fn workstation_verbs_back_up_list_check_and_restore() {
         json: true,
         quiet: true,
     };
-    assert_eq!(cmd_check(&check, &resolve).unwrap(), 0);
+    assert_eq!(check::run(&check, &resolve).unwrap(), 0);
     // Restoring over an existing directory is refused, not merged.
-    let e = cmd_restore(&restore, &resolve).unwrap_err();
+    let e = restore::run(&restore, &resolve).unwrap_err();
     assert!(format!("{e:#}").contains("exists"), "{e:#}");
     // --prefix elsewhere: no snapshots there.
     let empty = RestoreArgs {
@@ -362,10 +360,10 @@ fn workstation_verbs_back_up_list_check_and_restore() {
         },
         ..restore.clone()
     };
-    let e = cmd_restore(&empty, &resolve).unwrap_err();
+    let e = restore::run(&empty, &resolve).unwrap_err();
     assert!(format!("{e:#}").contains("no snapshot in s3://"), "{e:#}");
     // A missing volume directory is named.
     std::fs::remove_dir_all(from.join("cache")).unwrap();
-    let e = cmd_backup(&backup, &resolve).unwrap_err();
+    let e = backup::run(&backup, &resolve).unwrap_err();
     assert!(format!("{e:#}").contains("volume cache"), "{e:#}");
 }

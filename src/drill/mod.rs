@@ -1,19 +1,21 @@
 //! `imgbuild drill`: a disaster-recovery rehearsal in one command. The host's image boots
 //! in QEMU with no route anywhere (user-mode network with `restrict=on`); its one door
 //! is a guestfwd to [`gateway`], which serves the host's snapshots read-only from the
-//! real bucket. The guest is told it is drilled by a systemd credential ([`guest`]):
+//! real bucket. The guest is told it is drilled by a systemd credential
+//! (`crate::agent::drill_mode`, the protocol both sides share):
 //! first boot restores the pinned snapshot through the gateway with backups and
 //! WireGuard off, `imgbuild ready` lists every unit's state. The workstation times the
 //! boot (RTO), judges the snapshot's age (RPO), checks the published ports through
 //! host forwards, and reports. Exit 0 passed, 1 failed (with named reasons), 2 usage.
 
 pub mod gateway;
-pub mod guest;
+
+use crate::agent::drill_mode as guest;
 
 use crate::cli::{BuildArgs, DrillArgs};
 use crate::hostconfig::RestorePolicy;
-use crate::image::{qemu, RunOptions, SerialTarget};
 use crate::progress::Progress;
+use crate::qemu::{self, RunOptions, SerialTarget};
 use crate::snapshot::{self, restore, Target};
 use anyhow::{Context, Result};
 use guest::{RestoreLine, UnitLine};
@@ -133,7 +135,7 @@ fn now() -> i64 {
 }
 
 /// The `imgbuild drill` verb.
-pub fn cmd_drill(args: &DrillArgs) -> Result<i32> {
+pub fn run(args: &DrillArgs) -> Result<i32> {
     use is_terminal::IsTerminal;
     let progress = if !args.json && !args.quiet && std::io::stderr().is_terminal() {
         Progress::detect(false)
@@ -141,9 +143,9 @@ pub fn cmd_drill(args: &DrillArgs) -> Result<i32> {
         // Cron mails whatever is printed: steps are noise there, the report is not.
         Progress::quiet()
     };
-    let (input, root) = crate::commands::load(&args.profile, &progress)?;
+    let (input, root) = crate::workstation::load(&args.profile, &progress)?;
     let tree = crate::render::render(&input, crate::render::Target::Image)?;
-    let hc = crate::commands::host_config_of(&tree)?;
+    let hc = crate::workstation::host_config_of(&tree)?;
     let usage = |msg: String| -> Result<i32> {
         eprintln!("error: {msg}");
         Ok(2)
@@ -169,8 +171,8 @@ pub fn cmd_drill(args: &DrillArgs) -> Result<i32> {
         .map(|b| b.rpo_hours)
         .unwrap_or(30);
     let overrides = args.bucket.overrides();
-    let mut target = Target::workstation(&hc.host, bc, &input.secrets_dir, &overrides);
-    target.use_secrets(&input.secrets)?;
+    let mut target = crate::workstation::target(&hc.host, bc, &input.secrets_dir, &overrides);
+    crate::workstation::use_secrets(&mut target, &input.secrets)?;
     let mut report = Report {
         host: hc.host.clone(),
         env: input.host.env.clone(),
@@ -277,7 +279,7 @@ fn drill(
         .context("creating a scratch directory")?;
     let image = match &args.image {
         Some(p) => {
-            let key = crate::commands::builder_pubkey(args.key.as_deref(), root)?;
+            let key = crate::workstation::builder_pubkey(args.key.as_deref(), root)?;
             let step = progress.step("verify", None);
             crate::image::verify(p, &key)
                 .with_context(|| format!("{} does not verify", p.display()))?;
@@ -299,7 +301,7 @@ fn drill(
                 quiet: progress.mode() == crate::progress::Mode::Quiet,
                 json: false,
             };
-            crate::commands::build(&build).context("building the image to drill")?;
+            crate::cmd::build::run(&build).context("building the image to drill")?;
             out
         }
     };

@@ -1,7 +1,7 @@
 //! Disk image assembly: base rootfs + host tree + helper binary → GPT disk → signed manifest.
 //!
-//! Owned by the disk-image work (issue 3). The CLI calls [`build`], [`verify`],
-//! [`qemu::run`] and [`ready::ready`].
+//! The CLI calls [`build`] and [`verify`]; booting an image is the operator side's
+//! `crate::qemu`.
 //!
 //! Nothing here needs root, loop devices or mounts: the root and /var filesystems are
 //! written by `mkfs.ext4 -E offset=… -d <tar>` straight into the disk file, the ESP by the
@@ -11,14 +11,10 @@ pub mod base;
 mod disk;
 mod esp;
 pub mod manifest;
-pub mod qemu;
-pub mod ready;
 mod rootfs;
-mod tools;
+pub(crate) mod tools;
 
 pub use manifest::{verify, Manifest, Region, VerifyReport};
-pub use qemu::{run, start, Accel, LanNic, RunOptions, SerialTarget, Vm};
-pub use ready::ready;
 
 use crate::progress::Progress;
 use crate::tree::HostTree;

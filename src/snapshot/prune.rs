@@ -12,13 +12,28 @@ use super::error::Result;
 use super::format::{self, civil};
 use super::restore::{list_ids, load_manifest};
 use super::store::{DeleteOutcome, Store};
-use crate::hostconfig::Retention;
 use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashSet};
 
 /// Chunks younger than this are never deleted: a backup that lost its lock (or a
 /// clock that is off) must not lose chunks it just uploaded.
 pub const CHUNK_GRACE_SECS: i64 = 3600;
+
+/// How many snapshots to keep: the newest `last`, plus the newest of each of the last
+/// `daily` days, `weekly` ISO weeks and `monthly` months.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    #[serde(default)]
+    pub last: u32,
+    #[serde(default)]
+    pub daily: u32,
+    #[serde(default)]
+    pub weekly: u32,
+    #[serde(default)]
+    pub monthly: u32,
+}
 
 /// Ids (with their times) to keep under `keep`; `snaps` in any order. Like restic's
 /// policy: the newest `last`, then the newest snapshot of each of the newest `daily`

@@ -176,6 +176,52 @@ impl UnitLine {
     }
 }
 
+/// A drilled copy must not act as the host: no backup may run (it would write the
+/// copy's state into the real bucket if it could reach it), and the WireGuard tunnel
+/// to the real peers goes down. Best effort with every step logged: the drill's
+/// network has no route out and its gateway refuses writes whatever happens here.
+pub fn enter(d: &DrillConfig, paths: &super::HostPaths) {
+    use super::log;
+    use std::process::Command;
+    log(&format!(
+        "{LINE}mode on: restoring {} through {} (read-only); backups and WireGuard off",
+        d.snapshot.as_deref().unwrap_or("the newest snapshot"),
+        d.endpoint
+    ));
+    if let Err(e) = remember(d) {
+        log(&format!(
+            "{LINE}warning: cannot write {}: {e}",
+            RUNTIME_FILE
+        ));
+    }
+    let run = |what: &str, cmd: &mut Command| match cmd.status() {
+        Ok(st) if st.success() => log(&format!("{LINE}{what}: ok")),
+        Ok(st) => log(&format!("{LINE}{what}: exited with {st}")),
+        Err(e) => log(&format!("{LINE}{what}: {e}")),
+    };
+    run(
+        "mask imgbuild-backup.timer and .service",
+        Command::new(&paths.systemctl).args([
+            "mask",
+            "--runtime",
+            "imgbuild-backup.timer",
+            "imgbuild-backup.service",
+        ]),
+    );
+    // --no-block: this unit runs inside the boot transaction; waiting on another job
+    // from here could deadlock it.
+    run(
+        "stop imgbuild-backup.timer",
+        Command::new(&paths.systemctl).args(["stop", "--no-block", "imgbuild-backup.timer"]),
+    );
+    for wg in &d.wireguard_interfaces {
+        run(
+            &format!("wireguard {wg} down"),
+            Command::new("networkctl").args(["down", wg]),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

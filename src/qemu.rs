@@ -5,8 +5,8 @@
 //! probe guest has actually run under it: on some machines /dev/kvm opens fine yet every
 //! guest dies at its first instruction (broken nested virtualisation).
 
-use super::tools::{self, QEMU_IMG, QEMU_SYSTEM};
-use super::{io_err, ImageError};
+use crate::image::tools::{self, QEMU_IMG, QEMU_SYSTEM};
+use crate::image::{io_err, ImageError};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -30,7 +30,7 @@ pub fn ready(host_config_path: &Path) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot read {}", host_config_path.display()))?;
     let cfg: HostConfig = toml::from_str(&text)
         .with_context(|| format!("cannot parse {}", host_config_path.display()))?;
-    let drill = crate::drill::guest::active();
+    let drill = super::drill_mode::active();
     let timeout = match &drill {
         Some(d) => Duration::from_secs(d.ready_timeout_secs),
         None => std::env::var("IMGBUILD_READY_TIMEOUT")
@@ -89,7 +89,7 @@ fn announce(line: &str) {
 }
 
 /// A unit's state and, for a quadlet container, its podman health, for the drill report.
-fn unit_line(unit: &str, st: &State) -> crate::drill::guest::UnitLine {
+fn unit_line(unit: &str, st: &State) -> super::drill_mode::UnitLine {
     let (state, detail) = match st {
         State::Up => ("up", None),
         State::Failed(why) => ("failed", Some(why.clone())),
@@ -119,7 +119,7 @@ fn unit_line(unit: &str, st: &State) -> crate::drill::guest::UnitLine {
     } else {
         "none".into()
     };
-    crate::drill::guest::UnitLine {
+    super::drill_mode::UnitLine {
         unit: unit.to_string(),
         state: state.into(),
         health,

@@ -1,4 +1,6 @@
-//! Command-line types. `main.rs` parses and dispatches; the work is in the modules.
+//! Command-line types (clap). `main.rs` parses, `crate::cmd` runs one verb per file.
+
+pub mod snapshot;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -34,28 +36,28 @@ pub enum Command {
     /// Snapshot volumes to S3 (in the image; or from a workstation with a profile and --from)
     Backup {
         #[command(flatten)]
-        args: crate::snapshot::cli::BackupArgs,
+        args: snapshot::BackupArgs,
         #[command(flatten)]
         sel: Selection,
     },
     /// List a host's snapshots
     Snapshots {
         #[command(flatten)]
-        args: crate::snapshot::cli::SnapshotsArgs,
+        args: snapshot::SnapshotsArgs,
         #[command(flatten)]
         sel: Selection,
     },
     /// Restore a snapshot into a directory
     Restore {
         #[command(flatten)]
-        args: crate::snapshot::cli::RestoreArgs,
+        args: snapshot::RestoreArgs,
         #[command(flatten)]
         sel: Selection,
     },
     /// Check a host's snapshots (every chunk with --read-data)
     Check {
         #[command(flatten)]
-        args: crate::snapshot::cli::CheckArgs,
+        args: snapshot::CheckArgs,
         #[command(flatten)]
         sel: Selection,
     },
@@ -68,11 +70,11 @@ pub enum Command {
         port: u16,
     },
     /// In the image: restore volumes from the latest snapshot before services start
-    Firstboot(crate::snapshot::cli::FirstbootArgs),
+    Firstboot(snapshot::FirstbootArgs),
     /// In the image: wait for the host's units, print the readiness line on the console
     Ready(ReadyArgs),
     /// Upload an image (and its signed manifest) to s3://bucket/key for a provider's import
-    Upload(crate::upload::UploadArgs),
+    Upload(UploadArgs),
     /// Encrypt (lock) or decrypt (unlock) the secrets directory with age
     Secrets(SecretsArgs),
     /// Regenerate man pages and shell completions (for packagers; docs/ holds a copy)
@@ -125,7 +127,7 @@ pub struct DrillArgs {
     #[arg(long, requires = "image")]
     pub key: Option<String>,
     #[command(flatten)]
-    pub bucket: crate::snapshot::cli::BucketArgs,
+    pub bucket: snapshot::BucketArgs,
     /// Give up when the guest is not ready after this many seconds
     #[arg(long, default_value_t = 1200, value_name = "SECS")]
     pub timeout: u64,
@@ -336,4 +338,25 @@ pub fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsStri
         }
     }
     args
+}
+
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// Image file (raw or qcow2)
+    pub image: PathBuf,
+    /// Destination, s3://bucket/key
+    pub dest: String,
+    /// S3 endpoint (default: AWS_ENDPOINT_URL_S3, or AWS); implies path-style
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Region (default: AWS_REGION, else us-east-1)
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Part size in MiB (64: a 2 GiB image is 32 parts, far under S3's 10 000-part limit)
+    #[arg(long, default_value_t = 64)]
+    pub part_mib: usize,
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[arg(long)]
+    pub json: bool,
 }

@@ -1,0 +1,122 @@
+//! What the backup job reports outside the journal: the node-exporter textfile the
+//! monitoring host scrapes, and the dead-man's-switch ping.
+
+use super::backup_job::HostBackupResult;
+use super::log;
+use crate::snapshot::backup;
+use std::path::Path;
+use std::time::Duration;
+
+const METRICS_FILE: &str = "imgbuild_backup.prom";
+
+/// node-exporter textfile: written to a temp file and renamed, so the collector never
+/// reads half a file. The last success time survives failed runs (read back from the
+/// previous file).
+pub fn write_metrics(dir: &Path, host: &str, r: &HostBackupResult) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(METRICS_FILE);
+    let previous_success = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("imgbuild_backup_last_success_timestamp_seconds"))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    let now = backup::now_unix();
+    let ok = r.error.is_none();
+    let last_success = if ok { now as f64 } else { previous_success };
+    let (total, new, uploaded) = r
+        .report
+        .as_ref()
+        .map(|x| {
+            (
+                x.stats.bytes_total,
+                x.stats.bytes_new,
+                x.stats.bytes_uploaded,
+            )
+        })
+        .unwrap_or((0, 0, 0));
+    let host = host.replace(['\\', '"', '\n'], "_");
+    let l = format!("{{host=\"{host}\"}}");
+    let mut t = String::new();
+    let mut metric = |name: &str, help: &str, v: String| {
+        t.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{l} {v}\n"
+        ));
+    };
+    metric(
+        "imgbuild_backup_last_success_timestamp_seconds",
+        "Time of the last successful snapshot.",
+        format!("{last_success}"),
+    );
+    metric(
+        "imgbuild_backup_last_run_timestamp_seconds",
+        "Time the last backup run ended.",
+        format!("{now}"),
+    );
+    metric(
+        "imgbuild_backup_success",
+        "1 if the last backup run succeeded.",
+        format!("{}", u8::from(ok)),
+    );
+    metric(
+        "imgbuild_backup_duration_seconds",
+        "Duration of the last backup run.",
+        format!("{:.3}", r.seconds),
+    );
+    metric(
+        "imgbuild_backup_bytes_total",
+        "File data bytes in the last snapshot.",
+        format!("{total}"),
+    );
+    metric(
+        "imgbuild_backup_bytes_new",
+        "Bytes of new chunks in the last snapshot.",
+        format!("{new}"),
+    );
+    metric(
+        "imgbuild_backup_bytes_uploaded",
+        "Bytes uploaded by the last snapshot.",
+        format!("{uploaded}"),
+    );
+    if let Some(p) = &r.prune {
+        metric(
+            "imgbuild_backup_snapshots",
+            "Snapshots in the bucket after pruning.",
+            format!("{}", p.snapshots_left),
+        );
+    }
+    let tmp = dir.join(format!(".{METRICS_FILE}.tmp"));
+    std::fs::write(&tmp, t)?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// Pings `url` on success and `url/fail` on failure (the healthchecks.io convention;
+/// other monitors ignore the suffix or accept it). Best effort: a monitor that is down
+/// must not fail the backup.
+pub fn ping(url: &str, ok: bool) {
+    let u = if ok {
+        url.to_string()
+    } else {
+        format!("{}/fail", url.trim_end_matches('/'))
+    };
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    for attempt in 0..3 {
+        match agent.get(&u).call() {
+            Ok(_) => return,
+            // The URL often embeds a secret token: log the cause, never the URL.
+            Err(e) if attempt == 2 => {
+                let cause = match e {
+                    ureq::Error::Status(code, _) => format!("HTTP {code}"),
+                    ureq::Error::Transport(t) => t.kind().to_string(),
+                };
+                log(&format!("imgbuild backup: ping failed: {cause}"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_secs(2)),
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! clap arguments of the snapshot verbs (backup, snapshots, restore, check, firstboot).
+
+use crate::hostconfig::HOST_CONFIG_PATH;
+use crate::workstation::Overrides;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct BucketArgs {
+    /// Use this bucket instead of the profile's.
+    #[arg(long)]
+    pub bucket: Option<String>,
+    /// Use this key prefix instead of the profile's per-host prefix.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// S3 endpoint URL (default: the profile's, or AWS_ENDPOINT_URL_S3); implies path-style.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+}
+
+impl BucketArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+            endpoint: self.endpoint.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct BackupArgs {
+    /// Host profile (on a workstation). Without it: back up this host's volumes as
+    /// configured in /etc/imgbuild/host.toml (what imgbuild-backup.timer runs).
+    pub profile: Option<String>,
+    /// Directory holding one sub-directory per volume (`<volume>/_data` or `<volume>`).
+    #[arg(long, requires = "profile")]
+    pub from: Option<PathBuf>,
+    /// Apply the profile's retention after the snapshot (always done in the image).
+    #[arg(long)]
+    pub prune: bool,
+    /// Host config to read in the image.
+    #[arg(long, default_value = HOST_CONFIG_PATH, hide = true)]
+    pub config: PathBuf,
+    #[command(flatten)]
+    pub bucket: BucketArgs,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct SnapshotsArgs {
+    /// Host profile.
+    pub profile: String,
+    #[command(flatten)]
+    pub bucket: BucketArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct RestoreArgs {
+    /// Host profile.
+    pub profile: String,
+    /// Snapshot id (default: the newest that verifies).
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// Directory to restore into, as `<DIR>/<volume>/_data` (podman's layout).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Only this volume (repeatable).
+    #[arg(long = "volume")]
+    pub volumes: Vec<String>,
+    /// Do not chown to the stored owners (default when not root).
+    #[arg(long)]
+    pub no_owners: bool,
+    #[command(flatten)]
+    pub bucket: BucketArgs,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct CheckArgs {
+    /// Host profile.
+    pub profile: String,
+    /// Also download and verify every chunk.
+    #[arg(long)]
+    pub read_data: bool,
+    #[command(flatten)]
+    pub bucket: BucketArgs,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct FirstbootArgs {
+    /// Host config to read.
+    #[arg(long, default_value = HOST_CONFIG_PATH, hide = true)]
+    pub config: PathBuf,
+}

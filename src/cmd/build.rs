@@ -1,0 +1,168 @@
+//! `imgbuild build PROFILE --out FILE` (or just `imgbuild PROFILE --out FILE`): the
+//! disk image or the Ignition config, from one rendered host tree.
+
+use crate::cli::{BuildArgs, Format};
+use crate::emit;
+use crate::progress::Progress;
+use crate::render::{self, Target};
+use crate::workstation::load;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// The format from `--format`, else from the extension of `--out`.
+pub fn pick_format(format: Option<Format>, out: &Path) -> Result<Format> {
+    if let Some(f) = format {
+        return Ok(f);
+    }
+    match out.extension().and_then(|e| e.to_str()) {
+        Some("ign") | Some("json") => Ok(Format::Ignition),
+        Some("qcow2") => Ok(Format::Qcow2),
+        Some("raw") | Some("img") => Ok(Format::Raw),
+        _ => bail!("cannot tell the output format from `{}`\n  hint: use a .qcow2, .raw, .img or .ign extension, or --format", out.display()),
+    }
+}
+
+/// Third-party configs in the tree, checked by their own tools before any output.
+fn check_configs(tree: &crate::tree::HostTree, progress: &Progress) -> Result<()> {
+    for note in render::check::check_tree(tree)? {
+        progress.note(&format!("imgbuild: note: {note}"));
+    }
+    Ok(())
+}
+
+pub fn run(args: &BuildArgs) -> Result<i32> {
+    let progress = Progress::detect(args.quiet || args.json);
+    let format = pick_format(args.format, &args.out)?;
+    let (input, root) = load(&args.profile, &progress)?;
+    let helper_bin = match &args.helper {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("locating this imgbuild binary")?,
+    };
+    match format {
+        Format::Ignition => {
+            let tree = render::render(&input, Target::Ignition)?;
+            check_configs(&tree, &progress)?;
+            let helper = match &args.helper_url {
+                Some(url) => Some(emit::ignition::Helper {
+                    url: url.clone(),
+                    sha512: emit::ignition::sha512_file(&helper_bin)
+                        .with_context(|| format!("hashing {}", helper_bin.display()))?,
+                }),
+                None => None,
+            };
+            let baked: Vec<String> = input
+                .host
+                .profile
+                .containers
+                .iter()
+                .filter(|(_, c)| c.bake.is_some())
+                .map(|(n, _)| n.clone())
+                .collect();
+            let data =
+                emit::ignition::emit(&tree, &args.ignition_version, helper.as_ref(), &baked)?;
+            let mode = if tree.has_secrets() { 0o600 } else { 0o644 };
+            emit::write_atomic(&args.out, &data, mode)
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            if tree.has_secrets() {
+                progress.note(&format!("imgbuild: {} holds the host's private keys: it is mode 0600; pass it to the provider as user-data, never publish it", args.out.display()));
+            }
+            if args.json {
+                println!(
+                    "{}",
+                    json!({ "host": tree.host, "env": input.host.env, "format": "ignition", "out": args.out, "bytes": data.len(), "ignition_version": args.ignition_version, "tree_digest": tree.digest(), "profile_digest": input.host.digest })
+                );
+            } else {
+                progress.note(&format!("imgbuild: wrote {} ({} bytes; providers' user-data limits: 16 KiB at some, 64 KiB at most)", args.out.display(), data.len()));
+            }
+        }
+        Format::Raw | Format::Qcow2 => {
+            let tree = render::render(&input, Target::Image)?;
+            check_configs(&tree, &progress)?;
+            let (signing_key, created) = root.ensure_builder()?;
+            if !created.0.is_empty() {
+                progress.note(&format!(
+                    "imgbuild: created the builder's image-signing key in {}",
+                    root.builder_dir().display()
+                ));
+            }
+            let base_def = match &args.base {
+                Some(b) => b.clone(),
+                None => find_base(&input.host.dir, &input.host.profile.host.base)?,
+            };
+            let mut baked = vec![];
+            for (name, c) in &input.host.profile.containers {
+                if let Some(b) = &c.bake {
+                    let src = input.host.dir.join(b);
+                    if !src.is_file() {
+                        bail!(
+                            "{}: containers.{name}.bake: {} does not exist",
+                            input.host.path.display(),
+                            src.display()
+                        );
+                    }
+                    baked.push((render::baked_path(name), src));
+                }
+            }
+            let req = crate::image::ImageRequest {
+                tree: &tree,
+                out: args.out.clone(),
+                format: if format == Format::Raw {
+                    crate::image::DiskFormat::Raw
+                } else {
+                    crate::image::DiskFormat::Qcow2
+                },
+                base_def,
+                refresh_base: args.refresh_base,
+                signing_key: &signing_key,
+                profile_digest: input.host.digest.clone(),
+                baked_images: baked,
+                helper_binary: helper_bin,
+                progress: progress.clone(),
+                cache_dir: None,
+                mirror: std::env::var("IMGBUILD_MIRROR")
+                    .ok()
+                    .filter(|m| !m.is_empty()),
+            };
+            let report = crate::image::build(&req)?;
+            if args.json {
+                println!(
+                    "{}",
+                    json!({ "host": tree.host, "env": input.host.env, "format": if format == Format::Raw { "raw" } else { "qcow2" }, "out": report.out, "manifest": report.manifest, "bytes": report.size_bytes, "tree_digest": tree.digest(), "profile_digest": input.host.digest })
+                );
+            } else {
+                progress.note(&format!(
+                    "imgbuild: wrote {} ({} bytes, mode 0600: it holds the host's keys) and {}",
+                    report.out.display(),
+                    report.size_bytes,
+                    report.manifest.display()
+                ));
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// `images/<base>.toml`, searched beside the profiles and in the current directory.
+pub fn find_base(profile_dir: &Path, base: &str) -> Result<PathBuf> {
+    let mut candidates = vec![];
+    if let Some(parent) = profile_dir.parent() {
+        candidates.push(parent.join("images").join(format!("{base}.toml")));
+    }
+    candidates.push(profile_dir.join("images").join(format!("{base}.toml")));
+    candidates.push(PathBuf::from("images").join(format!("{base}.toml")));
+    candidates
+        .iter()
+        .find(|c| c.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no base OS definition `{base}`: looked for {}\n  hint: pass --base FILE",
+                candidates
+                    .iter()
+                    .map(|c| c.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
