@@ -154,6 +154,19 @@ pub fn backup_host(
                 progress: progress.clone(),
             };
             let report = backup::backup(&store, &keys, &sources, &mut hooks, &opts).await?;
+            // A snapshot exists now: "start empty" must never again be a valid answer.
+            match crate::snapshot::marker::remove(&store).await {
+                Ok(Some(crate::snapshot::store::DeleteOutcome::Deleted)) => {
+                    log("imgbuild backup: first snapshot: removed the empty-start marker")
+                }
+                Ok(Some(crate::snapshot::store::DeleteOutcome::Refused)) => log(
+                    "imgbuild backup: warning: the bucket refused to delete the empty-start marker (Object Lock or a policy); first boot still prefers the snapshot",
+                ),
+                Ok(None) => {}
+                Err(e) => log(&format!(
+                    "imgbuild backup: warning: cannot remove the empty-start marker: {e}"
+                )),
+            }
             let pr = prune::prune(&store, &keys, &b.keep, CHUNK_GRACE_SECS).await;
             Ok((report, pr))
         })

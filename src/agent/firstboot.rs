@@ -8,6 +8,7 @@ use crate::progress::Progress;
 use crate::snapshot::backup;
 use crate::snapshot::error::SnapshotError;
 use crate::snapshot::fsio::WriteOptions;
+use crate::snapshot::marker;
 use crate::snapshot::restore::{self, RestoreOptions};
 use crate::snapshot::Target;
 use std::time::{Duration, Instant};
@@ -17,6 +18,11 @@ pub enum FirstbootOutcome {
     AlreadyDone,
     Skipped,
     EmptyBucket,
+    /// No snapshot, but the prefix holds the signed empty-start marker `imgbuild init`
+    /// wrote: the host's first deployment.
+    EmptyStart {
+        created: i64,
+    },
     Restored {
         id: String,
         /// Backup start of the snapshot (seconds since the epoch).
@@ -96,6 +102,8 @@ pub fn firstboot(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<Firstboot
     let deadline = Instant::now() + Duration::from_secs(timeout);
     let mut delay = Duration::from_secs(2);
     let mut attempt = 1;
+    let mut next_status = Instant::now();
+    let place = format!("s3://{}/{}", target.store.bucket, target.store.prefix);
     loop {
         match rt.block_on(firstboot_once(&target, b, paths, pinned.as_deref())) {
             Ok(o) => {
@@ -104,6 +112,9 @@ pub fn firstboot(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<Firstboot
                         id, bytes, seconds, ..
                     } => {
                         serde_json::json!({"restored": id, "bytes": bytes, "seconds": seconds})
+                    }
+                    FirstbootOutcome::EmptyStart { created } => {
+                        serde_json::json!({"restored": null, "empty_start": created})
                     }
                     _ => serde_json::json!({"restored": null}),
                 };
@@ -126,6 +137,9 @@ pub fn firstboot(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<Firstboot
                             seconds: *seconds,
                         }
                         .render()),
+                        FirstbootOutcome::EmptyStart { .. } => log(&guest::restore_failed_line(
+                            "the bucket holds no snapshot yet, only the empty-start marker of `imgbuild init` (a first deployment): nothing to drill until the first backup",
+                        )),
                         _ => log(&guest::restore_failed_line(
                             "the bucket holds no snapshot: nothing was restored",
                         )),
@@ -136,28 +150,110 @@ pub fn firstboot(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<Firstboot
             Err(e) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let fatal = is_final(&e);
+                let cause = one_line_cause(&e, b, &hc.host);
+                // The whole error (SDK chains included) goes to the journal only; the
+                // console gets one line per ~10 s that a person can act on.
+                detail(&format!("imgbuild firstboot: attempt {attempt} failed: {e:#}"));
                 if left.is_zero() || fatal {
                     let msg = format!(
-                        "imgbuild firstboot: FAILED after {attempt} attempt(s){}: {e:#}; services stay down \
-                         (fix the cause and `systemctl restart imgbuild-firstboot`, or set restore = \"allow-empty\" / \"skip\")",
-                        if fatal { " (not retried: an integrity failure does not go away)" } else { "" }
+                        "imgbuild firstboot: FAILED: {cause}{}; services stay down \
+                         (fix it, then `systemctl start multi-user.target`; details: journalctl -u imgbuild-firstboot)",
+                        if fatal { "" } else { " (gave up after the restore timeout)" }
                     );
                     log(&msg);
                     if drill.is_some() {
-                        log(&guest::restore_failed_line(&format!("{e:#}")));
+                        log(&guest::restore_failed_line(&cause));
                     }
                     return Err(anyhow::anyhow!(msg));
                 }
-                log(&format!(
-                    "imgbuild firstboot: attempt {attempt} failed: {e:#}; retrying in {}s ({}s left)",
-                    delay.as_secs(),
-                    left.as_secs()
-                ));
-                std::thread::sleep(delay.min(left));
-                delay = (delay * 2).min(Duration::from_secs(60));
+                let wait = delay.min(left);
+                let until = Instant::now() + wait;
+                while Instant::now() < until {
+                    if Instant::now() >= next_status {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        log(&format!(
+                            "imgbuild firstboot: waiting for {place}: {cause} (attempt {attempt}, giving up in {})",
+                            human_age(left.as_secs() as i64)
+                        ));
+                        next_status = Instant::now() + STATUS_EVERY;
+                    }
+                    std::thread::sleep(
+                        until
+                            .saturating_duration_since(Instant::now())
+                            .min(Duration::from_secs(1)),
+                    );
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
                 attempt += 1;
             }
         }
+    }
+}
+
+/// How often the console hears that first boot is still waiting.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// To the journal only (the unit sends stderr there, stdout to the console too).
+fn detail(msg: &str) {
+    eprintln!("{msg}");
+}
+
+/// What a person at the console needs: the cause in one line, and where to fix it.
+pub fn one_line_cause(e: &anyhow::Error, b: &BackupConfig, host: &str) -> String {
+    let full = format!("{e:#}");
+    for c in e.chain() {
+        match c.downcast_ref::<SnapshotError>() {
+            Some(SnapshotError::NoSnapshots { bucket, prefix }) => {
+                return format!(
+                    "s3://{bucket}/{prefix} holds no snapshot and no empty-start marker \
+                     (first deployment: run `imgbuild init` for this host; otherwise check the bucket, prefix and endpoint)"
+                )
+            }
+            Some(SnapshotError::S3 {
+                op,
+                bucket,
+                message,
+                ..
+            }) => {
+                let lower = message.to_ascii_lowercase();
+                if lower.contains("credentials") && !lower.contains("http ") {
+                    return no_credentials(b, host);
+                }
+                let mut lines = message.lines();
+                let first = lines.next().unwrap_or_default();
+                let hint = lines
+                    .find_map(|l| l.trim().strip_prefix("hint: "))
+                    .map(|h| format!("; {h}"))
+                    .unwrap_or_default();
+                return format!("S3 {op} on bucket {bucket}: {}{hint}", clip(first, 160));
+            }
+            Some(other) => return clip(&other.to_string(), 240),
+            None => {}
+        }
+    }
+    if full.to_ascii_lowercase().contains("credentials") {
+        return no_credentials(b, host);
+    }
+    clip(full.lines().next().unwrap_or_default(), 240)
+}
+
+fn no_credentials(b: &BackupConfig, host: &str) -> String {
+    match &b.credentials_file {
+        None => format!(
+            "no S3 credentials: the image carries none (secrets/{host}/s3.env with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY was missing when it was built)"
+        ),
+        Some(f) => format!(
+            "no usable S3 credentials in {f} (it needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        ),
+    }
+}
+
+fn clip(s: &str, max: usize) -> String {
+    let s = s.replace(['\r', '\n'], " ");
+    if s.chars().count() <= max {
+        s
+    } else {
+        format!("{}…", s.chars().take(max).collect::<String>())
     }
 }
 
@@ -174,9 +270,41 @@ fn is_final(e: &anyhow::Error) -> bool {
                     | SnapshotError::BadManifest { .. }
                     | SnapshotError::NoSuchSnapshot(_)
                     | SnapshotError::KeyFile { .. }
+                    | SnapshotError::BadMarker { .. }
             )
         )
     })
+}
+
+/// The prefix holds no snapshot: the empty-start marker of `imgbuild init`, or
+/// `restore = "allow-empty"`, lets the host start empty; anything else fails closed.
+async fn no_snapshot(
+    store: &crate::snapshot::Store,
+    keys: &crate::snapshot::Keys,
+    b: &BackupConfig,
+    host: &str,
+) -> anyhow::Result<FirstbootOutcome> {
+    if let Some(m) = marker::read(store, keys, host).await? {
+        log(&format!(
+            "imgbuild firstboot: s3://{}/{} holds no snapshot but the empty-start marker `imgbuild init` wrote {}: first deployment, starting with empty volumes",
+            store.bucket,
+            store.prefix,
+            crate::snapshot::format::rfc3339(m.created)
+        ));
+        return Ok(FirstbootOutcome::EmptyStart { created: m.created });
+    }
+    if b.restore == RestorePolicy::AllowEmpty {
+        log(&format!(
+            "imgbuild firstboot: s3://{}/{} holds no snapshot; restore = allow-empty: starting with empty volumes",
+            store.bucket, store.prefix
+        ));
+        return Ok(FirstbootOutcome::EmptyBucket);
+    }
+    Err(SnapshotError::NoSnapshots {
+        bucket: store.bucket.clone(),
+        prefix: store.prefix.clone(),
+    }
+    .into())
 }
 
 async fn firstboot_once(
@@ -193,21 +321,12 @@ async fn firstboot_once(
     };
     let m = match found {
         Some(m) => m,
-        None if b.restore == RestorePolicy::AllowEmpty => {
+        None => return no_snapshot(&store, &keys, b, &target.host).await,
+    };
             log(&format!(
                 "imgbuild firstboot: s3://{}/{} holds no snapshot; restore = allow-empty: starting with empty volumes",
                 store.bucket, store.prefix
             ));
-            return Ok(FirstbootOutcome::EmptyBucket);
-        }
-        None => {
-            return Err(SnapshotError::NoSnapshots {
-                bucket: store.bucket.clone(),
-                prefix: store.prefix.clone(),
-            }
-            .into())
-        }
-    };
     let staging = paths.volumes.join(".imgbuild-staging");
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, e))?;

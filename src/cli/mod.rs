@@ -27,6 +27,8 @@ pub enum Command {
     Render(RenderArgs),
     /// Create the host's keys (WireGuard, SSH host key, snapshot keys) and the builder's signing key
     Keys(KeysArgs),
+    /// First deployment: create the host's keys and mark its (empty) bucket prefix so its first boot starts empty
+    Init(InitArgs),
     /// Show what a profile builds: containers, ports, peers, backups
     Summary(SummaryArgs),
     /// Check an image against its signed manifest
@@ -249,6 +251,11 @@ pub enum Format {
 pub struct BuildArgs {
     #[command(flatten)]
     pub profile: ProfileArgs,
+    /// Build even though the host restores from its bucket (restore = "require") and the
+    /// image would carry no S3 credentials (no secrets/<host>/s3.env): for hosts that get
+    /// credentials another way, e.g. an instance role
+    #[arg(long)]
+    pub allow_missing_credentials: bool,
     /// Output file; its extension (.raw, .img, .qcow2, .ign) picks the format
     #[arg(long, short)]
     pub out: PathBuf,
@@ -303,6 +310,16 @@ pub struct RenderArgs {
 pub struct KeysArgs {
     #[command(flatten)]
     pub profile: ProfileArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+    #[command(flatten)]
+    pub bucket: snapshot::BucketArgs,
     #[arg(long)]
     pub json: bool,
 }

@@ -41,6 +41,8 @@ pub fn run(args: &BackupArgs, resolve: ResolveHost) -> anyhow::Result<i32> {
             progress: progress.clone(),
         };
         let report = backup::backup(&store, &keys, &sources, &mut NoHooks, &opts).await?;
+        // A snapshot exists now: the host's first boot must restore it, never start empty.
+        crate::snapshot::marker::remove(&store).await?;
         let pr = if args.prune {
             Some(prune::prune(&store, &keys, &bc.keep, prune::CHUNK_GRACE_SECS).await?)
         } else {

@@ -31,10 +31,74 @@ fn check_configs(tree: &crate::tree::HostTree, progress: &Progress) -> Result<()
     Ok(())
 }
 
+/// A host that backs up or restores needs S3 credentials in its image; without them
+/// it would boot into a 15-minute wait and stay down (restore = "require"), or never
+/// back up. Said at build time, where it can be fixed, not on a provider's console.
+fn check_credentials(
+    input: &crate::render::RenderInput,
+    root: &crate::secrets::SecretsRoot,
+    allow_missing: bool,
+) -> Result<()> {
+    let Some(b) = &input.host.profile.backup else {
+        return Ok(());
+    };
+    let host = input.host.name();
+    let s3_env = root.host_dir(host).join("s3.env");
+    let problem = if !root.is_file(&s3_env) {
+        format!("{} does not exist", s3_env.display())
+    } else {
+        let text = root.read_text(&s3_env)?;
+        let has = |k: &str| {
+            text.lines().any(|l| {
+                let l = l.trim().strip_prefix("export ").unwrap_or(l.trim());
+                l.split_once('=')
+                    .is_some_and(|(n, v)| n.trim() == k && !v.trim().trim_matches('"').is_empty())
+            })
+        };
+        match (has("AWS_ACCESS_KEY_ID"), has("AWS_SECRET_ACCESS_KEY")) {
+            (true, true) => return Ok(()),
+            _ => format!(
+                "{} lacks AWS_ACCESS_KEY_ID or AWS_SECRET_ACCESS_KEY",
+                s3_env.display()
+            ),
+        }
+    };
+    let place = format!(
+        "s3://{}/{}",
+        b.bucket,
+        b.prefix.clone().unwrap_or_else(|| host.to_string())
+    );
+    let fix = format!(
+        "put the host's bucket key in {}:\n      AWS_ACCESS_KEY_ID=...\n      AWS_SECRET_ACCESS_KEY=...\n      AWS_REGION=...   (if the bucket is not in the profile's region)\n    (a key that can only reach this bucket; see docs/security.md), then build again",
+        s3_env.display()
+    );
+    let require = b.restore == crate::profile::model::RestoreMode::Require;
+    if require && !allow_missing {
+        bail!(
+            "{host} restores from {place} at first boot (restore = \"require\"), but the image would carry no S3 credentials: {problem}\n  \
+             Booted, it would wait restore_timeout and then keep every service down.\n  \
+             hint: {fix}.\n  \
+             If the host gets credentials another way (an instance role), pass --allow-missing-credentials.\n  \
+             First deployment onto an empty bucket: also run `imgbuild init {}`.",
+            input.host.path.display()
+        );
+    }
+    eprintln!(
+        "imgbuild: warning: {host} backs up to {place}, but the image carries no S3 credentials: {problem}.\n  {}\n  hint: {fix}.",
+        if require {
+            "Its first boot will keep services down until it can read the bucket (--allow-missing-credentials)."
+        } else {
+            "Its backups will fail (imgbuild_backup_success 0, the BackupFailed alert) until it has some."
+        }
+    );
+    Ok(())
+}
+
 pub fn run(args: &BuildArgs) -> Result<i32> {
     let progress = Progress::detect(args.quiet || args.json);
     let format = pick_format(args.format, &args.out)?;
     let (input, root) = load(&args.profile, &progress)?;
+    check_credentials(&input, &root, args.allow_missing_credentials)?;
     let helper_bin = match &args.helper {
         Some(p) => p.clone(),
         None => std::env::current_exe().context("locating this imgbuild binary")?,

@@ -8,6 +8,7 @@ pub mod check;
 pub mod drill;
 pub mod firstboot;
 pub mod gendocs;
+pub mod init;
 pub mod keys;
 pub mod ready;
 pub mod render;
@@ -28,6 +29,7 @@ pub fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
         Command::Build(a) => build::run(a),
         Command::Render(a) => render::run(a),
         Command::Keys(a) => keys::run(a),
+        Command::Init(a) => init::run(a),
         Command::Summary(a) => summary::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Run(a) => run::run(a),

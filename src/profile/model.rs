@@ -167,7 +167,9 @@ pub struct Backup {
     /// Defaults to the host name.
     pub prefix: Option<String>,
     pub endpoint: Option<String>,
-    #[serde(default = "default_region")]
+    /// Empty: the standard AWS order decides (AWS_REGION in s3.env or the environment,
+    /// the AWS config file), then us-east-1.
+    #[serde(default)]
     pub region: String,
     /// Path-style addressing; defaults to true when `endpoint` is set.
     pub path_style: Option<bool>,
@@ -200,9 +202,6 @@ fn default_rpo_hours() -> u32 {
     30
 }
 
-fn default_region() -> String {
-    "us-east-1".into()
-}
 fn default_schedule() -> String {
     "*-*-* 03:00:00".into()
 }

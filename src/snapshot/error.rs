@@ -38,6 +38,9 @@ pub enum SnapshotError {
     #[error("no snapshot in s3://{bucket}/{prefix}")]
     NoSnapshots { bucket: String, prefix: String },
 
+    #[error("empty-start marker {key}: {reason}")]
+    BadMarker { key: String, reason: String },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

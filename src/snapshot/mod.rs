@@ -16,6 +16,7 @@ pub mod crypto;
 pub mod error;
 pub mod format;
 pub mod fsio;
+pub mod marker;
 pub mod prune;
 pub mod restore;
 pub mod store;

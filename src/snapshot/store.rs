@@ -519,17 +519,70 @@ pub(crate) fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
     e.raw_response().map(|r| r.status().as_u16())
 }
 
+/// A request signed for the wrong region is the commonest first-setup error against
+/// self-hosted servers (Garage's region is "garage", MinIO's often "us-east-1", a
+/// provider's its zone). The server says which region it wanted; the hint says where
+/// to put it.
+pub fn region_hint(code: &str, message: &str) -> Option<String> {
+    let region_error = matches!(
+        code,
+        "AuthorizationHeaderMalformed" | "AuthorizationQueryParametersError" | "PermanentRedirect"
+    ) || message.contains("region");
+    if !region_error {
+        return None;
+    }
+    let expected = expected_region(message);
+    let fix = |r: &str| {
+        format!(
+            "set backup.region = \"{r}\" in the profile (or AWS_REGION={r} in the host's s3.env / the environment)"
+        )
+    };
+    Some(match expected {
+        Some(r) => format!("the bucket's region is \"{r}\": {}", fix(&r)),
+        None => format!(
+            "the request was signed for a region the bucket does not use: {}",
+            fix("<the bucket's region>")
+        ),
+    })
+}
+
+/// The region a server asked for: AWS says `expecting 'eu-west-1'`, Garage and MinIO
+/// quote the credential scope they expected (`expected: KEY/20261203/garage/s3/...`).
+fn expected_region(message: &str) -> Option<String> {
+    let valid = |r: &str| {
+        !r.is_empty() && r.len() <= 64 && r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if let Some(i) = message.find("expecting '") {
+        let rest = &message[i + "expecting '".len()..];
+        let r = rest.split('\'').next().unwrap_or("");
+        if valid(r) {
+            return Some(r.to_string());
+        }
+    }
+    let i = message.find("expected")?;
+    let scope = &message[i..];
+    let parts: Vec<&str> = scope.split(['/', ' ', ',', ';']).collect();
+    // …/<yyyymmdd>/<region>/s3/aws4_request
+    parts.windows(3).find_map(|w| {
+        (w[0].len() == 8 && w[0].chars().all(|c| c.is_ascii_digit()) && w[2] == "s3" && valid(w[1]))
+            .then(|| w[1].to_string())
+    })
+}
+
 fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
     e: &SdkError<E, HttpResponse>,
 ) -> String {
     match e {
         SdkError::ServiceError(s) if s.err().code().is_some() => {
             let err = s.err();
+            let code = err.code().unwrap_or("error");
+            let message = err.message().unwrap_or("(no message)");
             format!(
-                "{} (HTTP {}): {}",
-                err.code().unwrap_or("error"),
+                "{code} (HTTP {}): {message}{}",
                 s.raw().status().as_u16(),
-                err.message().unwrap_or("(no message)")
+                region_hint(code, message)
+                    .map(|h| format!("\n  hint: {h}"))
+                    .unwrap_or_default()
             )
         }
         SdkError::ServiceError(s) => format!(
@@ -544,5 +597,22 @@ fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
             format!("cannot reach the endpoint: {}", error_chain(e))
         }
         _ => error_chain(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::region_hint;
+
+    #[test]
+    fn region_mismatch_names_the_region_to_set() {
+        // Garage 2.5's answer to a request signed for us-east-1.
+        let garage = "Authorization header malformed, unexpected scope: 20261203/us-east-1/s3/aws4_request; expected: GK31c2f218a2e44f485b94239e/20261203/garage/s3/aws4_request";
+        let h = region_hint("AuthorizationHeaderMalformed", garage).unwrap();
+        assert!(h.contains("\"garage\"") && h.contains("backup.region"), "{h}");
+        let aws = "The authorization header is malformed; the region 'us-east-1' is wrong; expecting 'eu-central-1'";
+        let h = region_hint("AuthorizationHeaderMalformed", aws).unwrap();
+        assert!(h.contains("\"eu-central-1\""), "{h}");
+        assert!(region_hint("NoSuchKey", "The specified key does not exist.").is_none());
     }
 }
