@@ -25,6 +25,7 @@ fn profile_name_first_is_build_and_extension_picks_the_format() {
     let stdout = run_ok(
         &[
             "services",
+            "--allow-missing-credentials",
             "--out",
             out.to_str().unwrap(),
             "--secrets",
@@ -45,6 +46,7 @@ fn profile_name_first_is_build_and_extension_picks_the_format() {
         &[
             "build",
             "profiles/services.toml",
+            "--allow-missing-credentials",
             "--out",
             out2.to_str().unwrap(),
             "--secrets",
@@ -147,4 +149,111 @@ fn overlay_file_can_replace_whole_tables() {
         .collect();
     assert_eq!(names, vec!["web"]);
     assert!(v["backup"].is_null());
+}
+
+#[test]
+fn a_restoring_host_without_credentials_is_refused_at_build_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path().join("s");
+    let out = tmp.path().join("vps1.ign");
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "services".to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "--secrets".into(),
+            s.display().to_string(),
+            "--helper-url".into(),
+            "https://example.org/imgbuild".into(),
+        ];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    // Production restores with restore = "require" and there is no s3.env.
+    let res = imgbuild()
+        .current_dir(repo())
+        .args(args(&[]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("s3.env does not exist")
+            && stderr.contains("AWS_ACCESS_KEY_ID=")
+            && stderr.contains("--allow-missing-credentials")
+            && stderr.contains("imgbuild init"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "a refused build left {}", out.display());
+    // The explicit flag builds, with the warning.
+    let res = imgbuild()
+        .current_dir(repo())
+        .args(args(&["--allow-missing-credentials"]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains("keep services down"),
+        "{stderr}"
+    );
+    // Staging (allow-empty) builds, warning that backups will fail.
+    let res = imgbuild()
+        .current_dir(repo())
+        .args(args(&["--env", "staging"]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(stderr.contains("backups will fail"), "{stderr}");
+    // With credentials in s3.env: no word about them.
+    std::fs::write(
+        s.join("vps1/s3.env"),
+        "AWS_ACCESS_KEY_ID=AKIAEXAMPLE\nAWS_SECRET_ACCESS_KEY=example\n",
+    )
+    .unwrap();
+    let res = imgbuild()
+        .current_dir(repo())
+        .args(args(&[]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(!stderr.contains("credentials"), "{stderr}");
+    // An s3.env without the secret half is named as such.
+    std::fs::write(s.join("vps1/s3.env"), "AWS_ACCESS_KEY_ID=AKIAEXAMPLE\n").unwrap();
+    let res = imgbuild()
+        .current_dir(repo())
+        .args(args(&[]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lacks AWS_ACCESS_KEY_ID or AWS_SECRET_ACCESS_KEY"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn summary_creates_no_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path().join("s");
+    let res = imgbuild()
+        .current_dir(repo())
+        .args(["summary", "services", "--secrets", s.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(stdout.contains("host vps1"), "{stdout}");
+    assert!(
+        !s.exists() || std::fs::read_dir(&s).unwrap().next().is_none(),
+        "summary wrote into the secrets dir: {:?}",
+        std::fs::read_dir(&s).map(|d| d.map(|e| e.unwrap().path()).collect::<Vec<_>>())
+    );
 }

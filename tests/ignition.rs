@@ -64,6 +64,7 @@ fn ignition_configs_validate_against_the_official_schemas() {
                         profile,
                         "--env",
                         env,
+                        "--allow-missing-credentials",
                         "--out",
                         out.to_str().unwrap(),
                         "--secrets",
@@ -249,6 +250,7 @@ fn ignition_without_helper_url_is_an_error_with_a_hint() {
         .current_dir(repo())
         .args([
             "services",
+            "--allow-missing-credentials",
             "--out",
             out.to_str().unwrap(),
             "--secrets",
@@ -275,6 +277,7 @@ fn ignition_output_is_deterministic() {
         run_ok(
             &[
                 "services",
+                "--allow-missing-credentials",
                 "--out",
                 o.to_str().unwrap(),
                 "--secrets",

@@ -24,6 +24,7 @@ fn build(
     }
     cmd.args([
         "services",
+        "--allow-missing-credentials",
         "--out",
         dir.join(out).to_str().unwrap(),
         "--secrets",

@@ -237,7 +237,11 @@ fn firstboot_policies_on_an_empty_or_unreadable_bucket() {
     let hc = host_config(&env, RestorePolicy::Require, None, &metrics);
     let t = std::time::Instant::now();
     let e = firstboot(&hc, &paths("r")).unwrap_err().to_string();
-    assert!(e.contains("no snapshot in s3://"), "{e}");
+    assert!(
+        e.contains("holds no snapshot and no empty-start marker") && e.contains("imgbuild init"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'), "the FAILED line is one line: {e}");
     assert!(t.elapsed().as_secs() >= 2, "did not retry");
     assert!(!paths("r").firstboot_done.exists());
     // require + unreachable bucket: the cause is the network.
@@ -366,4 +370,109 @@ fn workstation_verbs_back_up_list_check_and_restore() {
     std::fs::remove_dir_all(from.join("cache")).unwrap();
     let e = backup::run(&backup, &resolve).unwrap_err();
     assert!(format!("{e:#}").contains("volume cache"), "{e:#}");
+}
+
+#[test]
+fn the_empty_start_marker_lets_a_first_deployment_boot_and_the_first_backup_removes_it() {
+    use imgbuild::snapshot::marker;
+    let env = Env::new(false);
+    let metrics = env.path("metrics");
+    let paths = |n: &str| HostPaths {
+        volumes: env.path(&format!("{n}/vols")),
+        firstboot_done: env.path(&format!("{n}/done")),
+        systemctl: "true".into(),
+    };
+    let mut hc = host_config(&env, RestorePolicy::Require, None, &metrics);
+    hc.backup.as_mut().unwrap().restore_timeout_secs = 1;
+    let keys = imgbuild::snapshot::Keys::load(
+        &env.secrets.join("snapshot-encryption.key"),
+        &env.secrets.join("snapshot-signing.key"),
+    )
+    .unwrap();
+    let rt = rt();
+    let store = rt
+        .block_on(imgbuild::snapshot::Store::connect(&env.cfg))
+        .unwrap();
+
+    // A marker signed by another host's key is an integrity failure: final, not retried.
+    let other = env.path("other");
+    write_keys(&other, 9);
+    let other_keys = imgbuild::snapshot::Keys::load(
+        &other.join("snapshot-encryption.key"),
+        &other.join("snapshot-signing.key"),
+    )
+    .unwrap();
+    rt.block_on(marker::write(
+        &store,
+        &other_keys,
+        "services",
+        1_700_000_000,
+    ))
+    .unwrap();
+    let e = firstboot(&hc, &paths("forged")).unwrap_err().to_string();
+    assert!(
+        e.contains("empty-start marker") && e.contains("signature"),
+        "{e}"
+    );
+    assert!(!paths("forged").firstboot_done.exists());
+
+    // A marker for another host name under this prefix does not count either.
+    rt.block_on(marker::write(&store, &keys, "other-host", 1_700_000_000))
+        .unwrap();
+    let e = firstboot(&hc, &paths("host")).unwrap_err().to_string();
+    assert!(e.contains("written for host other-host"), "{e}");
+
+    // The host's own marker: first deployment, empty volumes, done.
+    rt.block_on(marker::write(&store, &keys, "services", 1_700_000_000))
+        .unwrap();
+    assert_eq!(
+        firstboot(&hc, &paths("first")).unwrap(),
+        FirstbootOutcome::EmptyStart {
+            created: 1_700_000_000
+        }
+    );
+    assert!(paths("first").firstboot_done.exists());
+
+    // The same marker copied to another prefix does not verify there.
+    let mut moved_cfg = env.cfg.clone();
+    moved_cfg.prefix = "hosts/typo".into();
+    let moved = rt
+        .block_on(imgbuild::snapshot::Store::connect(&moved_cfg))
+        .unwrap();
+    let bytes = rt
+        .block_on(store.get(&marker::key(&env.cfg.prefix)))
+        .unwrap()
+        .unwrap();
+    rt.block_on(moved.put(&marker::key("hosts/typo"), bytes, false, None))
+        .unwrap();
+    let mut typo = hc.clone();
+    typo.backup.as_mut().unwrap().prefix = "hosts/typo".into();
+    let e = firstboot(&typo, &paths("typo")).unwrap_err().to_string();
+    assert!(e.contains("does not verify"), "{e}");
+
+    // The first backup removes the marker; later first boots restore the snapshot.
+    let bp = paths("first");
+    for v in ["pgdata", "app", "cache"] {
+        std::fs::create_dir_all(bp.volumes.join(v).join("_data")).unwrap();
+    }
+    std::fs::write(
+        bp.volumes.join("cache/_data/x"),
+        b"written after the first boot",
+    )
+    .unwrap();
+    let mut nohook = hc.clone();
+    nohook.backup.as_mut().unwrap().volumes[1].hook = None;
+    let r = backup_host(&nohook, &bp, &Progress::quiet()).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert!(!rt
+        .block_on(store.exists(&marker::key(&env.cfg.prefix)))
+        .unwrap());
+    match firstboot(&hc, &paths("second")).unwrap() {
+        FirstbootOutcome::Restored { .. } => {}
+        o => panic!("expected a restore, got {o:?}"),
+    }
+    assert_eq!(
+        std::fs::read(paths("second").volumes.join("cache/_data/x")).unwrap(),
+        b"written after the first boot"
+    );
 }

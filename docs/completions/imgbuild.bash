@@ -40,6 +40,9 @@ _imgbuild() {
             imgbuild,help)
                 cmd="imgbuild__subcmd__help"
                 ;;
+            imgbuild,init)
+                cmd="imgbuild__subcmd__init"
+                ;;
             imgbuild,keys)
                 cmd="imgbuild__subcmd__keys"
                 ;;
@@ -93,6 +96,9 @@ _imgbuild() {
                 ;;
             imgbuild__subcmd__help,help)
                 cmd="imgbuild__subcmd__help__subcmd__help"
+                ;;
+            imgbuild__subcmd__help,init)
+                cmd="imgbuild__subcmd__help__subcmd__init"
                 ;;
             imgbuild__subcmd__help,keys)
                 cmd="imgbuild__subcmd__help__subcmd__keys"
@@ -155,7 +161,7 @@ _imgbuild() {
 
     case "${cmd}" in
         imgbuild)
-            opts="-h -V --help --version build render keys summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help"
+            opts="-h -V --help --version build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -211,7 +217,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__build)
-            opts="-o -q -h --env --secrets --overlay --identity --out --format --ignition-version --helper-url --helper --base --refresh-base --quiet --json --help"
+            opts="-o -q -h --env --secrets --overlay --identity --allow-missing-credentials --out --format --ignition-version --helper-url --helper --base --refresh-base --quiet --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -419,7 +425,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__help)
-            opts="build render keys summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help"
+            opts="build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -531,6 +537,20 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__help__subcmd__init)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -705,6 +725,48 @@ _imgbuild() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__init)
+            opts="-h --env --secrets --overlay --identity --bucket --prefix --endpoint --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --env)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --secrets)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --overlay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --bucket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --endpoint)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

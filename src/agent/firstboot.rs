@@ -153,7 +153,9 @@ pub fn firstboot(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<Firstboot
                 let cause = one_line_cause(&e, b, &hc.host);
                 // The whole error (SDK chains included) goes to the journal only; the
                 // console gets one line per ~10 s that a person can act on.
-                detail(&format!("imgbuild firstboot: attempt {attempt} failed: {e:#}"));
+                detail(&format!(
+                    "imgbuild firstboot: attempt {attempt} failed: {e:#}"
+                ));
                 if left.is_zero() || fatal {
                     let msg = format!(
                         "imgbuild firstboot: FAILED: {cause}{}; services stay down \
@@ -323,7 +325,7 @@ async fn firstboot_once(
         Some(m) => m,
         None => return no_snapshot(&store, &keys, b, &target.host).await,
     };
-            log(&format!(
+    log(&format!(
                 "imgbuild firstboot: s3://{}/{} holds no snapshot; restore = allow-empty: starting with empty volumes",
                 store.bucket, store.prefix
             ));

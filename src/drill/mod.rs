@@ -255,7 +255,21 @@ fn drill(
         Some(want) => anyhow::bail!("snapshot {want} not found in {where_}"),
         None => match ids.last() {
             Some(id) => id.clone(),
-            None => anyhow::bail!("no snapshot in {where_}: nothing to restore"),
+            None => {
+                // The empty-start marker means a first deployment that has not backed up
+                // yet; without it, the bucket, prefix or endpoint is likely wrong.
+                let keys = target.keys()?;
+                match rt.block_on(snapshot::marker::read(&store, &keys, &target.host)) {
+                    Ok(Some(m)) => anyhow::bail!(
+                        "no snapshot in {where_} yet: it holds only the empty-start marker `imgbuild init` wrote {} (a first deployment): nothing to drill until the host's first backup",
+                        snapshot::format::rfc3339(m.created)
+                    ),
+                    Ok(None) => anyhow::bail!(
+                        "no snapshot and no empty-start marker in {where_}: nothing to restore (a first deployment needs `imgbuild init`; otherwise check the bucket, prefix and endpoint)"
+                    ),
+                    Err(e) => anyhow::bail!("no snapshot in {where_}, and {e}"),
+                }
+            }
         },
     };
     let time = id_time(&id).unwrap_or(0);

@@ -60,7 +60,13 @@ pub fn seal(keys: &Keys, m: &EmptyStart) -> Result<Vec<u8>> {
 }
 
 /// Verifies a marker read from `bucket`/`prefix` and checks it names them and `host`.
-pub fn open(keys: &Keys, bucket: &str, prefix: &str, host: &str, bytes: &[u8]) -> Result<EmptyStart> {
+pub fn open(
+    keys: &Keys,
+    bucket: &str,
+    prefix: &str,
+    host: &str,
+    bytes: &[u8],
+) -> Result<EmptyStart> {
     let bad = |reason: &str| SnapshotError::BadMarker {
         key: key(prefix),
         reason: reason.to_string(),
@@ -78,7 +84,10 @@ pub fn open(keys: &Keys, bucket: &str, prefix: &str, host: &str, bytes: &[u8]) -
     }
     let m: EmptyStart = serde_json::from_slice(json).map_err(|e| bad(&format!("{e}")))?;
     if m.host != host {
-        return Err(bad(&format!("it was written for host {}, not {host}", m.host)));
+        return Err(bad(&format!(
+            "it was written for host {}, not {host}",
+            m.host
+        )));
     }
     Ok(m)
 }
@@ -100,7 +109,9 @@ pub async fn write(store: &Store, keys: &Keys, host: &str, now: i64) -> Result<E
         created: now,
     };
     // No Object Lock: the first backup must be able to delete it.
-    store.put(&key(&store.prefix), seal(keys, &m)?, false, None).await?;
+    store
+        .put(&key(&store.prefix), seal(keys, &m)?, false, None)
+        .await?;
     Ok(m)
 }
 

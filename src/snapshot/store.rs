@@ -550,7 +550,10 @@ pub fn region_hint(code: &str, message: &str) -> Option<String> {
 /// quote the credential scope they expected (`expected: KEY/20261203/garage/s3/...`).
 fn expected_region(message: &str) -> Option<String> {
     let valid = |r: &str| {
-        !r.is_empty() && r.len() <= 64 && r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        !r.is_empty()
+            && r.len() <= 64
+            && r.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     };
     if let Some(i) = message.find("expecting '") {
         let rest = &message[i + "expecting '".len()..];
@@ -559,7 +562,8 @@ fn expected_region(message: &str) -> Option<String> {
             return Some(r.to_string());
         }
     }
-    let i = message.find("expected")?;
+    // The last mention: "unexpected scope: … expected: …" names both.
+    let i = message.rfind("expected")?;
     let scope = &message[i..];
     let parts: Vec<&str> = scope.split(['/', ' ', ',', ';']).collect();
     // …/<yyyymmdd>/<region>/s3/aws4_request
@@ -609,7 +613,10 @@ mod tests {
         // Garage 2.5's answer to a request signed for us-east-1.
         let garage = "Authorization header malformed, unexpected scope: 20261203/us-east-1/s3/aws4_request; expected: GK31c2f218a2e44f485b94239e/20261203/garage/s3/aws4_request";
         let h = region_hint("AuthorizationHeaderMalformed", garage).unwrap();
-        assert!(h.contains("\"garage\"") && h.contains("backup.region"), "{h}");
+        assert!(
+            h.contains("\"garage\"") && h.contains("backup.region"),
+            "{h}"
+        );
         let aws = "The authorization header is malformed; the region 'us-east-1' is wrong; expecting 'eu-central-1'";
         let h = region_hint("AuthorizationHeaderMalformed", aws).unwrap();
         assert!(h.contains("\"eu-central-1\""), "{h}");
