@@ -98,6 +98,7 @@ fn services_profile_built_by_the_cli_boots_to_ready() {
     opts.serial = SerialTarget::File(serial.clone());
     opts.ssh_port = Some(ssh);
     opts.forwards = vec![(hello, HELLO_PORT), (closed, CLOSED_PORT)];
+    isolate(&mut opts, &[]);
     let disk = std::fs::metadata(&out).expect("image").len();
     let grow = 2u64 << 30;
     opts.disk_size = Some(disk + grow);
@@ -271,6 +272,7 @@ fn boots_to_ready_with_quadlet_firewall_ssh_and_grown_var() {
     opts.serial = SerialTarget::File(serial.clone());
     opts.ssh_port = Some(ssh);
     opts.forwards = vec![(hello, HELLO_PORT), (closed, CLOSED_PORT)];
+    isolate(&mut opts, &[]);
     // A provider's disk is bigger than the image: /var must grow into the difference.
     let grow = 2u64 << 30;
     opts.disk_size = Some(rep.disk_bytes + grow);

@@ -635,3 +635,23 @@ pub fn cli_build(
         profile.display()
     );
 }
+
+/// Cuts a test guest off from everything (`restrict=on`: no DNS, NTP or route out of
+/// the user-mode network) except the servers the test started on 127.0.0.1, which the
+/// guest reaches as 10.0.2.2:<same port>. One relay process per guest connection (the
+/// restore fetches in parallel), through `imgbuild drill-relay`.
+pub fn isolate(opts: &mut imgbuild::qemu::RunOptions, host_ports: &[u16]) {
+    opts.restrict = true;
+    opts.host_address = Some(std::net::Ipv4Addr::new(10, 0, 2, 254));
+    let exe = env!("CARGO_BIN_EXE_imgbuild");
+    opts.guest_forward_cmds = host_ports
+        .iter()
+        .map(|p| {
+            (
+                std::net::Ipv4Addr::new(10, 0, 2, 2),
+                *p,
+                format!("'{}' drill-relay {p}", exe.replace('\'', "'\\''")),
+            )
+        })
+        .collect();
+}

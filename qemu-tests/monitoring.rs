@@ -136,7 +136,13 @@ struct Guest {
     ssh_port: u16,
 }
 
-fn start(name: &'static str, image: &Path, serial: PathBuf, lan: LanNic) -> Guest {
+fn start(
+    name: &'static str,
+    image: &Path,
+    serial: PathBuf,
+    lan: LanNic,
+    host_ports: &[u16],
+) -> Guest {
     let _ = std::fs::remove_file(&serial);
     let mut opts = RunOptions::new(image);
     opts.serial = SerialTarget::File(serial.clone());
@@ -145,6 +151,7 @@ fn start(name: &'static str, image: &Path, serial: PathBuf, lan: LanNic) -> Gues
     // One vCPU each: two TCG guests on a two-core machine.
     opts.cpus = 1;
     opts.lans = vec![lan];
+    isolate(&mut opts, host_ports);
     // A provider's disk is bigger than the image: /var grows into it at first boot, and
     // the daemons' images (Prometheus alone is 100 MB) are unpacked there.
     opts.disk_size = Some(4 << 30);
@@ -390,6 +397,7 @@ fn two_hosts_tunnel_scrape_firewall_and_backup_alert() {
             local_port: pa,
             remote_port: pb,
         },
+        &[s3_port, hook_port],
     );
     let mut mon = start(
         "monitoring",
@@ -400,6 +408,7 @@ fn two_hosts_tunnel_scrape_firewall_and_backup_alert() {
             local_port: pb,
             remote_port: pa,
         },
+        &[s3_port, hook_port],
     );
     let ts = wait_ready(&mut svc, "vps1");
     let tm = wait_ready(&mut mon, "monitoring");

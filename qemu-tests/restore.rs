@@ -1,8 +1,11 @@
 //! The data half end to end: a services image (test overlay: one baked busybox web
 //! server serving a volume, backups to a moto S3 server on the host's 127.0.0.1, which
-//! the guest reaches as 10.0.2.2) boots, gets data written into its volume, backs it up;
-//! a fresh copy of the same image (pristine /var) then restores the volume at first boot
-//! before the container starts, and says so on the console.
+//! the guest reaches as 10.0.2.2, restore = "require") boots onto an empty prefix and
+//! keeps its service down, saying why in one line; `imgbuild init` then marks the prefix
+//! as a first deployment and the same boot comes up with empty volumes. Data written
+//! into the volume is backed up (which removes the marker); a fresh copy of the same
+//! image (pristine /var) then restores the volume at first boot before the container
+//! starts, and says so on the console.
 
 #[path = "common.rs"]
 mod common;
@@ -16,6 +19,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// Long enough to see the 10 s waiting lines, short enough to reach FAILED quickly.
+const RESTORE_TIMEOUT: u64 = 30;
 
 fn main() {
     run_tests(&[(
@@ -24,12 +29,19 @@ fn main() {
     )]);
 }
 
-fn boot(image: &Path, serial: &Path, ssh_port: u16, web_port: u16) -> (qemu::Vm, String, Duration) {
+fn boot(
+    image: &Path,
+    serial: &Path,
+    ssh_port: u16,
+    web_port: u16,
+    s3_port: u16,
+) -> (qemu::Vm, String, Duration) {
     let _ = std::fs::remove_file(serial);
     let mut opts = RunOptions::new(image);
     opts.serial = SerialTarget::File(serial.to_path_buf());
     opts.ssh_port = Some(ssh_port);
     opts.forwards = vec![(web_port, HELLO_PORT)];
+    isolate(&mut opts, &[s3_port]);
     let mut vm = qemu::start(&opts).expect("start qemu");
     let (seen, log) =
         qemu::wait_for_serial(&mut vm, serial, "imgbuild: vps1 ", BOOT_TIMEOUT).expect("serial");
@@ -78,7 +90,7 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
             "replace = [\"containers\", \"volumes\", \"networks\", \"proxy\", \"backup\", \"admin\"]\n\n\
              [admin]\nuser = \"admin\"\nssh_keys = [\"{}\"]\n\n\
              [backup]\nbucket = \"{bucket}\"\nprefix = \"vps1-test\"\nendpoint = \"http://10.0.2.2:{port}\"\nregion = \"us-east-1\"\n\
-             restore = \"allow-empty\"\nrestore_timeout = 120\nkeep = {{ last = 3 }}\n\n\
+             restore = \"require\"\nrestore_timeout = {RESTORE_TIMEOUT}\nkeep = {{ last = 3 }}\n\n\
              [volumes.www]\nbackup = \"live\"\n\n\
              [containers.web]\nimage = \"{HELLO_REF}\"\nbake = \"{}\"\npublish = [\"{HELLO_PORT}:{HELLO_PORT}\"]\nvolumes = [\"www:/www\"]\n",
             keys.admin_pub.trim(),
@@ -92,19 +104,112 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
     let profile = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/services.toml");
     cli_build(&profile, &overlay, &secrets, &helper, &image, &[]);
 
-    // First boot: empty bucket, allow-empty: services start on empty volumes.
+    // First boot onto an empty prefix with no marker: it waits, says why every ~10 s,
+    // then fails closed with a one-line reason; the service stays down.
     let serial = dir.join("serial1.log");
     let (ssh_port, web) = (free_port(), free_port());
-    let (mut vm, log1, t1) = boot(&image, &serial, ssh_port, web);
+    let _ = std::fs::remove_file(&serial);
+    let mut opts = RunOptions::new(&image);
+    opts.serial = SerialTarget::File(serial.clone());
+    opts.ssh_port = Some(ssh_port);
+    opts.forwards = vec![(web, HELLO_PORT)];
+    isolate(&mut opts, &[port]);
+    let mut vm = qemu::start(&opts).expect("start qemu");
+    let (seen, log0) =
+        qemu::wait_for_serial(&mut vm, &serial, "imgbuild: vps1 ", BOOT_TIMEOUT).expect("serial");
+    let failed = log0
+        .lines()
+        .find(|l| l.contains("imgbuild firstboot: FAILED:"))
+        .unwrap_or_else(|| panic!("no FAILED line from first boot (seen={seen}):\n{log0}"));
+    eprintln!("BOOT 1, empty prefix, no marker: {}", failed.trim());
     assert!(
-        log1.contains("holds no snapshot; restore = allow-empty"),
-        "first boot did not see the empty bucket"
+        failed.contains("holds no snapshot and no empty-start marker")
+            && failed.contains("imgbuild init"),
+        "{failed}"
     );
-    eprintln!("BOOT 1 (empty bucket): {:.1}s to ready", t1.as_secs_f64());
+    let waiting: Vec<&str> = log0
+        .lines()
+        .filter(|l| l.contains("imgbuild firstboot: waiting for s3://"))
+        .collect();
+    assert!(
+        waiting.len() >= 2 && waiting.len() <= 6,
+        "expected a waiting line about every 10 s over {RESTORE_TIMEOUT} s, got {}:\n{}",
+        waiting.len(),
+        waiting.join("\n")
+    );
+    assert!(
+        !log0.contains("credential") && !log0.contains("DispatchFailure"),
+        "SDK error text reached the console:\n{log0}"
+    );
+    assert!(
+        log0.contains("imgbuild: vps1 FAILED: ") && log0.contains("held back: first boot failed"),
+        "the readiness line does not say the services were held back:\n{log0}"
+    );
+    let out = ssh(
+        &dir,
+        ssh_port,
+        "systemctl is-active web.service; ls /var/lib/imgbuild/",
+    );
+    assert!(
+        !out.lines().next().unwrap_or_default().starts_with("active"),
+        "the service started although first boot failed:\n{out}"
+    );
+
+    // `imgbuild init` on the workstation marks the prefix; the host retries and is up.
+    let init = Command::new(&cli)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .arg("init")
+        .arg(&profile)
+        .arg("--overlay")
+        .arg(&overlay)
+        .arg("--secrets")
+        .arg(&secrets)
+        .args(["--endpoint", &moto.endpoint])
+        .output()
+        .expect("imgbuild init");
+    assert!(
+        init.status.success(),
+        "init: {}{}",
+        String::from_utf8_lossy(&init.stdout),
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let t = Instant::now();
+    ssh(
+        &dir,
+        ssh_port,
+        "sudo systemctl start --no-block multi-user.target imgbuild-ready.service",
+    );
+    let (seen, log1) =
+        qemu::wait_for_serial(&mut vm, &serial, "imgbuild: vps1 ready (", BOOT_TIMEOUT)
+            .expect("serial");
+    assert!(
+        seen,
+        "not ready after init:\n{}",
+        &log1[log1.len().saturating_sub(4000)..]
+    );
+    assert!(
+        log1.contains("but the empty-start marker `imgbuild init` wrote"),
+        "first boot did not name the marker:\n{log1}"
+    );
+    let t1 = vm.started.elapsed();
+    eprintln!(
+        "after init: ready {:.1}s later (QEMU up {:.1}s)",
+        t.elapsed().as_secs_f64(),
+        t1.as_secs_f64()
+    );
+    eprintln!(
+        "BOOT 1 (empty prefix, then init): {:.1}s to ready",
+        t1.as_secs_f64()
+    );
     let proof = format!("restored-{}", std::process::id());
     let t = Instant::now();
-    let out = ssh(&dir, ssh_port, &format!("sudo sh -c 'echo {proof} > /var/lib/containers/storage/volumes/www/_data/proof.txt && mkdir -p /var/lib/containers/storage/volumes/www/_data/sub && head -c 3000000 /dev/urandom > /var/lib/containers/storage/volumes/www/_data/sub/blob && sha256sum /var/lib/containers/storage/volumes/www/_data/sub/blob && systemctl start imgbuild-backup.service && echo backup=ok'"));
+    let out = ssh(&dir, ssh_port, &format!("sudo sh -c 'echo {proof} > /var/lib/containers/storage/volumes/www/_data/proof.txt && mkdir -p /var/lib/containers/storage/volumes/www/_data/sub && head -c 3000000 /dev/urandom > /var/lib/containers/storage/volumes/www/_data/sub/blob && sha256sum /var/lib/containers/storage/volumes/www/_data/sub/blob && systemctl start imgbuild-backup.service && echo backup=ok && journalctl -u imgbuild-backup.service --no-pager | grep -q \"removed the empty-start marker\" && echo marker=removed'"));
     assert!(out.contains("backup=ok"), "{out}");
+    assert!(
+        out.contains("marker=removed"),
+        "the first backup did not remove the marker:\n{out}"
+    );
     let blob_sum = out
         .split_whitespace()
         .next()
@@ -145,7 +250,7 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
     // A fresh copy of the image (the same file, pristine /var): data back before the service.
     let serial = dir.join("serial2.log");
     let (ssh_port, web) = (free_port(), free_port());
-    let (mut vm, log2, t2) = boot(&image, &serial, ssh_port, web);
+    let (mut vm, log2, t2) = boot(&image, &serial, ssh_port, web, port);
     let line = log2
         .lines()
         .find(|l| l.contains("imgbuild firstboot: restored snapshot"))

@@ -58,6 +58,10 @@ pub struct RunOptions {
     /// (its stdin/stdout are the connection). The chardev of `guest_forwards` carries
     /// a single connection: a guest that opens several at once (parallel HTTP) needs this.
     pub guest_forward_cmds: Vec<(std::net::Ipv4Addr, u16, String)>,
+    /// Where the user-mode network puts its own host alias (default 10.0.2.2). libslirp
+    /// refuses a guest forward on that alias, so a restricted guest that must reach a
+    /// server on the host's 127.0.0.1 *as* 10.0.2.2 moves it (e.g. to 10.0.2.254).
+    pub host_address: Option<std::net::Ipv4Addr>,
     /// Second NICs joined to other guests by UDP datagrams between ports on 127.0.0.1
     /// (a private LAN between two staging hosts, nothing else on it).
     pub lans: Vec<LanNic>,
@@ -92,6 +96,7 @@ impl RunOptions {
             restrict: false,
             guest_forwards: Vec::new(),
             guest_forward_cmds: Vec::new(),
+            host_address: None,
             lans: Vec::new(),
             credentials: Vec::new(),
         }
@@ -261,6 +266,9 @@ pub fn start(opts: &RunOptions) -> Result<Vm, ImageError> {
         a => a,
     };
     let mut nic = "user,model=virtio-net-pci".to_string();
+    if let Some(a) = opts.host_address {
+        nic.push_str(&format!(",net=10.0.2.0/24,host={a}"));
+    }
     let fwd = opts
         .ssh_port
         .map(|p| (p, 22))

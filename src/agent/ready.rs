@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 /// Default wait; quadlets pull or import images on first boot, which can take minutes.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
+const FIRSTBOOT: &str = "imgbuild-firstboot.service";
 /// A service restarting this often has failed, whatever its ActiveState says.
 const RESTARTS_FAILED: u32 = 3;
 
@@ -41,8 +42,20 @@ pub fn ready(host_config_path: &Path) -> anyhow::Result<i32> {
     };
     let deadline = Instant::now() + timeout;
     let states = loop {
-        let states = query(&cfg.units)?;
+        let mut states = query(&cfg.units)?;
         let waiting = states.values().any(|s| matches!(s, State::Waiting(_)));
+        // Every service waits on first boot (Requires=): once it has failed, nothing
+        // still waiting will start this boot. Say so now, not after the timeout.
+        if matches!(states.get(FIRSTBOOT), Some(State::Failed(_))) {
+            for (unit, st) in states.iter_mut() {
+                if let State::Waiting(_) = st {
+                    if unit != FIRSTBOOT {
+                        *st = State::Waiting("held back: first boot failed".into());
+                    }
+                }
+            }
+            break states;
+        }
         if !waiting || Instant::now() >= deadline {
             break states;
         }
