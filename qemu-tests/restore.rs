@@ -138,18 +138,14 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
         waiting.join("\n")
     );
     assert!(
-        !log0.contains("credential") && !log0.contains("DispatchFailure"),
-        "SDK error text reached the console:\n{log0}"
+        !log0.contains("imgbuild firstboot: attempt") && !log0.contains("DispatchFailure"),
+        "per-attempt error chains reached the console (they belong in the journal):\n{log0}"
     );
     assert!(
         log0.contains("imgbuild: vps1 FAILED: ") && log0.contains("held back: first boot failed"),
         "the readiness line does not say the services were held back:\n{log0}"
     );
-    let out = ssh(
-        &dir,
-        ssh_port,
-        "systemctl is-active web.service; ls /var/lib/imgbuild/",
-    );
+    let out = ssh(&dir, ssh_port, "systemctl is-active web.service || true");
     assert!(
         !out.lines().next().unwrap_or_default().starts_with("active"),
         "the service started although first boot failed:\n{out}"

@@ -111,6 +111,8 @@ fn alert_rules_use_the_metrics_the_backup_really_writes() {
         prune: None,
         error: Some("bucket unreachable".into()),
         seconds: 1.0,
+        atomic: false,
+        downtime_seconds: 0.0,
     };
     imgbuild::agent::write_metrics(dir.path(), "vps1", &failed).unwrap();
     let mut written = String::new();

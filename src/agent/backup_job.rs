@@ -1,86 +1,18 @@
-//! `imgbuild backup` in the image (imgbuild-backup.timer): snapshot every configured
-//! volume, prune, write metrics, ping.
+//! `imgbuild backup` in the image (imgbuild-backup.timer): quiesce what the profile
+//! asks for, take one atomic snapshot of all volumes (`quiesce`), bring the services
+//! back, upload from the snapshot, prune, write metrics, ping.
 
 use super::metrics::{ping, write_metrics};
+use super::quiesce;
 use super::{log, HostPaths};
-use crate::hostconfig::{HostConfig, Strategy, VolumeBackup};
+use crate::hostconfig::HostConfig;
 use crate::progress::Progress;
-use crate::snapshot::backup::{self, BackupOptions, BackupReport, Source, VolumeHooks};
-use crate::snapshot::error::{Result, SnapshotError};
+use crate::snapshot::backup::{self, BackupOptions, BackupReport, NoHooks, Source};
+use crate::snapshot::error::SnapshotError;
 use crate::snapshot::prune::{self, CHUNK_GRACE_SECS};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
-
-/// Per-volume strategy: stop units / run a hook before, start units after.
-struct StrategyHooks<'a> {
-    volumes: &'a [VolumeBackup],
-    systemctl: PathBuf,
-    stopped_at: Option<(Instant, Vec<String>)>,
-}
-
-impl VolumeHooks for StrategyHooks<'_> {
-    fn before(&mut self, volume: &str) -> Result<()> {
-        let Some(v) = self.volumes.iter().find(|v| v.name == volume) else {
-            return Ok(());
-        };
-        match v.strategy {
-            Strategy::Live => {}
-            Strategy::Hook => {
-                if let Some(cmd) = &v.hook {
-                    log(&format!("imgbuild backup: {volume}: running hook"));
-                    let st = Command::new("sh")
-                        .arg("-c")
-                        .arg(cmd)
-                        .status()
-                        .map_err(|e| SnapshotError::Other(format!("{volume}: hook: {e}")))?;
-                    if !st.success() {
-                        return Err(SnapshotError::Other(format!(
-                            "{volume}: hook exited with {st}; no snapshot taken"
-                        )));
-                    }
-                }
-            }
-            Strategy::Stop => {
-                if !v.units.is_empty() {
-                    log(&format!(
-                        "imgbuild backup: {volume}: stopping {}",
-                        v.units.join(" ")
-                    ));
-                    let st = Command::new(&self.systemctl)
-                        .arg("stop")
-                        .args(&v.units)
-                        .status()
-                        .map_err(|e| SnapshotError::Other(format!("systemctl stop: {e}")))?;
-                    self.stopped_at = Some((Instant::now(), v.units.clone()));
-                    if !st.success() {
-                        return Err(SnapshotError::Other(format!(
-                            "{volume}: systemctl stop {} exited with {st}",
-                            v.units.join(" ")
-                        )));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn after(&mut self, volume: &str) {
-        if let Some((t, units)) = self.stopped_at.take() {
-            let st = Command::new(&self.systemctl)
-                .arg("start")
-                .args(&units)
-                .status();
-            let ok = st.as_ref().is_ok_and(|s| s.success());
-            log(&format!(
-                "imgbuild backup: {volume}: started {} again ({}), downtime {:.1}s",
-                units.join(" "),
-                if ok { "ok" } else { "FAILED" },
-                t.elapsed().as_secs_f64()
-            ));
-        }
-    }
-}
+use crate::snapshot::store::DeleteOutcome;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HostBackupResult {
@@ -88,6 +20,10 @@ pub struct HostBackupResult {
     pub prune: Option<prune::PruneReport>,
     pub error: Option<String>,
     pub seconds: f64,
+    /// Read from one read-only snapshot of all volumes (crash-consistent across them).
+    pub atomic: bool,
+    /// How long `stop` units were down (0 when every volume is `live`).
+    pub downtime_seconds: f64,
 }
 
 /// The timer's job: snapshot every configured volume, prune, write metrics, ping.
@@ -109,19 +45,8 @@ pub fn backup_host(
     }
     let start = Instant::now();
     let target = super::target(&hc.host, b);
-    let sources: Vec<Source> = b
-        .volumes
-        .iter()
-        .map(|v| Source {
-            name: v.name.clone(),
-            root: paths.volumes.join(&v.name).join("_data"),
-        })
-        .collect();
-    let mut hooks = StrategyHooks {
-        volumes: &b.volumes,
-        systemctl: paths.systemctl.clone(),
-        stopped_at: None,
-    };
+    let mut atomic = false;
+    let mut downtime = Duration::ZERO;
     let run = (|| {
         // Until first boot has restored (or explicitly started empty), the volumes do
         // not hold the host's data: a snapshot now would become the newest one and the
@@ -133,19 +58,56 @@ pub fn backup_host(
                 paths.firstboot_done.display()
             )));
         }
-        crate::snapshot::runtime()
-    })()
-    .and_then(|rt| {
-        rt.block_on(async {
-            for s in &sources {
-                if !s.root.is_dir() {
-                    return Err(SnapshotError::Other(format!(
-                        "volume {}: {} does not exist",
-                        s.name,
-                        s.root.display()
-                    )));
-                }
+        for v in &b.volumes {
+            let d = paths.volumes.join(&v.name).join("_data");
+            if !d.is_dir() {
+                return Err(SnapshotError::Other(format!(
+                    "volume {}: {} does not exist",
+                    v.name,
+                    d.display()
+                )));
             }
+        }
+        let rt = crate::snapshot::runtime()?;
+        let can_snapshot = quiesce::is_btrfs_subvolume(&paths.volumes);
+        if can_snapshot {
+            quiesce::remove_stale(&paths.volumes).map_err(SnapshotError::Other)?;
+        } else {
+            log(&format!(
+                "imgbuild backup: warning: {} is not a btrfs subvolume: no atomic snapshot, \
+                 volumes are read live file by file (not crash-consistent for databases)",
+                paths.volumes.display()
+            ));
+        }
+        let stopped =
+            quiesce::quiesce(&b.volumes, &paths.systemctl).map_err(SnapshotError::Other)?;
+        let (snap, stopped) = if can_snapshot {
+            let snap = quiesce::AtomicSnapshot::take(&paths.volumes);
+            // The instant is taken (or failed): the services come back before the upload.
+            downtime = quiesce::resume(&paths.systemctl, stopped);
+            let snap = snap.map_err(SnapshotError::Other)?;
+            log(&format!(
+                "imgbuild backup: atomic snapshot of all volumes taken ({})",
+                snap.root.display()
+            ));
+            (Some(snap), None)
+        } else {
+            (None, Some(stopped))
+        };
+        atomic = snap.is_some();
+        let read_root = snap
+            .as_ref()
+            .map(|s| s.root.clone())
+            .unwrap_or_else(|| paths.volumes.clone());
+        let sources: Vec<Source> = b
+            .volumes
+            .iter()
+            .map(|v| Source {
+                name: v.name.clone(),
+                root: read_root.join(&v.name).join("_data"),
+            })
+            .collect();
+        let out = rt.block_on(async {
             let keys = target.keys()?;
             let store = target.connect().await?;
             let opts = BackupOptions {
@@ -153,13 +115,23 @@ pub fn backup_host(
                 parallel: 16,
                 progress: progress.clone(),
             };
-            let report = backup::backup(&store, &keys, &sources, &mut hooks, &opts).await?;
+            let report = backup::backup(&store, &keys, &sources, &mut NoHooks, &opts).await;
+            Ok::<_, SnapshotError>((store, keys, report))
+        });
+        // Without a snapshot the units stay down for the whole read.
+        if let Some(stopped) = stopped {
+            downtime = quiesce::resume(&paths.systemctl, stopped);
+        }
+        drop(snap);
+        let (store, keys, report) = out?;
+        let report = report?;
+        rt.block_on(async {
             // A snapshot exists now: "start empty" must never again be a valid answer.
             match crate::snapshot::marker::remove(&store).await {
-                Ok(Some(crate::snapshot::store::DeleteOutcome::Deleted)) => {
+                Ok(Some(DeleteOutcome::Deleted)) => {
                     log("imgbuild backup: first snapshot: removed the empty-start marker")
                 }
-                Ok(Some(crate::snapshot::store::DeleteOutcome::Refused)) => log(
+                Ok(Some(DeleteOutcome::Refused)) => log(
                     "imgbuild backup: warning: the bucket refused to delete the empty-start marker (Object Lock or a policy); first boot still prefers the snapshot",
                 ),
                 Ok(None) => {}
@@ -170,12 +142,14 @@ pub fn backup_host(
             let pr = prune::prune(&store, &keys, &b.keep, CHUNK_GRACE_SECS).await;
             Ok((report, pr))
         })
-    });
+    })();
     let mut result = HostBackupResult {
         report: None,
         prune: None,
         error: None,
         seconds: 0.0,
+        atomic,
+        downtime_seconds: downtime.as_secs_f64(),
     };
     match run {
         Ok((report, pr)) => {

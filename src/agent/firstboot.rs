@@ -31,6 +31,8 @@ pub enum FirstbootOutcome {
         files: u64,
         volumes: u64,
         seconds: f64,
+        /// Newer snapshots passed over because they failed an integrity check.
+        skipped: Vec<String>,
     },
 }
 
@@ -109,9 +111,13 @@ pub fn firstboot(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<Firstboot
             Ok(o) => {
                 let done = match &o {
                     FirstbootOutcome::Restored {
-                        id, bytes, seconds, ..
+                        id,
+                        bytes,
+                        seconds,
+                        skipped,
+                        ..
                     } => {
-                        serde_json::json!({"restored": id, "bytes": bytes, "seconds": seconds})
+                        serde_json::json!({"restored": id, "bytes": bytes, "seconds": seconds, "skipped": skipped})
                     }
                     FirstbootOutcome::EmptyStart { created } => {
                         serde_json::json!({"restored": null, "empty_start": created})
@@ -119,6 +125,16 @@ pub fn firstboot(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<Firstboot
                     _ => serde_json::json!({"restored": null}),
                 };
                 mark_done(paths, &done)?;
+                if let FirstbootOutcome::Restored { skipped, time, .. } = &o {
+                    if let Err(e) = super::metrics::write_restore_metrics(
+                        std::path::Path::new(&hc.metrics_dir),
+                        &hc.host,
+                        *time,
+                        skipped.len(),
+                    ) {
+                        log(&format!("imgbuild firstboot: cannot write metrics: {e}"));
+                    }
+                }
                 if drill.is_some() {
                     match &o {
                         FirstbootOutcome::Restored {
@@ -128,6 +144,7 @@ pub fn firstboot(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<Firstboot
                             files,
                             volumes,
                             seconds,
+                            ..
                         } => log(&guest::RestoreLine {
                             id: id.clone(),
                             time: *time,
@@ -318,17 +335,20 @@ async fn firstboot_once(
     let keys = target.keys()?;
     let store = target.connect().await?;
     let found = match pinned {
-        Some(id) => Some(restore::load_manifest(&store, &keys, id).await?),
-        None => restore::latest_manifest(&store, &keys).await?,
+        Some(id) => Some((restore::load_manifest(&store, &keys, id).await?, vec![])),
+        None => restore::newest_manifest(&store, &keys).await?,
     };
-    let m = match found {
-        Some(m) => m,
+    let (m, skipped) = match found {
+        Some(found) => found,
         None => return no_snapshot(&store, &keys, b, &target.host).await,
     };
-    log(&format!(
-                "imgbuild firstboot: s3://{}/{} holds no snapshot; restore = allow-empty: starting with empty volumes",
-                store.bucket, store.prefix
-            ));
+    // Never quiet: the host comes back older than its newest snapshot.
+    for s in &skipped {
+        log(&format!(
+            "imgbuild firstboot: WARNING: skipping snapshot {}: {}; restoring the older {} instead",
+            s.id, s.reason, m.id
+        ));
+    }
     let staging = paths.volumes.join(".imgbuild-staging");
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, e))?;
@@ -362,6 +382,9 @@ async fn firstboot_once(
         std::fs::rename(staging.join(&v.name), &dst).map_err(|e| SnapshotError::io(&dst, e))?;
     }
     std::fs::remove_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, e))?;
+    // Restored data counts only once it is on disk: the done-marker (and any service)
+    // comes after this, so a power cut now means restoring again, never half a volume.
+    sync_filesystem(&paths.volumes).map_err(|e| SnapshotError::io(&paths.volumes, e))?;
     let age = backup::now_unix() - m.time;
     log(&format!(
         "imgbuild firstboot: restored snapshot {} (taken {}, {} old): {} volume(s), {} bytes in {:.1}s",
@@ -379,14 +402,34 @@ async fn firstboot_once(
         files: report.files,
         volumes: m.volumes.len() as u64,
         seconds: report.seconds,
+        skipped: skipped
+            .into_iter()
+            .map(|s| format!("{}: {}", s.id, s.reason))
+            .collect(),
     })
+}
+
+/// syncfs(2) on the filesystem holding `dir`.
+pub fn sync_filesystem(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir)?;
+    // SAFETY: d is an open file descriptor for the duration of the call.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn mark_done(paths: &HostPaths, v: &serde_json::Value) -> anyhow::Result<()> {
     if let Some(dir) = paths.firstboot_done.parent() {
         std::fs::create_dir_all(dir).map_err(|e| SnapshotError::io(dir, e))?;
     }
-    std::fs::write(&paths.firstboot_done, format!("{v}\n"))
+    let tmp = paths.firstboot_done.with_extension("tmp");
+    std::fs::write(&tmp, format!("{v}\n")).map_err(|e| SnapshotError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &paths.firstboot_done)
         .map_err(|e| SnapshotError::io(&paths.firstboot_done, e))?;
+    if let Some(dir) = paths.firstboot_done.parent() {
+        sync_filesystem(dir).map_err(|e| SnapshotError::io(dir, e))?;
+    }
     Ok(())
 }

@@ -81,6 +81,16 @@ pub fn write_metrics(dir: &Path, host: &str, r: &HostBackupResult) -> std::io::R
         "Bytes uploaded by the last snapshot.",
         format!("{uploaded}"),
     );
+    metric(
+        "imgbuild_backup_atomic",
+        "1 if the last backup read one atomic snapshot of all volumes (crash-consistent).",
+        format!("{}", u8::from(r.atomic)),
+    );
+    metric(
+        "imgbuild_backup_downtime_seconds",
+        "How long units of `stop` volumes were down during the last backup.",
+        format!("{:.3}", r.downtime_seconds),
+    );
     if let Some(p) = &r.prune {
         metric(
             "imgbuild_backup_snapshots",
@@ -119,4 +129,28 @@ pub fn ping(url: &str, ok: bool) {
             Err(_) => std::thread::sleep(Duration::from_secs(2)),
         }
     }
+}
+
+/// What the last first boot restored: the monitoring host alerts when newer snapshots
+/// were skipped (they failed an integrity check: tampering or bit rot in the bucket).
+pub fn write_restore_metrics(
+    dir: &Path,
+    host: &str,
+    snapshot_time: i64,
+    skipped: usize,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let host = host.replace(['\\', '"', '\n'], "_");
+    let t = format!(
+        "# HELP imgbuild_restore_skipped_snapshots Newer snapshots first boot skipped because they failed an integrity check.\n\
+         # TYPE imgbuild_restore_skipped_snapshots gauge\n\
+         imgbuild_restore_skipped_snapshots{{host=\"{host}\"}} {skipped}\n\
+         # HELP imgbuild_restore_snapshot_timestamp_seconds Time of the snapshot first boot restored.\n\
+         # TYPE imgbuild_restore_snapshot_timestamp_seconds gauge\n\
+         imgbuild_restore_snapshot_timestamp_seconds{{host=\"{host}\"}} {snapshot_time}\n"
+    );
+    let path = dir.join("imgbuild_restore.prom");
+    let tmp = dir.join(".imgbuild_restore.prom.tmp");
+    std::fs::write(&tmp, t)?;
+    std::fs::rename(&tmp, &path)
 }

@@ -12,6 +12,7 @@ pub mod backup_job;
 pub mod drill_mode;
 pub mod firstboot;
 pub mod metrics;
+pub mod quiesce;
 pub mod ready;
 
 pub use backup_job::{backup_host, HostBackupResult};

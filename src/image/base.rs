@@ -306,6 +306,11 @@ cat > "$R/etc/fstab" <<'EOF'
 # systemd-repart grows to the end of the disk at first boot.
 PARTLABEL=root  /     ext4  ro,noatime  0 0
 PARTLABEL=var   /var  ext4  defaults,noatime,x-systemd.growfs,x-systemd.after=systemd-repart.service  0 2
+# Container volumes: btrfs, so a backup takes one atomic read-only snapshot of them all.
+# nofail: without it (a disk with no room for the partition) the host would stop in
+# emergency mode; imgbuild-firstboot requires this mount instead, so services stay
+# down with the reason on the console.
+PARTLABEL=volumes  /var/lib/containers/storage/volumes  btrfs  defaults,noatime,x-systemd.growfs,nofail,x-systemd.after=systemd-repart.service  0 0
 EOF
 mkdir -p "$R/usr/lib/repart.d"
 cat > "$R/usr/lib/repart.d/50-var.conf" <<'EOF'
@@ -314,6 +319,18 @@ cat > "$R/usr/lib/repart.d/50-var.conf" <<'EOF'
 [Partition]
 Type=var
 Label=var
+EOF
+cat > "$R/usr/lib/repart.d/60-volumes.conf" <<'EOF'
+# imgbuild: the container volumes, created and formatted btrfs at first boot in the free
+# space a provider's disk leaves; three quarters of it (images and logs stay on /var).
+# Its own filesystem so that one read-only btrfs snapshot holds every volume at one
+# instant: what a backup reads from.
+[Partition]
+Type=linux-generic
+Label=volumes
+Format=btrfs
+SizeMinBytes=128M
+Weight=3000
 EOF
 # DHCP on the first wired interfaces unless the host tree brings its own network config.
 mkdir -p "$R/usr/lib/systemd/network"

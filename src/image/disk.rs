@@ -75,6 +75,10 @@ impl Span {
     }
 }
 
+/// See `layout`: what repart needs at least for the volumes partition (128 MiB) plus
+/// room to grow /var a little.
+const FIRST_BOOT_FREE: u64 = 256 * MIB;
+
 struct Layout {
     esp: Span,
     root: Span,
@@ -100,8 +104,11 @@ fn layout(esp: u64, root: u64, var: u64) -> Layout {
         start: manifest.end(),
         len: var,
     };
+    // Unpartitioned space for first boot: systemd-repart creates the btrfs volumes
+    // partition there (and grows /var) even when the disk is no bigger than the image,
+    // as under `imgbuild run`. Sparse in a raw file, absent from qcow2.
     // The last MiB holds the backup GPT (33 sectors) and keeps the end aligned.
-    let total = var.end() + MIB;
+    let total = var.end() + FIRST_BOOT_FREE + MIB;
     Layout {
         esp,
         root,
@@ -591,6 +598,6 @@ mod tests {
             assert_eq!(s.len % MIB, 0);
         }
         assert!(l.var.start > l.root.start);
-        assert_eq!(l.total, l.var.end() + MIB);
+        assert_eq!(l.total, l.var.end() + FIRST_BOOT_FREE + MIB);
     }
 }

@@ -55,24 +55,60 @@ pub async fn load_manifest(store: &Store, keys: &Keys, id: &str) -> Result<Manif
     Ok(m)
 }
 
-/// The newest snapshot whose manifest verifies; `Ok(None)` for an empty bucket. When
-/// snapshots exist but none verifies, the newest one's error is returned (it is the
-/// one the user expected).
-pub async fn latest_manifest(store: &Store, keys: &Keys) -> Result<Option<Manifest>> {
+/// A newer snapshot that was passed over, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Skipped {
+    pub id: String,
+    pub reason: String,
+}
+
+/// Failures of a manifest itself: what the bucket holds is wrong, retrying cannot help,
+/// and an older snapshot may be the right answer. Anything else (a connection reset, a
+/// 5xx, a timeout) says nothing about the snapshot and must never make us restore
+/// older data.
+fn is_integrity(e: &SnapshotError) -> bool {
+    matches!(
+        e,
+        SnapshotError::BadSignature { .. }
+            | SnapshotError::WrongKey { .. }
+            | SnapshotError::BadManifest { .. }
+    )
+}
+
+/// The newest snapshot whose manifest verifies, with the newer ones skipped because
+/// they failed an integrity check; `Ok(None)` for an empty prefix. A transport error on
+/// any manifest is returned as it is: falling back past a snapshot we merely could not
+/// download would silently bring back older data. When snapshots exist but none
+/// verifies, the newest one's error is returned (it is the one the user expected).
+pub async fn newest_manifest(
+    store: &Store,
+    keys: &Keys,
+) -> Result<Option<(Manifest, Vec<Skipped>)>> {
     let ids = list_ids(store).await?;
+    let mut skipped = Vec::new();
     let mut first_err = None;
     for id in ids.iter().rev() {
         match load_manifest(store, keys, id).await {
-            Ok(m) => return Ok(Some(m)),
-            Err(e) => {
+            Ok(m) => return Ok(Some((m, skipped))),
+            Err(e) if is_integrity(&e) => {
+                skipped.push(Skipped {
+                    id: id.clone(),
+                    reason: e.to_string(),
+                });
                 first_err.get_or_insert(e);
             }
+            Err(e) => return Err(e),
         }
     }
     match first_err {
         Some(e) => Err(e),
         None => Ok(None),
     }
+}
+
+/// [`newest_manifest`] without the list of skipped snapshots.
+pub async fn latest_manifest(store: &Store, keys: &Keys) -> Result<Option<Manifest>> {
+    Ok(newest_manifest(store, keys).await?.map(|(m, _)| m))
 }
 
 #[derive(Debug, Clone)]
