@@ -25,7 +25,7 @@ if [ "${ID:-}" = debian ] && [ "${VERSION_CODENAME:-}" = bookworm ]; then
 fi
 
 need=()
-for pkg in nftables systemd e2fsprogs libarchive13 dosfstools mtools busybox-static openssh-client \
+for pkg in nftables systemd e2fsprogs btrfs-progs libarchive13 dosfstools mtools busybox-static openssh-client \
            python3-pip python3-venv curl ca-certificates zstd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done

@@ -200,11 +200,28 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
     );
     let proof = format!("restored-{}", std::process::id());
     let t = Instant::now();
-    let out = ssh(&dir, ssh_port, &format!("sudo sh -c 'echo {proof} > /var/lib/containers/storage/volumes/www/_data/proof.txt && mkdir -p /var/lib/containers/storage/volumes/www/_data/sub && head -c 3000000 /dev/urandom > /var/lib/containers/storage/volumes/www/_data/sub/blob && sha256sum /var/lib/containers/storage/volumes/www/_data/sub/blob && systemctl start imgbuild-backup.service && echo backup=ok && journalctl -u imgbuild-backup.service --no-pager | grep -q \"removed the empty-start marker\" && echo marker=removed'"));
+    let out = ssh(&dir, ssh_port, &format!("sudo sh -c 'echo {proof} > /var/lib/containers/storage/volumes/www/_data/proof.txt && mkdir -p /var/lib/containers/storage/volumes/www/_data/sub && head -c 3000000 /dev/urandom > /var/lib/containers/storage/volumes/www/_data/sub/blob && sha256sum /var/lib/containers/storage/volumes/www/_data/sub/blob && systemctl start imgbuild-backup.service && echo backup=ok && journalctl -u imgbuild-backup.service --no-pager | grep -q \"removed the empty-start marker\" && echo marker=removed; findmnt -n -o FSTYPE /var/lib/containers/storage/volumes; journalctl -u imgbuild-backup.service --no-pager | grep -q \"atomic snapshot of all volumes taken\" && echo atomic=yes; grep -h imgbuild_backup_atomic /var/lib/imgbuild/metrics/imgbuild_backup.prom; ls -a /var/lib/containers/storage/volumes'"));
     assert!(out.contains("backup=ok"), "{out}");
     assert!(
         out.contains("marker=removed"),
         "the first backup did not remove the marker:\n{out}"
+    );
+    // The volumes are their own btrfs, read from one atomic snapshot that is gone after.
+    assert!(
+        out.lines().any(|l| l.trim() == "btrfs"),
+        "volumes are not on btrfs:\n{out}"
+    );
+    assert!(
+        out.contains("atomic=yes"),
+        "the backup did not read an atomic snapshot:\n{out}"
+    );
+    assert!(
+        out.contains("imgbuild_backup_atomic{host=\"vps1\"} 1"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(".imgbuild-snapshot"),
+        "the snapshot was left behind:\n{out}"
     );
     let blob_sum = out
         .split_whitespace()

@@ -486,3 +486,134 @@ fn the_empty_start_marker_lets_a_first_deployment_boot_and_the_first_backup_remo
         b"written after the first boot"
     );
 }
+
+/// A relay to the S3 server that cuts the connection of any request naming `poison`
+/// (a connection reset mid-restore). Each request gets its own upstream connection
+/// (`Connection: close`), so every request is seen.
+fn resetting_proxy(upstream: &str, poison: String) -> String {
+    use std::io::Read;
+    let up = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let up = up.clone();
+            let poison = poison.clone();
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if c.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let first = text.lines().next().unwrap_or_default().to_string();
+                if first.contains(&poison) {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                let mut out = String::new();
+                for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+                    if !line.to_ascii_lowercase().starts_with("connection:") {
+                        out.push_str(line);
+                        out.push_str("\r\n");
+                    }
+                }
+                out.push_str("Connection: close\r\n\r\n");
+                let Ok(mut u) = std::net::TcpStream::connect(&up) else {
+                    return;
+                };
+                let _ = u.write_all(out.as_bytes());
+                let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut u2);
+                });
+                let _ = std::io::copy(&mut u, &mut c);
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn first_boot_never_falls_back_on_a_transport_error_but_does_on_a_corrupt_manifest() {
+    let env = Env::new(false);
+    let metrics = env.path("metrics");
+    let vols = env.path("vols");
+    for v in ["pgdata", "app", "cache"] {
+        std::fs::create_dir_all(vols.join(v).join("_data")).unwrap();
+    }
+    let mut hc = host_config(&env, RestorePolicy::Require, None, &metrics);
+    hc.backup.as_mut().unwrap().volumes[1].hook = None;
+    let paths = HostPaths {
+        volumes: vols.clone(),
+        firstboot_done: env.path("state/done"),
+        systemctl: "true".into(),
+    };
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    std::fs::write(&paths.firstboot_done, "{}").unwrap();
+    let file = vols.join("cache/_data/version");
+    std::fs::write(&file, "old").unwrap();
+    let r1 = backup_host(&hc, &paths, &Progress::quiet()).unwrap();
+    assert!(r1.error.is_none(), "{:?}", r1.error);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    std::fs::write(&file, "new").unwrap();
+    let r2 = backup_host(&hc, &paths, &Progress::quiet()).unwrap();
+    assert!(r2.error.is_none(), "{:?}", r2.error);
+    let (old_id, new_id) = (r1.report.unwrap().id, r2.report.unwrap().id);
+    assert!(new_id > old_id);
+
+    // The newest manifest cannot be downloaded (connection reset): no fallback to the
+    // older snapshot, first boot fails closed naming the transport problem.
+    let proxy = resetting_proxy(env.cfg.endpoint.as_deref().unwrap(), new_id.clone());
+    let mut via_proxy = hc.clone();
+    let b = via_proxy.backup.as_mut().unwrap();
+    b.endpoint = Some(proxy);
+    b.restore_timeout_secs = 2;
+    let p = |n: &str| HostPaths {
+        volumes: env.path(&format!("{n}/vols")),
+        firstboot_done: env.path(&format!("{n}/done")),
+        systemctl: "true".into(),
+    };
+    let e = firstboot(&via_proxy, &p("reset")).unwrap_err().to_string();
+    assert!(!p("reset").firstboot_done.exists());
+    assert!(
+        !p("reset").volumes.join("cache/_data/version").exists(),
+        "restored something after a transport error"
+    );
+    assert!(e.contains("gave up after the restore timeout"), "{e}");
+    eprintln!("newest manifest unreachable → {e}");
+
+    // The newest manifest is corrupt: the older snapshot restores, loudly.
+    let store = rt().block_on(env.store());
+    let key = imgbuild::snapshot::format::snapshot_key(&env.cfg.prefix, &new_id);
+    let mut m = rt().block_on(store.get(&key)).unwrap().unwrap();
+    let n = m.len() - 5;
+    m[n] ^= 0x40;
+    rt().block_on(store.put(&key, m, false, None)).unwrap();
+    match firstboot(&hc, &p("corrupt")).unwrap() {
+        FirstbootOutcome::Restored { id, skipped, .. } => {
+            assert_eq!(id, old_id);
+            assert_eq!(skipped.len(), 1, "{skipped:?}");
+            assert!(skipped[0].starts_with(&new_id), "{skipped:?}");
+        }
+        o => panic!("expected the older snapshot, got {o:?}"),
+    }
+    assert_eq!(
+        std::fs::read_to_string(p("corrupt").volumes.join("cache/_data/version")).unwrap(),
+        "old"
+    );
+    let done = std::fs::read_to_string(&p("corrupt").firstboot_done).unwrap();
+    assert!(done.contains(&new_id), "the done marker does not name the skipped one: {done}");
+    let prom = std::fs::read_to_string(metrics.join("imgbuild_restore.prom")).unwrap();
+    assert!(
+        prom.contains("imgbuild_restore_skipped_snapshots{host=\"services\"} 1"),
+        "{prom}"
+    );
+}

@@ -1,0 +1,202 @@
+//! Backups read one atomic snapshot of all volumes (a real btrfs on a loop device, the
+//! same kind the image's volumes partition is): a writer that keeps two files in two
+//! volumes in lockstep is never seen torn, although a long file between them makes a
+//! file-by-file copy read them seconds apart. The snapshot is gone afterwards, also
+//! one a crashed run left. Needs root (mount); CI runs as root.
+
+#[path = "snapshot-fixtures/common.rs"]
+mod common;
+
+use common::*;
+use imgbuild::agent::{backup_host, firstboot, FirstbootOutcome, HostPaths};
+use imgbuild::hostconfig::{
+    BackupConfig, HostConfig, RestorePolicy, Retention, Strategy, VolumeBackup,
+};
+use imgbuild::progress::Progress;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+struct Btrfs {
+    mnt: PathBuf,
+}
+
+impl Btrfs {
+    fn new(dir: &Path) -> Btrfs {
+        assert!(
+            is_root(),
+            "this test mounts a btrfs loop device and needs root (CI runs as root)"
+        );
+        for tool in ["mkfs.btrfs", "btrfs", "mount"] {
+            assert!(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("command -v {tool}"))
+                    .status()
+                    .unwrap()
+                    .success(),
+                "{tool} is missing: run `bash .ci/deps.sh` (btrfs-progs)"
+            );
+        }
+        let img = dir.join("volumes.btrfs");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(1 << 30).unwrap();
+        let run = |c: &mut Command| {
+            let o = c.output().unwrap();
+            assert!(o.status.success(), "{c:?}: {}", String::from_utf8_lossy(&o.stderr));
+        };
+        run(Command::new("mkfs.btrfs").arg("-q").arg(&img));
+        let mnt = dir.join("volumes");
+        std::fs::create_dir_all(&mnt).unwrap();
+        run(Command::new("mount").arg("-o").arg("loop").arg(&img).arg(&mnt));
+        Btrfs { mnt }
+    }
+}
+
+impl Drop for Btrfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+fn config(env: &Env, metrics: &Path) -> HostConfig {
+    let vol = |name: &str| VolumeBackup {
+        name: name.into(),
+        strategy: Strategy::Live,
+        hook: None,
+        units: vec![],
+    };
+    HostConfig {
+        host: "services".into(),
+        env: "test".into(),
+        units: vec![],
+        metrics_dir: metrics.display().to_string(),
+        backup: Some(BackupConfig {
+            bucket: env.cfg.bucket.clone(),
+            prefix: env.cfg.prefix.clone(),
+            endpoint: env.cfg.endpoint.clone(),
+            region: "us-east-1".into(),
+            path_style: true,
+            schedule: "daily".into(),
+            keep: Retention {
+                last: 5,
+                ..Retention::default()
+            },
+            object_lock_days: None,
+            ping_url: None,
+            restore: RestorePolicy::Require,
+            restore_timeout_secs: 5,
+            volumes: vec![vol("a-db"), vol("b-app")],
+            credentials_file: Some(env.secrets.join("s3.env").display().to_string()),
+            encryption_key_file: env
+                .secrets
+                .join("snapshot-encryption.key")
+                .display()
+                .to_string(),
+            signing_key_file: env
+                .secrets
+                .join("snapshot-signing.key")
+                .display()
+                .to_string(),
+        }),
+    }
+}
+
+fn counter(p: &Path) -> u64 {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_backup_reads_all_volumes_at_one_instant_and_leaves_no_snapshot() {
+    let env = Env::new(false);
+    let fs = Btrfs::new(env.dir.path());
+    let vols = fs.mnt.clone();
+    // a-db is read first: a big file, then `first`; b-app's `second` is read after all
+    // of a-db. The writer bumps `first`, then `second`: at any one instant
+    // first ∈ {second, second + 1}; a copy that reads `second` later sees it ahead.
+    let a = vols.join("a-db/_data");
+    let b = vols.join("b-app/_data");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    std::fs::write(a.join("big"), noise(7, 192 << 20)).unwrap();
+    std::fs::write(a.join("first"), "0").unwrap();
+    std::fs::write(b.join("second"), "0").unwrap();
+    // A snapshot a crashed run left behind.
+    let st = Command::new("btrfs")
+        .args(["subvolume", "snapshot", "-r"])
+        .arg(&vols)
+        .arg(vols.join(imgbuild::agent::quiesce::SNAPSHOT_NAME))
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (a, b, stop) = (a.clone(), b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                // rename: each file always holds a whole number
+                for (dir, name) in [(&a, "first"), (&b, "second")] {
+                    let tmp = dir.join(format!(".{name}.tmp"));
+                    std::fs::write(&tmp, n.to_string()).unwrap();
+                    std::fs::rename(&tmp, dir.join(name)).unwrap();
+                }
+            }
+            n
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let metrics = env.path("metrics");
+    let hc = config(&env, &metrics);
+    let done = env.path("state/firstboot.done");
+    std::fs::create_dir_all(done.parent().unwrap()).unwrap();
+    std::fs::write(&done, "{}").unwrap();
+    let paths = HostPaths {
+        volumes: vols.clone(),
+        firstboot_done: done,
+        systemctl: "true".into(),
+    };
+    let r = backup_host(&hc, &paths, &Progress::quiet()).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert!(r.atomic, "the backup did not use an atomic snapshot");
+    assert_eq!(r.downtime_seconds, 0.0, "live volumes must not be stopped");
+    assert!(
+        !vols.join(imgbuild::agent::quiesce::SNAPSHOT_NAME).exists(),
+        "a snapshot was left behind (the stale one or this run's)"
+    );
+    let prom = std::fs::read_to_string(metrics.join("imgbuild_backup.prom")).unwrap();
+    assert!(prom.contains("imgbuild_backup_atomic{host=\"services\"} 1"), "{prom}");
+    assert!(prom.contains("imgbuild_backup_downtime_seconds{host=\"services\"} 0.000"), "{prom}");
+
+    // Restore into a fresh directory and look at the pair.
+    let fresh = env.path("fresh");
+    let fpaths = HostPaths {
+        volumes: fresh.clone(),
+        firstboot_done: env.path("fresh/done"),
+        systemctl: "true".into(),
+    };
+    match firstboot(&hc, &fpaths).unwrap() {
+        FirstbootOutcome::Restored { .. } => {}
+        o => panic!("expected a restore, got {o:?}"),
+    }
+    let first = counter(&fresh.join("a-db/_data/first"));
+    let second = counter(&fresh.join("b-app/_data/second"));
+    eprintln!(
+        "writer reached {written}; snapshot holds first={first} second={second} ({:.1}s backup)",
+        r.seconds
+    );
+    assert!(first > 0 && written > first, "the writer was not running during the backup");
+    assert!(
+        first == second || first == second + 1,
+        "torn across volumes: first={first} second={second}"
+    );
+}
