@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 /// Long enough to see the 10 s waiting lines, short enough to reach FAILED quickly.
 const RESTORE_TIMEOUT: u64 = 30;
+/// The dependent app (`after = ["web"]`, so `Requires=web.service`): a `stop` backup of
+/// web's volume takes it down too, and must bring it back.
+const APP_PORT: u16 = 8081;
 
 fn main() {
     run_tests(&[(
@@ -40,7 +43,7 @@ fn boot(
     let mut opts = RunOptions::new(image);
     opts.serial = SerialTarget::File(serial.to_path_buf());
     opts.ssh_port = Some(ssh_port);
-    opts.forwards = vec![(web_port, HELLO_PORT)];
+    opts.forwards = vec![(web_port, HELLO_PORT), (free_port(), APP_PORT)];
     isolate(&mut opts, &[s3_port]);
     let mut vm = qemu::start(&opts).expect("start qemu");
     let (seen, log) =
@@ -91,8 +94,9 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
              [admin]\nuser = \"admin\"\nssh_keys = [\"{}\"]\n\n\
              [backup]\nbucket = \"{bucket}\"\nprefix = \"vps1-test\"\nendpoint = \"http://10.0.2.2:{port}\"\nregion = \"us-east-1\"\n\
              restore = \"require\"\nrestore_timeout = {RESTORE_TIMEOUT}\nkeep = {{ last = 3 }}\n\n\
-             [volumes.www]\nbackup = \"live\"\n\n\
-             [containers.web]\nimage = \"{HELLO_REF}\"\nbake = \"{}\"\npublish = [\"{HELLO_PORT}:{HELLO_PORT}\"]\nvolumes = [\"www:/www\"]\n",
+             [volumes.www]\nbackup = \"stop\"\n\n\
+             [containers.web]\nimage = \"{HELLO_REF}\"\nbake = \"{}\"\npublish = [\"{HELLO_PORT}:{HELLO_PORT}\"]\nvolumes = [\"www:/www\"]\n\n\
+             [containers.app]\nimage = \"{HELLO_REF}\"\npublish = [\"{APP_PORT}:{HELLO_PORT}\"]\nafter = [\"web\"]\n",
             keys.admin_pub.trim(),
             oci.display()
         ),
@@ -112,7 +116,8 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
     let mut opts = RunOptions::new(&image);
     opts.serial = SerialTarget::File(serial.clone());
     opts.ssh_port = Some(ssh_port);
-    opts.forwards = vec![(web, HELLO_PORT)];
+    let app = free_port();
+    opts.forwards = vec![(web, HELLO_PORT), (app, APP_PORT)];
     isolate(&mut opts, &[port]);
     let mut vm = qemu::start(&opts).expect("start qemu");
     let (seen, log0) =
@@ -205,6 +210,28 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
     assert!(
         out.contains("marker=removed"),
         "the first backup did not remove the marker:\n{out}"
+    );
+    // `stop`: web and the app that requires it went down for the snapshot instant only,
+    // and both are back.
+    let st = ssh(
+        &dir,
+        ssh_port,
+        "systemctl is-active web.service app.service || true; \
+         journalctl -u imgbuild-backup.service --no-pager | grep -E 'stopping|started .* again' || true; \
+         grep -h imgbuild_backup_downtime_seconds /var/lib/imgbuild/metrics/imgbuild_backup.prom",
+    );
+    eprintln!("stop strategy:\n{st}");
+    assert!(
+        st.lines().take(2).all(|l| l.trim() == "active"),
+        "web or its dependent app is not active after a stop backup:\n{st}"
+    );
+    assert!(
+        st.contains("stopping app.service web.service") && st.contains("(ok), downtime"),
+        "the dependent app was not part of the stop set:\n{st}"
+    );
+    assert!(
+        http_get(app, "/", Duration::from_secs(20)).contains(HELLO_BODY),
+        "the dependent app does not answer after the backup"
     );
     // The volumes are their own btrfs, read from one atomic snapshot that is gone after.
     assert!(

@@ -44,12 +44,20 @@ impl Btrfs {
         f.set_len(1 << 30).unwrap();
         let run = |c: &mut Command| {
             let o = c.output().unwrap();
-            assert!(o.status.success(), "{c:?}: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "{c:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         };
         run(Command::new("mkfs.btrfs").arg("-q").arg(&img));
         let mnt = dir.join("volumes");
         std::fs::create_dir_all(&mnt).unwrap();
-        run(Command::new("mount").arg("-o").arg("loop").arg(&img).arg(&mnt));
+        run(Command::new("mount")
+            .arg("-o")
+            .arg("loop")
+            .arg(&img)
+            .arg(&mnt));
         Btrfs { mnt }
     }
 }
@@ -133,7 +141,11 @@ fn a_backup_reads_all_volumes_at_one_instant_and_leaves_no_snapshot() {
         .arg(vols.join(imgbuild::agent::quiesce::SNAPSHOT_NAME))
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -174,8 +186,14 @@ fn a_backup_reads_all_volumes_at_one_instant_and_leaves_no_snapshot() {
         "a snapshot was left behind (the stale one or this run's)"
     );
     let prom = std::fs::read_to_string(metrics.join("imgbuild_backup.prom")).unwrap();
-    assert!(prom.contains("imgbuild_backup_atomic{host=\"services\"} 1"), "{prom}");
-    assert!(prom.contains("imgbuild_backup_downtime_seconds{host=\"services\"} 0.000"), "{prom}");
+    assert!(
+        prom.contains("imgbuild_backup_atomic{host=\"services\"} 1"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("imgbuild_backup_downtime_seconds{host=\"services\"} 0.000"),
+        "{prom}"
+    );
 
     // Restore into a fresh directory and look at the pair.
     let fresh = env.path("fresh");
@@ -194,7 +212,10 @@ fn a_backup_reads_all_volumes_at_one_instant_and_leaves_no_snapshot() {
         "writer reached {written}; snapshot holds first={first} second={second} ({:.1}s backup)",
         r.seconds
     );
-    assert!(first > 0 && written > first, "the writer was not running during the backup");
+    assert!(
+        first > 0 && written > first,
+        "the writer was not running during the backup"
+    );
     assert!(
         first == second || first == second + 1,
         "torn across volumes: first={first} second={second}"

@@ -610,7 +610,10 @@ fn first_boot_never_falls_back_on_a_transport_error_but_does_on_a_corrupt_manife
         "old"
     );
     let done = std::fs::read_to_string(&p("corrupt").firstboot_done).unwrap();
-    assert!(done.contains(&new_id), "the done marker does not name the skipped one: {done}");
+    assert!(
+        done.contains(&new_id),
+        "the done marker does not name the skipped one: {done}"
+    );
     let prom = std::fs::read_to_string(metrics.join("imgbuild_restore.prom")).unwrap();
     assert!(
         prom.contains("imgbuild_restore_skipped_snapshots{host=\"services\"} 1"),
