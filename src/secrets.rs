@@ -48,6 +48,9 @@ fn random<const N: usize>() -> Result<[u8; N], SecretsError> {
 pub struct SecretsRoot {
     pub root: PathBuf,
     locked: Option<std::sync::Arc<BTreeMap<PathBuf, Vec<u8>>>>,
+    /// A preview (`imgbuild summary`): keys that do not exist are made in memory here
+    /// and never written, so looking at a profile changes nothing on disk.
+    preview: Option<std::sync::Arc<std::sync::Mutex<BTreeMap<PathBuf, Vec<u8>>>>>,
 }
 
 /// How to open a locked secrets root.
@@ -81,6 +84,7 @@ impl SecretsRoot {
         SecretsRoot {
             root: root.into(),
             locked: None,
+            preview: None,
         }
     }
 
@@ -137,7 +141,37 @@ impl SecretsRoot {
         Ok(me)
     }
 
+    /// The same root, but every key it would create stays in memory (see `preview`).
+    pub fn preview(&self) -> SecretsRoot {
+        SecretsRoot {
+            preview: Some(Default::default()),
+            ..self.clone()
+        }
+    }
+
+    fn previewed(&self, p: &Path) -> Option<Vec<u8>> {
+        let m = self.preview.as_ref()?;
+        let m = m.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(p).cloned()
+    }
+
+    /// Writes a new key file, or keeps it in memory for a preview.
+    fn put_new(&self, path: &Path, data: &[u8], mode: u32) -> Result<(), SecretsError> {
+        match &self.preview {
+            Some(m) => {
+                m.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(path.to_path_buf(), data.to_vec());
+                Ok(())
+            }
+            None => write_new(path, data, mode),
+        }
+    }
+
     fn exists(&self, p: &Path) -> bool {
+        if self.previewed(p).is_some() {
+            return true;
+        }
         match &self.locked {
             Some(m) => m.contains_key(p) || m.keys().any(|k| k.starts_with(p)),
             None => p.exists(),
@@ -146,6 +180,9 @@ impl SecretsRoot {
 
     /// Reads a secret file, from the directory or the unlocked archive.
     pub fn read(&self, p: &Path) -> Result<Vec<u8>, SecretsError> {
+        if let Some(v) = self.previewed(p) {
+            return Ok(v);
+        }
         match &self.locked {
             Some(m) => m.get(p).cloned().ok_or_else(|| SecretsError::Io {
                 path: p.to_path_buf(),
@@ -166,6 +203,9 @@ impl SecretsRoot {
     }
 
     pub fn is_file(&self, p: &Path) -> bool {
+        if self.previewed(p).is_some() {
+            return true;
+        }
         match &self.locked {
             Some(m) => m.contains_key(p),
             None => p.is_file(),
@@ -173,7 +213,7 @@ impl SecretsRoot {
     }
 
     fn refuse_if_locked(&self, what: &Path) -> Result<(), SecretsError> {
-        if self.locked.is_some() {
+        if self.locked.is_some() && self.preview.is_none() {
             return Err(SecretsError::Bad {
                 path: what.to_path_buf(),
                 what: "missing, and the secrets are locked: run `imgbuild secrets unlock` to create new keys".into(),
@@ -202,6 +242,9 @@ impl SecretsRoot {
     }
 
     fn ensure_dir(&self, dir: &Path) -> Result<(), SecretsError> {
+        if self.preview.is_some() {
+            return Ok(());
+        }
         if self.locked.is_some() {
             return if self.exists(dir) {
                 Ok(())
@@ -219,7 +262,7 @@ impl SecretsRoot {
         let gi = self.root.join(".gitignore");
         if !gi.exists() {
             // Plain keys must never reach a git repository by accident.
-            write_new(
+            self.put_new(
                 &gi,
                 b"# imgbuild secrets: never commit these in clear\n*\n",
                 0o600,
@@ -249,7 +292,7 @@ impl SecretsRoot {
             // Clamp as `wg genkey` does, so the file is interchangeable with wg's own.
             k[0] &= 248;
             k[31] = (k[31] & 127) | 64;
-            write_new(&wg, format!("{}\n", B64.encode(k)).as_bytes(), 0o600)?;
+            self.put_new(&wg, format!("{}\n", B64.encode(k)).as_bytes(), 0o600)?;
             created.0.push(wg.clone());
         }
         let wg_pub = dir.join("wireguard.pub");
@@ -259,7 +302,7 @@ impl SecretsRoot {
         );
         if !self.exists(&wg_pub) {
             self.refuse_if_locked(&wg_pub)?;
-            write_new(&wg_pub, derived.as_bytes(), 0o600)?;
+            self.put_new(&wg_pub, derived.as_bytes(), 0o600)?;
             created.0.push(wg_pub);
         } else if self.read_text(&wg_pub)? != derived {
             return Err(SecretsError::Bad {
@@ -273,8 +316,8 @@ impl SecretsRoot {
             self.refuse_if_locked(&ssh)?;
             let seed = random::<32>()?;
             let comment = format!("root@{host}");
-            write_new(&ssh, openssh_private(&seed, &comment).as_bytes(), 0o600)?;
-            write_new(
+            self.put_new(&ssh, openssh_private(&seed, &comment).as_bytes(), 0o600)?;
+            self.put_new(
                 &dir.join("ssh_host_ed25519_key.pub"),
                 format!("{}\n", openssh_public(&seed, &comment)).as_bytes(),
                 0o600,
@@ -285,7 +328,7 @@ impl SecretsRoot {
         let enc = dir.join("snapshot-encryption.key");
         if !self.exists(&enc) {
             self.refuse_if_locked(&enc)?;
-            write_new(
+            self.put_new(
                 &enc,
                 format!("{}\n", hex::encode(random::<32>()?)).as_bytes(),
                 0o600,
@@ -296,9 +339,9 @@ impl SecretsRoot {
         if !self.exists(&sign) {
             self.refuse_if_locked(&sign)?;
             let seed = random::<32>()?;
-            write_new(&sign, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
+            self.put_new(&sign, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
             let pk = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
-            write_new(
+            self.put_new(
                 &dir.join("snapshot-signing.pub"),
                 format!("{}\n", hex::encode(pk.as_bytes())).as_bytes(),
                 0o600,
@@ -317,9 +360,9 @@ impl SecretsRoot {
         if !self.exists(&path) {
             self.refuse_if_locked(&path)?;
             let seed = random::<32>()?;
-            write_new(&path, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
+            self.put_new(&path, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
             let pk = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key();
-            write_new(
+            self.put_new(
                 &dir.join("image-signing.pub"),
                 format!("{}\n", hex::encode(pk.as_bytes())).as_bytes(),
                 0o644,
@@ -356,7 +399,7 @@ impl SecretsRoot {
                     }
                 }
             }
-            write_new(&path, format!("{out}\n").as_bytes(), 0o600)?;
+            self.put_new(&path, format!("{out}\n").as_bytes(), 0o600)?;
             created = true;
         }
         let v = self.read_text(&path)?;

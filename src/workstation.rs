@@ -32,6 +32,31 @@ pub fn load(args: &ProfileArgs, progress: &Progress) -> Result<(RenderInput, Sec
     Ok((input, root))
 }
 
+/// Like [`load`], but nothing is written: keys that do not exist yet are made in memory
+/// (`SecretsRoot::preview`) and listed in `RenderInput::created`. For verbs that only
+/// look (`summary`).
+pub fn load_preview(args: &ProfileArgs) -> Result<RenderInput> {
+    let opts = LoadOptions {
+        env: args.env.clone(),
+        overlays: args.overlays.clone(),
+    };
+    let cwd = std::env::current_dir().context("current directory")?;
+    let path = crate::profile::resolve(&args.profile, &cwd).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no profile `{0}`: looked for profiles/{0}.toml and {0}.toml (or give a path to a .toml file)",
+            args.profile
+        )
+    })?;
+    let host = crate::profile::load(&path, &opts)?;
+    let dir = match &args.secrets {
+        Some(s) => s.clone(),
+        None => SecretsRoot::default_for(&host.dir).root,
+    };
+    let unlock = crate::secrets::Unlock::from_env(args.identity.clone());
+    let root = SecretsRoot::open(dir, &unlock)?.preview();
+    Ok(render::gather(host, &root)?)
+}
+
 /// Profile → (host config as the host would read it, host secrets dir), for the
 /// snapshot verbs.
 pub fn resolver(

@@ -3,13 +3,21 @@
 use crate::cli::SummaryArgs;
 use crate::progress::Progress;
 use crate::render::{self, Target};
-use crate::workstation::load;
+use crate::workstation::load_preview;
 use anyhow::Result;
 use serde_json::json;
 
 pub fn run(args: &SummaryArgs) -> Result<i32> {
     let progress = Progress::detect(args.json);
-    let (input, _) = load(&args.profile, &progress)?;
+    // Looking at a profile must not create its keys.
+    let input = load_preview(&args.profile)?;
+    if !input.created.is_empty() {
+        progress.note(&format!(
+            "imgbuild: {} key file(s) do not exist yet (shown with temporary keys; `imgbuild keys {}` creates them): the tree digest will differ",
+            input.created.len(),
+            args.profile.profile
+        ));
+    }
     let tree = render::render(&input, Target::Image)?;
     let p = &input.host.profile;
     let containers: Vec<_> = p.containers.iter().map(|(n, c)| json!({ "name": n, "image": c.image, "publish": c.publish, "domain": c.domain, "volumes": c.volumes, "auto_update": c.auto_update, "baked": c.bake.is_some() })).collect();
