@@ -217,8 +217,8 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
         &dir,
         ssh_port,
         "systemctl is-active web.service app.service || true; \
-         journalctl -u imgbuild-backup.service --no-pager | grep -E 'stopping|started .* again' || true; \
-         grep -h imgbuild_backup_downtime_seconds /var/lib/imgbuild/metrics/imgbuild_backup.prom",
+         sudo journalctl -u imgbuild-backup.service --no-pager | grep -E 'stopping|started .* again' || true; \
+         sudo grep -h imgbuild_backup_downtime_seconds /var/lib/imgbuild/metrics/imgbuild_backup.prom",
     );
     eprintln!("stop strategy:\n{st}");
     assert!(

@@ -42,6 +42,9 @@ fn random<const N: usize>() -> Result<[u8; N], SecretsError> {
     Ok(b)
 }
 
+/// Keys a preview made in memory, by path.
+type PreviewKeys = std::sync::Arc<std::sync::Mutex<BTreeMap<PathBuf, Vec<u8>>>>;
+
 /// The secrets root and the file names in it. A locked root (`<root>.age`, see
 /// `lock`) is decrypted into memory only; nothing of it is written to disk.
 #[derive(Debug, Clone)]
@@ -50,7 +53,7 @@ pub struct SecretsRoot {
     locked: Option<std::sync::Arc<BTreeMap<PathBuf, Vec<u8>>>>,
     /// A preview (`imgbuild summary`): keys that do not exist are made in memory here
     /// and never written, so looking at a profile changes nothing on disk.
-    preview: Option<std::sync::Arc<std::sync::Mutex<BTreeMap<PathBuf, Vec<u8>>>>>,
+    preview: Option<PreviewKeys>,
 }
 
 /// How to open a locked secrets root.

@@ -11,12 +11,32 @@ use std::path::Path;
 struct Ctx<'a> {
     map: &'a SourceMap,
     errors: Vec<ProfileError>,
+    /// Host ports by protocol and who took them first: SSH, WireGuard, firewall lists
+    /// and published ports must not collide.
+    taken: BTreeMap<(&'static str, u16), String>,
 }
 
 impl Ctx<'_> {
     fn err(&mut self, path: &[Seg], msg: impl Into<String>, hint: impl Into<Option<String>>) {
         self.errors
             .push(locate_error(self.map, path, msg, hint.into()));
+    }
+
+    fn claim(&mut self, proto: &'static str, port: u16, who: String, at: &[Seg]) {
+        if port == 0 {
+            self.err(at, "port 0 is not a port", "1-65535".to_string());
+            return;
+        }
+        if let Some(prev) = self.taken.get(&(proto, port)) {
+            let prev = prev.clone();
+            self.err(
+                at,
+                format!("host port {port}/{proto} is already used by {prev}"),
+                "each host port can be published once per protocol".to_string(),
+            );
+        } else {
+            self.taken.insert((proto, port), who);
+        }
     }
 }
 
@@ -171,9 +191,29 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
     let mut c = Ctx {
         map,
         errors: vec![],
+        taken: BTreeMap::new(),
     };
     let dir = path.parent().unwrap_or(Path::new("."));
+    check_host(&mut c, p, env);
+    check_admin(&mut c, p);
+    check_ssh(&mut c, p);
+    let wg_addr = check_wireguard(&mut c, p, path, dir);
+    check_firewall(&mut c, p);
+    check_networks(&mut c, p);
+    check_volumes(&mut c, p);
+    let mut domains = BTreeMap::new();
+    for (name, ct) in &p.containers {
+        check_container(&mut c, p, wg_addr, &mut domains, name, ct);
+    }
+    check_dependency_cycles(&mut c, p);
+    check_proxy(&mut c, p);
+    check_backup(&mut c, p);
+    check_files(&mut c, p);
+    check_monitoring(&mut c, p, dir);
+    c.errors
+}
 
+fn check_host(c: &mut Ctx, p: &Profile, env: &str) {
     if !is_hostname(&p.host.name) {
         c.err(
             &[k("host"), k("name")],
@@ -211,7 +251,9 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             "a file name in images/ without .toml".to_string(),
         );
     }
+}
 
+fn check_admin(c: &mut Ctx, p: &Profile) {
     let user = &p.admin.user;
     let user_ok = !user.is_empty()
         && user.len() <= 32
@@ -258,6 +300,9 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             );
         }
     }
+}
+
+fn check_ssh(c: &mut Ctx, p: &Profile) {
     if p.ssh.port == 0 {
         c.err(
             &[k("ssh"), k("port")],
@@ -273,31 +318,11 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
         );
     }
 
-    // Host ports by protocol: SSH, WireGuard, firewall lists and published ports must not collide.
-    let mut taken: BTreeMap<(&str, u16), String> = BTreeMap::new();
-    let mut claim = |c: &mut Ctx, proto: &'static str, port: u16, who: String, at: &[Seg]| {
-        if port == 0 {
-            c.err(at, "port 0 is not a port", "1-65535".to_string());
-            return;
-        }
-        if let Some(prev) = taken.get(&(proto, port)) {
-            c.err(
-                at,
-                format!("host port {port}/{proto} is already used by {prev}"),
-                "each host port can be published once per protocol".to_string(),
-            );
-        } else {
-            taken.insert((proto, port), who);
-        }
-    };
-    claim(
-        &mut c,
-        "tcp",
-        p.ssh.port,
-        "ssh.port".into(),
-        &[k("ssh"), k("port")],
-    );
+    c.claim("tcp", p.ssh.port, "ssh.port".into(), &[k("ssh"), k("port")]);
+}
 
+/// The tunnel; returns this host's address on it (published ports may bind it).
+fn check_wireguard(c: &mut Ctx, p: &Profile, path: &Path, dir: &Path) -> Option<IpAddr> {
     let mut wg_addr: Option<IpAddr> = None;
     if let Some(wg) = &p.wireguard {
         if !is_unit_safe(&wg.interface) || wg.interface.len() > 15 {
@@ -318,8 +343,7 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
                 "e.g. \"10.8.0.1/24\"".to_string(),
             ),
         }
-        claim(
-            &mut c,
+        c.claim(
             "udp",
             wg.listen_port,
             "wireguard.listen_port".into(),
@@ -378,7 +402,10 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             }
         }
     }
+    wg_addr
+}
 
+fn check_firewall(c: &mut Ctx, p: &Profile) {
     for (field, proto, wg_only) in [
         ("allow_tcp", "tcp", false),
         ("allow_udp", "udp", false),
@@ -399,8 +426,7 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             );
         }
         for (i, port) in list.iter().enumerate() {
-            claim(
-                &mut c,
+            c.claim(
                 proto,
                 *port,
                 format!("firewall.{field}"),
@@ -408,7 +434,9 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             );
         }
     }
+}
 
+fn check_networks(c: &mut Ctx, p: &Profile) {
     for name in p.networks.keys() {
         if !is_unit_safe(name) {
             c.err(
@@ -421,6 +449,9 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             );
         }
     }
+}
+
+fn check_volumes(c: &mut Ctx, p: &Profile) {
     for (name, v) in &p.volumes {
         if !is_unit_safe(name) {
             c.err(
@@ -439,287 +470,349 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             _ => {}
         }
     }
+}
 
-    let mut domains: BTreeMap<&str, &str> = BTreeMap::new();
-    for (name, ct) in &p.containers {
-        let base = [k("containers"), k(name)];
-        let at = |f: &str| -> Vec<Seg> { vec![k("containers"), k(name), k(f)] };
-        let at_i =
-            |f: &str, i: usize| -> Vec<Seg> { vec![k("containers"), k(name), k(f), Seg::Index(i)] };
-        if !is_unit_safe(name) {
+fn check_container_image(c: &mut Ctx, name: &str, ct: &Container) {
+    let at = |f: &str| ct_at(name, f);
+    let base = [k("containers"), k(name)];
+    if !is_unit_safe(name) {
+        c.err(
+            &base,
+            format!(
+                "container name `{}` is not usable as a unit/podman name",
+                name.escape_debug()
+            ),
+            "letters, digits, '-', '_', '.'; no '/', spaces or '..'".to_string(),
+        );
+    }
+    if let Err(e) = check_image(&ct.image) {
+        c.err(
+            &at("image"),
+            e,
+            "pin a real version, e.g. \"docker.io/library/caddy:2.8.4\" or \"...@sha256:<digest>\""
+                .to_string(),
+        );
+    }
+    if let Some(b) = &ct.bake {
+        if b.is_empty() || !no_control(b) {
+            c.err(&at("bake"), "not a path", None);
+        }
+        if ct.auto_update {
             c.err(
-                &base,
-                format!(
-                    "container name `{}` is not usable as a unit/podman name",
-                    name.escape_debug()
-                ),
-                "letters, digits, '-', '_', '.'; no '/', spaces or '..'".to_string(),
-            );
-        }
-        if let Err(e) = check_image(&ct.image) {
-            c.err(&at("image"), e, "pin a real version, e.g. \"docker.io/library/caddy:2.8.4\" or \"...@sha256:<digest>\"".to_string());
-        }
-        if let Some(b) = &ct.bake {
-            if b.is_empty() || !no_control(b) {
-                c.err(&at("bake"), "not a path", None);
-            }
-            if ct.auto_update {
-                c.err(
-                    &at("auto_update"),
-                    "a baked image cannot auto-update from a registry",
-                    None,
-                );
-            }
-        }
-        for (i, spec) in ct.publish.iter().enumerate() {
-            match parse_publish(spec) {
-                Ok(pb) => {
-                    if ct.host_network {
-                        c.err(
-                            &at_i("publish", i),
-                            "a host-network container cannot publish ports",
-                            "it listens on the host directly; open the port under [firewall]"
-                                .to_string(),
-                        );
-                    }
-                    if let Some(ip) = pb.ip {
-                        if !ip.is_loopback() && Some(ip) != wg_addr && !ip.is_unspecified() {
-                            c.err(&at_i("publish", i), format!("{ip} is neither this host's WireGuard address nor loopback"), "publish on all addresses (no IP), on 127.0.0.1, or on the wireguard.address".to_string());
-                        }
-                    }
-                    claim(
-                        &mut c,
-                        pb.proto,
-                        pb.host_port,
-                        format!("containers.{name}.publish"),
-                        &at_i("publish", i),
-                    );
-                }
-                Err(e) => c.err(
-                    &at_i("publish", i),
-                    e,
-                    "e.g. \"443:443\", \"443:443/udp\" or \"10.8.0.1:9100:9100\"".to_string(),
-                ),
-            }
-        }
-        for (i, spec) in ct.volumes.iter().enumerate() {
-            let parts: Vec<&str> = spec.split(':').collect();
-            if parts.len() < 2 || parts.len() > 3 {
-                c.err(
-                    &at_i("volumes", i),
-                    format!("`{}` is not VOLUME:/path[:options]", spec.escape_debug()),
-                    None,
-                );
-                continue;
-            }
-            let (src, dst) = (parts[0], parts[1]);
-            if src.starts_with('/') {
-                if src.contains("..") || !no_control(src) {
-                    c.err(&at_i("volumes", i), "bad host path", None);
-                }
-            } else if !p.volumes.contains_key(src) {
-                c.err(
-                    &at_i("volumes", i),
-                    format!("volume `{}` is not defined", src.escape_debug()),
-                    format!(
-                        "add [volumes.{}] (every mounted volume is declared, so it is backed up)",
-                        src.escape_debug()
-                    ),
-                );
-            }
-            if !dst.starts_with('/') || dst.contains("..") || !no_control(dst) {
-                c.err(
-                    &at_i("volumes", i),
-                    format!("`{}` is not an absolute container path", dst.escape_debug()),
-                    None,
-                );
-            }
-            if let Some(opts) = parts.get(2) {
-                if !opts.split(',').all(|o| {
-                    matches!(
-                        o,
-                        "ro" | "rw" | "z" | "Z" | "U" | "noexec" | "nosuid" | "nodev"
-                    )
-                }) {
-                    c.err(
-                        &at_i("volumes", i),
-                        format!("unknown mount options `{opts}`"),
-                        "ro, rw, z, Z, U, noexec, nosuid, nodev".to_string(),
-                    );
-                }
-            }
-        }
-        for (i, n) in ct.networks.iter().enumerate() {
-            if !p.networks.contains_key(n) {
-                c.err(
-                    &at_i("networks", i),
-                    format!("network `{}` is not defined", n.escape_debug()),
-                    format!("add [networks.{}]", n.escape_debug()),
-                );
-            }
-        }
-        if ct.host_network && !ct.networks.is_empty() {
-            c.err(
-                &at("networks"),
-                "a host-network container joins no podman network",
+                &at("auto_update"),
+                "a baked image cannot auto-update from a registry",
                 None,
             );
         }
-        for (key, val) in &ct.env {
-            let ok = !key.is_empty()
-                && key
-                    .chars()
-                    .next()
-                    .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
-                && key
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
-            if !ok {
-                c.err(
-                    &[k("containers"), k(name), k("env"), k(key)],
-                    "not an environment variable name",
-                    None,
-                );
-            }
-            if !no_control(val) {
-                c.err(
-                    &[k("containers"), k(name), k("env"), k(key)],
-                    "value has a newline or control character",
-                    None,
-                );
-            }
-        }
-        for (key, secret) in &ct.secret_env {
-            let at = [k("containers"), k(name), k("secret_env"), k(key)];
-            let ok = !key.is_empty()
-                && key
-                    .chars()
-                    .next()
-                    .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
-                && key
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
-            if !ok {
-                c.err(&at, "not an environment variable name", None);
-            }
-            if ct.env.contains_key(key) {
-                c.err(&at, "also set in `env`", None);
-            }
-            if !is_hostname(secret) {
-                c.err(
-                    &at,
-                    format!(
-                        "secret name `{}` must be lowercase letters, digits and '-'",
-                        secret.escape_debug()
-                    ),
-                    None,
-                );
-            }
-        }
-        for (i, dep) in ct.after.iter().enumerate() {
-            if dep == name {
-                c.err(
-                    &at_i("after", i),
-                    "a container cannot wait for itself",
-                    None,
-                );
-            } else if !p.containers.contains_key(dep) {
-                c.err(
-                    &at_i("after", i),
-                    format!("container `{}` is not defined", dep.escape_debug()),
-                    None,
-                );
-            }
-        }
-        for (i, a) in ct.command.iter().enumerate() {
-            if !no_control(a) {
-                c.err(
-                    &at_i("command", i),
-                    "argument has a newline or control character",
-                    None,
-                );
-            }
-        }
-        if let Some(h) = &ct.health {
-            if h.cmd.trim().is_empty() || !no_control(&h.cmd) {
-                c.err(
-                    &[k("containers"), k(name), k("health"), k("cmd")],
-                    "health command must be one non-empty line",
-                    None,
-                );
-            }
-            for (f, v) in [("interval", &h.interval), ("start_period", &h.start_period)] {
-                if !check_duration(v) {
+    }
+}
+
+fn check_container_publish(c: &mut Ctx, name: &str, ct: &Container, wg_addr: Option<IpAddr>) {
+    let at_i = |f: &str, i: usize| ct_at_i(name, f, i);
+    for (i, spec) in ct.publish.iter().enumerate() {
+        match parse_publish(spec) {
+            Ok(pb) => {
+                if ct.host_network {
                     c.err(
-                        &[k("containers"), k(name), k("health"), k(f)],
-                        format!("`{}` is not a duration", v.escape_debug()),
-                        "e.g. \"30s\", \"5min\"".to_string(),
+                        &at_i("publish", i),
+                        "a host-network container cannot publish ports",
+                        "it listens on the host directly; open the port under [firewall]"
+                            .to_string(),
                     );
                 }
-            }
-        }
-        if let Some(u) = &ct.user {
-            if u.is_empty()
-                || !u
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || ":_-".contains(ch))
-            {
-                c.err(&at("user"), "not a user[:group] spec", None);
-            }
-        }
-        if let Some(path) = &ct.check {
-            if !path.starts_with('/') || path.contains(' ') || !no_control(path) {
-                c.err(
-                    &at("check"),
-                    format!("`{}` is not an HTTP path", path.escape_debug()),
-                    "e.g. \"/\" or \"/status.php\"".to_string(),
+                if let Some(ip) = pb.ip {
+                    if !ip.is_loopback() && Some(ip) != wg_addr && !ip.is_unspecified() {
+                        c.err(&at_i("publish", i), format!("{ip} is neither this host's WireGuard address nor loopback"), "publish on all addresses (no IP), on 127.0.0.1, or on the wireguard.address".to_string());
+                    }
+                }
+                c.claim(
+                    pb.proto,
+                    pb.host_port,
+                    format!("containers.{name}.publish"),
+                    &at_i("publish", i),
                 );
             }
-            if public_tcp_port(ct).is_none() {
-                c.err(
-                    &at("check"),
-                    "the drill reaches a check through a public TCP port, and this container publishes none",
-                    "publish a TCP port on all addresses (e.g. \"80:80\"), or remove `check`"
-                        .to_string(),
-                );
-            }
-        }
-        if let Some(d) = &ct.domain {
-            if !is_domain(d) {
-                c.err(
-                    &at("domain"),
-                    format!("`{}` is not a domain name", d.escape_debug()),
-                    None,
-                );
-            } else if let Some(prev) = domains.insert(d, name) {
-                c.err(
-                    &at("domain"),
-                    format!("domain {d} is already served by container `{prev}`"),
-                    None,
-                );
-            }
-            if ct.port.is_none() {
-                c.err(
-                    &at("domain"),
-                    "a proxied container needs `port` (the container port to forward to)",
-                    None,
-                );
-            }
-            if p.proxy.is_none() {
-                c.err(
-                    &at("domain"),
-                    "a domain is set but the profile has no [proxy]",
-                    None,
-                );
-            }
-        }
-        if ct.port == Some(0) {
-            c.err(&at("port"), "port 0 is not a port", None);
-        }
-        if ct.metrics_port == Some(0) {
-            c.err(&at("metrics_port"), "port 0 is not a port", None);
+            Err(e) => c.err(
+                &at_i("publish", i),
+                e,
+                "e.g. \"443:443\", \"443:443/udp\" or \"10.8.0.1:9100:9100\"".to_string(),
+            ),
         }
     }
+}
+
+fn check_container_volumes(c: &mut Ctx, p: &Profile, name: &str, ct: &Container) {
+    let at_i = |f: &str, i: usize| ct_at_i(name, f, i);
+    for (i, spec) in ct.volumes.iter().enumerate() {
+        let parts: Vec<&str> = spec.split(':').collect();
+        if parts.len() < 2 || parts.len() > 3 {
+            c.err(
+                &at_i("volumes", i),
+                format!("`{}` is not VOLUME:/path[:options]", spec.escape_debug()),
+                None,
+            );
+            continue;
+        }
+        let (src, dst) = (parts[0], parts[1]);
+        if src.starts_with('/') {
+            if src.contains("..") || !no_control(src) {
+                c.err(&at_i("volumes", i), "bad host path", None);
+            }
+        } else if !p.volumes.contains_key(src) {
+            c.err(
+                &at_i("volumes", i),
+                format!("volume `{}` is not defined", src.escape_debug()),
+                format!(
+                    "add [volumes.{}] (every mounted volume is declared, so it is backed up)",
+                    src.escape_debug()
+                ),
+            );
+        }
+        if !dst.starts_with('/') || dst.contains("..") || !no_control(dst) {
+            c.err(
+                &at_i("volumes", i),
+                format!("`{}` is not an absolute container path", dst.escape_debug()),
+                None,
+            );
+        }
+        if let Some(opts) = parts.get(2) {
+            if !opts.split(',').all(|o| {
+                matches!(
+                    o,
+                    "ro" | "rw" | "z" | "Z" | "U" | "noexec" | "nosuid" | "nodev"
+                )
+            }) {
+                c.err(
+                    &at_i("volumes", i),
+                    format!("unknown mount options `{opts}`"),
+                    "ro, rw, z, Z, U, noexec, nosuid, nodev".to_string(),
+                );
+            }
+        }
+    }
+}
+
+fn check_container_networks(c: &mut Ctx, p: &Profile, name: &str, ct: &Container) {
+    let at = |f: &str| ct_at(name, f);
+    let at_i = |f: &str, i: usize| ct_at_i(name, f, i);
+    for (i, n) in ct.networks.iter().enumerate() {
+        if !p.networks.contains_key(n) {
+            c.err(
+                &at_i("networks", i),
+                format!("network `{}` is not defined", n.escape_debug()),
+                format!("add [networks.{}]", n.escape_debug()),
+            );
+        }
+    }
+    if ct.host_network && !ct.networks.is_empty() {
+        c.err(
+            &at("networks"),
+            "a host-network container joins no podman network",
+            None,
+        );
+    }
+}
+
+fn check_container_env(c: &mut Ctx, name: &str, ct: &Container) {
+    for (key, val) in &ct.env {
+        let ok = !key.is_empty()
+            && key
+                .chars()
+                .next()
+                .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
+            && key
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+        if !ok {
+            c.err(
+                &[k("containers"), k(name), k("env"), k(key)],
+                "not an environment variable name",
+                None,
+            );
+        }
+        if !no_control(val) {
+            c.err(
+                &[k("containers"), k(name), k("env"), k(key)],
+                "value has a newline or control character",
+                None,
+            );
+        }
+    }
+    for (key, secret) in &ct.secret_env {
+        let at = [k("containers"), k(name), k("secret_env"), k(key)];
+        let ok = !key.is_empty()
+            && key
+                .chars()
+                .next()
+                .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_')
+            && key
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+        if !ok {
+            c.err(&at, "not an environment variable name", None);
+        }
+        if ct.env.contains_key(key) {
+            c.err(&at, "also set in `env`", None);
+        }
+        if !is_hostname(secret) {
+            c.err(
+                &at,
+                format!(
+                    "secret name `{}` must be lowercase letters, digits and '-'",
+                    secret.escape_debug()
+                ),
+                None,
+            );
+        }
+    }
+}
+
+fn check_container_process(c: &mut Ctx, p: &Profile, name: &str, ct: &Container) {
+    let at = |f: &str| ct_at(name, f);
+    let at_i = |f: &str, i: usize| ct_at_i(name, f, i);
+    for (i, dep) in ct.after.iter().enumerate() {
+        if dep == name {
+            c.err(
+                &at_i("after", i),
+                "a container cannot wait for itself",
+                None,
+            );
+        } else if !p.containers.contains_key(dep) {
+            c.err(
+                &at_i("after", i),
+                format!("container `{}` is not defined", dep.escape_debug()),
+                None,
+            );
+        }
+    }
+    for (i, a) in ct.command.iter().enumerate() {
+        if !no_control(a) {
+            c.err(
+                &at_i("command", i),
+                "argument has a newline or control character",
+                None,
+            );
+        }
+    }
+    if let Some(h) = &ct.health {
+        if h.cmd.trim().is_empty() || !no_control(&h.cmd) {
+            c.err(
+                &[k("containers"), k(name), k("health"), k("cmd")],
+                "health command must be one non-empty line",
+                None,
+            );
+        }
+        for (f, v) in [("interval", &h.interval), ("start_period", &h.start_period)] {
+            if !check_duration(v) {
+                c.err(
+                    &[k("containers"), k(name), k("health"), k(f)],
+                    format!("`{}` is not a duration", v.escape_debug()),
+                    "e.g. \"30s\", \"5min\"".to_string(),
+                );
+            }
+        }
+    }
+    if let Some(u) = &ct.user {
+        if u.is_empty()
+            || !u
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ":_-".contains(ch))
+        {
+            c.err(&at("user"), "not a user[:group] spec", None);
+        }
+    }
+    if let Some(path) = &ct.check {
+        if !path.starts_with('/') || path.contains(' ') || !no_control(path) {
+            c.err(
+                &at("check"),
+                format!("`{}` is not an HTTP path", path.escape_debug()),
+                "e.g. \"/\" or \"/status.php\"".to_string(),
+            );
+        }
+        if public_tcp_port(ct).is_none() {
+            c.err(
+                &at("check"),
+                "the drill reaches a check through a public TCP port, and this container publishes none",
+                "publish a TCP port on all addresses (e.g. \"80:80\"), or remove `check`"
+                    .to_string(),
+            );
+        }
+    }
+}
+
+fn check_container_ports<'a>(
+    c: &mut Ctx,
+    p: &Profile,
+    name: &'a str,
+    ct: &'a Container,
+    domains: &mut BTreeMap<&'a str, &'a str>,
+) {
+    let at = |f: &str| ct_at(name, f);
+    if let Some(d) = &ct.domain {
+        if !is_domain(d) {
+            c.err(
+                &at("domain"),
+                format!("`{}` is not a domain name", d.escape_debug()),
+                None,
+            );
+        } else if let Some(prev) = domains.insert(d, name) {
+            c.err(
+                &at("domain"),
+                format!("domain {d} is already served by container `{prev}`"),
+                None,
+            );
+        }
+        if ct.port.is_none() {
+            c.err(
+                &at("domain"),
+                "a proxied container needs `port` (the container port to forward to)",
+                None,
+            );
+        }
+        if p.proxy.is_none() {
+            c.err(
+                &at("domain"),
+                "a domain is set but the profile has no [proxy]",
+                None,
+            );
+        }
+    }
+    if ct.port == Some(0) {
+        c.err(&at("port"), "port 0 is not a port", None);
+    }
+    if ct.metrics_port == Some(0) {
+        c.err(&at("metrics_port"), "port 0 is not a port", None);
+    }
+}
+
+fn ct_at(name: &str, f: &str) -> Vec<Seg> {
+    vec![k("containers"), k(name), k(f)]
+}
+
+fn ct_at_i(name: &str, f: &str, i: usize) -> Vec<Seg> {
+    vec![k("containers"), k(name), k(f), Seg::Index(i)]
+}
+
+/// One container, section by section.
+#[allow(clippy::too_many_arguments)]
+fn check_container<'a>(
+    c: &mut Ctx,
+    p: &Profile,
+    wg_addr: Option<IpAddr>,
+    domains: &mut BTreeMap<&'a str, &'a str>,
+    name: &'a str,
+    ct: &'a Container,
+) {
+    check_container_image(c, name, ct);
+    check_container_publish(c, name, ct, wg_addr);
+    check_container_volumes(c, p, name, ct);
+    check_container_networks(c, p, name, ct);
+    check_container_env(c, name, ct);
+    check_container_process(c, p, name, ct);
+    check_container_ports(c, p, name, ct, domains);
+}
+
+fn check_dependency_cycles(c: &mut Ctx, p: &Profile) {
     // Dependency cycles make systemd drop units at boot: refuse them here.
     for name in p.containers.keys() {
         let mut stack = vec![(name.as_str(), 0usize)];
@@ -749,7 +842,9 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             }
         }
     }
+}
 
+fn check_proxy(c: &mut Ctx, p: &Profile) {
     if let Some(px) = &p.proxy {
         match p.containers.get(&px.container) {
             None => c.err(
@@ -778,7 +873,9 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             c.err(&[k("proxy"), k("email")], "not an e-mail address", None);
         }
     }
+}
 
+fn check_backup(c: &mut Ctx, p: &Profile) {
     if let Some(b) = &p.backup {
         let bucket_ok = (3..=63).contains(&b.bucket.len())
             && b.bucket
@@ -856,7 +953,9 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             );
         }
     }
+}
 
+fn check_files(c: &mut Ctx, p: &Profile) {
     for (path, f) in &p.files {
         let at = [k("files"), k(path)];
         let ok = path.starts_with('/')
@@ -887,7 +986,9 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             );
         }
     }
+}
 
+fn check_monitoring(c: &mut Ctx, p: &Profile, dir: &Path) {
     if let Some(m) = &p.monitoring {
         for (i, h) in m.scrape.iter().enumerate() {
             let at = [k("monitoring"), k("scrape"), Seg::Index(i)];
@@ -933,5 +1034,4 @@ pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<Pro
             }
         }
     }
-    c.errors
 }
