@@ -173,7 +173,8 @@ fn host_config_is_readable_by_the_helper() {
     assert_eq!(b.restore, imgbuild::hostconfig::RestorePolicy::Require);
     assert!(b.path_style, "custom endpoints default to path-style");
     let db = b.volumes.iter().find(|v| v.name == "nextcloud-db").unwrap();
-    assert_eq!(db.strategy, imgbuild::hostconfig::Strategy::Hook);
+    // Atomic snapshots make a database volume safe to back up live.
+    assert_eq!(db.strategy, imgbuild::hostconfig::Strategy::Live);
     assert_eq!(db.units, vec!["nextcloud-db.service".to_string()]);
     assert!(
         !b.volumes.iter().any(|v| v.name == "caddy-config"),

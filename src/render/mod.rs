@@ -2,6 +2,9 @@
 //! through minijinja templates compiled into the binary.
 
 pub mod check;
+pub mod keys;
+
+pub use keys::HostSecrets;
 mod monitoring;
 
 use crate::hostconfig::{
@@ -78,6 +81,8 @@ pub struct RenderInput {
     /// Where secret files are read from (a directory, or a locked archive in memory).
     pub secrets: SecretsRoot,
     pub peers: Vec<PeerInfo>,
+    /// This host's key material, read once (the render never reads the secrets root).
+    pub keys: HostSecrets,
     /// Hosts this host scrapes (monitoring): name and WireGuard address.
     pub scrape: Vec<(String, Host)>,
     pub app_secrets: BTreeMap<String, String>,
@@ -177,7 +182,9 @@ pub fn gather(host: Host, secrets_root: &SecretsRoot) -> Result<RenderInput, Ren
             }
         }
     }
+    let keys = HostSecrets::read(secrets_root, &host)?;
     Ok(RenderInput {
+        keys,
         secrets_dir: secrets_root.host_dir(host.name()),
         secrets: secrets_root.clone(),
         host,
@@ -320,20 +327,17 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
             context! { header, port => p.ssh.port, user => p.admin.user },
         )?,
     )?;
-    let sd = &input.secrets_dir;
     t.secret_file(
         "/etc/ssh/ssh_host_ed25519_key",
         0o600,
         "root",
         "root",
-        input.secrets.read_text(&sd.join("ssh_host_ed25519_key"))?,
+        input.keys.ssh_host_key.clone(),
     )?;
     t.file(
         "/etc/ssh/ssh_host_ed25519_key.pub",
         0o644,
-        input
-            .secrets
-            .read_text(&sd.join("ssh_host_ed25519_key.pub"))?,
+        input.keys.ssh_host_key_pub.clone(),
     )?;
     t.file(
         "/etc/tmpfiles.d/imgbuild.conf",
@@ -368,7 +372,7 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
     let wg_addr = wg_ip(host);
     if let Some(wg) = &p.wireguard {
         let key_file = format!("/etc/systemd/network/{}.key", wg.interface);
-        let private_key = input.secrets.read_text(&sd.join("wireguard.key"))?;
+        let private_key = keys::needed(&input.keys.wireguard_key, "wireguard.key")?;
         t.secret_file(
             &key_file,
             0o600,
@@ -629,35 +633,30 @@ pub fn render(input: &RenderInput, target: Target) -> Result<HostTree, RenderErr
                 0o600,
                 "root",
                 "root",
-                input
-                    .secrets
-                    .read_text(&sd.join("snapshot-encryption.key"))?,
+                keys::needed(
+                    &input.keys.snapshot_encryption_key,
+                    "snapshot-encryption.key",
+                )?,
             )?;
             t.secret_file(
                 &format!("{sdir}/snapshot-signing.key"),
                 0o600,
                 "root",
                 "root",
-                input.secrets.read_text(&sd.join("snapshot-signing.key"))?,
+                keys::needed(&input.keys.snapshot_signing_key, "snapshot-signing.key")?,
             )?;
             t.file(
                 &format!("{sdir}/snapshot-signing.pub"),
                 0o644,
-                input.secrets.read_text(&sd.join("snapshot-signing.pub"))?,
+                keys::needed(&input.keys.snapshot_signing_pub, "snapshot-signing.pub")?,
             )?;
-            let s3_env = sd.join("s3.env");
-            let credentials_file = if input.secrets.is_file(&s3_env) {
-                let path = format!("{sdir}/s3.env");
-                t.secret_file(
-                    &path,
-                    0o600,
-                    "root",
-                    "root",
-                    input.secrets.read_text(&s3_env)?,
-                )?;
-                Some(path)
-            } else {
-                None
+            let credentials_file = match &input.keys.s3_env {
+                Some(text) => {
+                    let path = format!("{sdir}/s3.env");
+                    t.secret_file(&path, 0o600, "root", "root", text.clone())?;
+                    Some(path)
+                }
+                None => None,
             };
             let volumes = p
                 .volumes
