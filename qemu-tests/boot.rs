@@ -170,7 +170,9 @@ fn services_profile_built_by_the_cli_boots_to_ready() {
             "echo failed=$(systemctl list-units --state=failed --no-legend --plain | wc -l); \
              systemctl list-units --state=failed --no-legend --plain; \
              echo rootopts=$(findmnt -no OPTIONS /); \
-             echo var_bytes=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')",
+             echo var_bytes=$(df -B1 --output=size /var | tail -n 1 | tr -d ' '); \
+             echo volumes_fs=$(findmnt -no FSTYPE /var/lib/containers/storage/volumes); \
+             echo volumes_bytes=$(df -B1 --output=size /var/lib/containers/storage/volumes | tail -n 1 | tr -d ' ')",
         )
         .output()
         .expect("run ssh");
@@ -193,8 +195,20 @@ fn services_profile_built_by_the_cli_boots_to_ready() {
         val("rootopts").split(',').any(|o| o == "ro"),
         "root not read-only: {out_s}"
     );
+    // repart shares the disk's extra space: a quarter grows /var, three quarters make
+    // the btrfs volumes partition.
     let var_bytes: u64 = val("var_bytes").parse().unwrap_or(0);
-    assert!(var_bytes > grow / 2, "/var not grown: {out_s}");
+    let volumes_bytes: u64 = val("volumes_bytes").parse().unwrap_or(0);
+    assert!(var_bytes > grow / 8, "/var not grown: {out_s}");
+    assert_eq!(
+        val("volumes_fs"),
+        "btrfs",
+        "no btrfs volumes partition: {out_s}"
+    );
+    assert!(
+        volumes_bytes > grow / 2,
+        "volumes partition too small: {out_s}"
+    );
     vm.kill();
     eprintln!(
         "services boot test passed; boot to ready {:.1}s",
@@ -322,9 +336,24 @@ fn boots_to_ready_with_quadlet_firewall_ssh_and_grown_var() {
         var_bytes >> 20,
         var_len >> 20
     );
+    let volumes_bytes: u64 = probe(&log, "volumes_bytes").parse().expect("volumes size");
+    eprintln!(
+        "volumes: {} on their own partition, {} MiB",
+        probe(&log, "volumes_fs"),
+        volumes_bytes >> 20
+    );
     assert!(
-        var_bytes > var_len + grow / 2,
+        var_bytes > var_len + grow / 8,
         "/var was not grown: {var_bytes} bytes, image partition {var_len}"
+    );
+    assert_eq!(
+        probe(&log, "volumes_fs"),
+        "btrfs",
+        "no btrfs volumes partition"
+    );
+    assert!(
+        volumes_bytes > grow / 2,
+        "the volumes partition did not get the new space: {volumes_bytes} bytes"
     );
     assert_eq!(
         probe(&log, "listener"),

@@ -123,7 +123,17 @@ pub fn oci_archive(out: &Path, reference: &str, entries: &[LayerEntry], config: 
         }
     }
     let layer = layer.into_inner().expect("layer tar");
-    let layer_d = sha256_hex(&layer);
+    oci_archive_from_layer(out, reference, &layer, config);
+}
+
+/// An OCI archive (what `Image=oci-archive:` loads) of one prepared layer tar.
+pub fn oci_archive_from_layer(
+    out: &Path,
+    reference: &str,
+    layer: &[u8],
+    config: serde_json::Value,
+) {
+    let layer_d = sha256_hex(layer);
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux", "created": "2025-01-01T00:00:00Z",
         "config": config,
@@ -169,7 +179,7 @@ pub fn oci_archive(out: &Path, reference: &str, entries: &[LayerEntry], config: 
     put("blobs/sha256", b"", true);
     put(&format!("blobs/sha256/{manifest_d}"), &manifest, false);
     put(&format!("blobs/sha256/{config_d}"), &config, false);
-    put(&format!("blobs/sha256/{layer_d}"), &layer, false);
+    put(&format!("blobs/sha256/{layer_d}"), layer, false);
     ar.into_inner().expect("finish oci archive");
 }
 
@@ -417,6 +427,8 @@ exec >/dev/console 2>&1
 if touch /usr/imgbuild-probe 2>/dev/null; then echo "PROBE usr=writable"; else echo "PROBE usr=readonly"; fi
 echo "PROBE var_source=$(findmnt -no SOURCE /var)"
 echo "PROBE var_bytes=$(df -B1 --output=size /var | tail -n 1 | tr -d ' ')"
+echo "PROBE volumes_fs=$(findmnt -no FSTYPE /var/lib/containers/storage/volumes)"
+echo "PROBE volumes_bytes=$(df -B1 --output=size /var/lib/containers/storage/volumes | tail -n 1 | tr -d ' ')"
 echo "PROBE listener=$(/usr/local/bin/busybox wget -q -O - http://127.0.0.1:9090/ 2>&1 | head -n 1)"
 echo "PROBE failed_units=$(systemctl list-units --state=failed --no-legend --plain | wc -l)"
 systemctl list-units --state=failed --no-legend --plain | sed 's/^/PROBE failed: /'
