@@ -667,3 +667,34 @@ pub fn isolate(opts: &mut imgbuild::qemu::RunOptions, host_ports: &[u16]) {
         })
         .collect();
 }
+
+/// `secrets/vps1/s3.env` with the moto credentials; returns the secrets root.
+pub fn moto_secrets(dir: &Path) -> PathBuf {
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(secrets.join("vps1")).expect("secrets dir");
+    std::fs::write(
+        secrets.join("vps1/s3.env"),
+        "AWS_ACCESS_KEY_ID=test\nAWS_SECRET_ACCESS_KEY=test\nAWS_REGION=us-east-1\n",
+    )
+    .expect("write s3.env");
+    secrets
+}
+
+/// The start of a test overlay for the services profile: only the test's admin key and
+/// a backup to moto (reached as 10.0.2.2:`port`); `backup_extra` adds keys to
+/// [backup]. Containers and volumes follow.
+pub fn overlay_head(
+    admin_pub: &str,
+    bucket: &str,
+    prefix: &str,
+    port: u16,
+    backup_extra: &str,
+) -> String {
+    format!(
+        "replace = [\"containers\", \"volumes\", \"networks\", \"proxy\", \"backup\", \"admin\"]\n\n\
+         [admin]\nuser = \"admin\"\nssh_keys = [\"{}\"]\n\n\
+         [backup]\nbucket = \"{bucket}\"\nprefix = \"{prefix}\"\nendpoint = \"http://10.0.2.2:{port}\"\nregion = \"us-east-1\"\n\
+         keep = {{ last = 3 }}\n{backup_extra}\n",
+        admin_pub.trim()
+    )
+}

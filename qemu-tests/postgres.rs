@@ -199,24 +199,19 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
 
     let dir = scratch("qemu-postgres");
     let keys = keys(&dir);
-    let secrets = dir.join("secrets");
-    std::fs::create_dir_all(secrets.join("vps1")).unwrap();
-    std::fs::write(
-        secrets.join("vps1/s3.env"),
-        "AWS_ACCESS_KEY_ID=test\nAWS_SECRET_ACCESS_KEY=test\nAWS_REGION=us-east-1\n",
-    )
-    .unwrap();
+    let secrets = moto_secrets(&dir);
     let overlay = dir.join("overlay.toml");
     std::fs::write(
         &overlay,
-        format!(
-            "replace = [\"containers\", \"volumes\", \"networks\", \"proxy\", \"backup\", \"admin\"]\n\n\
-             [admin]\nuser = \"admin\"\nssh_keys = [\"{}\"]\n\n\
-             [backup]\nbucket = \"{bucket}\"\nprefix = \"vps1-pg\"\nendpoint = \"http://10.0.2.2:{port}\"\nregion = \"us-east-1\"\n\
-             restore = \"allow-empty\"\nrestore_timeout = 120\nkeep = {{ last = 3 }}\n\n\
-             [volumes.pgdata]\nbackup = \"live\"\n\n\
+        overlay_head(
+            &keys.admin_pub,
+            &bucket,
+            "vps1-pg",
+            port,
+            "restore = \"allow-empty\"\nrestore_timeout = 120\n",
+        ) + &format!(
+            "[volumes.pgdata]\nbackup = \"live\"\n\n\
              [containers.db]\nimage = \"{PG_REF}\"\nbake = \"{}\"\nvolumes = [\"pgdata:/var/lib/postgresql/data\"]\n",
-            keys.admin_pub.trim(),
             archive.display()
         ),
     )

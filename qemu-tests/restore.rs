@@ -79,25 +79,20 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
     let keys = keys(&dir);
     let oci = dir.join("hello.oci.tar");
     hello_archive(&oci);
-    let secrets = dir.join("secrets");
-    std::fs::create_dir_all(secrets.join("vps1")).unwrap();
-    std::fs::write(
-        secrets.join("vps1/s3.env"),
-        "AWS_ACCESS_KEY_ID=test\nAWS_SECRET_ACCESS_KEY=test\nAWS_REGION=us-east-1\n",
-    )
-    .unwrap();
+    let secrets = moto_secrets(&dir);
     let overlay = dir.join("overlay.toml");
     std::fs::write(
         &overlay,
-        format!(
-            "replace = [\"containers\", \"volumes\", \"networks\", \"proxy\", \"backup\", \"admin\"]\n\n\
-             [admin]\nuser = \"admin\"\nssh_keys = [\"{}\"]\n\n\
-             [backup]\nbucket = \"{bucket}\"\nprefix = \"vps1-test\"\nendpoint = \"http://10.0.2.2:{port}\"\nregion = \"us-east-1\"\n\
-             restore = \"require\"\nrestore_timeout = {RESTORE_TIMEOUT}\nkeep = {{ last = 3 }}\n\n\
-             [volumes.www]\nbackup = \"stop\"\n\n\
+        overlay_head(
+            &keys.admin_pub,
+            &bucket,
+            "vps1-test",
+            port,
+            &format!("restore = \"require\"\nrestore_timeout = {RESTORE_TIMEOUT}\n"),
+        ) + &format!(
+            "[volumes.www]\nbackup = \"stop\"\n\n\
              [containers.web]\nimage = \"{HELLO_REF}\"\nbake = \"{}\"\npublish = [\"{HELLO_PORT}:{HELLO_PORT}\"]\nvolumes = [\"www:/www\"]\n\n\
              [containers.app]\nimage = \"{HELLO_REF}\"\npublish = [\"{APP_PORT}:{HELLO_PORT}\"]\nafter = [\"web\"]\n",
-            keys.admin_pub.trim(),
             oci.display()
         ),
     )
