@@ -11,4 +11,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v mkfs.btrfs >/dev/null || { echo "btrfs-progs missing: run bash .ci/deps.sh" >&2; exit 1; }
-cargo test --release --test atomic_snapshot -- --ignored --nocapture bench_atomic_snapshot_downtime 2>&1 | grep '^BENCH'
+out=$(cargo test --release --test atomic_snapshot -- --ignored --nocapture bench_atomic_snapshot_downtime 2>&1) \
+  || { echo "$out" >&2; exit 1; }
+echo "$out" | grep '^BENCH'

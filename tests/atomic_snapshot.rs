@@ -23,7 +23,7 @@ struct Btrfs {
 }
 
 impl Btrfs {
-    fn new(dir: &Path) -> Btrfs {
+    fn new(dir: &Path, bytes: u64) -> Btrfs {
         assert!(
             is_root(),
             "this test mounts a btrfs loop device and needs root (CI runs as root)"
@@ -41,7 +41,7 @@ impl Btrfs {
         }
         let img = dir.join("volumes.btrfs");
         let f = std::fs::File::create(&img).unwrap();
-        f.set_len(1 << 30).unwrap();
+        f.set_len(bytes).unwrap();
         let run = |c: &mut Command| {
             let o = c.output().unwrap();
             assert!(
@@ -122,7 +122,7 @@ fn counter(p: &Path) -> u64 {
 #[test]
 fn a_backup_reads_all_volumes_at_one_instant_and_leaves_no_snapshot() {
     let env = Env::new(false);
-    let fs = Btrfs::new(env.dir.path());
+    let fs = Btrfs::new(env.dir.path(), 1 << 30);
     let vols = fs.mnt.clone();
     // a-db is read first: a big file, then `first`; b-app's `second` is read after all
     // of a-db. The writer bumps `first`, then `second`: at any one instant
@@ -232,7 +232,7 @@ fn a_backup_reads_all_volumes_at_one_instant_and_leaves_no_snapshot() {
 #[ignore]
 fn bench_atomic_snapshot_downtime() {
     let env = Env::new(false);
-    let fs = Btrfs::new(env.dir.path());
+    let fs = Btrfs::new(env.dir.path(), 4 << 30);
     let vols = fs.mnt.clone();
     let names = ["db", "app", "media", "cache"];
     for (i, n) in names.iter().enumerate() {
@@ -305,8 +305,11 @@ fn bench_atomic_snapshot_downtime() {
         .unwrap();
     assert!(st.success());
     let _ = std::fs::remove_dir_all(plain.join(imgbuild::agent::quiesce::SNAPSHOT_NAME));
+    // Its own prefix: it uploads everything too, as the first backup did.
+    let mut hc_plain = hc.clone();
+    hc_plain.backup.as_mut().unwrap().prefix = format!("{}-plain", env.cfg.prefix);
     let whole = backup_host(
-        &hc,
+        &hc_plain,
         &HostPaths {
             volumes: plain,
             firstboot_done: done,
