@@ -164,7 +164,7 @@ fn fixture() -> &'static Fixture {
             m.id = format::new_snapshot_id(then_ms);
             m.time = then_ms / 1000;
             let sealed = keys
-                .seal_manifest(&m.id, &serde_json::to_vec(&m).unwrap())
+                .seal_manifest(&m.id, &m.host, PREFIX, &serde_json::to_vec(&m).unwrap())
                 .expect("seal");
             s.put(&format::snapshot_key(PREFIX, &m.id), sealed, true, None)
                 .await
@@ -363,7 +363,7 @@ fn drill_fails_naming_the_corrupted_chunk() {
             .expect("manifest");
         let id = m.volumes[0].chunks[0].0.clone();
         let key = format::chunk_key(PREFIX, &id);
-        let mut b = s.get(&key).await.unwrap().expect("chunk object");
+        let mut b = s.get(&key, u64::MAX).await.unwrap().expect("chunk object");
         let mid = b.len() / 2;
         for x in &mut b[mid..mid + 8] {
             *x ^= 0xff;

@@ -93,10 +93,13 @@ fn gateway_serves_restore_reads_and_refuses_everything_else() {
         );
         // GetObject, HEAD, Range.
         assert_eq!(
-            g.get(&format!("{prefix}/blob")).await.unwrap(),
+            g.get(&format!("{prefix}/blob"), u64::MAX).await.unwrap(),
             Some(body.clone())
         );
-        assert_eq!(g.get(&format!("{prefix}/nope")).await.unwrap(), None);
+        assert_eq!(
+            g.get(&format!("{prefix}/nope"), u64::MAX).await.unwrap(),
+            None
+        );
         assert!(g.exists(&format!("{prefix}/blob")).await.unwrap());
         let part = g
             .client()
@@ -112,12 +115,16 @@ fn gateway_serves_restore_reads_and_refuses_everything_else() {
         assert_eq!(&got[..], &body[1000..1010]);
 
         // Outside the prefix: refused, not "not found".
-        let e = g.get("other-host/secret").await.unwrap_err().to_string();
+        let e = g
+            .get("other-host/secret", u64::MAX)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("AccessDenied") && e.contains("403"), "{e}");
         let e = g.list("other-host/").await.unwrap_err().to_string();
         assert!(e.contains("AccessDenied"), "{e}");
         let e = g
-            .get(&format!("{prefix}/../other-host/secret"))
+            .get(&format!("{prefix}/../other-host/secret"), u64::MAX)
             .await
             .unwrap_err()
             .to_string();

@@ -297,7 +297,7 @@ fn restore_refuses_bad_data_and_names_the_cause() {
         let m = restore::load_manifest(&store, &keys, &r.id).await.unwrap();
         let chunk = m.volumes[0].chunks[0].0.clone();
         let ckey = format::chunk_key(&store.prefix, &chunk);
-        let original = store.get(&ckey).await.unwrap().unwrap();
+        let original = store.get(&ckey, u64::MAX).await.unwrap().unwrap();
 
         // corrupted chunk: one flipped bit
         let mut bad = original.clone();
@@ -326,7 +326,10 @@ fn restore_refuses_bad_data_and_names_the_cause() {
         // a chunk stored under another chunk's name is also caught
         if m.volumes[0].chunks.len() > 1 {
             let other = store
-                .get(&format::chunk_key(&store.prefix, &m.volumes[0].chunks[1].0))
+                .get(
+                    &format::chunk_key(&store.prefix, &m.volumes[0].chunks[1].0),
+                    u64::MAX,
+                )
                 .await
                 .unwrap()
                 .unwrap();
@@ -383,7 +386,7 @@ fn restore_refuses_bad_data_and_names_the_cause() {
 
         // tampered manifest: one byte of the ciphertext changed
         let mkey = format::snapshot_key(&store.prefix, &r.id);
-        let mut man = store.get(&mkey).await.unwrap().unwrap();
+        let mut man = store.get(&mkey, u64::MAX).await.unwrap().unwrap();
         let n = man.len() - 10;
         man[n] ^= 1;
         store.put(&mkey, man, false, None).await.unwrap();

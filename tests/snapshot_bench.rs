@@ -129,7 +129,7 @@ fn bench_child() {
                         let store = store.clone();
                         async move {
                             let k = format::chunk_key(&store.prefix, &id);
-                            store.get(&k).await.unwrap().unwrap().len() as u64
+                            store.get(&k, u64::MAX).await.unwrap().unwrap().len() as u64
                         }
                     })
                     .buffer_unordered(PARALLEL)

@@ -450,7 +450,7 @@ fn the_empty_start_marker_lets_a_first_deployment_boot_and_the_first_backup_remo
         .block_on(imgbuild::snapshot::Store::connect(&moved_cfg))
         .unwrap();
     let bytes = rt
-        .block_on(store.get(&marker::key(&env.cfg.prefix)))
+        .block_on(store.get(&marker::key(&env.cfg.prefix), u64::MAX))
         .unwrap()
         .unwrap();
     rt.block_on(moved.put(&marker::key("hosts/typo"), bytes, false, None))
@@ -593,7 +593,7 @@ fn first_boot_never_falls_back_on_a_transport_error_but_does_on_a_corrupt_manife
     // The newest manifest is corrupt: the older snapshot restores, loudly.
     let store = rt().block_on(env.store());
     let key = imgbuild::snapshot::format::snapshot_key(&env.cfg.prefix, &new_id);
-    let mut m = rt().block_on(store.get(&key)).unwrap().unwrap();
+    let mut m = rt().block_on(store.get(&key, u64::MAX)).unwrap().unwrap();
     let n = m.len() - 5;
     m[n] ^= 0x40;
     rt().block_on(store.put(&key, m, false, None)).unwrap();

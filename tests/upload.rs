@@ -48,7 +48,7 @@ fn upload_streams_multipart_and_puts_the_manifest_beside_the_image() {
         cfg.prefix = String::new();
         let store = imgbuild::snapshot::Store::connect(&cfg).await.unwrap();
         let got = store
-            .get("images/vps1.raw")
+            .get("images/vps1.raw", u64::MAX)
             .await
             .unwrap()
             .expect("image object");
@@ -72,14 +72,14 @@ fn upload_streams_multipart_and_puts_the_manifest_beside_the_image() {
         );
         assert_eq!(
             store
-                .get("images/vps1.raw.manifest.json")
+                .get("images/vps1.raw.manifest.json", u64::MAX)
                 .await
                 .unwrap()
                 .unwrap(),
             b"{\"test\":1}\n"
         );
         assert!(store
-            .get("images/vps1.raw.manifest.json.sig")
+            .get("images/vps1.raw.manifest.json.sig", u64::MAX)
             .await
             .unwrap()
             .is_some());

@@ -467,8 +467,13 @@ fn parse_range(spec: &str, len: u64) -> Option<(u64, u64)> {
     (start <= end && start < len).then_some((start, end))
 }
 
+/// The gateway only serves what a restore reads: manifests and chunks.
+fn imgbuild_object_max() -> u64 {
+    crate::snapshot::format::MANIFEST_OBJECT_MAX
+}
+
 fn get(sh: &Shared, key: &str, range: Option<&str>) -> Response {
-    let body = match sh.rt.block_on(sh.store.get(key)) {
+    let body = match sh.rt.block_on(sh.store.get(key, imgbuild_object_max())) {
         Ok(Some(b)) => b,
         Ok(None) => return error(404, "NoSuchKey", "The specified key does not exist.", false),
         Err(e) => {

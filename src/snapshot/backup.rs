@@ -21,8 +21,11 @@ use tokio::task::JoinSet;
 pub const CHUNK_MIN: u32 = 256 * 1024;
 pub const CHUNK_AVG: u32 = 1024 * 1024;
 pub const CHUNK_MAX: u32 = 4 * 1024 * 1024;
+use super::lock::LockKind;
 /// Locks older than this belong to a backup that died; prune ignores them.
-pub const LOCK_STALE_SECS: i64 = 6 * 3600;
+pub use super::lock::LOCK_STALE_SECS;
+/// How long a backup waits for a running prune to finish deleting chunks.
+const PRUNE_WAIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 /// A volume to snapshot: its name and the directory holding its contents
 /// (podman's `<volume>/_data`).
@@ -105,14 +108,10 @@ pub async fn backup(
     let now_ms = now_unix_ms();
     let now = now_ms.div_euclid(1000);
     let id = format::new_snapshot_id(now_ms);
-    let lock_key = format::lock_key(&store.prefix, &id);
-    let lock_body = serde_json::json!({"host": opts.host, "time": now, "pid": std::process::id()});
-    store
-        .put(&lock_key, lock_body.to_string().into_bytes(), false, None)
-        .await?;
+    let lock = super::lock::acquire(store, LockKind::Backup, &id, &opts.host, PRUNE_WAIT).await?;
     let result = backup_locked(store, keys, sources, hooks, opts, &id, now, started).await;
     // A lock left by a crash only delays chunk garbage collection until it is stale.
-    let _ = store.delete(&lock_key).await;
+    lock.release().await;
     result
 }
 
@@ -185,7 +184,7 @@ async fn backup_locked(
         volumes,
     };
     let json = serde_json::to_vec(&manifest).map_err(|e| SnapshotError::Other(e.to_string()))?;
-    let sealed = keys.seal_manifest(id, &json)?;
+    let sealed = keys.seal_manifest(id, &opts.host, &store.prefix, &json)?;
     let key = format::snapshot_key(&store.prefix, id);
     match store.put(&key, sealed, true, Some(now)).await? {
         PutOutcome::Created => {}
@@ -276,8 +275,9 @@ enum Produced {
 fn segment_fingerprint(entries: &[format::Entry]) -> Option<[u8; 32]> {
     let mut h = blake3::Hasher::new();
     for e in entries {
-        if e.kind == format::Kind::File && e.ino == 0 {
-            return None; // no change information: always read
+        if e.kind == format::Kind::File && (e.ino == 0 || e.skipped.is_some()) {
+            // no change information, or zeros in place of the data: always read
+            return None;
         }
         h.update(&e.path.to_bytes().unwrap_or_default());
         h.update(&[0]);
@@ -349,9 +349,11 @@ async fn backup_volume(
     stats: &mut Stats,
 ) -> Result<(Volume, Vec<String>)> {
     let root = src.root.clone();
-    let (entries, mut warnings) = tokio::task::spawn_blocking(move || fsio::scan(&root))
+    let scanned = tokio::task::spawn_blocking(move || fsio::scan(&root))
         .await
         .map_err(|e| SnapshotError::Other(format!("scan task: {e}")))??;
+    let (entries, mut warnings) = (scanned.entries, scanned.warnings);
+    stats.files_skipped += scanned.skipped;
     let entries = Arc::new(entries);
     let total: u64 = entries.iter().map(|e| e.stream_len()).sum();
     stats.bytes_total += total;
@@ -364,7 +366,7 @@ async fn backup_volume(
         .step(&format!("backup {}", src.name), Some(total));
 
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Produced>>(4);
-    let reader_warnings = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader_warnings = Arc::new(std::sync::Mutex::new(fsio::ReadReport::default()));
     let k2 = keys.clone();
     let root = src.root.clone();
     let (entries2, warnings2) = (entries.clone(), reader_warnings.clone());
@@ -498,10 +500,26 @@ async fn backup_volume(
             src.name
         )));
     }
-    if let Ok(w) = reader_warnings.lock() {
-        warnings.extend(w.iter().cloned());
+    let read = std::mem::take(
+        &mut *reader_warnings
+            .lock()
+            .map_err(|_| SnapshotError::Other("reader report lock poisoned".into()))?,
+    );
+    let mut entries = Arc::try_unwrap(entries).unwrap_or_else(|a| (*a).clone());
+    warnings.extend(read.warnings);
+    stats.files_skipped += read.skipped.len() as u64;
+    for (i, why) in read.skipped {
+        if let Some(e) = entries.get_mut(i) {
+            warnings.push(format!("{}: {why}; skipped", e.path));
+            e.skipped = Some(why);
+        }
     }
-    let entries = Arc::try_unwrap(entries).unwrap_or_else(|a| (*a).clone());
+    stats.files_changed += read.changed.len() as u64;
+    warnings.extend(
+        read.changed
+            .into_iter()
+            .map(|n| format!("{n}: changed while it was read")),
+    );
     Ok((
         Volume {
             name: src.name.clone(),

@@ -19,12 +19,20 @@ pub const CTX_CHUNKER: &str = "imgbuild snapshot v1 chunker seed";
 /// First byte of a sealed chunk / after the magic of a manifest.
 pub const FORMAT_VERSION: u8 = 1;
 pub const MANIFEST_MAGIC: &[u8; 8] = b"IMGSNAP1";
+/// Manifests written since the signature binds host and prefix.
+pub const MANIFEST_MAGIC_V2: &[u8; 8] = b"IMGSNAP2";
 /// Domain separation for the manifest signature, so a signature made by this key for
 /// anything else (e.g. an image manifest) can never pass as a snapshot signature.
 pub const SIGN_DOMAIN: &[u8] = b"imgbuild snapshot manifest v1\0";
+pub const SIGN_DOMAIN_V2: &[u8] = b"imgbuild snapshot manifest v2\0";
+/// Host names are DNS labels; this bounds the cleartext header of a v2 manifest.
+const MAX_HOST_LEN: usize = 255;
 
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
+/// A sealed chunk is at most this much larger than its plaintext: version byte, nonce,
+/// storage flag, tag (zstd output is only kept when smaller than the input).
+pub const CHUNK_OVERHEAD: u64 = (1 + NONCE_LEN + 1 + TAG_LEN) as u64;
 /// Plaintext flag byte: how the chunk payload is stored.
 const STORED_RAW: u8 = 0;
 const STORED_ZSTD: u8 = 1;
@@ -38,6 +46,9 @@ pub struct Keys {
     manifest_key: [u8; 32],
     chunker_seed: u64,
     verifying: VerifyingKey,
+    /// The host these keys belong to, when the caller knows it: manifests of any
+    /// other host are refused even if they verify (shared keys, copied objects).
+    host: Option<String>,
     signing: Option<SigningKey>,
 }
 
@@ -86,6 +97,7 @@ impl Keys {
             chunker_seed: u64::from_le_bytes(seed),
             verifying,
             signing,
+            host: None,
         })
     }
 
@@ -140,6 +152,16 @@ impl Keys {
             }
         };
         Keys::from_bytes(master, seed, public)
+    }
+
+    /// Binds the keys to one host: loading a manifest that another host wrote fails.
+    pub fn for_host(mut self, host: &str) -> Self {
+        self.host = Some(host.to_string());
+        self
+    }
+
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref()
     }
 
     pub fn can_sign(&self) -> bool {
@@ -202,10 +224,47 @@ impl Keys {
         Ok(plain)
     }
 
-    /// `MAGIC(8) | signature(64) | nonce(24) | ciphertext`; the signature covers
-    /// `SIGN_DOMAIN | id | nonce | ciphertext`, so it can be checked without the
-    /// encryption key and binds the manifest to its object name.
-    pub fn seal_manifest(&self, snapshot_id: &str, json: &[u8]) -> Result<Vec<u8>> {
+    /// `MAGIC2(8) | signature(64) | host length(1) | host | nonce(24) | ciphertext`; the
+    /// signature covers `SIGN_DOMAIN_V2 | prefix | 0 | host | 0 | id | 0 | nonce |
+    /// ciphertext`, so it can be checked without the encryption key and binds the
+    /// manifest to its object name, its host and the prefix it was written under: a
+    /// manifest copied to another host's or environment's prefix no longer verifies.
+    pub fn seal_manifest(
+        &self,
+        snapshot_id: &str,
+        host: &str,
+        prefix: &str,
+        json: &[u8],
+    ) -> Result<Vec<u8>> {
+        let signing = self
+            .signing
+            .as_ref()
+            .ok_or_else(|| SnapshotError::Other("no signing key: cannot write snapshots".into()))?;
+        if host.is_empty() || host.len() > MAX_HOST_LEN {
+            return Err(SnapshotError::Other(format!(
+                "host name {host:?} cannot name a snapshot (1 to {MAX_HOST_LEN} bytes)"
+            )));
+        }
+        let z = zstd::bulk::compress(json, ZSTD_LEVEL)
+            .map_err(|e| SnapshotError::Other(format!("zstd: {e}")))?;
+        let sealed = seal(&self.manifest_key, snapshot_id.as_bytes(), z);
+        // seal() starts with the version byte; the manifest has its own magic instead.
+        let nonce_and_ct = &sealed[1..];
+        let sig = signing.sign(&sign_message_v2(prefix, host, snapshot_id, nonce_and_ct));
+        let mut out = Vec::with_capacity(8 + 64 + 1 + host.len() + nonce_and_ct.len());
+        out.extend_from_slice(MANIFEST_MAGIC_V2);
+        out.extend_from_slice(&sig.to_bytes());
+        out.push(host.len() as u8);
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(nonce_and_ct);
+        Ok(out)
+    }
+
+    /// The format-1 layout (`MAGIC | signature | nonce | ciphertext`, signature over the
+    /// id only). Nothing writes it any more; compatibility tests use it to make the
+    /// manifests older versions wrote.
+    #[doc(hidden)]
+    pub fn seal_manifest_v1(&self, snapshot_id: &str, json: &[u8]) -> Result<Vec<u8>> {
         let signing = self
             .signing
             .as_ref()
@@ -213,7 +272,6 @@ impl Keys {
         let z = zstd::bulk::compress(json, ZSTD_LEVEL)
             .map_err(|e| SnapshotError::Other(format!("zstd: {e}")))?;
         let sealed = seal(&self.manifest_key, snapshot_id.as_bytes(), z);
-        // seal() starts with the version byte; the manifest has its own magic instead.
         let nonce_and_ct = &sealed[1..];
         let sig = signing.sign(&sign_message(snapshot_id, nonce_and_ct));
         let mut out = Vec::with_capacity(8 + 64 + nonce_and_ct.len());
@@ -224,39 +282,90 @@ impl Keys {
     }
 
     /// Verifies the signature first (so "tampered" and "wrong key" are told apart),
-    /// then decrypts.
-    pub fn open_manifest(&self, snapshot_id: &str, bytes: &[u8]) -> Result<Vec<u8>> {
-        self.verify_manifest(snapshot_id, bytes)?;
-        let mut sealed = Vec::with_capacity(bytes.len() - 71);
+    /// then decrypts. Returns the JSON and, for a v2 manifest, the host its signature
+    /// names (the caller compares it with the JSON's).
+    pub fn open_manifest(
+        &self,
+        snapshot_id: &str,
+        prefix: &str,
+        bytes: &[u8],
+    ) -> Result<(Vec<u8>, Option<String>)> {
+        let signed = self.verify_manifest(snapshot_id, prefix, bytes)?;
+        let mut sealed = Vec::with_capacity(bytes.len() - signed.body_at + 1);
         sealed.push(FORMAT_VERSION);
-        sealed.extend_from_slice(&bytes[72..]);
+        sealed.extend_from_slice(&bytes[signed.body_at..]);
         let z = open(&self.manifest_key, snapshot_id.as_bytes(), &sealed).map_err(|_| {
             SnapshotError::WrongKey {
                 id: snapshot_id.to_string(),
             }
         })?;
-        zstd::stream::decode_all(&z[..]).map_err(|e| SnapshotError::BadManifest {
+        let json = zstd::stream::decode_all(&z[..]).map_err(|e| SnapshotError::BadManifest {
             id: snapshot_id.to_string(),
             reason: format!("zstd: {e}"),
-        })
+        })?;
+        Ok((json, signed.host))
     }
 
-    pub fn verify_manifest(&self, snapshot_id: &str, bytes: &[u8]) -> Result<()> {
-        if bytes.len() < 8 + 64 + NONCE_LEN + TAG_LEN || &bytes[..8] != MANIFEST_MAGIC {
-            return Err(SnapshotError::BadManifest {
-                id: snapshot_id.to_string(),
-                reason: "not an imgbuild snapshot manifest (bad magic or too short)".into(),
-            });
+    /// Checks a manifest object's signature (v1: id only; v2: id, host and prefix).
+    pub fn verify_manifest(
+        &self,
+        snapshot_id: &str,
+        prefix: &str,
+        bytes: &[u8],
+    ) -> Result<SignedHeader> {
+        let bad = |reason: &str| SnapshotError::BadManifest {
+            id: snapshot_id.to_string(),
+            reason: reason.to_string(),
+        };
+        let min = 8 + 64 + NONCE_LEN + TAG_LEN;
+        if bytes.len() < min {
+            return Err(bad("not an imgbuild snapshot manifest (too short)"));
         }
         let mut sig = [0u8; 64];
         sig.copy_from_slice(&bytes[8..72]);
         let sig = Signature::from_bytes(&sig);
+        let (message, header) = if &bytes[..8] == MANIFEST_MAGIC {
+            (
+                sign_message(snapshot_id, &bytes[72..]),
+                SignedHeader {
+                    host: None,
+                    body_at: 72,
+                },
+            )
+        } else if &bytes[..8] == MANIFEST_MAGIC_V2 {
+            let n = usize::from(bytes[72]);
+            let body_at = 73 + n;
+            if n == 0 || bytes.len() < body_at + NONCE_LEN + TAG_LEN {
+                return Err(bad("truncated header"));
+            }
+            let host = std::str::from_utf8(&bytes[73..body_at])
+                .map_err(|_| bad("host name in the header is not UTF-8"))?;
+            (
+                sign_message_v2(prefix, host, snapshot_id, &bytes[body_at..]),
+                SignedHeader {
+                    host: Some(host.to_string()),
+                    body_at,
+                },
+            )
+        } else {
+            return Err(bad("not an imgbuild snapshot manifest (bad magic)"));
+        };
         self.verifying
-            .verify(&sign_message(snapshot_id, &bytes[72..]), &sig)
+            .verify(&message, &sig)
             .map_err(|_| SnapshotError::BadSignature {
                 id: snapshot_id.to_string(),
-            })
+            })?;
+        Ok(header)
     }
+}
+
+/// What a verified manifest header says.
+#[derive(Debug, Clone)]
+pub struct SignedHeader {
+    /// The host the signature names (v2); `None` for v1 manifests.
+    pub host: Option<String>,
+    /// Where nonce and ciphertext start.
+    body_at: usize,
 }
 
 impl Keys {
@@ -289,6 +398,24 @@ fn sign_message(snapshot_id: &str, nonce_and_ct: &[u8]) -> Vec<u8> {
     m.extend_from_slice(SIGN_DOMAIN);
     m.extend_from_slice(snapshot_id.as_bytes());
     m.push(0);
+    m.extend_from_slice(nonce_and_ct);
+    m
+}
+
+fn sign_message_v2(prefix: &str, host: &str, snapshot_id: &str, nonce_and_ct: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(
+        SIGN_DOMAIN_V2.len()
+            + prefix.len()
+            + host.len()
+            + snapshot_id.len()
+            + 3
+            + nonce_and_ct.len(),
+    );
+    m.extend_from_slice(SIGN_DOMAIN_V2);
+    for part in [prefix.as_bytes(), host.as_bytes(), snapshot_id.as_bytes()] {
+        m.extend_from_slice(part);
+        m.push(0);
+    }
     m.extend_from_slice(nonce_and_ct);
     m
 }
@@ -336,6 +463,13 @@ fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> std::result::Result<Vec<u8
         .map_err(|_| "authentication tag does not verify (bit rot, tampering or wrong key)")
 }
 
+/// Jitter for retries; not for keys.
+pub fn random_u16() -> u16 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::getrandom(&mut b);
+    u16::from_le_bytes(b)
+}
+
 pub fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     let _ = getrandom::getrandom(&mut b);
@@ -369,25 +503,65 @@ mod tests {
     #[test]
     fn manifest_causes_are_told_apart() {
         let k = keys();
-        let m = k.seal_manifest("s1", b"{}").unwrap();
-        assert_eq!(k.open_manifest("s1", &m).unwrap(), b"{}");
+        let m = k.seal_manifest("s1", "vps1", "vps1/prod", b"{}").unwrap();
+        let (json, host) = k.open_manifest("s1", "vps1/prod", &m).unwrap();
+        assert_eq!(
+            (json.as_slice(), host.as_deref()),
+            (&b"{}"[..], Some("vps1"))
+        );
         assert!(matches!(
-            k.open_manifest("s2", &m),
+            k.open_manifest("s2", "vps1/prod", &m),
             Err(SnapshotError::BadSignature { .. })
         ));
         let mut t = m.clone();
         let n = t.len();
         t[n - 3] ^= 0x40;
         assert!(matches!(
-            k.open_manifest("s1", &t),
+            k.open_manifest("s1", "vps1/prod", &t),
             Err(SnapshotError::BadSignature { .. })
         ));
         let sk = SigningKey::from_bytes(&[7u8; 32]);
         let other =
             Keys::from_bytes([2u8; 32], Some([7u8; 32]), sk.verifying_key().to_bytes()).unwrap();
         assert!(matches!(
-            other.open_manifest("s1", &m),
+            other.open_manifest("s1", "vps1/prod", &m),
             Err(SnapshotError::WrongKey { .. })
+        ));
+    }
+
+    #[test]
+    fn v2_signature_binds_prefix_and_host() {
+        let k = keys();
+        let m = k.seal_manifest("s1", "vps1", "vps1/prod", b"{}").unwrap();
+        // the same object under another environment's prefix
+        assert!(matches!(
+            k.open_manifest("s1", "vps1/staging", &m),
+            Err(SnapshotError::BadSignature { .. })
+        ));
+        // the cleartext host rewritten to another host of the same length
+        let mut t = m.clone();
+        t[73..77].copy_from_slice(b"vps2");
+        assert!(matches!(
+            k.open_manifest("s1", "vps1/prod", &t),
+            Err(SnapshotError::BadSignature { .. })
+        ));
+        // a host length pointing past the end is refused, not a panic
+        let mut t = m.clone();
+        t[72] = 255;
+        t.truncate(200);
+        assert!(k.open_manifest("s1", "vps1/prod", &t).is_err());
+    }
+
+    #[test]
+    fn v1_manifests_still_open() {
+        let k = keys();
+        let m = k.seal_manifest_v1("s1", b"{}").unwrap();
+        // v1 signed the id only: any prefix verifies, and no host is named
+        let (json, host) = k.open_manifest("s1", "anything", &m).unwrap();
+        assert_eq!((json.as_slice(), host), (&b"{}"[..], None));
+        assert!(matches!(
+            k.open_manifest("s2", "anything", &m),
+            Err(SnapshotError::BadSignature { .. })
         ));
     }
 }

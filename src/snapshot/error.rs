@@ -41,6 +41,17 @@ pub enum SnapshotError {
     #[error("empty-start marker {key}: {reason}")]
     BadMarker { key: String, reason: String },
 
+    #[error("s3://{bucket}/{key} is {size} bytes, more than the {max} an object of its kind can hold (planted or corrupted object); refused")]
+    TooLarge {
+        bucket: String,
+        key: String,
+        size: u64,
+        max: u64,
+    },
+
+    #[error("{key} is held (waited {waited_secs} s): a backup and a prune must not delete and re-use chunks at the same time; try again later")]
+    Locked { key: String, waited_secs: u64 },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

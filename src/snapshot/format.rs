@@ -12,7 +12,14 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
-pub const MANIFEST_VERSION: u32 = 1;
+/// JSON version written now. 2 adds `skipped` entries; the object around it also
+/// changed (see crypto: the signature binds host and prefix). 1 still restores.
+pub const MANIFEST_VERSION: u32 = 2;
+
+/// Largest sealed manifest any reader accepts. A manifest entry compresses to well
+/// under 100 bytes, so this holds tens of millions of files; it exists so a planted
+/// object cannot make first boot allocate without limit.
+pub const MANIFEST_OBJECT_MAX: u64 = 256 * 1024 * 1024;
 
 /// Object keys inside the per-host prefix.
 pub fn snapshots_dir(prefix: &str) -> String {
@@ -137,6 +144,15 @@ pub struct Entry {
     pub ctime_ns: u32,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub ino: u64,
+    /// Set when the file's bytes could not be read as scanned (it vanished, or
+    /// something else now sits at its path): its stream bytes are zeros that restore
+    /// reads past without creating the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    /// Device of the scanned inode: the read compares it (with `ino`) to what it
+    /// opened. Only meaningful within one backup, so never stored.
+    #[serde(skip)]
+    pub dev: u64,
 }
 
 fn is_zero_i64(v: &i64) -> bool {
@@ -190,6 +206,14 @@ pub struct Stats {
     pub chunks_new: u64,
     pub files: u64,
     pub duration_ms: u64,
+    /// Files left out: vanished or replaced between scan and read, unreadable, or
+    /// with a path too long to restore (each named in the backup's warnings).
+    #[serde(default)]
+    pub files_skipped: u64,
+    /// Files whose size or mtime changed while they were read (only possible without
+    /// an atomic snapshot).
+    #[serde(default)]
+    pub files_changed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,7 +252,7 @@ impl Manifest {
     /// Internal consistency a restore relies on; a signed manifest from a buggy writer
     /// must still not make restore write out of bounds.
     pub fn validate(&self) -> Result<(), String> {
-        if self.version != MANIFEST_VERSION {
+        if !(1..=MANIFEST_VERSION).contains(&self.version) {
             return Err(format!("unsupported manifest version {}", self.version));
         }
         for v in &self.volumes {
@@ -248,10 +272,40 @@ impl Manifest {
                     return Err(format!("volume {}: bad chunk id {:?}", v.name, c.0));
                 }
             }
-            for e in &v.entries {
+            // Restore creates entries in order inside their parent: each path must be
+            // new, and its parent an earlier directory entry. A path below a symlink
+            // (`a -> /etc`, then `a/cron.d/x`) or below a file is refused here, before
+            // anything is written.
+            let mut kinds: std::collections::HashMap<Vec<u8>, Kind> =
+                std::collections::HashMap::with_capacity(v.entries.len());
+            for (i, e) in v.entries.iter().enumerate() {
                 let p = e.path.to_bytes().ok_or("bad base64 path")?;
                 if !safe_relative(&p) {
                     return Err(format!("volume {}: unsafe path {}", v.name, e.path));
+                }
+                if p.is_empty() != (i == 0) || (i == 0 && e.kind != Kind::Dir) {
+                    return Err(format!(
+                        "volume {}: the first entry, and only it, must be the root directory",
+                        v.name
+                    ));
+                }
+                if !p.is_empty() {
+                    let parent = &p[..p.iter().rposition(|b| *b == b'/').unwrap_or(0)];
+                    match kinds.get(parent) {
+                        Some(Kind::Dir) => {}
+                        Some(k) => {
+                            return Err(format!(
+                                "volume {}: {} lies below a {k:?} entry (only directories hold entries)",
+                                v.name, e.path
+                            ))
+                        }
+                        None => {
+                            return Err(format!(
+                                "volume {}: {} comes before its parent directory",
+                                v.name, e.path
+                            ))
+                        }
+                    }
                 }
                 if e.kind == Kind::Hardlink {
                     let t = e
@@ -262,11 +316,20 @@ impl Manifest {
                     if t.is_empty() || !safe_relative(&t) {
                         return Err(format!("volume {}: bad hard link {}", v.name, e.path));
                     }
+                    if kinds.get(&t) != Some(&Kind::File) {
+                        return Err(format!(
+                            "volume {}: hard link {} does not name an earlier regular file",
+                            v.name, e.path
+                        ));
+                    }
                 }
                 for x in e.data_extents() {
                     if x[0].checked_add(x[1]).is_none_or(|end| end > e.size) {
                         return Err(format!("volume {}: extent past end of {}", v.name, e.path));
                     }
+                }
+                if kinds.insert(p, e.kind).is_some() {
+                    return Err(format!("volume {}: {} is listed twice", v.name, e.path));
                 }
             }
         }

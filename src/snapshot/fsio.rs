@@ -11,7 +11,7 @@ use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -108,109 +108,372 @@ fn data_extents(f: &File, size: u64) -> Option<Vec<[u64; 2]>> {
     }
 }
 
-/// Walks `root` (not following symlinks, children sorted by name bytes) and returns
-/// the entries in stream order. Sockets are skipped: they are recreated by whoever
-/// listens on them.
-pub fn scan(root: &Path) -> Result<(Vec<Entry>, Vec<String>)> {
-    let mut entries = Vec::new();
-    let mut warnings = Vec::new();
-    let mut inodes: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-    scan_into(root, Vec::new(), &mut entries, &mut inodes, &mut warnings)?;
-    Ok((entries, warnings))
+/// What a scan found besides the entries.
+#[derive(Debug, Default)]
+pub struct ScanReport {
+    pub entries: Vec<Entry>,
+    /// One line per file left out or noted, naming it and why.
+    pub warnings: Vec<String>,
+    /// Files left out: vanished between listing and stat, replaced while scanned,
+    /// unreadable, or with a path too long to restore.
+    pub skipped: u64,
 }
 
-fn scan_into(
-    root: &Path,
-    rel: Vec<u8>,
-    out: &mut Vec<Entry>,
-    inodes: &mut HashMap<(u64, u64), Vec<u8>>,
-    warnings: &mut Vec<String>,
-) -> Result<()> {
-    let path = join_rel(root, &rel);
-    let md = std::fs::symlink_metadata(&path).map_err(|e| SnapshotError::io(&path, e))?;
-    let ft = md.file_type();
-    let mut e = Entry {
-        path: Name::from_bytes(&rel),
+/// Directory fds the walks hold open, relative to which every name is resolved: a
+/// container that swaps a directory for a symlink between our steps can then only
+/// make us skip that name, never follow it out of the volume.
+mod at {
+    use std::ffi::CStr;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+    pub fn open(dir: RawFd, name: &CStr, flags: i32) -> std::io::Result<OwnedFd> {
+        // SAFETY: valid C string; the returned fd is owned by us alone.
+        let fd = unsafe {
+            libc::openat(
+                dir,
+                name.as_ptr(),
+                flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            )
+        };
+        if fd < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            // SAFETY: fd was just returned by openat.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        }
+    }
+
+    pub fn open_dir(dir: RawFd, name: &CStr) -> std::io::Result<OwnedFd> {
+        open(dir, name, libc::O_RDONLY | libc::O_DIRECTORY)
+    }
+
+    /// A regular file for reading. O_NONBLOCK: should a FIFO or device have been
+    /// swapped in after the stat, the open returns at once instead of blocking the
+    /// backup forever (the fstat check then rejects it).
+    pub fn open_file(dir: RawFd, name: &CStr) -> std::io::Result<OwnedFd> {
+        open(
+            dir,
+            name,
+            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+        )
+    }
+
+    pub fn stat(dir: RawFd, name: &CStr) -> std::io::Result<libc::stat> {
+        // SAFETY: zeroed stat is a valid out-buffer; valid C string.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+        if r != 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(st)
+        }
+    }
+
+    pub fn fstat(fd: &OwnedFd) -> std::io::Result<libc::stat> {
+        // SAFETY: as above, on an open fd.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(st)
+        }
+    }
+
+    pub fn readlink(dir: RawFd, name: &CStr) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+        // SAFETY: the buffer is as large as we say.
+        let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    /// Names in a directory (not "." and ".."), via a duplicate of its fd.
+    pub fn list(dir: &OwnedFd) -> std::io::Result<Vec<Vec<u8>>> {
+        let dup = dir.try_clone()?;
+        // SAFETY: fdopendir takes over the duplicated fd (closed by closedir).
+        let d = unsafe { libc::fdopendir(std::os::fd::IntoRawFd::into_raw_fd(dup)) };
+        if d.is_null() {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: rewind in case the original fd's offset moved (shared file description).
+        unsafe { libc::rewinddir(d) };
+        let mut out = Vec::new();
+        loop {
+            // errno distinguishes the end of the stream from an error.
+            // SAFETY: __errno_location is always valid for this thread.
+            unsafe { *libc::__errno_location() = 0 };
+            // SAFETY: d is an open DIR*.
+            let ent = unsafe { libc::readdir(d) };
+            if ent.is_null() {
+                let err = std::io::Error::last_os_error();
+                // SAFETY: d is open and closed exactly once.
+                unsafe { libc::closedir(d) };
+                return match err.raw_os_error() {
+                    Some(0) | None => Ok(out),
+                    _ => Err(err),
+                };
+            }
+            // SAFETY: d_name is a NUL-terminated array inside the entry.
+            let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
+            if name != b"." && name != b".." {
+                out.push(name.to_vec());
+            }
+        }
+    }
+
+    /// A path that names `name` inside the open directory without resolving anything
+    /// again: the fd's magic link is the directory itself, and the l*xattr calls do
+    /// not follow the last component.
+    pub fn proc_path(dir: RawFd, name: &[u8]) -> Vec<u8> {
+        let mut p = format!("/proc/self/fd/{dir}/").into_bytes();
+        p.extend_from_slice(name);
+        p
+    }
+}
+
+/// The volume root itself is ours (a podman volume's `_data`, our atomic snapshot, or
+/// the directory a user named), so it may be reached through a symlink; nothing below
+/// it is followed.
+fn open_root(root: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(root)?;
+    Ok(f.into())
+}
+
+fn cname(n: &[u8]) -> std::io::Result<CString> {
+    CString::new(n).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP)
+    )
+}
+
+fn entry_from_stat(rel: &[u8], st: &libc::stat) -> Entry {
+    Entry {
+        path: Name::from_bytes(rel),
         kind: Kind::File,
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime: md.mtime(),
-        mtime_ns: md.mtime_nsec() as u32,
-        atime: md.atime(),
-        atime_ns: md.atime_nsec() as u32,
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mtime: st.st_mtime,
+        mtime_ns: st.st_mtime_nsec as u32,
+        atime: st.st_atime,
+        atime_ns: st.st_atime_nsec as u32,
         size: 0,
         extents: None,
         target: None,
         rdev: 0,
-        xattrs: read_xattrs(&path)?,
-        ctime: md.ctime(),
-        ctime_ns: md.ctime_nsec() as u32,
-        ino: md.ino(),
+        xattrs: BTreeMap::new(),
+        ctime: st.st_ctime,
+        ctime_ns: st.st_ctime_nsec as u32,
+        ino: st.st_ino,
+        skipped: None,
+        dev: st.st_dev,
+    }
+}
+
+fn same_inode(a: &libc::stat, b: &libc::stat) -> bool {
+    a.st_dev == b.st_dev
+        && a.st_ino == b.st_ino
+        && (a.st_mode & libc::S_IFMT) == (b.st_mode & libc::S_IFMT)
+}
+
+/// Walks `root` (never following symlinks, children sorted by name bytes) and returns
+/// the entries in stream order. Every name is resolved relative to its parent's open
+/// fd, so the walk stays inside `root` whatever a container renames meanwhile. Names
+/// that vanish or change type between listing and opening, unreadable directories
+/// and paths too long to restore are skipped and counted; sockets are skipped (they
+/// are recreated by whoever listens on them).
+pub fn scan(root: &Path) -> Result<ScanReport> {
+    let rootfd = open_root(root).map_err(|e| SnapshotError::io(root, e))?;
+    let st = at::fstat(&rootfd).map_err(|e| SnapshotError::io(root, e))?;
+    let mut rep = ScanReport::default();
+    let mut e = entry_from_stat(b"", &st);
+    e.kind = Kind::Dir;
+    e.xattrs = read_xattrs(root)?;
+    rep.entries.push(e);
+    let mut w = Walk {
+        root,
+        // Restore recreates the tree under a path of about the same length.
+        budget: (libc::PATH_MAX as usize).saturating_sub(root.as_os_str().len() + 2),
+        inodes: HashMap::new(),
+        rep,
     };
-    if ft.is_dir() {
-        e.kind = Kind::Dir;
-        out.push(e);
-        let mut names: Vec<Vec<u8>> = std::fs::read_dir(&path)
-            .map_err(|e| SnapshotError::io(&path, e))?
-            .map(|d| d.map(|d| d.file_name().as_bytes().to_vec()))
-            .collect::<std::io::Result<_>>()
-            .map_err(|e| SnapshotError::io(&path, e))?;
+    w.dir(&rootfd, &[]);
+    Ok(w.rep)
+}
+
+struct Walk<'a> {
+    root: &'a Path,
+    budget: usize,
+    inodes: HashMap<(u64, u64), Vec<u8>>,
+    rep: ScanReport,
+}
+
+impl Walk<'_> {
+    fn skip(&mut self, rel: &[u8], why: impl std::fmt::Display) {
+        self.rep.skipped += 1;
+        self.rep.warnings.push(format!(
+            "{}: {why}; skipped",
+            join_rel(self.root, rel).display()
+        ));
+    }
+
+    fn dir(&mut self, dirfd: &std::os::fd::OwnedFd, rel: &[u8]) {
+        use std::os::fd::AsRawFd;
+        let mut names = match at::list(dirfd) {
+            Ok(n) => n,
+            Err(e) => return self.skip(rel, format!("cannot list: {e}")),
+        };
         names.sort();
         for n in names {
-            let mut child = rel.clone();
+            let mut child = rel.to_vec();
             if !child.is_empty() {
                 child.push(b'/');
             }
             child.extend_from_slice(&n);
-            scan_into(root, child, out, inodes, warnings)?;
-        }
-        return Ok(());
-    }
-    if ft.is_symlink() {
-        e.kind = Kind::Symlink;
-        let t = std::fs::read_link(&path).map_err(|e| SnapshotError::io(&path, e))?;
-        e.target = Some(Name::from_os(t.as_os_str()));
-    } else if ft.is_file() {
-        if md.nlink() > 1 {
-            if let Some(first) = inodes.get(&(md.dev(), md.ino())) {
-                e.kind = Kind::Hardlink;
-                e.target = Some(Name::from_bytes(first));
-                e.xattrs.clear();
-                out.push(e);
-                return Ok(());
+            if child.len() >= self.budget {
+                let shown = String::from_utf8_lossy(&child[..80.min(child.len())]).into_owned();
+                self.rep.skipped += 1;
+                self.rep.warnings.push(format!(
+                    "{}/{shown}…: path of {} bytes is too long to restore (PATH_MAX); skipped",
+                    self.root.display(),
+                    child.len()
+                ));
+                continue;
             }
-            inodes.insert((md.dev(), md.ino()), rel.clone());
-        }
-        e.size = md.len();
-        // Only files with fewer allocated blocks than their size can have holes;
-        // asking every file would cost two syscalls each for nothing.
-        if md.blocks() * 512 < md.len() {
-            match File::open(&path) {
-                Ok(f) => e.extents = data_extents(&f, md.len()),
-                Err(err) => warnings.push(format!("{}: {err}", path.display())),
+            let Ok(c) = cname(&n) else { continue };
+            let st = match at::stat(dirfd.as_raw_fd(), &c) {
+                Ok(st) => st,
+                Err(e) if is_gone(&e) => {
+                    self.skip(&child, "vanished during the scan");
+                    continue;
+                }
+                Err(e) => {
+                    self.skip(&child, e);
+                    continue;
+                }
+            };
+            let mut e = entry_from_stat(&child, &st);
+            let proc = at::proc_path(dirfd.as_raw_fd(), &n);
+            e.xattrs = read_xattrs(Path::new(OsStr::from_bytes(&proc))).unwrap_or_default();
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => {
+                    let sub = match at::open_dir(dirfd.as_raw_fd(), &c) {
+                        Ok(fd) => fd,
+                        Err(err) if is_gone(&err) => {
+                            self.skip(&child, "vanished or replaced during the scan");
+                            continue;
+                        }
+                        Err(err) => {
+                            self.skip(&child, err);
+                            continue;
+                        }
+                    };
+                    match at::fstat(&sub) {
+                        Ok(now) if same_inode(&now, &st) => {}
+                        _ => {
+                            self.skip(&child, "replaced during the scan");
+                            continue;
+                        }
+                    }
+                    e.kind = Kind::Dir;
+                    self.rep.entries.push(e);
+                    self.dir(&sub, &child);
+                    continue;
+                }
+                libc::S_IFLNK => match at::readlink(dirfd.as_raw_fd(), &c) {
+                    Ok(t) => {
+                        e.kind = Kind::Symlink;
+                        e.target = Some(Name::from_bytes(&t));
+                    }
+                    Err(err) => {
+                        self.skip(&child, format!("readlink: {err}"));
+                        continue;
+                    }
+                },
+                libc::S_IFREG => {
+                    if st.st_nlink > 1 {
+                        if let Some(first) = self.inodes.get(&(st.st_dev, st.st_ino)) {
+                            e.kind = Kind::Hardlink;
+                            e.target = Some(Name::from_bytes(first));
+                            e.xattrs.clear();
+                            self.rep.entries.push(e);
+                            continue;
+                        }
+                        self.inodes.insert((st.st_dev, st.st_ino), child.clone());
+                    }
+                    e.size = st.st_size as u64;
+                    // Only files with fewer allocated blocks than their size can have
+                    // holes; asking every file would cost an open and two seeks each.
+                    if (st.st_blocks as u64) * 512 < e.size {
+                        match at::open_file(dirfd.as_raw_fd(), &c) {
+                            Ok(fd) if at::fstat(&fd).is_ok_and(|now| same_inode(&now, &st)) => {
+                                e.extents = data_extents(&File::from(fd), e.size);
+                            }
+                            Ok(_) => {
+                                self.skip(&child, "replaced during the scan");
+                                continue;
+                            }
+                            Err(err) if is_gone(&err) => {
+                                self.skip(&child, "vanished during the scan");
+                                continue;
+                            }
+                            Err(err) => {
+                                self.skip(&child, err);
+                                continue;
+                            }
+                        }
+                    }
+                }
+                libc::S_IFIFO => e.kind = Kind::Fifo,
+                libc::S_IFCHR | libc::S_IFBLK => {
+                    e.kind = if st.st_mode & libc::S_IFMT == libc::S_IFCHR {
+                        Kind::Char
+                    } else {
+                        Kind::Block
+                    };
+                    e.rdev = st.st_rdev;
+                }
+                _ => {
+                    self.rep.warnings.push(format!(
+                        "{}: socket skipped",
+                        join_rel(self.root, &child).display()
+                    ));
+                    continue;
+                }
             }
+            self.rep.entries.push(e);
         }
-    } else if ft.is_fifo() {
-        e.kind = Kind::Fifo;
-    } else if ft.is_char_device() || ft.is_block_device() {
-        e.kind = if ft.is_char_device() {
-            Kind::Char
-        } else {
-            Kind::Block
-        };
-        e.rdev = md.rdev();
-    } else {
-        warnings.push(format!("{}: socket skipped", path.display()));
-        return Ok(());
     }
-    out.push(e);
-    Ok(())
 }
 
-/// The volume's data stream: each regular file's data extents in entry order. A file
-/// that shrank or vanished since the scan (live backups) is padded with zeros and one
-/// that grew is cut, so the stream always matches the manifest; both are reported.
+/// What the read of a file found against its scan.
+#[derive(Debug, Default)]
+pub struct ReadReport {
+    /// Entry indexes whose bytes could not be read as scanned, with the reason; the
+    /// stream holds zeros for them and the manifest marks them skipped.
+    pub skipped: Vec<(usize, String)>,
+    /// Files whose size or mtime changed while they were read (stored as read: cut
+    /// or zero-padded to the scanned size).
+    pub changed: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// The volume's data stream: each regular file's data extents in entry order. Files
+/// are opened relative to their parent directory's fd without following any symlink,
+/// and must still be the inode the scan saw; one that vanished or was replaced since
+/// is streamed as zeros and reported skipped, so the stream always matches the
+/// manifest and never holds a byte from outside the volume.
 pub struct StreamReader {
     root: PathBuf,
     entries: Arc<Vec<Entry>>,
@@ -221,7 +484,9 @@ pub struct StreamReader {
     left: u64,
     file: Option<File>,
     current_short: bool,
-    warnings: Arc<Mutex<Vec<String>>>,
+    /// The parent directory of the last file opened (consecutive entries share it).
+    dir: Option<(Vec<u8>, std::os::fd::OwnedFd)>,
+    report: Arc<Mutex<ReadReport>>,
 }
 
 impl StreamReader {
@@ -230,7 +495,7 @@ impl StreamReader {
         root: &Path,
         entries: Arc<Vec<Entry>>,
         range: std::ops::Range<usize>,
-        warnings: Arc<Mutex<Vec<String>>>,
+        report: Arc<Mutex<ReadReport>>,
     ) -> Self {
         StreamReader {
             root: root.to_path_buf(),
@@ -242,13 +507,78 @@ impl StreamReader {
             left: 0,
             file: None,
             current_short: false,
-            warnings,
+            dir: None,
+            report,
         }
     }
 
-    fn warn(&self, msg: String) {
-        if let Ok(mut w) = self.warnings.lock() {
-            w.push(msg);
+    fn note(&self, f: impl FnOnce(&mut ReadReport)) {
+        if let Ok(mut r) = self.report.lock() {
+            f(&mut r);
+        }
+    }
+
+    /// The parent directory of `rel`, opened component by component from the root
+    /// with O_NOFOLLOW.
+    fn parent_dir(&mut self, parent: &[u8]) -> std::io::Result<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        if let Some((p, fd)) = &self.dir {
+            if p == parent {
+                return Ok(fd.as_raw_fd());
+            }
+        }
+        self.dir = None;
+        let mut fd = open_root(&self.root)?;
+        for comp in parent.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            fd = at::open_dir(fd.as_raw_fd(), &cname(comp)?)?;
+        }
+        let raw = fd.as_raw_fd();
+        self.dir = Some((parent.to_vec(), fd));
+        Ok(raw)
+    }
+
+    /// Opens entry `i` and checks it is still the regular file the scan saw.
+    fn open_entry(&mut self, i: usize) -> std::result::Result<File, String> {
+        let e = &self.entries[i];
+        let (dev, ino) = (e.dev, e.ino);
+        let rel = e.path.to_bytes().unwrap_or_default();
+        let (parent, name) = match rel.iter().rposition(|b| *b == b'/') {
+            Some(k) => (&rel[..k], &rel[k + 1..]),
+            None => (&rel[..0], &rel[..]),
+        };
+        let dir = self.parent_dir(parent).map_err(|e| match is_gone(&e) {
+            true => "its directory vanished or was replaced".to_string(),
+            false => format!("opening its directory: {e}"),
+        })?;
+        let fd =
+            at::open_file(dir, &cname(name).map_err(|e| e.to_string())?).map_err(|e| {
+                match e.raw_os_error() {
+                    Some(libc::ENOENT) => "vanished before it was read".to_string(),
+                    Some(libc::ELOOP) => "replaced by a symlink before it was read".to_string(),
+                    _ => format!("open: {e}"),
+                }
+            })?;
+        let st = at::fstat(&fd).map_err(|e| format!("fstat: {e}"))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err("replaced by something that is not a regular file".into());
+        }
+        if dev != 0 && (st.st_dev != dev || st.st_ino != ino) {
+            return Err("replaced by another file before it was read".into());
+        }
+        Ok(File::from(fd))
+    }
+
+    /// At the end of a file's bytes: did it change while we read it?
+    fn finish_file(&mut self) {
+        let Some(f) = self.file.take() else { return };
+        let e = &self.entries[self.idx - 1];
+        if let Ok(md) = f.metadata() {
+            let moved =
+                md.len() != e.size || md.mtime() != e.mtime || md.mtime_nsec() as u32 != e.mtime_ns;
+            if moved && !self.current_short {
+                let name = e.path.to_string();
+                self.note(|r| r.changed.push(name));
+            }
         }
     }
 
@@ -269,11 +599,13 @@ impl StreamReader {
                 }
                 continue;
             }
+            self.finish_file();
             // next file entry
             if self.idx >= self.end {
                 return false;
             }
-            let Some(e) = self.entries.get(self.idx) else {
+            let i = self.idx;
+            let Some(e) = self.entries.get(i) else {
                 return false;
             };
             self.idx += 1;
@@ -283,15 +615,22 @@ impl StreamReader {
             if self.extents.is_empty() {
                 continue;
             }
-            let rel = e.path.to_bytes().unwrap_or_default();
-            let p = join_rel(&self.root, &rel);
-            self.file = match File::open(&p) {
+            self.file = match self.open_entry(i) {
                 Ok(f) => Some(f),
-                Err(err) => {
-                    self.warn(format!("{}: {err}; stored as zeros", p.display()));
+                Err(why) => {
+                    self.note(|r| r.skipped.push((i, why)));
                     None
                 }
             };
+        }
+    }
+}
+
+fn read_retrying(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match f.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
         }
     }
 }
@@ -303,13 +642,14 @@ impl Read for StreamReader {
         }
         let want = (buf.len() as u64).min(self.left) as usize;
         let n = match &mut self.file {
-            Some(f) => match f.read(&mut buf[..want]) {
-                Ok(0) => 0,
+            Some(f) => match read_retrying(f, &mut buf[..want]) {
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(0),
                 Err(e) => {
                     let name = self.entries[self.idx - 1].path.to_string();
-                    self.warn(format!("{name}: read error {e}; rest stored as zeros"));
+                    self.note(|r| {
+                        r.warnings
+                            .push(format!("{name}: read error {e}; rest stored as zeros"))
+                    });
                     self.file = None;
                     0
                 }
@@ -320,7 +660,10 @@ impl Read for StreamReader {
             if self.file.is_some() && !self.current_short {
                 self.current_short = true;
                 let name = self.entries[self.idx - 1].path.to_string();
-                self.warn(format!("{name}: shrank during backup; padded with zeros"));
+                self.note(|r| {
+                    r.changed
+                        .push(format!("{name} (shrank while read; padded with zeros)"))
+                });
             }
             buf[..want].fill(0);
             want
@@ -348,9 +691,52 @@ impl Default for WriteOptions {
     }
 }
 
+/// Parent directories for the writer, opened from the root one component at a time
+/// with O_NOFOLLOW: whatever a manifest (or a process racing the restore) puts in the
+/// tree, a name is only ever created inside the directory we opened.
+struct Dirs {
+    root: PathBuf,
+    last: Option<(Vec<u8>, std::os::fd::OwnedFd)>,
+}
+
+impl Dirs {
+    /// (parent fd, last component) for `rel`.
+    fn parent<'a>(&mut self, rel: &'a [u8]) -> Result<(std::os::fd::RawFd, &'a [u8])> {
+        use std::os::fd::AsRawFd;
+        let (parent, name) = match rel.iter().rposition(|b| *b == b'/') {
+            Some(k) => (&rel[..k], &rel[k + 1..]),
+            None => (&rel[..0], rel),
+        };
+        if let Some((p, fd)) = &self.last {
+            if p == parent {
+                return Ok((fd.as_raw_fd(), name));
+            }
+        }
+        self.last = None;
+        let err = |e: std::io::Error| SnapshotError::io(join_rel(&self.root, parent), e);
+        let mut fd = open_root(&self.root).map_err(err)?;
+        for comp in parent.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            fd = at::open_dir(fd.as_raw_fd(), &cname(comp).map_err(err)?).map_err(err)?;
+        }
+        let raw = fd.as_raw_fd();
+        self.last = Some((parent.to_vec(), fd));
+        Ok((raw, name))
+    }
+}
+
+fn check_rc(r: libc::c_int, p: &Path) -> Result<()> {
+    if r != 0 {
+        Err(last_os_error(p))
+    } else {
+        Ok(())
+    }
+}
+
 /// Writes `entries` under `root` (which must not exist yet), taking file data from
 /// `data` in entry order. Metadata is applied afterwards, children before parents, so
-/// directory times and read-only modes survive the writing of their contents.
+/// directory times and read-only modes survive the writing of their contents. Every
+/// name is created relative to its opened parent without following symlinks, so even
+/// a manifest that slipped past validation cannot write outside `root`.
 pub fn write_volume(
     root: &Path,
     entries: &[Entry],
@@ -359,23 +745,45 @@ pub fn write_volume(
     mut progress: impl FnMut(u64),
 ) -> Result<Vec<String>> {
     let mut warnings = Vec::new();
+    let mut dirs = Dirs {
+        root: root.to_path_buf(),
+        last: None,
+    };
+    let mut absent: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
     for e in entries {
         let rel = e.path.to_bytes().unwrap_or_default();
         let p = join_rel(root, &rel);
+        if rel.is_empty() {
+            if e.kind != Kind::Dir {
+                return Err(SnapshotError::Other(format!(
+                    "{}: the volume root is not a directory in the manifest",
+                    root.display()
+                )));
+            }
+            std::fs::create_dir_all(&p).map_err(|err| SnapshotError::io(&p, err))?;
+            continue;
+        }
+        if let Some(why) = &e.skipped {
+            // Its bytes are zeros standing in for a file the backup could not read.
+            let mut sink = std::io::sink();
+            for [_, len] in e.data_extents() {
+                copy_exact(data, &mut sink, len, &p, &mut progress)?;
+            }
+            warnings.push(format!("{}: not in the snapshot ({why})", p.display()));
+            absent.insert(rel);
+            continue;
+        }
+        let (dir, name) = dirs.parent(&rel)?;
+        let c = cname(name).map_err(|err| SnapshotError::io(&p, err))?;
         match e.kind {
             Kind::Dir => {
-                if rel.is_empty() {
-                    std::fs::create_dir_all(&p).map_err(|err| SnapshotError::io(&p, err))?;
-                } else {
-                    std::fs::create_dir(&p).map_err(|err| SnapshotError::io(&p, err))?;
-                }
+                // SAFETY: valid C string relative to an open directory fd.
+                check_rc(unsafe { libc::mkdirat(dir, c.as_ptr(), 0o700) }, &p)?;
             }
             Kind::File => {
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&p)
+                let fd = at::open(dir, &c, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL)
                     .map_err(|err| SnapshotError::io(&p, err))?;
+                let mut f = File::from(fd);
                 for [off, len] in e.data_extents() {
                     if off > 0 {
                         f.seek(SeekFrom::Start(off))
@@ -393,8 +801,9 @@ pub fn write_volume(
                     .as_ref()
                     .and_then(|t| t.to_bytes())
                     .unwrap_or_default();
-                std::os::unix::fs::symlink(OsStr::from_bytes(&t), &p)
-                    .map_err(|err| SnapshotError::io(&p, err))?;
+                let ct = cname(&t).map_err(|err| SnapshotError::io(&p, err))?;
+                // SAFETY: valid C strings relative to an open directory fd.
+                check_rc(unsafe { libc::symlinkat(ct.as_ptr(), dir, c.as_ptr()) }, &p)?;
             }
             Kind::Hardlink => {
                 let t = e
@@ -402,8 +811,27 @@ pub fn write_volume(
                     .as_ref()
                     .and_then(|t| t.to_bytes())
                     .unwrap_or_default();
-                std::fs::hard_link(join_rel(root, &t), &p)
-                    .map_err(|err| SnapshotError::io(&p, err))?;
+                if absent.contains(&t) {
+                    warnings.push(format!(
+                        "{}: not restored: it is a further name of a file the backup skipped",
+                        p.display()
+                    ));
+                    absent.insert(rel);
+                    continue;
+                }
+                // The link source is opened the same careful way as the destination;
+                // linkat without AT_SYMLINK_FOLLOW never follows a symlink there.
+                let mut src_dirs = Dirs {
+                    root: root.to_path_buf(),
+                    last: None,
+                };
+                let (sdir, sname) = src_dirs.parent(&t)?;
+                let cs = cname(sname).map_err(|err| SnapshotError::io(&p, err))?;
+                // SAFETY: valid C strings relative to open directory fds.
+                check_rc(
+                    unsafe { libc::linkat(sdir, cs.as_ptr(), dir, c.as_ptr(), 0) },
+                    &p,
+                )?;
             }
             Kind::Fifo | Kind::Char | Kind::Block => {
                 let fmt = match e.kind {
@@ -411,14 +839,16 @@ pub fn write_volume(
                     Kind::Char => libc::S_IFCHR,
                     _ => libc::S_IFBLK,
                 };
-                let c = cpath(&p)?;
-                // SAFETY: valid path; mknod has no memory effects.
-                if unsafe { libc::mknod(c.as_ptr(), fmt | 0o600, e.rdev as libc::dev_t) } != 0 {
+                // SAFETY: valid C string relative to an open directory fd.
+                if unsafe { libc::mknodat(dir, c.as_ptr(), fmt | 0o600, e.rdev as libc::dev_t) }
+                    != 0
+                {
                     warnings.push(format!(
                         "{}: mknod: {}",
                         p.display(),
                         std::io::Error::last_os_error()
                     ));
+                    absent.insert(rel);
                 }
             }
         }
@@ -428,18 +858,17 @@ pub fn write_volume(
             continue;
         }
         let rel = e.path.to_bytes().unwrap_or_default();
-        let p = join_rel(root, &rel);
-        if std::fs::symlink_metadata(&p).is_err() {
-            continue; // a device node we could not create
+        if absent.contains(&rel) {
+            continue;
         }
-        apply_metadata(&p, e, opts, &mut warnings)?;
+        apply_metadata(&mut dirs, root, &rel, e, opts, &mut warnings)?;
     }
     Ok(warnings)
 }
 
 fn copy_exact(
     data: &mut dyn BufRead,
-    out: &mut File,
+    out: &mut dyn Write,
     mut len: u64,
     p: &Path,
     progress: &mut impl FnMut(u64),
@@ -463,25 +892,59 @@ fn copy_exact(
 }
 
 fn apply_metadata(
-    p: &Path,
+    dirs: &mut Dirs,
+    root: &Path,
+    rel: &[u8],
     e: &Entry,
     opts: WriteOptions,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
-    let c = cpath(p)?;
+    use std::os::fd::AsRawFd;
+    let p = join_rel(root, rel);
+    // The root has no parent inside the volume: it is addressed through its own fd.
+    let rootfd;
+    let (dir, c) = if rel.is_empty() {
+        rootfd = open_root(root).map_err(|err| SnapshotError::io(&p, err))?;
+        (rootfd.as_raw_fd(), CString::from(c"."))
+    } else {
+        let (dir, name) = dirs.parent(rel)?;
+        (dir, cname(name).map_err(|err| SnapshotError::io(&p, err))?)
+    };
+    let flags = if rel.is_empty() {
+        0
+    } else {
+        libc::AT_SYMLINK_NOFOLLOW
+    };
     if opts.owners {
-        // SAFETY: valid path.
-        if unsafe { libc::lchown(c.as_ptr(), e.uid, e.gid) } != 0 {
-            return Err(last_os_error(p));
-        }
+        // SAFETY: valid C string relative to an open directory fd.
+        check_rc(
+            unsafe { libc::fchownat(dir, c.as_ptr(), e.uid, e.gid, flags) },
+            &p,
+        )?;
     }
     if e.kind != Kind::Symlink {
-        // chown clears setuid/setgid, so the mode comes after it.
-        // SAFETY: valid path.
-        if unsafe { libc::chmod(c.as_ptr(), e.mode as libc::mode_t) } != 0 {
-            return Err(last_os_error(p));
+        // chown clears setuid/setgid, so the mode comes after it. fchmodat cannot
+        // refuse to follow a symlink, but the name was just created by us as this
+        // kind and is not a symlink; the stat check makes sure it still is not.
+        let st = at::stat(dir, &c).map_err(|err| SnapshotError::io(&p, err))?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            return Err(SnapshotError::Other(format!(
+                "{}: became a symlink during the restore; refused",
+                p.display()
+            )));
         }
+        // SAFETY: as above.
+        check_rc(
+            unsafe { libc::fchmodat(dir, c.as_ptr(), e.mode as libc::mode_t, 0) },
+            &p,
+        )?;
     }
+    let proc = if rel.is_empty() {
+        root.as_os_str().as_bytes().to_vec()
+    } else {
+        at::proc_path(dir, c.as_bytes())
+    };
+    let cp = cname(&proc).map_err(|err| SnapshotError::io(&p, err))?;
     for (name, val) in &e.xattrs {
         let Ok(v) = base64::engine::general_purpose::STANDARD.decode(val) else {
             warnings.push(format!("{}: xattr {name}: bad base64", p.display()));
@@ -492,7 +955,7 @@ fn apply_metadata(
         };
         // Capabilities must come after chown (which clears them); they do.
         // SAFETY: valid C strings and buffer.
-        let r = unsafe { libc::lsetxattr(c.as_ptr(), cn.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+        let r = unsafe { libc::lsetxattr(cp.as_ptr(), cn.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
         if r != 0 {
             warnings.push(format!(
                 "{}: xattr {name}: {}",
@@ -511,16 +974,8 @@ fn apply_metadata(
             tv_nsec: e.mtime_ns as _,
         },
     ];
-    // SAFETY: valid path and a two-element timespec array.
-    if unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    } != 0
-    {
+    // SAFETY: valid C string and a two-element timespec array.
+    if unsafe { libc::utimensat(dir, c.as_ptr(), times.as_ptr(), flags) } != 0 {
         warnings.push(format!(
             "{}: times: {}",
             p.display(),

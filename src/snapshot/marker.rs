@@ -92,9 +92,12 @@ pub fn open(
     Ok(m)
 }
 
+/// A marker is a small signed JSON record; anything larger is not one.
+const MARKER_MAX: u64 = 64 * 1024;
+
 /// The prefix's marker, verified; `None` when there is none.
 pub async fn read(store: &Store, keys: &Keys, host: &str) -> Result<Option<EmptyStart>> {
-    match store.get(&key(&store.prefix)).await? {
+    match store.get(&key(&store.prefix), MARKER_MAX).await? {
         None => Ok(None),
         Some(bytes) => open(keys, &store.bucket, &store.prefix, host, &bytes).map(Some),
     }

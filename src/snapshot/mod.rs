@@ -16,6 +16,7 @@ pub mod crypto;
 pub mod error;
 pub mod format;
 pub mod fsio;
+pub mod lock;
 pub mod marker;
 pub mod prune;
 pub mod restore;
@@ -42,10 +43,11 @@ pub struct Target {
 
 impl Target {
     pub fn keys(&self) -> Result<Keys, SnapshotError> {
-        match &self.keys_in_memory {
-            Some(k) => Ok(k.clone()),
-            None => Keys::load(&self.encryption_key, &self.signing_key),
-        }
+        let keys = match &self.keys_in_memory {
+            Some(k) => k.clone(),
+            None => Keys::load(&self.encryption_key, &self.signing_key)?,
+        };
+        Ok(keys.for_host(&self.host))
     }
 
     pub async fn connect(&self) -> Result<Store, SnapshotError> {

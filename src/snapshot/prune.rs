@@ -6,10 +6,11 @@
 //! every remaining manifest could be read and none references it. A kill between the
 //! two steps leaves only unreferenced chunks, which the next prune removes.
 
-use super::backup::{list_chunks, now_unix, LOCK_STALE_SECS};
+use super::backup::{list_chunks, now_unix};
 use super::crypto::Keys;
-use super::error::Result;
+use super::error::{Result, SnapshotError};
 use super::format::{self, civil};
+use super::lock::{acquire, LockKind};
 use super::restore::{list_ids, load_manifest};
 use super::store::{DeleteOutcome, Store};
 use futures_util::StreamExt;
@@ -112,6 +113,12 @@ pub struct PruneReport {
 
 /// `grace_secs`: chunks uploaded less than this long ago (server time) are kept
 /// ([`CHUNK_GRACE_SECS`] in production; tests pass 0).
+///
+/// Chunks are deleted only under the exclusive prune lock (see [`super::lock`]), so no
+/// backup is re-using them meanwhile; the set of needed chunks is built after the lock
+/// is held, from every manifest then listed, one manifest at a time, and the manifest
+/// list is read once more after the chunk listing so that nothing published in
+/// between can lose a chunk.
 pub async fn prune(
     store: &Store,
     keys: &Keys,
@@ -120,15 +127,14 @@ pub async fn prune(
 ) -> Result<PruneReport> {
     let now = now_unix();
     let ids = list_ids(store).await?;
-    let mut readable = Vec::new();
+    let mut times = Vec::new();
     let mut unreadable = Vec::new();
     for id in &ids {
         match load_manifest(store, keys, id).await {
-            Ok(m) => readable.push((id.clone(), m.time, m)),
+            Ok(m) => times.push((id.clone(), m.time)),
             Err(e) => unreadable.push((id.clone(), e.to_string())),
         }
     }
-    let times: Vec<(String, i64)> = readable.iter().map(|(id, t, _)| (id.clone(), *t)).collect();
     let kept = select_kept(&times, keep);
     let mut report = PruneReport {
         kept: kept.iter().cloned().collect(),
@@ -136,7 +142,7 @@ pub async fn prune(
     };
     // Unreadable manifests are never deleted: they may be someone's only copy and
     // deciding about them needs a human (wrong key? another host's prefix?).
-    let forget: Vec<&String> = readable
+    let forget: Vec<&String> = times
         .iter()
         .map(|r| &r.0)
         .filter(|id| !kept.contains(*id))
@@ -170,31 +176,80 @@ pub async fn prune(
         ));
         return Ok(report);
     }
-    let lock_dir = format::locks_dir(&store.prefix);
-    let live_locks: Vec<String> = store
-        .list(&lock_dir)
-        .await?
-        .into_iter()
-        .filter(|o| o.last_modified.is_none_or(|t| now - t < LOCK_STALE_SECS))
-        .map(|o| o.key)
-        .collect();
-    if let Some(l) = live_locks.first() {
-        report.chunks_skipped = Some(format!(
-            "a backup is running ({l}): chunks are left for the next prune"
-        ));
-        return Ok(report);
+    let lock = match acquire(
+        store,
+        LockKind::Prune,
+        &format::new_snapshot_id(super::backup::now_unix_ms()),
+        "prune",
+        std::time::Duration::ZERO,
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(SnapshotError::Locked { key, .. }) => {
+            report.chunks_skipped = Some(format!(
+                "a backup is running ({key}): chunks are left for the next prune"
+            ));
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
+    };
+    let r = delete_orphans(store, keys, now, grace_secs, &mut report).await;
+    lock.release().await;
+    r.map(|()| report)
+}
+
+/// Adds the chunk ids of every listed manifest not in `seen` to `needed`; false when
+/// one cannot be read (its chunks are then unknown and nothing may be deleted).
+async fn add_needed(
+    store: &Store,
+    keys: &Keys,
+    seen: &mut HashSet<String>,
+    needed: &mut HashSet<[u8; 32]>,
+    report: &mut PruneReport,
+) -> Result<bool> {
+    for id in list_ids(store).await? {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        match load_manifest(store, keys, &id).await {
+            Ok(m) => needed.extend(m.chunk_ids().into_iter().filter_map(|c| {
+                hex::decode(c)
+                    .ok()
+                    .and_then(|v| <[u8; 32]>::try_from(v).ok())
+            })),
+            Err(e) => {
+                report.chunks_skipped = Some(format!(
+                    "manifest {id} cannot be read ({e}): its chunks are unknown"
+                ));
+                return Ok(false);
+            }
+        }
     }
-    let needed: HashSet<String> = readable
-        .iter()
-        .filter(|r| still_listed.contains(&r.0))
-        .flat_map(|r| r.2.chunk_ids().into_iter().map(str::to_string))
-        .collect();
-    let orphans: Vec<(String, u64)> = list_chunks(store)
-        .await?
+    Ok(true)
+}
+
+async fn delete_orphans(
+    store: &Store,
+    keys: &Keys,
+    now: i64,
+    grace_secs: i64,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let mut seen = HashSet::new();
+    let mut needed: HashSet<[u8; 32]> = HashSet::new();
+    if !add_needed(store, keys, &mut seen, &mut needed, report).await? {
+        return Ok(());
+    }
+    let listed = list_chunks(store).await?;
+    if !add_needed(store, keys, &mut seen, &mut needed, report).await? {
+        return Ok(());
+    }
+    let orphans: Vec<(String, u64)> = listed
         .into_iter()
         .filter(|(_, _, t)| t.is_none_or(|t| now - t >= grace_secs))
+        .filter(|(id, _, _)| !needed.contains(id))
         .map(|(id, size, _)| (hex::encode(id), size))
-        .filter(|(id, _)| !needed.contains(id))
         .collect();
     let results: Vec<(u64, Result<DeleteOutcome>)> = futures_util::stream::iter(orphans)
         .map(|(id, size)| async move {
@@ -215,7 +270,7 @@ pub async fn prune(
             DeleteOutcome::Refused => report.refused += 1,
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 #[cfg(test)]

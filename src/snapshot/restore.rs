@@ -34,14 +34,31 @@ pub async fn list_ids(store: &Store) -> Result<Vec<String>> {
 pub async fn load_manifest(store: &Store, keys: &Keys, id: &str) -> Result<Manifest> {
     let key = format::snapshot_key(&store.prefix, id);
     let bytes = store
-        .get(&key)
+        .get(&key, format::MANIFEST_OBJECT_MAX)
         .await?
         .ok_or_else(|| SnapshotError::NoSuchSnapshot(id.to_string()))?;
-    let json = keys.open_manifest(id, &bytes)?;
+    let (json, signed_host) = keys.open_manifest(id, &store.prefix, &bytes)?;
     let m: Manifest = serde_json::from_slice(&json).map_err(|e| SnapshotError::BadManifest {
         id: id.to_string(),
         reason: e.to_string(),
     })?;
+    if let Some(h) = signed_host.filter(|h| *h != m.host) {
+        return Err(SnapshotError::BadManifest {
+            id: id.to_string(),
+            reason: format!("signed for host {h} but names host {}", m.host),
+        });
+    }
+    // v1 manifests sign only their id; the host check still stops one host (or
+    // environment) sharing keys with another from restoring the other's data.
+    if let Some(expected) = keys.host().filter(|h| *h != m.host) {
+        return Err(SnapshotError::BadManifest {
+            id: id.to_string(),
+            reason: format!(
+                "written by host {}, not {expected} (copied from another host or environment?)",
+                m.host
+            ),
+        });
+    }
     if m.id != id {
         return Err(SnapshotError::BadManifest {
             id: id.to_string(),
@@ -186,6 +203,15 @@ pub async fn restore(
 /// Fetches one chunk and verifies it completely (AEAD tag, length, keyed hash) before
 /// anything is written. Transient S3 errors are retried; missing and corrupt are not.
 pub async fn fetch_chunk(store: &Store, keys: &Keys, c: &ChunkRef) -> Result<Vec<u8>> {
+    if c.1 > u64::from(super::backup::CHUNK_MAX) {
+        return Err(SnapshotError::CorruptChunk {
+            id: c.0.clone(),
+            reason: format!(
+                "the manifest gives it {} bytes, more than any chunk holds",
+                c.1
+            ),
+        });
+    }
     let id: [u8; 32] = hex::decode(&c.0)
         .ok()
         .and_then(|v| v.try_into().ok())
@@ -196,7 +222,7 @@ pub async fn fetch_chunk(store: &Store, keys: &Keys, c: &ChunkRef) -> Result<Vec
     let key = format::chunk_key(&store.prefix, &c.0);
     let mut attempt = 0;
     let sealed = loop {
-        match store.get(&key).await {
+        match store.get(&key, c.1 + super::crypto::CHUNK_OVERHEAD).await {
             Ok(Some(b)) => break b,
             Ok(None) => {
                 return Err(SnapshotError::MissingChunk {

@@ -204,8 +204,11 @@ impl Store {
         self.object_lock_days.map(|d| now + i64::from(d) * 86_400)
     }
 
-    /// GET; `Ok(None)` when the key does not exist.
-    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    /// GET of an object that may hold at most `max` bytes; `Ok(None)` when the key does
+    /// not exist. Anyone who can write to the bucket could plant a huge object where a
+    /// manifest or chunk is expected: the announced length is checked before anything
+    /// is read, and the body is read no further than `max` in case the server lies.
+    pub async fn get(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>> {
         let resp = match self
             .client
             .get_object()
@@ -224,13 +227,31 @@ impl Store {
                 return Err(self.err("GetObject", key, e));
             }
         };
-        let body = resp.body.collect().await.map_err(|e| SnapshotError::S3 {
-            op: "GetObject",
+        let too_large = |n: u64| SnapshotError::TooLarge {
             bucket: self.bucket.clone(),
             key: key.to_string(),
-            message: format!("reading body: {e}"),
-        })?;
-        Ok(Some(body.into_bytes().to_vec()))
+            size: n,
+            max,
+        };
+        let announced = resp.content_length.unwrap_or(0).max(0) as u64;
+        if announced > max {
+            return Err(too_large(announced));
+        }
+        let mut body = resp.body;
+        let mut out = Vec::with_capacity(announced as usize);
+        while let Some(part) = body.next().await {
+            let part = part.map_err(|e| SnapshotError::S3 {
+                op: "GetObject",
+                bucket: self.bucket.clone(),
+                key: key.to_string(),
+                message: format!("reading body: {e}"),
+            })?;
+            if out.len() as u64 + part.len() as u64 > max {
+                return Err(too_large(out.len() as u64 + part.len() as u64));
+            }
+            out.extend_from_slice(&part);
+        }
+        Ok(Some(out))
     }
 
     /// PUT with Content-MD5 and, when configured and `retain_from` (the snapshot time)
