@@ -44,6 +44,9 @@ pub struct BackupConfig {
     pub schedule: String,
     pub keep: Retention,
     pub object_lock_days: Option<u32>,
+    /// Run backups even where the bucket does not enforce `object_lock_days`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accept_unlocked_bucket: bool,
     pub ping_url: Option<String>,
     /// What first boot does when the bucket holds no snapshot.
     pub restore: RestorePolicy,

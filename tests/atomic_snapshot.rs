@@ -92,6 +92,7 @@ fn config(env: &Env, metrics: &Path) -> HostConfig {
                 ..Retention::default()
             },
             object_lock_days: None,
+            accept_unlocked_bucket: false,
             ping_url: None,
             restore: RestorePolicy::Require,
             restore_timeout_secs: 5,

@@ -57,6 +57,7 @@ impl Bucket {
             credentials_file: None,
             object_lock_days: None,
             multipart_threshold: 0,
+            accept_unlocked_bucket: false,
         };
         snapfix::rt().block_on(async {
             let store = imgbuild::snapshot::Store::connect(&cfg).await.unwrap();

@@ -155,6 +155,7 @@ fn child_backup_for_kill_test() {
         credentials_file: Some(Path::new(&s("secrets")).join("s3.env")),
         object_lock_days: None,
         multipart_threshold: 0,
+        accept_unlocked_bucket: false,
     };
     let secrets = std::path::PathBuf::from(s("secrets"));
     let keys = imgbuild::snapshot::Keys::load(

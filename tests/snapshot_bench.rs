@@ -87,6 +87,7 @@ fn store_cfg(v: &serde_json::Value) -> (StoreConfig, PathBuf) {
             credentials_file: Some(secrets.join("s3.env")),
             object_lock_days: None,
             multipart_threshold: 0,
+            accept_unlocked_bucket: false,
         },
         secrets,
     )

@@ -39,6 +39,7 @@ fn host_config(
                 monthly: 6,
             },
             object_lock_days: None,
+            accept_unlocked_bucket: false,
             ping_url: ping,
             restore,
             restore_timeout_secs: 3,

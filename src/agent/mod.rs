@@ -67,6 +67,7 @@ pub fn target(host: &str, b: &BackupConfig) -> Target {
             credentials_file: b.credentials_file.as_ref().map(PathBuf::from),
             object_lock_days: b.object_lock_days,
             multipart_threshold: 0,
+            accept_unlocked_bucket: b.accept_unlocked_bucket,
         },
         encryption_key: PathBuf::from(&b.encryption_key_file),
         signing_key: PathBuf::from(&b.signing_key_file),

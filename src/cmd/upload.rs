@@ -32,6 +32,7 @@ pub fn run(args: &UploadArgs) -> Result<i32> {
         credentials_file: None,
         object_lock_days: None,
         multipart_threshold: 0,
+        accept_unlocked_bucket: false,
     };
     let rt = crate::snapshot::runtime()?;
     let (bytes, sidecars) = rt.block_on(async {

@@ -179,6 +179,10 @@ pub struct Backup {
     #[serde(default)]
     pub keep: Keep,
     pub object_lock_days: Option<u32>,
+    /// Back up even when the bucket does not enforce Object Lock (the backup fails
+    /// otherwise: a lock that is silently ignored protects nothing).
+    #[serde(default)]
+    pub accept_unlocked_bucket: bool,
     pub ping_url: Option<String>,
     /// `require`: a snapshot must restore before services start; `allow-empty`: the
     /// first deployment onto an empty bucket; `skip`: never restore.

@@ -823,6 +823,7 @@ fn backup_config(
             monthly: b.keep.monthly,
         },
         object_lock_days: b.object_lock_days,
+        accept_unlocked_bucket: b.accept_unlocked_bucket,
         ping_url: b.ping_url.clone(),
         restore: match b.restore {
             RestoreMode::Require => RestorePolicy::Require,

@@ -64,6 +64,9 @@ pub struct BackupReport {
     pub stats: Stats,
     pub warnings: Vec<String>,
     pub locked_until: Option<i64>,
+    /// With Object Lock configured: whether the bucket was seen to enforce it (its
+    /// configuration, and the retention read back from the manifest just written).
+    pub object_lock_enforced: Option<bool>,
 }
 
 pub fn now_unix() -> i64 {
@@ -126,6 +129,24 @@ async fn backup_locked(
     now: i64,
     started: Instant,
 ) -> Result<BackupReport> {
+    let mut warnings = Vec::new();
+    // Verified, not assumed: some servers accept the lock headers and ignore them.
+    let mut lock_enforced = None;
+    if let Some(days) = store.object_lock_days {
+        let r = store.object_lock_enabled().await?;
+        lock_enforced = Some(r.is_ok());
+        if let Err(why) = r {
+            let e = SnapshotError::ObjectLockNotEnforced {
+                bucket: store.bucket.clone(),
+                days,
+                why,
+            };
+            if !store.accept_unlocked_bucket {
+                return Err(e);
+            }
+            warnings.push(format!("warning: {e}"));
+        }
+    }
     let existing: HashSet<[u8; 32]> = list_chunks(store).await?.into_iter().map(|c| c.0).collect();
     let known = Arc::new(std::sync::Mutex::new(existing.clone()));
     // The newest readable snapshot lets unchanged files be skipped without reading
@@ -136,7 +157,6 @@ async fn backup_locked(
         .flatten();
     let mut volumes = Vec::new();
     let mut stats = Stats::default();
-    let mut warnings = Vec::new();
     let mut uploaded: HashSet<[u8; 32]> = HashSet::new();
     for src in sources {
         hooks.before(&src.name)?;
@@ -194,12 +214,32 @@ async fn backup_locked(
             )))
         }
     }
+    if let (Some(days), Some(until), Some(true)) = (store.object_lock_days, locked_until, lock_enforced) {
+        // The configuration says Enabled; the object we just wrote must say so too.
+        let got = store.retention(&key).await?;
+        if got.is_none_or(|g| g + 1 < until.min(now + i64::from(days) * 86_400)) {
+            lock_enforced = Some(false);
+            let e = SnapshotError::ObjectLockNotEnforced {
+                bucket: store.bucket.clone(),
+                days,
+                why: format!(
+                    "manifest {id} was written with retention but reads back {}",
+                    got.map_or("none".to_string(), format::rfc3339)
+                ),
+            };
+            if !store.accept_unlocked_bucket {
+                return Err(e);
+            }
+            warnings.push(format!("warning: {e}"));
+        }
+    }
     Ok(BackupReport {
         id: id.to_string(),
         time: now,
         stats,
         warnings,
         locked_until,
+        object_lock_enforced: lock_enforced,
     })
 }
 

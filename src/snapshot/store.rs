@@ -41,6 +41,8 @@ pub struct StoreConfig {
     pub object_lock_days: Option<u32>,
     /// Multipart threshold override (tests); 0 = default.
     pub multipart_threshold: usize,
+    /// Back up even when the bucket does not enforce `object_lock_days` (warn only).
+    pub accept_unlocked_bucket: bool,
 }
 
 #[derive(Clone)]
@@ -49,6 +51,9 @@ pub struct Store {
     pub bucket: String,
     pub prefix: String,
     pub object_lock_days: Option<u32>,
+    /// The profile accepts a bucket that does not enforce Object Lock (the backup
+    /// then warns instead of failing; the metric still says so).
+    pub accept_unlocked_bucket: bool,
     multipart_threshold: usize,
     /// Cleared after a server answers 501 to If-None-Match (then we HEAD first).
     conditional_put: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -172,6 +177,7 @@ impl Store {
             bucket: cfg.bucket.clone(),
             prefix: cfg.prefix.trim_matches('/').to_string(),
             object_lock_days: cfg.object_lock_days.filter(|d| *d > 0),
+            accept_unlocked_bucket: cfg.accept_unlocked_bucket,
             multipart_threshold: if cfg.multipart_threshold == 0 {
                 MULTIPART_THRESHOLD
             } else {
@@ -404,6 +410,51 @@ impl Store {
             Ok(_) => Ok(true),
             Err(e) if status(&e) == Some(404) => Ok(false),
             Err(e) => Err(self.err("HeadObject", key, e)),
+        }
+    }
+
+    /// Whether the bucket says it enforces Object Lock (GetObjectLockConfiguration).
+    /// `Err(why)` names what is missing; a server that does not implement the call
+    /// (Garage answers NotImplemented and ignores the lock headers) does not enforce it.
+    pub async fn object_lock_enabled(&self) -> Result<std::result::Result<(), String>> {
+        match self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(r) => {
+                let enabled = r
+                    .object_lock_configuration()
+                    .and_then(|c| c.object_lock_enabled())
+                    .is_some_and(|e| e.as_str() == "Enabled");
+                Ok(if enabled {
+                    Ok(())
+                } else {
+                    Err("its Object Lock configuration is not Enabled".to_string())
+                })
+            }
+            Err(e) => {
+                let code = e.as_service_error().and_then(|s| s.code()).unwrap_or("");
+                let st = status(&e);
+                if code == "ObjectLockConfigurationNotFoundError"
+                    || code == "NotImplemented"
+                    || st == Some(501)
+                    || st == Some(404)
+                {
+                    let why = if code.is_empty() {
+                        format!("HTTP {}", st.unwrap_or(0))
+                    } else {
+                        code.to_string()
+                    };
+                    Ok(Err(format!(
+                        "GetObjectLockConfiguration answered {why}: the bucket was not created with Object Lock, or the server does not implement it"
+                    )))
+                } else {
+                    Err(self.err("GetObjectLockConfiguration", "", e))
+                }
+            }
         }
     }
 

@@ -120,6 +120,7 @@ impl Env {
             credentials_file: Some(secrets.join("s3.env")),
             object_lock_days: None,
             multipart_threshold: 0,
+            accept_unlocked_bucket: false,
         };
         let env = Env { dir, secrets, cfg };
         rt().block_on(async {
