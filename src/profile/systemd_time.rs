@@ -33,8 +33,12 @@ pub enum TimeError {
     Invalid(&'static str),
     #[error("number out of range")]
     Range,
-    #[error("{field} {value} is out of range")]
-    OutOfRange { field: &'static str, value: String },
+    #[error("{field} {value}: {why}")]
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        why: String,
+    },
 }
 
 fn unexpected(rest: &[u8]) -> TimeError {
@@ -507,7 +511,8 @@ fn parse_date(p: &mut &[u8], c: &mut CalendarSpec) -> Result<bool, TimeError> {
         if secs >= EPOCH_YEAR_2200 {
             return Err(TimeError::OutOfRange {
                 field: "timestamp",
-                value: format!("@{secs} (after {MAX_YEAR})"),
+                value: format!("@{secs}"),
+                why: format!("after the year {MAX_YEAR}"),
             });
         }
         c.single_instant = true;
@@ -660,7 +665,8 @@ fn chain_valid(
     for c in chain {
         let bad = |value: i64| TimeError::OutOfRange {
             field,
-            value: format!("{} (allowed {}-{})", show(value), show(from), show(to)),
+            value: show(value),
+            why: format!("out of range {}-{}", show(from), show(to)),
         };
         if c.start < from || c.start > to {
             return Err(bad(c.start));
@@ -668,13 +674,18 @@ fn chain_valid(
         if c.repeat > to - from {
             return Err(TimeError::OutOfRange {
                 field,
-                value: format!("repetition /{}", show(c.repeat)),
+                value: format!("/{}", show(c.repeat)),
+                why: format!(
+                    "repetition longer than the range {}-{}",
+                    show(from),
+                    show(to)
+                ),
             });
         }
         let never = TimeError::OutOfRange {
             field,
             value: format!(
-                "{}{}/{}: no repetition fits",
+                "{}{}/{}",
                 show(c.start),
                 if c.stop >= 0 {
                     format!("..{}", show(c.stop))
@@ -683,6 +694,7 @@ fn chain_valid(
                 },
                 show(c.repeat)
             ),
+            why: format!("the repetition never fits before {}", show(to)),
         };
         if c.stop >= 0 {
             if c.stop < from || c.stop > to {
