@@ -4,6 +4,7 @@
 
 pub mod model;
 pub mod source;
+pub mod systemd_time;
 mod validate;
 
 pub use validate::{check_image, is_unit_safe, parse_publish, public_tcp_port, Publish};

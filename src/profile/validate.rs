@@ -3,6 +3,7 @@
 
 use super::model::*;
 use super::source::{Seg, SourceMap};
+use super::systemd_time;
 use super::{locate_error, ProfileError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -178,13 +179,237 @@ pub fn check_image(image: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_duration(s: &str) -> bool {
-    let s = s.trim();
-    !s.is_empty()
-        && s.split_whitespace().all(|p| {
-            let num_end = p.find(|c: char| !c.is_ascii_digit()).unwrap_or(p.len());
-            num_end > 0 && matches!(&p[num_end..], "" | "ms" | "s" | "m" | "min" | "h" | "d")
-        })
+/// A Go `time.ParseDuration` string (podman reads `HealthInterval=` and
+/// `HealthStartPeriod=` with it): `[-+]?([0-9]*(\.[0-9]*)?(ns|us|µs|μs|ms|s|m|h))+` or
+/// `0`, no spaces, within ±2^63 ns. Returns nanoseconds.
+pub fn parse_go_duration(orig: &str) -> Result<i128, String> {
+    let invalid = || format!("`{}` is not a duration", orig.escape_debug());
+    if orig.contains(char::is_whitespace) {
+        return Err(format!(
+            "`{}` has a space: Go durations are written without (\"2m30s\")",
+            orig.escape_debug()
+        ));
+    }
+    let mut s = orig;
+    let mut neg = false;
+    if let Some(rest) = s.strip_prefix('-') {
+        neg = true;
+        s = rest;
+    } else if let Some(rest) = s.strip_prefix('+') {
+        s = rest;
+    }
+    if s == "0" {
+        return Ok(0);
+    }
+    if s.is_empty() {
+        return Err(invalid());
+    }
+    const LIMIT: u128 = 1 << 63;
+    let mut total: u128 = 0;
+    while !s.is_empty() {
+        if !s.starts_with(|c: char| c == '.' || c.is_ascii_digit()) {
+            return Err(invalid());
+        }
+        let int_len = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let mut v: u128 = 0;
+        for b in s[..int_len].bytes() {
+            v = v * 10 + u128::from(b - b'0');
+            if v > LIMIT {
+                return Err(invalid());
+            }
+        }
+        s = &s[int_len..];
+        // Fraction digits as numerator/denominator; Go drops digits past overflow.
+        let (mut num, mut den) = (0u128, 1u128);
+        if let Some(rest) = s.strip_prefix('.') {
+            let frac_len = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            for b in rest[..frac_len].bytes() {
+                if den < LIMIT {
+                    num = num * 10 + u128::from(b - b'0');
+                    den *= 10;
+                }
+            }
+            s = &rest[frac_len..];
+            if int_len == 0 && frac_len == 0 {
+                return Err(invalid());
+            }
+        } else if int_len == 0 {
+            return Err(invalid());
+        }
+        let unit_len = s
+            .find(|c: char| c == '.' || c.is_ascii_digit())
+            .unwrap_or(s.len());
+        if unit_len == 0 {
+            return Err(format!(
+                "`{}` has a number without a unit",
+                orig.escape_debug()
+            ));
+        }
+        let unit: u128 = match &s[..unit_len] {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            u => {
+                return Err(format!(
+                    "unknown unit `{}` in `{}`",
+                    u.escape_debug(),
+                    orig.escape_debug()
+                ))
+            }
+        };
+        s = &s[unit_len..];
+        v = v
+            .checked_mul(unit)
+            .filter(|v| *v <= LIMIT)
+            .ok_or_else(invalid)?;
+        v += num * unit / den;
+        total += v;
+        if v > LIMIT || total > LIMIT {
+            return Err(invalid());
+        }
+    }
+    if !neg && total > LIMIT - 1 {
+        return Err(invalid());
+    }
+    Ok(if neg { -(total as i128) } else { total as i128 })
+}
+
+/// A host as a client program resolves it: an IPv4 address or a DNS name (one label
+/// allowed: `minio` on a container network). IPv6 goes in brackets, see `split_host_port`.
+fn is_host(h: &str) -> bool {
+    if h.parse::<std::net::Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let labels_ok = !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    // An all-digit last label is a mistyped address (`10.0.0.256`), not a name.
+    labels_ok
+        && !h
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// `host:port` or `[v6]:port` with a port 1-65535 (WireGuard `Endpoint=`, Alertmanager
+/// `smarthost`).
+fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (v6, port) = rest.split_once("]:")?;
+        v6.parse::<std::net::Ipv6Addr>().ok()?;
+        (v6, port)
+    } else {
+        let (h, port) = s.rsplit_once(':')?;
+        if !is_host(h) {
+            return None;
+        }
+        (h, port)
+    };
+    if port.is_empty() || port.len() > 5 || !port.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    Some((host, port))
+}
+
+/// An absolute http(s) URL with a host, as the S3 client, curl and Alertmanager's
+/// config loader require, and safe inside the double-quoted YAML it is rendered into.
+fn check_http_url(u: &str) -> Result<(), String> {
+    let rest = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"))
+        .ok_or_else(|| format!("`{}` is not an http(s) URL", u.escape_debug()))?;
+    if let Some(c) = u
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\\' | '<' | '>'))
+    {
+        return Err(format!(
+            "URL `{}` contains {:?}, which must be percent-encoded",
+            u.escape_debug(),
+            c
+        ));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let ok = if hostport.starts_with('[') {
+        split_host_port(hostport).is_some()
+            || hostport
+                .strip_prefix('[')
+                .and_then(|r| r.strip_suffix(']'))
+                .is_some_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        match hostport.rsplit_once(':') {
+            Some(_) => split_host_port(hostport).is_some(),
+            None => is_host(hostport),
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "URL `{}` has no valid host[:port]",
+            u.escape_debug()
+        ))
+    }
+}
+
+/// One plain e-mail address, `local@domain`: what Caddy's `email` directive (unquoted
+/// in the Caddyfile) and Alertmanager's `to`/`from` accept without quoting.
+fn is_email(e: &str) -> bool {
+    e.split_once('@').is_some_and(|(local, domain)| {
+        !local.is_empty()
+            && local.len() <= 64
+            && local
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
+            && !local.starts_with('.')
+            && !local.ends_with('.')
+            && !local.contains("..")
+            && is_domain(domain)
+    })
+}
+
+/// An OpenSSH public key line whose base64 blob decodes and names the same key type
+/// (sshd silently skips a line that does not, and nobody can log in).
+fn check_ssh_key(key: &str) -> Result<(), &'static str> {
+    use base64::Engine;
+    let mut parts = key.split_whitespace();
+    let kind = parts.next().unwrap_or("");
+    let blob = parts.next().unwrap_or("");
+    let known = [
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
+    if !known.contains(&kind) || blob.len() < 16 || !no_control(key) {
+        return Err("not an OpenSSH public key line");
+    }
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(blob)
+        .map_err(|_| "the key's base64 part does not decode (truncated or mangled when pasted?)")?;
+    let inner = data
+        .get(..4)
+        .map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
+        .and_then(|n| data.get(4..4 + n));
+    if inner != Some(kind.as_bytes()) {
+        return Err("the key's base64 part is not a key of the type it starts with");
+    }
+    Ok(())
 }
 
 pub fn validate(p: &Profile, env: &str, path: &Path, map: &SourceMap) -> Vec<ProfileError> {
@@ -231,17 +456,14 @@ fn check_host(c: &mut Ctx, p: &Profile, env: &str) {
             None,
         );
     }
-    if !p
-        .host
-        .timezone
-        .chars()
-        .all(|ch| ch.is_ascii_alphanumeric() || "/_+-".contains(ch))
-        || p.host.timezone.contains("..")
-    {
+    if !systemd_time::timezone_is_valid(&p.host.timezone) {
         c.err(
             &[k("host"), k("timezone")],
-            "not a time zone name",
-            "e.g. \"Europe/Paris\" or \"UTC\"".to_string(),
+            format!(
+                "`{}` is not a time zone of the tz database: /etc/localtime would point nowhere and the host would run on UTC",
+                p.host.timezone.escape_debug()
+            ),
+            tz_hint(&p.host.timezone),
         );
     }
     if !is_unit_safe(&p.host.base) {
@@ -250,6 +472,15 @@ fn check_host(c: &mut Ctx, p: &Profile, env: &str) {
             "not a base definition name",
             "a file name in images/ without .toml".to_string(),
         );
+    }
+}
+
+/// Points at the listed name that differs only in case, if there is one.
+fn tz_hint(tz: &str) -> String {
+    match systemd_time::tz_names().find(|n| n.eq_ignore_ascii_case(tz)) {
+        Some(n) => format!("did you mean \"{n}\"?"),
+        None => "a name `timedatectl list-timezones` prints, e.g. \"Europe/Paris\" or \"UTC\""
+            .to_string(),
     }
 }
 
@@ -280,23 +511,12 @@ fn check_admin(c: &mut Ctx, p: &Profile) {
         );
     }
     for (i, key) in p.admin.ssh_keys.iter().enumerate() {
-        let mut parts = key.split_whitespace();
-        let kind = parts.next().unwrap_or("");
-        let blob = parts.next().unwrap_or("");
-        let known = [
-            "ssh-ed25519",
-            "ssh-rsa",
-            "ecdsa-sha2-nistp256",
-            "ecdsa-sha2-nistp384",
-            "ecdsa-sha2-nistp521",
-            "sk-ssh-ed25519@openssh.com",
-            "sk-ecdsa-sha2-nistp256@openssh.com",
-        ];
-        if !known.contains(&kind) || blob.len() < 16 || !no_control(key) {
+        if let Err(e) = check_ssh_key(key) {
             c.err(
                 &[k("admin"), k("ssh_keys"), Seg::Index(i)],
-                "not an OpenSSH public key line",
-                "the one-line `ssh-ed25519 AAAA... comment` format".to_string(),
+                e,
+                "the one-line `ssh-ed25519 AAAA... comment` format, copied whole from the .pub file"
+                    .to_string(),
             );
         }
     }
@@ -350,17 +570,11 @@ fn check_wireguard(c: &mut Ctx, p: &Profile, path: &Path, dir: &Path) -> Option<
             &[k("wireguard"), k("listen_port")],
         );
         if let Some(ep) = &wg.endpoint {
-            let ok = ep.rsplit_once(':').is_some_and(|(h, port)| {
-                !h.is_empty()
-                    && no_control(h)
-                    && !h.contains(' ')
-                    && port.parse::<u16>().is_ok_and(|n| n > 0)
-            });
-            if !ok {
+            if split_host_port(ep).is_none() {
                 c.err(
                     &[k("wireguard"), k("endpoint")],
                     format!("`{}` is not host:port", ep.escape_debug()),
-                    "e.g. \"vps1.example.org:51820\"".to_string(),
+                    "a DNS name or IPv4 address and a port 1-65535, e.g. \"vps1.example.org:51820\"; IPv6 in brackets: \"[2001:db8::1]:51820\"".to_string(),
                 );
             }
         }
@@ -702,23 +916,57 @@ fn check_container_process(c: &mut Ctx, p: &Profile, name: &str, ct: &Container)
                 None,
             );
         }
-        for (f, v) in [("interval", &h.interval), ("start_period", &h.start_period)] {
-            if !check_duration(v) {
-                c.err(
-                    &[k("containers"), k(name), k("health"), k(f)],
-                    format!("`{}` is not a duration", v.escape_debug()),
-                    "e.g. \"30s\", \"5min\"".to_string(),
-                );
-            }
+        // podman parses both with Go's time.ParseDuration: "5min" or "1d" make the
+        // container fail to start.
+        let hint = "Go duration syntax as podman reads it: \"30s\", \"5m\", \"1h30m\" (units ns, us, ms, s, m, h; no spaces)".to_string();
+        let at_h = |f: &str| vec![k("containers"), k(name), k("health"), k(f)];
+        match parse_go_duration(&h.interval) {
+            Err(e) => c.err(&at_h("interval"), e, hint.clone()),
+            Ok(ns) if ns < 1_000_000_000 => c.err(
+                &at_h("interval"),
+                format!(
+                    "health interval `{}` is under 1s: 0 switches the check off, and a container with a health check only counts as started once it is healthy",
+                    h.interval.escape_debug()
+                ),
+                hint.clone(),
+            ),
+            Ok(_) => {}
+        }
+        match parse_go_duration(&h.start_period) {
+            Err(e) => c.err(&at_h("start_period"), e, hint),
+            Ok(ns) if ns < 0 => c.err(
+                &at_h("start_period"),
+                "podman refuses a negative start period",
+                None,
+            ),
+            Ok(_) => {}
+        }
+        if h.retries == 0 {
+            c.err(
+                &at_h("retries"),
+                "podman refuses 0 retries (healthcheck-retries must be greater than 0)",
+                None,
+            );
         }
     }
     if let Some(u) = &ct.user {
-        if u.is_empty()
-            || !u
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || ":_-".contains(ch))
-        {
-            c.err(&at("user"), "not a user[:group] spec", None);
+        let part_ok = |s: &str| {
+            s.starts_with(|ch: char| ch.is_ascii_alphanumeric() || ch == '_')
+                && s.len() <= 32
+                && s.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch))
+        };
+        let ok = match u.split_once(':') {
+            Some((user, group)) => part_ok(user) && part_ok(group),
+            None => part_ok(u),
+        };
+        if !ok {
+            c.err(
+                &at("user"),
+                format!("`{}` is not a user[:group] spec", u.escape_debug()),
+                "a name or number, optionally `:group`, e.g. \"1000:1000\" or \"www-data\""
+                    .to_string(),
+            );
         }
     }
     if let Some(path) = &ct.check {
@@ -869,8 +1117,12 @@ fn check_proxy(c: &mut Ctx, p: &Profile) {
                 }
             }
         }
-        if !px.email.contains('@') || !no_control(&px.email) {
-            c.err(&[k("proxy"), k("email")], "not an e-mail address", None);
+        if !is_email(&px.email) {
+            c.err(
+                &[k("proxy"), k("email")],
+                format!("`{}` is not an e-mail address", px.email.escape_debug()),
+                "one plain address, e.g. \"admin@example.org\" (it goes unquoted into the Caddyfile)".to_string(),
+            );
         }
     }
 }
@@ -906,24 +1158,23 @@ fn check_backup(c: &mut Ctx, p: &Profile) {
         }
         for (f, v) in [("endpoint", &b.endpoint), ("ping_url", &b.ping_url)] {
             if let Some(u) = v {
-                if !(u.starts_with("https://") || u.starts_with("http://"))
-                    || u.contains(char::is_whitespace)
-                {
-                    c.err(
-                        &[k("backup"), k(f)],
-                        format!("`{}` is not an http(s) URL", u.escape_debug()),
-                        None,
-                    );
+                if let Err(e) = check_http_url(u) {
+                    c.err(&[k("backup"), k(f)], e, None);
                 }
             }
         }
-        if b.schedule.trim().is_empty() || !no_control(&b.schedule) {
+        let region_ok = b.region.len() <= 63
+            && b.region
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+        if !region_ok {
             c.err(
-                &[k("backup"), k("schedule")],
-                "not a systemd calendar expression",
-                "e.g. \"daily\" or \"*-*-* 03:15:00\"".to_string(),
+                &[k("backup"), k("region")],
+                format!("`{}` is not a region name", b.region.escape_debug()),
+                "letters, digits, '-', '_' and '.', e.g. \"nl-ams\" or \"us-east-1\"".to_string(),
             );
         }
+        check_schedule(c, &b.schedule);
         if b.object_lock_days == Some(0) {
             c.err(
                 &[k("backup"), k("object_lock_days")],
@@ -952,6 +1203,39 @@ fn check_backup(c: &mut Ctx, p: &Profile) {
                 None,
             );
         }
+    }
+}
+
+/// The timer's `OnCalendar=`: parsed by systemd's rules, and it must keep firing.
+fn check_schedule(c: &mut Ctx, schedule: &str) {
+    let at = [k("backup"), k("schedule")];
+    let hint = "e.g. \"daily\", \"*-*-* 03:15:00\", \"Mon..Fri 22:30 Europe/Paris\" (man systemd.time; check with `systemd-analyze calendar`)".to_string();
+    match systemd_time::parse_calendar(schedule) {
+        Err(e) => c.err(
+            &at,
+            format!(
+                "`{}` is not a systemd calendar expression ({e}): the backup timer would not load and no backup would ever run",
+                schedule.escape_debug()
+            ),
+            hint,
+        ),
+        Ok(spec) if spec.names_a_year() => c.err(
+            &at,
+            format!(
+                "`{}` names a year or an instant: backups would stop once it is past",
+                schedule.escape_debug()
+            ),
+            hint,
+        ),
+        Ok(spec) if !spec.ever_elapses() => c.err(
+            &at,
+            format!(
+                "`{}` never elapses (no date matches it): no backup would ever run",
+                schedule.escape_debug()
+            ),
+            hint,
+        ),
+        Ok(_) => {}
     }
 }
 
@@ -1002,19 +1286,18 @@ fn check_monitoring(c: &mut Ctx, p: &Profile, dir: &Path) {
         }
         if let Some(a) = &m.alerts {
             match a.receiver {
-                ReceiverKind::Webhook | ReceiverKind::Ntfy => {
-                    if !a
-                        .url
-                        .as_deref()
-                        .is_some_and(|u| u.starts_with("https://") || u.starts_with("http://"))
-                    {
-                        c.err(
-                            &[k("monitoring"), k("alerts"), k("url")],
-                            "this receiver needs an http(s) url",
-                            None,
-                        );
+                ReceiverKind::Webhook | ReceiverKind::Ntfy => match a.url.as_deref() {
+                    None => c.err(
+                        &[k("monitoring"), k("alerts")],
+                        "this receiver needs an http(s) `url`",
+                        None,
+                    ),
+                    Some(u) => {
+                        if let Err(e) = check_http_url(u) {
+                            c.err(&[k("monitoring"), k("alerts"), k("url")], e, None);
+                        }
                     }
-                }
+                },
                 ReceiverKind::Email => {
                     for f in ["to", "smtp", "from"] {
                         let v = match f {
@@ -1022,16 +1305,159 @@ fn check_monitoring(c: &mut Ctx, p: &Profile, dir: &Path) {
                             "smtp" => &a.smtp,
                             _ => &a.from,
                         };
-                        if v.is_none() {
+                        let Some(v) = v else {
                             c.err(
                                 &[k("monitoring"), k("alerts")],
                                 format!("the email receiver needs `{f}`"),
                                 None,
+                            );
+                            continue;
+                        };
+                        let at = [k("monitoring"), k("alerts"), k(f)];
+                        if f == "smtp" {
+                            if split_host_port(v).is_none() {
+                                c.err(
+                                    &at,
+                                    format!("`{}` is not host:port", v.escape_debug()),
+                                    "Alertmanager's smarthost needs the port, e.g. \"smtp.example.org:587\"".to_string(),
+                                );
+                            }
+                        } else if !is_email(v) {
+                            c.err(
+                                &at,
+                                format!("`{}` is not an e-mail address", v.escape_debug()),
+                                "one plain address, e.g. \"ops@example.org\"".to_string(),
                             );
                         }
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations_as_podman_reads_them() {
+        let s = 1_000_000_000i128;
+        for (d, want) in [
+            ("30s", 30 * s),
+            ("0", 0),
+            ("5m", 300 * s),
+            ("1h30m", 5400 * s),
+            ("1.5h", 5400 * s),
+            (".5s", s / 2),
+            ("5.s", 5 * s),
+            ("300ms", 3 * s / 10),
+            ("10us", 10_000),
+            ("10\u{b5}s", 10_000),
+            ("10\u{3bc}s", 10_000),
+            ("7ns", 7),
+            ("+2s", 2 * s),
+            ("-2s", -2 * s),
+            ("2562047h", 2_562_047 * 3600 * s),
+        ] {
+            assert_eq!(parse_go_duration(d), Ok(want), "{d}");
+        }
+        for d in [
+            "", "5", "5min", "1d", "5 s", "2m 30s", "s", ".s", ".", "-", "+", "5S", "1w", "5m5",
+            "2562048h", "disable",
+        ] {
+            assert!(parse_go_duration(d).is_err(), "{d} should be refused");
+        }
+    }
+
+    #[test]
+    fn hosts_and_ports() {
+        for ok in [
+            "vps1.example.org:51820",
+            "203.0.113.7:51820",
+            "[2001:db8::1]:51820",
+            "minio:9000",
+        ] {
+            assert!(split_host_port(ok).is_some(), "{ok}");
+        }
+        for bad in [
+            "vps1.example.org",
+            "vps1.example.org:",
+            "vps1.example.org:0",
+            "vps1.example.org:65536",
+            "vps1.example.org:+80",
+            "2001:db8::1:51820",
+            "[2001:db8::1]",
+            "[not-v6]:51820",
+            "10.0.0.256:51820",
+            "-bad.example.org:1",
+            "bad_name.example.org:1",
+            "vpn example.org:1",
+            ":51820",
+        ] {
+            assert!(split_host_port(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn http_urls() {
+        for ok in [
+            "https://s3.nl-ams.scw.cloud",
+            "http://127.0.0.1:9000",
+            "https://ntfy.sh/topic?x=1",
+            "https://user:pw@hc-ping.com/uuid",
+            "http://[::1]:8080/hook",
+            "http://[::1]/hook",
+        ] {
+            assert!(check_http_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "ftp://example.org",
+            "https://",
+            "https:///path",
+            "https://:9000/",
+            "https://exa mple.org",
+            "https://example.org/a\"b",
+            "https://example.org:99999/",
+            "example.org",
+        ] {
+            assert!(check_http_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn email_addresses() {
+        for ok in [
+            "admin@example.org",
+            "ops+alerts@mail.example.org",
+            "a.b-c@x.io",
+        ] {
+            assert!(is_email(ok), "{ok}");
+        }
+        for bad in [
+            "admin",
+            "@example.org",
+            "admin@",
+            "admin@localhost",
+            "a b@example.org",
+            "Admin <admin@example.org>",
+            "a@b@example.org",
+            "{env.X}@example.org",
+            ".a@example.org",
+        ] {
+            assert!(!is_email(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ssh_key_blobs_must_match_their_type() {
+        let blob = "AAAAC3NzaC1lZDI1NTE5AAAAIJ6t0Yq8uGzY1mN2oF3pQ4rS5tU6vW7xY8zA9bC0dE1f";
+        assert!(check_ssh_key(&format!("ssh-ed25519 {blob} me")).is_ok());
+        assert!(check_ssh_key(&format!("ssh-ed25519 {blob}")).is_ok());
+        assert!(check_ssh_key(&format!("ssh-rsa {blob} me")).is_err());
+        assert!(check_ssh_key(&format!("ssh-ed25519 {} me", &blob[..blob.len() - 1])).is_err());
+        assert!(check_ssh_key(&format!("ssh-ed25519 {}! me", &blob[..blob.len() - 1])).is_err());
+        assert!(check_ssh_key("ssh-ed25519 AAAAAAAAAAAAAAAAAAAA me").is_err());
+        assert!(check_ssh_key("ssh-dss AAAAB3NzaC1kc3MAAACBAP me").is_err());
     }
 }
