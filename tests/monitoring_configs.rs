@@ -75,6 +75,7 @@ fn rendered_monitoring_configs_pass_promtool_and_amtool() {
             "HostDown",
             "BackupTooOld",
             "BackupFailed",
+            "ObjectLockNotEnforced",
             "DiskAlmostFull",
             "UnitFailed",
             "CertificateExpiring",
@@ -109,10 +110,11 @@ fn alert_rules_use_the_metrics_the_backup_really_writes() {
     let failed = imgbuild::agent::HostBackupResult {
         report: None,
         prune: None,
-        error: Some("bucket unreachable".into()),
+        error: Some("Object Lock is configured (30 days) but s3://b does not enforce it".into()),
         seconds: 1.0,
         atomic: false,
         downtime_seconds: 0.0,
+        object_lock_enforced: Some(false),
     };
     imgbuild::agent::write_metrics(dir.path(), "vps1", &failed).unwrap();
     let mut written = String::new();

@@ -150,7 +150,7 @@ fn child_backup_for_kill_test() {
         bucket: s("bucket"),
         prefix: s("prefix"),
         endpoint: Some(s("endpoint")),
-        region: "us-east-1".into(),
+        region: s("region"),
         path_style: true,
         credentials_file: Some(Path::new(&s("secrets")).join("s3.env")),
         object_lock_days: None,
@@ -181,7 +181,17 @@ fn child_backup_for_kill_test() {
 
 #[test]
 fn kill_9_at_random_points_never_lists_a_broken_snapshot() {
-    let env = Env::new(false);
+    kill_9_test(Env::new(false));
+}
+
+/// The same against Garage, the server self-hosters run: its listing and
+/// overwrite behaviour must give the same guarantee.
+#[test]
+fn kill_9_against_garage() {
+    kill_9_test(Env::garage(None));
+}
+
+fn kill_9_test(env: Env) {
     let v = env.path("vol");
     std::fs::create_dir_all(v.join("d")).unwrap();
     for i in 0..12u64 {
@@ -209,7 +219,7 @@ fn kill_9_at_random_points_never_lists_a_broken_snapshot() {
         std::fs::write(v.join(format!("d/new{run}")), noise(5000 + run, 700_000)).unwrap();
         states.insert(tree_hash(&v));
         let cfg = serde_json::json!({
-            "bucket": env.cfg.bucket, "prefix": env.cfg.prefix,
+            "bucket": env.cfg.bucket, "prefix": env.cfg.prefix, "region": env.cfg.region,
             "endpoint": env.cfg.endpoint, "secrets": env.secrets, "source": v,
         });
         let started = std::time::Instant::now();

@@ -581,3 +581,89 @@ fn backup_and_prune_at_once_never_lose_a_listed_snapshot() {
     });
     eprintln!("20 rounds of backup ∥ prune: every listed snapshot restored; the prune deleted {deleted} chunks and yielded to the backup in {waited} rounds");
 }
+
+/// Object Lock is checked, not assumed: on a bucket with Object Lock the backup says
+/// it is enforced; on one without (moto) and on Garage (which accepts the headers and
+/// ignores them) the backup fails naming the bucket, unless the profile accepts it.
+#[test]
+fn object_lock_is_verified_not_assumed() {
+    let rt = rt();
+    let vol_of = |env: &Env| {
+        let v = env.path("vol");
+        std::fs::create_dir_all(&v).unwrap();
+        std::fs::write(v.join("a"), noise(9, 10_000)).unwrap();
+        v
+    };
+    let locked = Env::new(true);
+    let unlocked = Env::new(false);
+    let garage = Env::garage(Some(1));
+    for (name, env, enforced) in [
+        ("moto, Object Lock bucket", &locked, true),
+        ("moto, plain bucket", &unlocked, false),
+        ("Garage 2.5", &garage, false),
+    ] {
+        let v = vol_of(env);
+        rt.block_on(async {
+            let mut cfg = env.cfg.clone();
+            cfg.object_lock_days = Some(1);
+            let store = Store::connect(&cfg).await.unwrap();
+            let keys = env.keys();
+            let r = backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts()).await;
+            if enforced {
+                let r = r.unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(r.object_lock_enforced, Some(true), "{name}");
+                return;
+            }
+            let e = r.expect_err(name);
+            assert!(
+                matches!(e, SnapshotError::ObjectLockNotEnforced { .. }),
+                "{name}: {e}"
+            );
+            assert!(e.to_string().contains(&cfg.bucket), "{e}");
+            eprintln!("{name} → {e}");
+            assert!(
+                restore::list_ids(&store).await.unwrap().is_empty(),
+                "{name}: a snapshot was published on an unlocked bucket"
+            );
+            cfg.accept_unlocked_bucket = true;
+            let store = Store::connect(&cfg).await.unwrap();
+            let r = backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts())
+                .await
+                .unwrap_or_else(|e| panic!("{name} with accept_unlocked_bucket: {e}"));
+            assert_eq!(r.object_lock_enforced, Some(false), "{name}");
+            assert!(r.warnings.iter().any(|w| w.contains("does not enforce")));
+        });
+    }
+}
+
+/// The round trip on Garage: what self-hosters actually run.
+#[test]
+fn round_trip_on_garage() {
+    let env = Env::garage(None);
+    let v = env.path("vol");
+    std::fs::create_dir_all(v.join("d/e")).unwrap();
+    std::fs::write(v.join("big"), noise(11, 5 << 20)).unwrap();
+    for i in 0..300 {
+        std::fs::write(v.join(format!("d/s{i}")), format!("small {i}")).unwrap();
+    }
+    symlink("d/s1", v.join("e-link")).unwrap();
+    std::fs::hard_link(v.join("d/s2"), v.join("d/e/s2-again")).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        let r = backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts())
+            .await
+            .unwrap();
+        let m = restore::load_manifest(&store, &keys, &r.id).await.unwrap();
+        let out = env.path("out");
+        restore::restore(&store, &keys, &m, &out, &ropts())
+            .await
+            .unwrap();
+        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+        eprintln!(
+            "Garage round trip: {} files, {} chunks, {} bytes uploaded",
+            r.stats.files, r.stats.chunks_total, r.stats.bytes_uploaded
+        );
+    });
+}

@@ -24,6 +24,9 @@ pub struct HostBackupResult {
     pub atomic: bool,
     /// How long `stop` units were down (0 when every volume is `live`).
     pub downtime_seconds: f64,
+    /// With `object_lock_days`: whether the bucket was seen to enforce it (also when
+    /// the backup failed because it does not).
+    pub object_lock_enforced: Option<bool>,
 }
 
 /// The timer's job: snapshot every configured volume, prune, write metrics, ping.
@@ -150,6 +153,7 @@ pub fn backup_host(
         seconds: 0.0,
         atomic,
         downtime_seconds: downtime.as_secs_f64(),
+        object_lock_enforced: None,
     };
     match run {
         Ok((report, pr)) => {
@@ -179,10 +183,14 @@ pub fn backup_host(
                 // The snapshot is safe; a failed prune only delays cleanup.
                 Err(e) => log(&format!("imgbuild backup: prune failed: {e}")),
             }
+            result.object_lock_enforced = report.object_lock_enforced;
             result.report = Some(report);
         }
         Err(e) => {
             log(&format!("imgbuild backup: FAILED: {e}"));
+            if matches!(e, SnapshotError::ObjectLockNotEnforced { .. }) {
+                result.object_lock_enforced = Some(false);
+            }
             result.error = Some(e.to_string());
         }
     }

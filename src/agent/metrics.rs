@@ -91,6 +91,13 @@ pub fn write_metrics(dir: &Path, host: &str, r: &HostBackupResult) -> std::io::R
         "How long units of `stop` volumes were down during the last backup.",
         format!("{:.3}", r.downtime_seconds),
     );
+    if let Some(enforced) = r.object_lock_enforced {
+        metric(
+            "imgbuild_backup_object_lock_enforced",
+            "1 if the bucket was seen to enforce the configured Object Lock (configuration and read-back retention).",
+            format!("{}", u8::from(enforced)),
+        );
+    }
     if let Some(p) = &r.prune {
         metric(
             "imgbuild_backup_snapshots",

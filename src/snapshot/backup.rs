@@ -132,6 +132,8 @@ async fn backup_locked(
     let mut warnings = Vec::new();
     // Verified, not assumed: some servers accept the lock headers and ignore them.
     let mut lock_enforced = None;
+    let unlocked;
+    let mut store = store;
     if let Some(days) = store.object_lock_days {
         let r = store.object_lock_enabled().await?;
         lock_enforced = Some(r.is_ok());
@@ -145,6 +147,11 @@ async fn backup_locked(
                 return Err(e);
             }
             warnings.push(format!("warning: {e}"));
+            // Without a lock configuration, AWS-like servers refuse retention headers.
+            let mut s = store.clone();
+            s.object_lock_days = None;
+            unlocked = s;
+            store = &unlocked;
         }
     }
     let existing: HashSet<[u8; 32]> = list_chunks(store).await?.into_iter().map(|c| c.0).collect();
@@ -214,7 +221,9 @@ async fn backup_locked(
             )))
         }
     }
-    if let (Some(days), Some(until), Some(true)) = (store.object_lock_days, locked_until, lock_enforced) {
+    if let (Some(days), Some(until), Some(true)) =
+        (store.object_lock_days, locked_until, lock_enforced)
+    {
         // The configuration says Enabled; the object we just wrote must say so too.
         let got = store.retention(&key).await?;
         if got.is_none_or(|g| g + 1 < until.min(now + i64::from(days) * 86_400)) {

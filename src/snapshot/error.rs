@@ -53,7 +53,11 @@ pub enum SnapshotError {
     Locked { key: String, waited_secs: u64 },
 
     #[error("Object Lock is configured ({days} days) but s3://{bucket} does not enforce it: {why}. Create the bucket with Object Lock enabled (or use a server that implements it), or set `accept_unlocked_bucket = true` in the profile's [backup] to run without that protection")]
-    ObjectLockNotEnforced { bucket: String, days: u32, why: String },
+    ObjectLockNotEnforced {
+        bucket: String,
+        days: u32,
+        why: String,
+    },
 
     #[error("{path}: {source}")]
     Io {

@@ -83,6 +83,143 @@ pub fn moto() -> &'static Moto {
     })
 }
 
+/// A single-node Garage (the self-hosters' S3 server) on 127.0.0.1, one per test
+/// binary, with one key that owns every bucket the tests create.
+pub struct Garage {
+    pub endpoint: String,
+    config: PathBuf,
+    key_id: String,
+    secret: String,
+    _dir: tempfile::TempDir,
+}
+
+fn garage_cli(config: &Path, args: &[&str]) -> String {
+    let out = Command::new("garage")
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run garage ({e}). The compatibility tests need Garage 2.5: \
+                 install it with `bash .ci/deps.sh` (cargo install garage --version 2.5.0)"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "garage {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn garage() -> &'static Garage {
+    static G: OnceLock<Garage> = OnceLock::new();
+    G.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let (rpc, s3) = (free_port(), free_port());
+        let mut secret = [0u8; 32];
+        getrandom::getrandom(&mut secret).unwrap();
+        let config = dir.path().join("garage.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+                 replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+                 rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{sec}\"\n\
+                 [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
+                 root_domain = \".s3.garage.localhost\"\n",
+                d = dir.path().display(),
+                sec = hex::encode(secret),
+            ),
+        )
+        .unwrap();
+        let cfg = config.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut cmd = Command::new("garage");
+            cmd.arg("-c")
+                .arg(&cfg)
+                .arg("server")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            match cmd.spawn() {
+                Ok(c) => {
+                    tx.send(Ok(())).ok();
+                    let _keep = c;
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(e) => {
+                    tx.send(Err(e)).ok();
+                }
+            }
+        });
+        if let Err(e) = rx.recv().expect("garage thread") {
+            panic!(
+                "cannot start garage ({e}). The compatibility tests need Garage 2.5: \
+                 install it with `bash .ci/deps.sh` (cargo install garage --version 2.5.0)"
+            );
+        }
+        let start = Instant::now();
+        let node = loop {
+            let out = Command::new("garage")
+                .arg("-c")
+                .arg(&config)
+                .args(["node", "id", "-q"])
+                .output();
+            if let Some(o) = out.ok().filter(|o| o.status.success()) {
+                let id = String::from_utf8_lossy(&o.stdout);
+                break id.split('@').next().unwrap_or("").trim().to_string();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "garage did not come up on 127.0.0.1:{rpc} within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        garage_cli(
+            &config,
+            &["layout", "assign", "-z", "dc1", "-c", "1G", &node],
+        );
+        garage_cli(&config, &["layout", "apply", "--version", "1"]);
+        let out = garage_cli(&config, &["key", "create", "imgbuild-tests"]);
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| panic!("no {name} in `garage key create` output:\n{out}"))
+        };
+        let (key_id, secret) = (field("Key ID:"), field("Secret key:"));
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", s3)).is_ok() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "garage S3 API not listening"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Garage {
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            config,
+            key_id,
+            secret,
+            _dir: dir,
+        }
+    })
+}
+
 pub fn unique(name: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     format!(
@@ -134,6 +271,43 @@ impl Env {
                 .expect("create bucket");
         });
         env
+    }
+
+    /// A fresh bucket on Garage and fresh host keys. `object_lock_days` is set as a
+    /// profile would set it; Garage accepts the headers and enforces nothing.
+    pub fn garage(object_lock_days: Option<u32>) -> Env {
+        let g = garage();
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        write_keys(&secrets, 1);
+        std::fs::write(
+            secrets.join("s3.env"),
+            format!(
+                "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\nAWS_REGION=garage\n",
+                g.key_id, g.secret
+            ),
+        )
+        .unwrap();
+        let bucket = unique("bkt").to_lowercase();
+        garage_cli(&g.config, &["bucket", "create", &bucket]);
+        garage_cli(
+            &g.config,
+            &[
+                "bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", &g.key_id,
+            ],
+        );
+        let cfg = StoreConfig {
+            bucket,
+            prefix: "hosts/test".into(),
+            endpoint: Some(g.endpoint.clone()),
+            region: String::new(),
+            path_style: true,
+            credentials_file: Some(secrets.join("s3.env")),
+            object_lock_days,
+            multipart_threshold: 0,
+            accept_unlocked_bucket: false,
+        };
+        Env { dir, secrets, cfg }
     }
 
     pub async fn store(&self) -> Store {
