@@ -187,17 +187,28 @@ pub struct SecretsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum SecretsAction {
-    /// Pack secrets/ into secrets.age (to age recipients or a passphrase) and remove the directory
+    /// Pack secrets/ into secrets.age (to age recipients, an identity or a passphrase);
+    /// the directory is removed only once the archive has been decrypted and matches it
+    /// byte for byte
     Lock {
         /// Secrets root (default: ./secrets)
         #[arg(long)]
         secrets: Option<PathBuf>,
-        /// age recipient (age1...); may repeat
+        /// age recipient (age1...); may repeat. Without --identity nothing proves the
+        /// archive opens, so the directory is kept until `--confirm-with`
         #[arg(long = "recipient", short = 'r')]
         recipients: Vec<String>,
+        /// age identity file: lock to its recipient too (besides any -r), and open the
+        /// archive with it before removing the directory
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
         /// Name of an environment variable holding the passphrase (instead of recipients)
-        #[arg(long, conflicts_with = "recipients")]
+        #[arg(long, conflicts_with_all = ["recipients", "identity"])]
         passphrase_env: Option<String>,
+        /// Finish a lock to recipients: check that secrets.age opens with this identity
+        /// file and holds every file of the directory, then remove the directory
+        #[arg(long, value_name = "IDENTITY", conflicts_with_all = ["recipients", "identity", "passphrase_env"])]
+        confirm_with: Option<PathBuf>,
     },
     /// Unpack secrets.age back into secrets/
     Unlock {
