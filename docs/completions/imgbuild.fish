@@ -159,7 +159,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l timeout -d '
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l console-log -d 'Keep the guest\'s serial console log in this file' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l memory -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l cpus -r
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l allow-egress -d 'Let the guest reach the internet, for containers whose images are pulled from a registry rather than baked. WireGuard stays down, backups stay off and the bucket is still reached only through the read-only gateway, but the apps themselves may talk to the outside (federation, mail): bake the images instead when you can'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l allow-egress -d 'Let the guest reach the internet, for containers whose images are pulled from a registry rather than baked. WireGuard stays down, backups stay off and the bucket is still reached only through the read-only gateway (the guest holds dummy bucket credentials, so --image, which carries the real ones, is refused), but the apps themselves may talk to the outside (federation, mail): bake the images instead when you can'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l json -d 'Print the report as JSON on stdout'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -s q -l quiet -d 'Print nothing unless the drill fails (for cron)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -s h -l help -d 'Print help'

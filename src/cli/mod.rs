@@ -142,8 +142,10 @@ pub struct DrillArgs {
     pub cpus: u32,
     /// Let the guest reach the internet, for containers whose images are pulled from a
     /// registry rather than baked. WireGuard stays down, backups stay off and the bucket
-    /// is still reached only through the read-only gateway, but the apps themselves may
-    /// talk to the outside (federation, mail): bake the images instead when you can
+    /// is still reached only through the read-only gateway (the guest holds dummy
+    /// bucket credentials, so --image, which carries the real ones, is refused), but the
+    /// apps themselves may talk to the outside (federation, mail): bake the images
+    /// instead when you can
     #[arg(long)]
     pub allow_egress: bool,
     /// Print the report as JSON on stdout

@@ -4,7 +4,9 @@
 //! bucket with the workstation's credentials.
 //!
 //! Read-only is structural, not a promise of the guest's code: this server has no code
-//! path that writes, and the guest has no other route to the bucket. Every other method,
+//! path that writes, and the guest has no other route to the bucket (with
+//! `--allow-egress` it has the internet, but no key to the bucket: see
+//! `super::guest_input`). Every other method,
 //! sub-resource or key outside the host's prefix is answered 403 and counted, so the
 //! report can say how many writes the drilled image attempted. SigV4 signatures are not
 //! checked: only the drill's own guest can connect (127.0.0.1, through its guestfwd).
