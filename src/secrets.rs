@@ -114,32 +114,10 @@ impl SecretsRoot {
             path: lp.clone(),
             what,
         })?;
-        let mut map = BTreeMap::new();
-        let mut ar = tar::Archive::new(&plain[..]);
-        let bad = |e: std::io::Error| SecretsError::Bad {
-            path: lp.clone(),
-            what: format!("archive: {e}"),
-        };
-        for entry in ar.entries().map_err(bad)? {
-            let mut entry = entry.map_err(bad)?;
-            if !entry.header().entry_type().is_file() {
-                continue;
-            }
-            let rel = entry.path().map_err(bad)?.into_owned();
-            if rel.is_absolute()
-                || rel
-                    .components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-            {
-                return Err(SecretsError::Bad {
-                    path: lp,
-                    what: format!("unsafe path {} in archive", rel.display()),
-                });
-            }
-            let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut entry, &mut buf).map_err(bad)?;
-            map.insert(me.root.join(rel), buf);
-        }
+        let map = unpack(&plain, &lp)?
+            .into_iter()
+            .map(|(rel, data)| (me.root.join(rel), data))
+            .collect();
         me.locked = Some(std::sync::Arc::new(map));
         Ok(me)
     }
@@ -545,14 +523,32 @@ fn decrypt(data: &[u8], unlock: &Unlock) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// Who can open a locked root: age recipients (`age1...`) or one passphrase.
+/// Who can open a locked root.
 pub enum LockTo {
+    /// age recipients (`age1...`) only. Nothing here can open the archive, so `lock`
+    /// keeps the directory until [`confirm_lock`] proves an identity opens it.
     Recipients(Vec<String>),
+    /// An identity file's own recipients, plus any others: the archive is opened with
+    /// it before the directory goes.
+    Identity { file: PathBuf, also: Vec<String> },
+    /// One passphrase (scrypt), which also opens the archive before the directory goes.
     Passphrase(String),
 }
 
-/// Packs the secrets directory into `<root>.age` (0600) and removes the directory.
-pub fn lock(root: &SecretsRoot, to: &LockTo) -> Result<PathBuf, SecretsError> {
+/// What `lock` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Locked {
+    /// The archive opened and holds every file byte for byte; the directory is gone.
+    Done(PathBuf),
+    /// The archive is written but nothing proved it opens: the directory is kept.
+    Pending(PathBuf),
+}
+
+/// Packs the secrets directory into `<root>.age` (0600). The directory is removed only
+/// after the written archive has been read back, decrypted and found to hold every
+/// file byte for byte: losing `snapshot-encryption.key` loses every backup, so no
+/// archive that has not been shown to open may become the only copy.
+pub fn lock(root: &SecretsRoot, to: &LockTo) -> Result<Locked, SecretsError> {
     let bad = |what: String| SecretsError::Bad {
         path: root.root.clone(),
         what,
@@ -560,33 +556,54 @@ pub fn lock(root: &SecretsRoot, to: &LockTo) -> Result<PathBuf, SecretsError> {
     if !root.root.is_dir() {
         return Err(bad("no secrets directory to lock".into()));
     }
-    let mut files = vec![];
-    collect(&root.root, &root.root, &mut files).map_err(io(&root.root))?;
-    files.sort();
+    let lp = root.locked_path();
+    if fs::symlink_metadata(&lp).is_ok() {
+        // It may hold keys the directory lacks; replacing it could lose them.
+        return Err(SecretsError::Bad {
+            path: lp,
+            what: "already exists, and locking never replaces it: finish a pending lock with `imgbuild secrets lock --confirm-with IDENTITY`, or move the file away first".into(),
+        });
+    }
+    let files = plain_files(&root.root)?;
     let mut ar = tar::Builder::new(Vec::new());
-    for rel in &files {
-        let data = fs::read(root.root.join(rel)).map_err(io(rel))?;
+    for (rel, data) in &files {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(0o600);
         h.set_mtime(0);
         h.set_cksum();
-        ar.append_data(&mut h, rel, &data[..]).map_err(io(rel))?;
+        ar.append_data(&mut h, rel, &data[..])
+            .map_err(io(&root.root.join(rel)))?;
     }
     let plain = ar.into_inner().map_err(io(&root.root))?;
+    let parse = |rs: &[String]| -> Result<Vec<Box<dyn age::Recipient + Send>>, SecretsError> {
+        rs.iter()
+            .map(|r| {
+                r.parse::<age::x25519::Recipient>()
+                    .map(|r| Box::new(r) as Box<dyn age::Recipient + Send>)
+                    .map_err(|e| bad(format!("recipient {r}: {e}")))
+            })
+            .collect()
+    };
+    let mut check = Unlock::default();
     let enc = match to {
         LockTo::Passphrase(p) => {
+            check.passphrase = Some(p.clone());
             age::Encryptor::with_user_passphrase(age::secrecy::SecretString::from(p.clone()))
         }
-        LockTo::Recipients(rs) => {
-            let parsed: Vec<age::x25519::Recipient> = rs
-                .iter()
-                .map(|r| {
-                    r.parse::<age::x25519::Recipient>()
-                        .map_err(|e| bad(format!("recipient {r}: {e}")))
-                })
-                .collect::<Result<_, _>>()?;
-            age::Encryptor::with_recipients(parsed.iter().map(|r| r as &dyn age::Recipient))
+        LockTo::Recipients(rs) | LockTo::Identity { also: rs, .. } => {
+            let mut all = parse(rs)?;
+            if let LockTo::Identity { file, .. } = to {
+                let id = age::IdentityFile::from_file(file.to_string_lossy().into_owned())
+                    .map_err(io(file))?;
+                let own = id.to_recipients().map_err(|e| SecretsError::Bad {
+                    path: file.clone(),
+                    what: format!("no recipient in this identity file: {e}"),
+                })?;
+                all.extend(own);
+                check.identity = Some(file.clone());
+            }
+            age::Encryptor::with_recipients(all.iter().map(|r| r.as_ref() as &dyn age::Recipient))
                 .map_err(|e| bad(e.to_string()))?
         }
     };
@@ -594,18 +611,172 @@ pub fn lock(root: &SecretsRoot, to: &LockTo) -> Result<PathBuf, SecretsError> {
     let mut w = enc.wrap_output(&mut out).map_err(io(&root.root))?;
     w.write_all(&plain).map_err(io(&root.root))?;
     w.finish().map_err(io(&root.root))?;
-    let lp = root.locked_path();
-    if lp.exists() {
-        fs::remove_file(&lp).map_err(io(&lp))?;
+
+    // Written under a temporary name and checked there: a failed check leaves no
+    // archive behind, only the untouched directory.
+    let mut tmp = lp.clone().into_os_string();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    write_new(&tmp, &out, 0o600)?;
+    let placed = (|| {
+        if check.identity.is_some() || check.passphrase.is_some() {
+            verify_archive(&root.root, &tmp, &check)?;
+        }
+        if fs::symlink_metadata(&lp).is_ok() {
+            return Err(SecretsError::Bad {
+                path: lp.clone(),
+                what: "appeared while locking (another `secrets lock`?); nothing removed".into(),
+            });
+        }
+        fs::rename(&tmp, &lp).map_err(io(&lp))
+    })();
+    if placed.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    write_new(&lp, &out, 0o600)?;
-    // Check it opens before deleting anything.
+    placed?;
+    sync_parent(&lp)?;
+    if check.identity.is_none() && check.passphrase.is_none() {
+        return Ok(Locked::Pending(lp));
+    }
     fs::remove_dir_all(&root.root).map_err(io(&root.root))?;
+    sync_parent(&root.root)?;
+    Ok(Locked::Done(lp))
+}
+
+/// Finishes a lock to recipients: proves `<root>.age` opens with `unlock` and holds
+/// exactly the directory's files, then removes the directory.
+pub fn confirm_lock(root: &SecretsRoot, unlock: &Unlock) -> Result<PathBuf, SecretsError> {
+    let lp = root.locked_path();
+    if !lp.is_file() {
+        return Err(SecretsError::Bad {
+            path: lp,
+            what: "no locked archive to confirm (run `imgbuild secrets lock -r age1...` first)"
+                .into(),
+        });
+    }
+    if !root.root.is_dir() {
+        return Err(SecretsError::Bad {
+            path: root.root.clone(),
+            what: "no secrets directory: the lock is already complete".into(),
+        });
+    }
+    verify_archive(&root.root, &lp, unlock)?;
+    fs::remove_dir_all(&root.root).map_err(io(&root.root))?;
+    sync_parent(&root.root)?;
     Ok(lp)
+}
+
+/// Decrypts the archive at `archive` with `unlock` and compares it with the directory
+/// `dir` as it is on disk now: the same file names, each byte for byte. Any
+/// difference (a file missing from either side, other content, an archive that does
+/// not open) is an error naming it.
+pub fn verify_archive(dir: &Path, archive: &Path, unlock: &Unlock) -> Result<(), SecretsError> {
+    let data = fs::read(archive).map_err(io(archive))?;
+    let plain = decrypt(&data, unlock).map_err(|what| SecretsError::Bad {
+        path: archive.to_path_buf(),
+        what: format!("the archive does not open, so nothing was removed: {what}"),
+    })?;
+    let packed = unpack(&plain, archive)?;
+    let on_disk = plain_files(dir)?;
+    let mut problems = vec![];
+    for (rel, data) in &on_disk {
+        match packed.get(rel) {
+            None => problems.push(format!("{} is not in the archive", rel.display())),
+            Some(p) if p != data => problems.push(format!("{} differs", rel.display())),
+            Some(_) => {}
+        }
+    }
+    for rel in packed.keys().filter(|r| !on_disk.contains_key(*r)) {
+        problems.push(format!(
+            "{} is in the archive but not in the directory",
+            rel.display()
+        ));
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let n = problems.len();
+    problems.truncate(5);
+    Err(SecretsError::Bad {
+        path: archive.to_path_buf(),
+        what: format!(
+            "does not match {} ({n} difference(s): {}{}), so nothing was removed",
+            dir.display(),
+            problems.join("; "),
+            if n > 5 { "; ..." } else { "" }
+        ),
+    })
+}
+
+/// The regular files of an archive's tar, by relative path.
+fn unpack(plain: &[u8], archive: &Path) -> Result<BTreeMap<PathBuf, Vec<u8>>, SecretsError> {
+    let bad = |e: std::io::Error| SecretsError::Bad {
+        path: archive.to_path_buf(),
+        what: format!("archive: {e}"),
+    };
+    let mut map = BTreeMap::new();
+    let mut ar = tar::Archive::new(plain);
+    for entry in ar.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let rel = entry.path().map_err(bad)?.into_owned();
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(SecretsError::Bad {
+                path: archive.to_path_buf(),
+                what: format!("unsafe path {} in archive", rel.display()),
+            });
+        }
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut buf).map_err(bad)?;
+        map.insert(rel, buf);
+    }
+    Ok(map)
+}
+
+/// Every file under `dir`, by relative path. Anything but directories and regular
+/// files (a symlink, a socket) is refused: the archive could not hold it, and the
+/// directory is deleted once the archive is checked.
+fn plain_files(dir: &Path) -> Result<BTreeMap<PathBuf, Vec<u8>>, SecretsError> {
+    let mut rels = vec![];
+    collect(dir, dir, &mut rels)?;
+    let mut out = BTreeMap::new();
+    for rel in rels {
+        let p = dir.join(&rel);
+        out.insert(rel, fs::read(&p).map_err(io(&p))?);
+    }
+    Ok(out)
+}
+
+/// Makes a rename or removal in `p`'s directory durable before the next step relies on it.
+fn sync_parent(p: &Path) -> Result<(), SecretsError> {
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::File::open(parent)
+        .and_then(|f| f.sync_all())
+        .map_err(io(parent))
 }
 
 /// Unpacks `<root>.age` back into the directory (0700/0600) and removes the file.
 pub fn unlock(root: &Path, unlock: &Unlock) -> Result<PathBuf, SecretsError> {
+    let plain_root = SecretsRoot::new(root);
+    let lp = plain_root.locked_path();
+    if root.is_dir() && lp.is_file() {
+        return Err(SecretsError::Bad {
+            path: lp,
+            what: format!(
+                "{} exists too: a lock to recipients is waiting for proof that the archive opens; `imgbuild secrets lock --confirm-with IDENTITY` checks it holds every file of the directory and then removes the directory",
+                root.display()
+            ),
+        });
+    }
     let opened = SecretsRoot::open(root, unlock)?;
     let Some(map) = &opened.locked else {
         return Err(SecretsError::Bad {
@@ -613,34 +784,58 @@ pub fn unlock(root: &Path, unlock: &Unlock) -> Result<PathBuf, SecretsError> {
             what: "not locked (the directory exists or there is no .age file)".into(),
         });
     };
-    for (path, data) in map.iter() {
-        if let Some(parent) = path.parent() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(io(parent))?;
+    // Unpacked beside the root and renamed into place: an unlock cut short leaves the
+    // archive and no half directory that could be mistaken for the whole.
+    let mut tmp = root.as_os_str().to_owned();
+    tmp.push(format!(".unlock-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let unpacked = (|| {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io(&tmp))?;
+        for (path, data) in map.iter() {
+            let rel = path.strip_prefix(root).unwrap_or(path);
+            let dest = tmp.join(rel);
+            if let Some(parent) = dest.parent() {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(io(parent))?;
+            }
+            let mode = if dest.file_name().is_some_and(|n| n == "image-signing.pub") {
+                0o644
+            } else {
+                0o600
+            };
+            write_new(&dest, data, mode)?;
         }
-        let mode = if path.file_name().is_some_and(|n| n == "image-signing.pub") {
-            0o644
-        } else {
-            0o600
-        };
-        write_new(path, data, mode)?;
+        fs::rename(&tmp, root).map_err(io(root))
+    })();
+    if unpacked.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
     }
-    let lp = opened.locked_path();
+    unpacked?;
+    sync_parent(root)?;
     fs::remove_file(&lp).map_err(io(&lp))?;
     Ok(root.to_path_buf())
 }
 
-fn collect(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for e in fs::read_dir(dir)? {
-        let e = e?;
+fn collect(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), SecretsError> {
+    for e in fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
         let p = e.path();
-        if e.file_type()?.is_dir() {
+        let t = e.file_type().map_err(io(&p))?;
+        if t.is_dir() {
             collect(base, &p, out)?;
-        } else if e.file_type()?.is_file() {
+        } else if t.is_file() {
             out.push(p.strip_prefix(base).unwrap_or(&p).to_path_buf());
+        } else {
+            return Err(SecretsError::Bad {
+                path: p,
+                what: "not a regular file or directory (a symlink?): the locked archive cannot hold it; replace it with the file itself".into(),
+            });
         }
     }
     Ok(())

@@ -1019,7 +1019,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__secrets__subcmd__lock)
-            opts="-r -h --secrets --recipient --passphrase-env --help"
+            opts="-r -h --secrets --recipient --identity --passphrase-env --confirm-with --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1037,7 +1037,15 @@ _imgbuild() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --passphrase-env)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --confirm-with)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -159,7 +159,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l timeout -d '
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l console-log -d 'Keep the guest\'s serial console log in this file' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l memory -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l cpus -r
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l allow-egress -d 'Let the guest reach the internet, for containers whose images are pulled from a registry rather than baked. WireGuard stays down, backups stay off and the bucket is still reached only through the read-only gateway, but the apps themselves may talk to the outside (federation, mail): bake the images instead when you can'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l allow-egress -d 'Let the guest reach the internet, for containers whose images are pulled from a registry rather than baked. WireGuard stays down, backups stay off and the bucket is still reached only through the read-only gateway (the guest holds dummy bucket credentials, so --image, which carries the real ones, is refused), but the apps themselves may talk to the outside (federation, mail): bake the images instead when you can'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -l json -d 'Print the report as JSON on stdout'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -s q -l quiet -d 'Print nothing unless the drill fails (for cron)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand drill" -s h -l help -d 'Print help'
@@ -175,18 +175,20 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand upload" -s q -l quiet
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand upload" -l json
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand upload" -s h -l help -d 'Print help'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and not __fish_seen_subcommand_from lock unlock help" -s h -l help -d 'Print help'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and not __fish_seen_subcommand_from lock unlock help" -f -a "lock" -d 'Pack secrets/ into secrets.age (to age recipients or a passphrase) and remove the directory'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and not __fish_seen_subcommand_from lock unlock help" -f -a "lock" -d 'Pack secrets/ into secrets.age (to age recipients, an identity or a passphrase); the directory is removed only once the archive has been decrypted and matches it byte for byte'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and not __fish_seen_subcommand_from lock unlock help" -f -a "unlock" -d 'Unpack secrets.age back into secrets/'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and not __fish_seen_subcommand_from lock unlock help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from lock" -l secrets -d 'Secrets root (default: ./secrets)' -r -F
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from lock" -s r -l recipient -d 'age recipient (age1...); may repeat' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from lock" -s r -l recipient -d 'age recipient (age1...); may repeat. Without --identity nothing proves the archive opens, so the directory is kept until `--confirm-with`' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from lock" -l identity -d 'age identity file: lock to its recipient too (besides any -r), and open the archive with it before removing the directory' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from lock" -l passphrase-env -d 'Name of an environment variable holding the passphrase (instead of recipients)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from lock" -l confirm-with -d 'Finish a lock to recipients: check that secrets.age opens with this identity file and holds every file of the directory, then remove the directory' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from lock" -s h -l help -d 'Print help'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from unlock" -l secrets -d 'Secrets root (default: ./secrets)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from unlock" -l identity -d 'age identity file' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from unlock" -l passphrase-env -d 'Name of an environment variable holding the passphrase' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from unlock" -s h -l help -d 'Print help'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from help" -f -a "lock" -d 'Pack secrets/ into secrets.age (to age recipients or a passphrase) and remove the directory'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from help" -f -a "lock" -d 'Pack secrets/ into secrets.age (to age recipients, an identity or a passphrase); the directory is removed only once the archive has been decrypted and matches it byte for byte'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from help" -f -a "unlock" -d 'Unpack secrets.age back into secrets/'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand secrets; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand gen-docs" -s h -l help -d 'Print help'
@@ -209,5 +211,5 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_s
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help" -f -a "secrets" -d 'Encrypt (lock) or decrypt (unlock) the secrets directory with age'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help" -f -a "gen-docs" -d 'Regenerate man pages and shell completions (for packagers; docs/ holds a copy)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and __fish_seen_subcommand_from secrets" -f -a "lock" -d 'Pack secrets/ into secrets.age (to age recipients or a passphrase) and remove the directory'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and __fish_seen_subcommand_from secrets" -f -a "lock" -d 'Pack secrets/ into secrets.age (to age recipients, an identity or a passphrase); the directory is removed only once the archive has been decrypted and matches it byte for byte'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and __fish_seen_subcommand_from secrets" -f -a "unlock" -d 'Unpack secrets.age back into secrets/'

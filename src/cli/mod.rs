@@ -142,8 +142,10 @@ pub struct DrillArgs {
     pub cpus: u32,
     /// Let the guest reach the internet, for containers whose images are pulled from a
     /// registry rather than baked. WireGuard stays down, backups stay off and the bucket
-    /// is still reached only through the read-only gateway, but the apps themselves may
-    /// talk to the outside (federation, mail): bake the images instead when you can
+    /// is still reached only through the read-only gateway (the guest holds dummy
+    /// bucket credentials, so --image, which carries the real ones, is refused), but the
+    /// apps themselves may talk to the outside (federation, mail): bake the images
+    /// instead when you can
     #[arg(long)]
     pub allow_egress: bool,
     /// Print the report as JSON on stdout
@@ -187,17 +189,28 @@ pub struct SecretsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum SecretsAction {
-    /// Pack secrets/ into secrets.age (to age recipients or a passphrase) and remove the directory
+    /// Pack secrets/ into secrets.age (to age recipients, an identity or a passphrase);
+    /// the directory is removed only once the archive has been decrypted and matches it
+    /// byte for byte
     Lock {
         /// Secrets root (default: ./secrets)
         #[arg(long)]
         secrets: Option<PathBuf>,
-        /// age recipient (age1...); may repeat
+        /// age recipient (age1...); may repeat. Without --identity nothing proves the
+        /// archive opens, so the directory is kept until `--confirm-with`
         #[arg(long = "recipient", short = 'r')]
         recipients: Vec<String>,
+        /// age identity file: lock to its recipient too (besides any -r), and open the
+        /// archive with it before removing the directory
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
         /// Name of an environment variable holding the passphrase (instead of recipients)
-        #[arg(long, conflicts_with = "recipients")]
+        #[arg(long, conflicts_with_all = ["recipients", "identity"])]
         passphrase_env: Option<String>,
+        /// Finish a lock to recipients: check that secrets.age opens with this identity
+        /// file and holds every file of the directory, then remove the directory
+        #[arg(long, value_name = "IDENTITY", conflicts_with_all = ["recipients", "identity", "passphrase_env"])]
+        confirm_with: Option<PathBuf>,
     },
     /// Unpack secrets.age back into secrets/
     Unlock {

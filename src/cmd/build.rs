@@ -141,54 +141,18 @@ pub fn run(args: &BuildArgs) -> Result<i32> {
             }
         }
         Format::Raw | Format::Qcow2 => {
-            let tree = render::render(&input, Target::Image)?;
-            check_configs(&tree, &progress)?;
-            let (signing_key, created) = root.ensure_builder()?;
-            if !created.0.is_empty() {
-                progress.note(&format!(
-                    "imgbuild: created the builder's image-signing key in {}",
-                    root.builder_dir().display()
-                ));
-            }
-            let base_def = match &args.base {
-                Some(b) => b.clone(),
-                None => find_base(&input.host.dir, &input.host.profile.host.base)?,
-            };
-            let mut baked = vec![];
-            for (name, c) in &input.host.profile.containers {
-                if let Some(b) = &c.bake {
-                    let src = input.host.dir.join(b);
-                    if !src.is_file() {
-                        bail!(
-                            "{}: containers.{name}.bake: {} does not exist",
-                            input.host.path.display(),
-                            src.display()
-                        );
-                    }
-                    baked.push((render::baked_path(name), src));
-                }
-            }
-            let req = crate::image::ImageRequest {
-                tree: &tree,
-                out: args.out.clone(),
-                format: if format == Format::Raw {
-                    crate::image::DiskFormat::Raw
-                } else {
-                    crate::image::DiskFormat::Qcow2
+            let (tree, report) = disk_image(
+                &input,
+                &root,
+                &DiskOptions {
+                    out: args.out.clone(),
+                    qcow2: format == Format::Qcow2,
+                    base: args.base.clone(),
+                    refresh_base: args.refresh_base,
+                    helper_bin,
                 },
-                base_def,
-                refresh_base: args.refresh_base,
-                signing_key: &signing_key,
-                profile_digest: input.host.digest.clone(),
-                baked_images: baked,
-                helper_binary: helper_bin,
-                progress: progress.clone(),
-                cache_dir: None,
-                mirror: std::env::var("IMGBUILD_MIRROR")
-                    .ok()
-                    .filter(|m| !m.is_empty()),
-            };
-            let report = crate::image::build(&req)?;
+                &progress,
+            )?;
             if args.json {
                 println!(
                     "{}",
@@ -205,6 +169,74 @@ pub fn run(args: &BuildArgs) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// How [`disk_image`] writes the disk.
+pub struct DiskOptions {
+    pub out: PathBuf,
+    pub qcow2: bool,
+    pub base: Option<PathBuf>,
+    pub refresh_base: bool,
+    pub helper_bin: PathBuf,
+}
+
+/// Renders `input` and writes the signed disk image (shared with `imgbuild drill`,
+/// which builds from an input whose bucket credentials it has replaced).
+pub fn disk_image(
+    input: &render::RenderInput,
+    root: &crate::secrets::SecretsRoot,
+    opts: &DiskOptions,
+    progress: &Progress,
+) -> Result<(crate::tree::HostTree, crate::image::ImageReport)> {
+    let tree = render::render(input, Target::Image)?;
+    check_configs(&tree, progress)?;
+    let (signing_key, created) = root.ensure_builder()?;
+    if !created.0.is_empty() {
+        progress.note(&format!(
+            "imgbuild: created the builder's image-signing key in {}",
+            root.builder_dir().display()
+        ));
+    }
+    let base_def = match &opts.base {
+        Some(b) => b.clone(),
+        None => find_base(&input.host.dir, &input.host.profile.host.base)?,
+    };
+    let mut baked = vec![];
+    for (name, c) in &input.host.profile.containers {
+        if let Some(b) = &c.bake {
+            let src = input.host.dir.join(b);
+            if !src.is_file() {
+                bail!(
+                    "{}: containers.{name}.bake: {} does not exist",
+                    input.host.path.display(),
+                    src.display()
+                );
+            }
+            baked.push((render::baked_path(name), src));
+        }
+    }
+    let req = crate::image::ImageRequest {
+        tree: &tree,
+        out: opts.out.clone(),
+        format: if opts.qcow2 {
+            crate::image::DiskFormat::Qcow2
+        } else {
+            crate::image::DiskFormat::Raw
+        },
+        base_def,
+        refresh_base: opts.refresh_base,
+        signing_key: &signing_key,
+        profile_digest: input.host.digest.clone(),
+        baked_images: baked,
+        helper_binary: opts.helper_bin.clone(),
+        progress: progress.clone(),
+        cache_dir: None,
+        mirror: std::env::var("IMGBUILD_MIRROR")
+            .ok()
+            .filter(|m| !m.is_empty()),
+    };
+    let report = crate::image::build(&req)?;
+    Ok((tree, report))
 }
 
 /// `images/<base>.toml`, searched beside the profiles and in the current directory.

@@ -4,7 +4,9 @@
 //! bucket with the workstation's credentials.
 //!
 //! Read-only is structural, not a promise of the guest's code: this server has no code
-//! path that writes, and the guest has no other route to the bucket. Every other method,
+//! path that writes, and the guest has no other route to the bucket (with
+//! `--allow-egress` it has the internet, but no key to the bucket: see
+//! `super::guest_input`). Every other method,
 //! sub-resource or key outside the host's prefix is answered 403 and counted, so the
 //! report can say how many writes the drilled image attempted. SigV4 signatures are not
 //! checked: only the drill's own guest can connect (127.0.0.1, through its guestfwd).
@@ -151,10 +153,35 @@ struct Request {
 struct Response {
     status: u16,
     headers: Vec<(&'static str, String)>,
-    body: Vec<u8>,
+    body: Body,
     /// HEAD: send the length of `body` but not the body.
     head_only: bool,
     close: bool,
+}
+
+enum Body {
+    Bytes(Vec<u8>),
+    /// An object, passed on chunk by chunk as the bucket sends it: chunks and
+    /// manifests can be large, and a restore fetches several at once.
+    Stream(crate::snapshot::store::ObjectStream),
+    /// HEAD of an object: its length, and nothing fetched.
+    Length(u64),
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(b: Vec<u8>) -> Body {
+        Body::Bytes(b)
+    }
+}
+
+impl Body {
+    fn len(&self) -> u64 {
+        match self {
+            Body::Bytes(b) => b.len() as u64,
+            Body::Stream(s) => s.len,
+            Body::Length(n) => *n,
+        }
+    }
 }
 
 fn reason(status: u16) -> &'static str {
@@ -182,7 +209,7 @@ fn serve_connection(sh: &Shared, conn: TcpStream) {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(msg) => {
-                let _ = write_response(&mut out, &error(400, "InvalidRequest", &msg, true));
+                let _ = write_response(sh, &mut out, error(400, "InvalidRequest", &msg, true));
                 return;
             }
         };
@@ -220,7 +247,7 @@ fn serve_connection(sh: &Shared, conn: TcpStream) {
             resp.close = true;
         }
         let close = resp.close;
-        if write_response(&mut out, &resp).is_err() || close {
+        if write_response(sh, &mut out, resp).is_err() || close {
             let _ = out.flush();
             if let Ok(s) = out.get_ref().try_clone() {
                 let _ = s.shutdown(Shutdown::Both);
@@ -268,26 +295,35 @@ fn read_request(input: &mut BufReader<TcpStream>) -> Result<Option<Request>, Str
         .filter(|q| !q.is_empty())
         .map(|q| {
             let (k, v) = q.split_once('=').unwrap_or((q, ""));
-            (pct_decode(k), pct_decode(v))
+            Ok((pct_decode(k)?, pct_decode(v)?))
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     Ok(Some(Request {
         method: method.to_string(),
-        path: pct_decode(path),
+        path: pct_decode(path)?,
         query,
         raw_target: target.to_string(),
         headers,
     }))
 }
 
-fn pct_decode(s: &str) -> String {
+/// Percent-decodes to bytes, then reads them as UTF-8: a key with multibyte
+/// characters (raw or encoded) comes out as it went in, and bytes that are not UTF-8
+/// are an error rather than a silently different key.
+fn pct_decode(s: &str) -> Result<String, String> {
+    fn hex(c: u8) -> Option<u8> {
+        (c as char).to_digit(16).map(|d| d as u8)
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
+        if b[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                out.push(h << 4 | l);
                 i += 3;
                 continue;
             }
@@ -296,7 +332,7 @@ fn pct_decode(s: &str) -> String {
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8(out).map_err(|_| format!("`{s}` does not decode to UTF-8"))
 }
 
 fn xml_escape(s: &str) -> String {
@@ -315,7 +351,8 @@ fn error(status: u16, code: &str, msg: &str, close: bool) -> Response {
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{}</Message></Error>",
             xml_escape(msg)
         )
-        .into_bytes(),
+        .into_bytes()
+        .into(),
         head_only: false,
         close,
     }
@@ -383,9 +420,7 @@ fn handle(sh: &Shared, req: &Request) -> Response {
     if !key.starts_with(&sh.prefix) || key.split('/').any(|c| c == ".." || c == ".") {
         return refuse(sh, req, false, "key outside the host's prefix");
     }
-    let mut r = get(sh, key, req.headers.get("range").map(String::as_str));
-    r.head_only = head;
-    r
+    get(sh, key, req.headers.get("range").map(String::as_str), head)
 }
 
 fn list(sh: &Shared, prefix: &str, req: &Request) -> Response {
@@ -440,7 +475,7 @@ fn list(sh: &Shared, prefix: &str, req: &Request) -> Response {
     Response {
         status: 200,
         headers: vec![("Content-Type", "application/xml".into())],
-        body: x.into_bytes(),
+        body: Body::Bytes(x.into_bytes()),
         head_only: false,
         close: false,
     }
@@ -467,57 +502,102 @@ fn parse_range(spec: &str, len: u64) -> Option<(u64, u64)> {
     (start <= end && start < len).then_some((start, end))
 }
 
-/// The gateway only serves what a restore reads: manifests and chunks.
-fn imgbuild_object_max() -> u64 {
-    crate::snapshot::format::MANIFEST_OBJECT_MAX
-}
-
-fn get(sh: &Shared, key: &str, range: Option<&str>) -> Response {
-    let body = match sh.rt.block_on(sh.store.get(key, imgbuild_object_max())) {
-        Ok(Some(b)) => b,
-        Ok(None) => return error(404, "NoSuchKey", "The specified key does not exist.", false),
-        Err(e) => {
-            sh.counters.upstream_errors.fetch_add(1, Ordering::SeqCst);
-            return error(502, "InternalError", &e.to_string(), false);
+/// GetObject / HeadObject. A range needs the object's length first (to answer 416 as
+/// S3 does), so it costs a HEAD; the bytes themselves are never held here, only passed
+/// on as they arrive.
+fn get(sh: &Shared, key: &str, range: Option<&str>, head: bool) -> Response {
+    let upstream = |e: crate::snapshot::SnapshotError| {
+        sh.counters.upstream_errors.fetch_add(1, Ordering::SeqCst);
+        error(502, "InternalError", &e.to_string(), false)
+    };
+    let not_found = || error(404, "NoSuchKey", "The specified key does not exist.", false);
+    let mut headers = vec![
+        ("Content-Type", "application/octet-stream".to_string()),
+        ("Accept-Ranges", "bytes".to_string()),
+    ];
+    let wanted = match range {
+        None if !head => None,
+        _ => {
+            let len = match sh.rt.block_on(sh.store.size(key)) {
+                Ok(Some(n)) => n,
+                Ok(None) => return with_head(not_found(), head),
+                Err(e) => return with_head(upstream(e), head),
+            };
+            match range.map(|spec| parse_range(spec, len)) {
+                None => {
+                    sh.counters.objects.fetch_add(1, Ordering::SeqCst);
+                    return Response {
+                        status: 200,
+                        headers,
+                        body: Body::Length(len),
+                        head_only: true,
+                        close: false,
+                    };
+                }
+                Some(None) => {
+                    let mut r = error(
+                        416,
+                        "InvalidRange",
+                        "The requested range is not satisfiable",
+                        false,
+                    );
+                    r.headers.push(("Content-Range", format!("bytes */{len}")));
+                    return with_head(r, head);
+                }
+                Some(Some((s, e))) => {
+                    headers.push(("Content-Range", format!("bytes {s}-{e}/{len}")));
+                    if head {
+                        sh.counters.objects.fetch_add(1, Ordering::SeqCst);
+                        return Response {
+                            status: 206,
+                            headers,
+                            body: Body::Length(e - s + 1),
+                            head_only: true,
+                            close: false,
+                        };
+                    }
+                    Some((s, e))
+                }
+            }
         }
     };
-    let len = body.len() as u64;
-    let (status, body, mut headers) = match range {
-        None => (200, body, vec![]),
-        Some(spec) => match parse_range(spec, len) {
-            Some((s, e)) => (
-                206,
-                body[s as usize..=e as usize].to_vec(),
-                vec![("Content-Range", format!("bytes {s}-{e}/{len}"))],
-            ),
-            None => {
-                let mut r = error(
-                    416,
-                    "InvalidRange",
-                    "The requested range is not satisfiable",
-                    false,
-                );
-                r.headers.push(("Content-Range", format!("bytes */{len}")));
-                return r;
-            }
-        },
+    let stream = match sh.rt.block_on(sh.store.get_stream(key, wanted)) {
+        Ok(Some(s)) => s,
+        Ok(None) => return not_found(),
+        Err(e) => return upstream(e),
     };
+    if let Some((s, e)) = wanted {
+        if stream.len != e - s + 1 {
+            // Changed between the HEAD and the GET: better an error than wrong bytes.
+            sh.counters.upstream_errors.fetch_add(1, Ordering::SeqCst);
+            return error(
+                502,
+                "InternalError",
+                &format!("the bucket sent {} bytes for the range {s}-{e}", stream.len),
+                false,
+            );
+        }
+    }
     sh.counters.objects.fetch_add(1, Ordering::SeqCst);
-    sh.counters
-        .bytes
-        .fetch_add(body.len() as u64, Ordering::SeqCst);
-    headers.push(("Content-Type", "application/octet-stream".into()));
-    headers.push(("Accept-Ranges", "bytes".into()));
     Response {
-        status,
+        status: if wanted.is_some() { 206 } else { 200 },
         headers,
-        body,
+        body: Body::Stream(stream),
         head_only: false,
         close: false,
     }
 }
 
-fn write_response(out: &mut impl Write, r: &Response) -> std::io::Result<()> {
+fn with_head(mut r: Response, head: bool) -> Response {
+    r.head_only = head;
+    r
+}
+
+/// Writes the response; a streamed body is copied chunk by chunk. An error (the
+/// client gone, or the bucket failing mid-body after the length was announced) is
+/// returned so the caller closes the connection: the client then sees a short body,
+/// never a complete-looking wrong one.
+fn write_response(sh: &Shared, out: &mut impl Write, r: Response) -> std::io::Result<()> {
     let mut head = format!("HTTP/1.1 {} {}\r\n", r.status, reason(r.status));
     for (k, v) in &r.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -529,8 +609,33 @@ fn write_response(out: &mut impl Write, r: &Response) -> std::io::Result<()> {
     }
     head.push_str("\r\n");
     out.write_all(head.as_bytes())?;
-    if !r.head_only {
-        out.write_all(&r.body)?;
+    if r.head_only {
+        return out.flush();
+    }
+    match r.body {
+        Body::Bytes(b) => out.write_all(&b)?,
+        Body::Length(_) => {}
+        Body::Stream(mut s) => {
+            let mut sent = 0u64;
+            let short = |what: String| {
+                sh.counters.upstream_errors.fetch_add(1, Ordering::SeqCst);
+                std::io::Error::other(what)
+            };
+            while let Some(chunk) = sh.rt.block_on(s.body.next()) {
+                let chunk = chunk.map_err(|e| short(format!("reading from the bucket: {e}")))?;
+                if sent + chunk.len() as u64 > s.len {
+                    return Err(short("the bucket sent more than it announced".into()));
+                }
+                out.write_all(&chunk)?;
+                sent += chunk.len() as u64;
+                sh.counters
+                    .bytes
+                    .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            }
+            if sent != s.len {
+                return Err(short(format!("the bucket sent {sent} of {} bytes", s.len)));
+            }
+        }
     }
     out.flush()
 }
@@ -552,8 +657,18 @@ mod tests {
 
     #[test]
     fn percent_decoding() {
-        assert_eq!(pct_decode("a%2Fb%20c"), "a/b c");
-        assert_eq!(pct_decode("100%"), "100%");
-        assert_eq!(pct_decode("%zz"), "%zz");
+        assert_eq!(pct_decode("a%2Fb%20c").unwrap(), "a/b c");
+        assert_eq!(pct_decode("100%").unwrap(), "100%");
+        assert_eq!(pct_decode("%zz").unwrap(), "%zz");
+        // Raw and encoded multibyte characters, and a '%' just before one.
+        assert_eq!(pct_decode("é%C3%A9").unwrap(), "éé");
+        assert_eq!(pct_decode("%aé").unwrap(), "%aé");
+        assert_eq!(pct_decode("%é").unwrap(), "%é");
+        assert_eq!(pct_decode("x%E2%82%AC%").unwrap(), "x€%");
+        // A sign is not a hex digit.
+        assert_eq!(pct_decode("%+1").unwrap(), "%+1");
+        // Not UTF-8 once decoded: refused, not replaced by U+FFFD.
+        assert!(pct_decode("%C3").is_err());
+        assert!(pct_decode("%FF%FE").is_err());
     }
 }

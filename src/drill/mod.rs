@@ -12,7 +12,7 @@ pub mod gateway;
 
 use crate::agent::drill_mode as guest;
 
-use crate::cli::{BuildArgs, DrillArgs};
+use crate::cli::DrillArgs;
 use crate::hostconfig::RestorePolicy;
 use crate::progress::Progress;
 use crate::qemu::{self, RunOptions, SerialTarget};
@@ -295,30 +295,26 @@ fn drill(
         Some(p) => {
             let key = crate::workstation::builder_pubkey(args.key.as_deref(), root)?;
             let step = progress.step("verify", None);
-            crate::image::verify(p, &key)
+            let verified = crate::image::verify(p, &key)
                 .with_context(|| format!("{} does not verify", p.display()))?;
             step.finish();
             report.image_verified = true;
+            if args.allow_egress {
+                check_image_for_egress(&verified.manifest.host_tree_digest, input)?;
+            }
             p.clone()
         }
         None => {
             let out = scratch.path().join(format!("{}.raw", input.host.name()));
-            let build = BuildArgs {
-                profile: args.profile.clone(),
-                // A drilled guest reads the bucket through the gateway with dummy
-                // credentials; the image's own are never used.
-                allow_missing_credentials: true,
+            let opts = crate::cmd::build::DiskOptions {
                 out: out.clone(),
-                format: None,
-                ignition_version: "3.4.0".into(),
-                helper_url: None,
-                helper: None,
+                qcow2: false,
                 base: None,
                 refresh_base: false,
-                quiet: progress.mode() == crate::progress::Mode::Quiet,
-                json: false,
+                helper_bin: std::env::current_exe().context("locating this imgbuild binary")?,
             };
-            crate::cmd::build::run(&build).context("building the image to drill")?;
+            crate::cmd::build::disk_image(&guest_input(input), root, &opts, progress)
+                .context("building the image to drill")?;
             out
         }
     };
@@ -326,21 +322,7 @@ fn drill(
 
     // The door: the read-only gateway, and the credential that points the guest at it.
     let gw = gateway::Gateway::start(store.clone(), rt.handle().clone())?;
-    let cfg = guest::DrillConfig {
-        endpoint: format!("http://{}:{}", guest::GATEWAY_ADDR, guest::GATEWAY_PORT),
-        bucket: store.bucket.clone(),
-        prefix: store.prefix.clone(),
-        snapshot: Some(id.clone()),
-        restore_timeout_secs: GUEST_RESTORE_TIMEOUT,
-        ready_timeout_secs: input.host.profile.host.ready_timeout,
-        wireguard_interfaces: input
-            .host
-            .profile
-            .wireguard
-            .iter()
-            .map(|w| w.interface.clone())
-            .collect(),
-    };
+    let cfg = drill_config(input, &store.bucket, &store.prefix, &id);
     let serial = args
         .console_log
         .clone()
@@ -468,6 +450,72 @@ fn drill(
         eprintln!("--- last console lines ---\n{}", tail(&log, 40));
     }
     Ok(())
+}
+
+/// What the drilled guest is told (as a systemd credential): the gateway's address,
+/// the bucket and prefix it serves, the pinned snapshot. No credentials: the gateway
+/// holds the workstation's, and the guest presents dummies it ignores.
+pub fn drill_config(
+    input: &crate::render::RenderInput,
+    bucket: &str,
+    prefix: &str,
+    snapshot: &str,
+) -> guest::DrillConfig {
+    guest::DrillConfig {
+        endpoint: format!("http://{}:{}", guest::GATEWAY_ADDR, guest::GATEWAY_PORT),
+        bucket: bucket.to_string(),
+        prefix: prefix.to_string(),
+        snapshot: Some(snapshot.to_string()),
+        restore_timeout_secs: GUEST_RESTORE_TIMEOUT,
+        ready_timeout_secs: input.host.profile.host.ready_timeout,
+        wireguard_interfaces: input
+            .host
+            .profile
+            .wireguard
+            .iter()
+            .map(|w| w.interface.clone())
+            .collect(),
+    }
+}
+
+/// The `s3.env` of an image the drill builds, in place of the host's: the same
+/// dummies the drilled first boot presents to the gateway.
+pub const DRILL_S3_ENV: &str =
+    "# imgbuild drill: not the host's credentials; the bucket is read through the drill's gateway\nAWS_ACCESS_KEY_ID=imgbuild-drill\nAWS_SECRET_ACCESS_KEY=imgbuild-drill\n";
+
+/// The input the drill builds its image from: the host's own, except that the bucket
+/// credentials (`s3.env`) are replaced by [`DRILL_S3_ENV`]. The guest reads the bucket
+/// only through the gateway, which holds the workstation's credentials; with
+/// `--allow-egress` it can reach the internet, and real keys on its disk would let it
+/// reach the bucket around the gateway, writes included.
+pub fn guest_input(input: &crate::render::RenderInput) -> crate::render::RenderInput {
+    let mut g = input.clone();
+    if g.keys.s3_env.is_some() {
+        g.keys.s3_env = Some(DRILL_S3_ENV.to_string());
+    }
+    g
+}
+
+/// `--allow-egress` with `--image`: the image is booted as it is, and one built for
+/// deployment carries the host's bucket credentials. It may have the internet only
+/// when its signed manifest shows it is this profile rendered without real
+/// credentials (the drill's dummies, or no `s3.env` at all).
+pub fn check_image_for_egress(
+    manifest_tree_digest: &str,
+    input: &crate::render::RenderInput,
+) -> Result<()> {
+    let mut bare = input.clone();
+    bare.keys.s3_env = None;
+    for candidate in [guest_input(input), bare] {
+        let tree = crate::render::render(&candidate, crate::render::Target::Image)?;
+        if tree.digest() == manifest_tree_digest {
+            return Ok(());
+        }
+    }
+    anyhow::bail!(
+        "--allow-egress with --image: the image may carry {}'s bucket credentials (s3.env), and a guest that can reach the internet could use them to reach the bucket around the read-only gateway, writes included. Drop --image (the drill then builds its own image, with dummy credentials in place of the real ones), or drop --allow-egress",
+        input.host.name()
+    )
 }
 
 /// `imgbuild drill-relay PORT`, run by QEMU for each connection the guest opens to the

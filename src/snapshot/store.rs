@@ -88,6 +88,15 @@ pub struct PageObject {
     pub etag: Option<String>,
 }
 
+/// An object's body as the server sends it (see [`Store::get_stream`]).
+pub struct ObjectStream {
+    /// Bytes announced (Content-Length): the whole object, or the range.
+    pub len: u64,
+    /// `bytes A-B/TOTAL` for a ranged read.
+    pub content_range: Option<String>,
+    pub body: ByteStream,
+}
+
 #[derive(Debug, Clone)]
 pub struct ListPage {
     pub objects: Vec<PageObject>,
@@ -258,6 +267,70 @@ impl Store {
             out.extend_from_slice(&part);
         }
         Ok(Some(out))
+    }
+
+    /// GET as a stream, of the whole object or of the inclusive byte range
+    /// `start..=end`; `Ok(None)` when the key does not exist. Nothing is buffered: the
+    /// caller pulls the body as the server sends it.
+    pub async fn get_stream(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<Option<ObjectStream>> {
+        let mut req = self.client.get_object().bucket(&self.bucket).key(key);
+        if let Some((start, end)) = range {
+            req = req.range(format!("bytes={start}-{end}"));
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                    || status(&e) == Some(404)
+                {
+                    return Ok(None);
+                }
+                return Err(self.err("GetObject", key, e));
+            }
+        };
+        let len = resp
+            .content_length()
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| SnapshotError::S3 {
+                op: "GetObject",
+                bucket: self.bucket.clone(),
+                key: key.to_string(),
+                message: "the response has no Content-Length".into(),
+            })?;
+        Ok(Some(ObjectStream {
+            len,
+            content_range: resp.content_range().map(str::to_string),
+            body: resp.body,
+        }))
+    }
+
+    /// The object's size (HeadObject); `Ok(None)` when the key does not exist.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(h) => h
+                .content_length()
+                .and_then(|n| u64::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| SnapshotError::S3 {
+                    op: "HeadObject",
+                    bucket: self.bucket.clone(),
+                    key: key.to_string(),
+                    message: "the response has no Content-Length".into(),
+                }),
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(self.err("HeadObject", key, e)),
+        }
     }
 
     /// PUT with Content-MD5 and, when configured and `retain_from` (the snapshot time)
