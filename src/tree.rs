@@ -65,6 +65,8 @@ pub enum TreeError {
     Duplicate(String),
     #[error("path {0} is not absolute and normalised")]
     BadPath(String),
+    #[error("secret file {path} has mode {mode:04o}: other users could read it")]
+    WorldReadableSecret { path: String, mode: u32 },
 }
 
 pub const SYSTEMD_UNIT_DIR: &str = "/etc/systemd/system";
@@ -122,6 +124,14 @@ impl HostTree {
         group: &str,
         content: impl Into<Vec<u8>>,
     ) -> Result<(), TreeError> {
+        // Both outputs copy the mode as it is: refusing here keeps every secret out of
+        // reach of other users on the host.
+        if mode & 0o007 != 0 {
+            return Err(TreeError::WorldReadableSecret {
+                path: path.into(),
+                mode,
+            });
+        }
         self.insert(Entry {
             path: path.into(),
             kind: EntryKind::File {
@@ -239,5 +249,26 @@ impl HostTree {
             field(u.as_bytes());
         }
         hex::encode(h.finalize())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_file_open_to_other_users_is_refused() {
+        let mut t = HostTree::new("h");
+        for mode in [0o644, 0o604, 0o601, 0o602] {
+            assert_eq!(
+                t.secret_file("/etc/k", mode, "root", "root", "x"),
+                Err(TreeError::WorldReadableSecret {
+                    path: "/etc/k".into(),
+                    mode
+                })
+            );
+        }
+        t.secret_file("/etc/k", 0o640, "root", "root", "x")
+            .expect("group-readable is allowed");
     }
 }

@@ -207,7 +207,7 @@ pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
     // hashed on the other. mkfs fails cleanly when an estimate is short: retry with more
     // room rather than over-allocating every image.
     let mut extra = 0.0;
-    let (lay, mut hashes) = loop {
+    let (lay, hashes) = loop {
         let lay = layout(
             esp_size,
             root_size(tars.root_usage, extra),
@@ -313,72 +313,20 @@ pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
     }
 
     let step = req.progress.step("sign", None);
-    let mut disk = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&raw)
-        .map_err(io_err("cannot open disk file"))?;
-    write_gpt(&mut disk, &lay, &ids)?;
-    let gpt_primary = Span {
-        start: 0,
-        len: lay.esp.start,
-    };
-    let gpt_backup = Span {
-        start: lay.var.end(),
-        len: lay.total - lay.var.end(),
-    };
-    hashes.push(("gpt-primary", hash_span(&raw, gpt_primary)?, Duration::ZERO));
-    hashes.push(("gpt-backup", hash_span(&raw, gpt_backup)?, Duration::ZERO));
-    let hash_of = |n: &str| {
-        hashes
-            .iter()
-            .find(|(k, _, _)| *k == n)
-            .map(|(_, h, _)| h.clone())
-            .unwrap_or_default()
-    };
-    let region = |name: &str, span: Span, purpose: Option<&str>| Region {
-        name: name.to_string(),
-        offset: span.start,
-        length: span.len,
-        sha256: hash_of(name),
-        partuuid: purpose.map(|p| ids.uuid(p).to_string()),
-    };
-    let regions = vec![
-        region("gpt-primary", gpt_primary, None),
-        region("esp", lay.esp, Some("esp-partition")),
-        region("root", lay.root, Some("root-partition")),
-        region("var", lay.var, Some("var-partition")),
-        region("gpt-backup", gpt_backup, None),
-    ];
-    let m = Manifest {
-        format: manifest::FORMAT.to_string(),
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+    let part_hashes: Vec<(&str, String)> = hashes
+        .iter()
+        .filter(|(k, _, _)| matches!(*k, "esp" | "root" | "var"))
+        .map(|(k, h, _)| (*k, h.clone()))
+        .collect();
+    let origin = Origin {
         host: tree.host.clone(),
         profile_digest: req.profile_digest.clone(),
         base_digest: base.digest.clone(),
         base_name: base.def.name.clone(),
         kernel_version: base.index.kernel_version.clone(),
         host_tree_digest: tree_digest.clone(),
-        disk_size: lay.total,
-        disk_guid: ids.uuid("disk").to_string(),
-        manifest_partition: manifest::Extent {
-            offset: lay.manifest.start,
-            length: lay.manifest.len,
-        },
-        regions,
     };
-    let (json, sig) = manifest::sign(&m, req.signing_key)?;
-    let embedded = manifest::embed(&json, &sig);
-    if embedded.len() as u64 > lay.manifest.len {
-        return Err(ImageError::Manifest(
-            "manifest does not fit its partition".into(),
-        ));
-    }
-    disk.write_all_at(&embedded, lay.manifest.start)
-        .map_err(io_err("cannot write manifest partition"))?;
-    // No fsync: mkfs flushed the filesystems, and a crash before the rename below leaves
-    // only the work dir, never a half image under the output name.
-    drop(disk);
+    let (json, sig) = seal(&raw, &lay, &ids, &part_hashes, origin, req.signing_key)?;
     timings.push(("gpt + sign".to_string(), step.finish()));
 
     let final_tmp = work.path().join("out");
@@ -439,6 +387,105 @@ pub(crate) fn build(req: &ImageRequest<'_>) -> Result<ImageReport, ImageError> {
         base_built,
         timings,
     })
+}
+
+/// What the manifest records about where an image comes from (all but its byte ranges).
+pub(crate) struct Origin {
+    pub host: String,
+    pub profile_digest: String,
+    pub base_digest: String,
+    pub base_name: String,
+    pub kernel_version: String,
+    pub host_tree_digest: String,
+}
+
+/// Writes the GPT, hashes every range but the manifest partition, signs the manifest and
+/// writes it into that partition followed by zeros up to its end. `part_hashes` holds the
+/// sha256 of `esp`, `root` and `var`, taken while their filesystems were made.
+///
+/// The padding is written rather than left to the sparse file: verify demands zeros
+/// there (the partition cannot hash itself), so they must not depend on what the work
+/// file held before.
+fn seal(
+    raw: &Path,
+    lay: &Layout,
+    ids: &Ids,
+    part_hashes: &[(&str, String)],
+    origin: Origin,
+    key: &ed25519_dalek::SigningKey,
+) -> Result<(Vec<u8>, ed25519_dalek::Signature), ImageError> {
+    let mut disk = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(raw)
+        .map_err(io_err("cannot open disk file"))?;
+    write_gpt(&mut disk, lay, ids)?;
+    // Everything outside the partitions is in these two ranges: the MBR, the primary GPT
+    // and the gap up to the ESP; the space left for first boot and the backup GPT.
+    let gpt_primary = Span {
+        start: 0,
+        len: lay.esp.start,
+    };
+    let gpt_backup = Span {
+        start: lay.var.end(),
+        len: lay.total - lay.var.end(),
+    };
+    let mut hashes: Vec<(&str, String)> = part_hashes.to_vec();
+    hashes.push(("gpt-primary", hash_span(raw, gpt_primary)?));
+    hashes.push(("gpt-backup", hash_span(raw, gpt_backup)?));
+    let hash_of = |n: &str| {
+        hashes
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, h)| h.clone())
+            .ok_or_else(|| ImageError::Manifest(format!("no sha256 of {n} to sign")))
+    };
+    let region = |name: &str, span: Span, purpose: Option<&str>| -> Result<Region, ImageError> {
+        Ok(Region {
+            name: name.to_string(),
+            offset: span.start,
+            length: span.len,
+            sha256: hash_of(name)?,
+            partuuid: purpose.map(|p| ids.uuid(p).to_string()),
+        })
+    };
+    let regions = vec![
+        region("gpt-primary", gpt_primary, None)?,
+        region("esp", lay.esp, Some("esp-partition"))?,
+        region("root", lay.root, Some("root-partition"))?,
+        region("var", lay.var, Some("var-partition"))?,
+        region("gpt-backup", gpt_backup, None)?,
+    ];
+    let m = Manifest {
+        format: manifest::FORMAT.to_string(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        host: origin.host,
+        profile_digest: origin.profile_digest,
+        base_digest: origin.base_digest,
+        base_name: origin.base_name,
+        kernel_version: origin.kernel_version,
+        host_tree_digest: origin.host_tree_digest,
+        disk_size: lay.total,
+        disk_guid: ids.uuid("disk").to_string(),
+        manifest_partition: manifest::Extent {
+            offset: lay.manifest.start,
+            length: lay.manifest.len,
+        },
+        regions,
+    };
+    let (json, sig) = manifest::sign(&m, key)?;
+    let mut embedded = manifest::embed(&json, &sig);
+    if embedded.len() as u64 > lay.manifest.len {
+        return Err(ImageError::Manifest(
+            "manifest does not fit its partition".into(),
+        ));
+    }
+    embedded.resize(lay.manifest.len as usize, 0);
+    disk.write_all_at(&embedded, lay.manifest.start)
+        .map_err(io_err("cannot write manifest partition"))?;
+    // No fsync: mkfs flushed the filesystems, and a crash before the final rename leaves
+    // only the work dir, never a half image under the output name.
+    Ok((json, sig))
 }
 
 /// `vps1.qcow2` → `vps1.qcow2.manifest.json`.
@@ -599,5 +646,191 @@ mod tests {
         }
         assert!(l.var.start > l.root.start);
         assert_eq!(l.total, l.var.end() + FIRST_BOOT_FREE + MIB);
+    }
+
+    /// A small disk laid out and sealed like a real build (same layout, GPT, manifest
+    /// and embedding code; a byte pattern stands in for the mkfs'd filesystems), with
+    /// its sidecar manifest and signature as `build` writes them.
+    struct Sealed {
+        _dir: tempfile::TempDir,
+        raw: PathBuf,
+        lay: Layout,
+        embedded_len: u64,
+        key: ed25519_dalek::SigningKey,
+    }
+
+    fn sealed_disk() -> Sealed {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let raw = dir.path().join("disk.raw");
+        let lay = layout(MIB, 2 * MIB, 3 * MIB);
+        let f = fs::File::create(&raw).expect("create disk");
+        f.set_len(lay.total).expect("size disk");
+        let mut part_hashes = Vec::new();
+        for (i, (name, span)) in [("esp", lay.esp), ("root", lay.root), ("var", lay.var)]
+            .into_iter()
+            .enumerate()
+        {
+            let fill: Vec<u8> = (0..span.len)
+                .map(|b| (b % 251) as u8 ^ (i as u8 + 1))
+                .collect();
+            f.write_all_at(&fill, span.start).expect("fill partition");
+            part_hashes.push((name, hash_span(&raw, span).expect("hash")));
+        }
+        drop(f);
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
+        let origin = Origin {
+            host: "t".into(),
+            profile_digest: "p".into(),
+            base_digest: "b".into(),
+            base_name: "debian-trixie".into(),
+            kernel_version: "6.12".into(),
+            host_tree_digest: "h".into(),
+        };
+        let ids = Ids::new("t", "h", "b");
+        let (json, sig) = seal(&raw, &lay, &ids, &part_hashes, origin, &key).expect("seal");
+        fs::write(sidecar(&raw, ".manifest.json"), &json).expect("sidecar");
+        fs::write(
+            sidecar(&raw, ".manifest.json.sig"),
+            manifest::sig_text(&sig),
+        )
+        .expect("sidecar sig");
+        let embedded_len = manifest::embed(&json, &sig).len() as u64;
+        Sealed {
+            _dir: dir,
+            raw,
+            lay,
+            embedded_len,
+            key,
+        }
+    }
+
+    fn flip(path: &Path, offset: u64) {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open disk");
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, offset).expect("read byte");
+        b[0] ^= 0x5a;
+        f.write_all_at(&b, offset).expect("write byte");
+    }
+
+    fn rejected_naming(image: &Path, key: &ed25519_dalek::VerifyingKey, what: &str, case: &str) {
+        match manifest::verify(image, key) {
+            Err(ImageError::VerifyFailed { mismatches, .. }) => {
+                let all = mismatches.join("; ");
+                assert!(
+                    all.contains(what),
+                    "{case}: should name {what:?}, said: {all}"
+                );
+            }
+            Err(e) => panic!("{case}: failed with an unexpected error: {e}"),
+            Ok(_) => panic!("{case}: verify passed"),
+        }
+    }
+
+    #[test]
+    fn verify_rejects_a_flipped_byte_in_the_manifest_padding_and_the_gaps() {
+        let d = sealed_disk();
+        let key = d.key.verifying_key();
+        let side = sidecar(&d.raw, ".manifest.json");
+        let side_sig = sidecar(&d.raw, ".manifest.json.sig");
+        let hidden = d.raw.with_extension("hidden");
+        let hidden_sig = d.raw.with_extension("hidden.sig");
+        let rep = manifest::verify(&d.raw, &key).expect("fresh disk verifies");
+        assert_eq!(rep.manifest_source, "sidecar");
+        assert_eq!(rep.manifest.manifest_partition.offset, d.lay.manifest.start);
+
+        let m = d.lay.manifest;
+        let sig_line = d.embedded_len - 10;
+        let cases = [
+            (
+                m.start + d.embedded_len,
+                "imgbuild-manifest",
+                "first padding byte",
+            ),
+            (
+                m.start + d.embedded_len + 4321,
+                "imgbuild-manifest",
+                "padding",
+            ),
+            (
+                m.end() - 1,
+                "imgbuild-manifest",
+                "last byte of the manifest partition",
+            ),
+            // The signature line is only checked for being a valid signature when the
+            // embedded copy is the one read; next to a sidecar it must still be exact.
+            (
+                m.start + sig_line,
+                "imgbuild-manifest",
+                "embedded signature line",
+            ),
+            (
+                34 * SECTOR + 100,
+                "GPT (protective MBR, primary",
+                "gap between the primary GPT and the ESP",
+            ),
+            (
+                d.lay.var.end() + FIRST_BOOT_FREE / 2,
+                "GPT (backup",
+                "unpartitioned space left for first boot",
+            ),
+            (d.lay.total - 1, "GPT (backup", "last byte of the disk"),
+        ];
+        for (off, what, case) in cases {
+            flip(&d.raw, off);
+            rejected_naming(&d.raw, &key, what, case);
+            // The same with only the embedded manifest to go by (no sidecar); a flip
+            // inside the embedded signature makes it unreadable or unsigned, which is
+            // also a rejection.
+            fs::rename(&side, &hidden).unwrap();
+            fs::rename(&side_sig, &hidden_sig).unwrap();
+            let alone = manifest::verify(&d.raw, &key);
+            assert!(alone.is_err(), "{case}: the embedded manifest alone passed");
+            fs::rename(&hidden, &side).unwrap();
+            fs::rename(&hidden_sig, &side_sig).unwrap();
+            flip(&d.raw, off);
+        }
+        manifest::verify(&d.raw, &key).expect("restored disk verifies again");
+        fs::rename(&side, &hidden).unwrap();
+        let rep = manifest::verify(&d.raw, &key).expect("embedded manifest alone verifies");
+        assert_eq!(rep.manifest_source, "embedded");
+    }
+
+    #[test]
+    fn verify_of_a_qcow2_covers_the_manifest_padding_too() {
+        let d = sealed_disk();
+        let key = d.key.verifying_key();
+        let qemu_img = QEMU_IMG
+            .find()
+            .expect("qemu-img (bash .ci/deps.sh installs it)");
+        let to_qcow2 = |name: &str| -> PathBuf {
+            let q = d.raw.with_file_name(name);
+            tools::run_captured(
+                Command::new(&qemu_img)
+                    .args(["convert", "-f", "raw", "-O", "qcow2", "-c", "-o"])
+                    .arg("compression_type=zstd")
+                    .arg(&d.raw)
+                    .arg(&q),
+                "qemu-img convert",
+            )
+            .expect("convert to qcow2");
+            for suffix in [".manifest.json", ".manifest.json.sig"] {
+                fs::copy(sidecar(&d.raw, suffix), sidecar(&q, suffix)).expect("sidecar");
+            }
+            q
+        };
+        let good = to_qcow2("good.qcow2");
+        manifest::verify(&good, &key).expect("fresh qcow2 verifies");
+        flip(&d.raw, d.lay.manifest.start + d.embedded_len + 777);
+        let bad = to_qcow2("bad.qcow2");
+        rejected_naming(
+            &bad,
+            &key,
+            "imgbuild-manifest",
+            "qcow2 with flipped padding",
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! The signed manifest: what an image is made of (tool, profile, base, host tree) and
 //! the sha256 of every byte range that matters. Written beside the image
 //! (`<image>.manifest.json` + `.sig`) and into the image's `imgbuild-manifest`
-//! partition, the one range the manifest cannot cover because it holds the manifest.
+//! partition, the one range the manifest cannot hash because it holds the manifest;
+//! verify holds that partition to its exact content (the embedded manifest, then zeros)
+//! instead, so every byte of the disk is checked.
 
 use super::disk::{self, hash_span, Span};
 use super::tools::{self, QEMU_IMG};
@@ -30,7 +32,8 @@ pub struct Manifest {
     pub host_tree_digest: String,
     pub disk_size: u64,
     pub disk_guid: String,
-    /// Where the embedded copy lives (not hashed: it is the manifest).
+    /// Where the embedded copy lives (not hashed: it is the manifest; verify requires
+    /// it to hold exactly that copy followed by zeros).
     pub manifest_partition: Extent,
     pub regions: Vec<Region>,
 }
@@ -116,9 +119,11 @@ pub struct VerifyReport {
 
 /// Checks a raw or qcow2 image against its signed manifest with the builder's public key.
 /// The manifest comes from `<image>.manifest.json` (+ `.sig`) if present, else from the
-/// image's own manifest partition; both copies must agree when both exist. Returns
-/// `VerifyFailed` naming every range that does not match (GPT areas, partitions, the
-/// signature, the embedded copy).
+/// image's own manifest partition; both copies must agree when both exist. The regions
+/// and the manifest partition must tile the whole disk, and the manifest partition must
+/// hold exactly the embedded manifest followed by zeros. Returns `VerifyFailed` naming
+/// every range that does not match (GPT areas, partitions, the signature, the embedded
+/// copy and its padding).
 pub fn verify(image: &Path, key: &VerifyingKey) -> Result<VerifyReport, ImageError> {
     let bad = |msg: String| ImageError::BadImage {
         path: image.to_path_buf(),
@@ -168,10 +173,8 @@ pub fn verify(image: &Path, key: &VerifyingKey) -> Result<VerifyReport, ImageErr
         return Err(bad("no manifest beside the image and none inside it".into()));
     };
     let mut mismatches = Vec::new();
-    let sig_ok = decode_sig(&sig_bytes)
-        .map(|s| key.verify(&json, &s).is_ok())
-        .unwrap_or(false);
-    if !sig_ok {
+    let sig = decode_sig(&sig_bytes).filter(|s| key.verify(&json, s).is_ok());
+    let Some(sig) = sig else {
         // Nothing in an unauthenticated manifest is worth comparing against.
         return Err(ImageError::VerifyFailed {
             path: image.to_path_buf(),
@@ -179,7 +182,7 @@ pub fn verify(image: &Path, key: &VerifyingKey) -> Result<VerifyReport, ImageErr
                 "signature: the {source} manifest is not signed by this key"
             )],
         });
-    }
+    };
     let m: Manifest = serde_json::from_slice(&json)
         .map_err(|e| ImageError::Manifest(format!("signed but unreadable: {e}")))?;
     if m.format != FORMAT {
@@ -201,9 +204,13 @@ pub fn verify(image: &Path, key: &VerifyingKey) -> Result<VerifyReport, ImageErr
             m.disk_size
         ));
     }
+    mismatches.extend(coverage_gaps(&m));
     let mut checked = Vec::new();
     for r in &m.regions {
-        if r.offset + r.length > raw_len {
+        if r.offset
+            .checked_add(r.length)
+            .is_none_or(|end| end > raw_len)
+        {
             mismatches.push(format!("{}: beyond the end of the image", label(&r.name)));
             continue;
         }
@@ -220,6 +227,10 @@ pub fn verify(image: &Path, key: &VerifyingKey) -> Result<VerifyReport, ImageErr
             mismatches.push(format!("{}: sha256 differs", label(&r.name)));
         }
     }
+    match check_manifest_partition(&raw, m.manifest_partition, raw_len, &embed(&json, &sig))? {
+        None => checked.push(disk::MANIFEST_PARTLABEL.to_string()),
+        Some(why) => mismatches.push(format!("partition {}: {why}", disk::MANIFEST_PARTLABEL)),
+    }
     if !mismatches.is_empty() {
         return Err(ImageError::VerifyFailed {
             path: image.to_path_buf(),
@@ -231,6 +242,95 @@ pub fn verify(image: &Path, key: &VerifyingKey) -> Result<VerifyReport, ImageErr
         manifest_source: source,
         checked,
     })
+}
+
+/// Every byte of the disk must lie in exactly one hashed region or in the manifest
+/// partition; names what lies in none or in two.
+fn coverage_gaps(m: &Manifest) -> Vec<String> {
+    let mut spans: Vec<(u64, u64, String)> = m
+        .regions
+        .iter()
+        .map(|r| (r.offset, r.length, label(&r.name)))
+        .chain(std::iter::once((
+            m.manifest_partition.offset,
+            m.manifest_partition.length,
+            format!("partition {}", disk::MANIFEST_PARTLABEL),
+        )))
+        .collect();
+    spans.sort();
+    let mut out = Vec::new();
+    let mut covered = 0u64;
+    let mut last = String::from("the start of the disk");
+    for (offset, length, name) in spans {
+        if offset > covered {
+            out.push(format!(
+                "bytes {covered}..{offset} (after {last}) are in no signed range"
+            ));
+        } else if offset < covered {
+            out.push(format!("{name} overlaps {last}"));
+        }
+        covered = covered.max(offset.saturating_add(length));
+        last = name;
+    }
+    if covered < m.disk_size {
+        out.push(format!(
+            "bytes {covered}..{} (after {last}) are in no signed range",
+            m.disk_size
+        ));
+    }
+    out
+}
+
+/// The manifest partition cannot be hashed in the manifest it holds, so it is held to
+/// its exact expected content instead: the embedded copy of the manifest that was just
+/// checked (magic, length, JSON, signature line), then zeros to its end. None when it
+/// matches, else why not; Err only when the image cannot be read.
+fn check_manifest_partition(
+    raw: &Path,
+    part: Extent,
+    raw_len: u64,
+    expected: &[u8],
+) -> Result<Option<String>, ImageError> {
+    if part
+        .offset
+        .checked_add(part.length)
+        .is_none_or(|end| end > raw_len)
+    {
+        return Ok(Some("beyond the end of the image".into()));
+    }
+    if expected.len() as u64 > part.length {
+        return Ok(Some(format!(
+            "{} bytes long, too small for the {}-byte embedded manifest",
+            part.length,
+            expected.len()
+        )));
+    }
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(raw).map_err(io_err(format!("cannot open {}", raw.display())))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < part.length {
+        let n = ((part.length - pos) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..n], part.offset + pos)
+            .map_err(io_err(format!(
+                "cannot read {} at {} (is the image truncated?)",
+                raw.display(),
+                part.offset + pos
+            )))?;
+        for (i, &b) in buf[..n].iter().enumerate() {
+            let at = pos + i as u64;
+            let want = expected.get(at as usize).copied().unwrap_or(0);
+            if b != want {
+                return Ok(Some(if at < expected.len() as u64 {
+                    format!("byte {at} differs from the signed manifest embedded there")
+                } else {
+                    format!("byte {at} (padding after the embedded manifest) is not zero")
+                }));
+            }
+        }
+        pos += n as u64;
+    }
+    Ok(None)
 }
 
 fn label(name: &str) -> String {
@@ -279,5 +379,41 @@ mod tests {
         let s = decode_sig(&s).expect("sig decodes");
         assert!(key.verifying_key().verify(&j, &s).is_ok());
         assert!(parse_embedded(&[0u8; 64]).is_none());
+    }
+
+    #[test]
+    fn regions_and_manifest_partition_must_tile_the_disk() {
+        let r = |name: &str, offset: u64, length: u64| Region {
+            name: name.into(),
+            offset,
+            length,
+            sha256: String::new(),
+            partuuid: None,
+        };
+        let mut m = Manifest {
+            format: FORMAT.into(),
+            tool_version: String::new(),
+            host: String::new(),
+            profile_digest: String::new(),
+            base_digest: String::new(),
+            base_name: String::new(),
+            kernel_version: String::new(),
+            host_tree_digest: String::new(),
+            disk_size: 100,
+            disk_guid: String::new(),
+            manifest_partition: Extent {
+                offset: 30,
+                length: 10,
+            },
+            regions: vec![r("gpt-primary", 0, 10), r("root", 10, 20), r("var", 40, 60)],
+        };
+        assert!(coverage_gaps(&m).is_empty(), "{:?}", coverage_gaps(&m));
+        m.regions[2].offset = 45;
+        m.regions[2].length = 50;
+        let gaps = coverage_gaps(&m).join("; ");
+        assert!(gaps.contains("bytes 40..45"), "{gaps}");
+        assert!(gaps.contains("bytes 95..100"), "{gaps}");
+        m.manifest_partition.offset = 25;
+        assert!(coverage_gaps(&m).join("; ").contains("overlaps"));
     }
 }

@@ -645,4 +645,268 @@ mod tests {
         assert!(!Accounts::add_member(&mut g, "wheel", "admin", 3));
         assert_eq!(g, vec!["sudo:x:27:admin", "adm:x:4:syslog,admin"]);
     }
+
+    /// A base as small as the assembler accepts: the account databases (shadow 0640
+    /// root:shadow, as Debian ships it), bash, the units the tree enables, /var, and an
+    /// SSH host key at 0644 that the tree replaces.
+    fn tiny_base(dir: &Path) -> Base {
+        let (def, _) = super::super::base::load_definition(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("images/debian-trixie.toml"),
+        )
+        .expect("shipped base definition");
+        let files: BTreeMap<String, String> = [
+            (
+                "/etc/passwd",
+                "root:x:0:0:root:/root:/bin/bash\nsystemd-network:x:998:998::/:/usr/sbin/nologin",
+            ),
+            (
+                "/etc/group",
+                "root:x:0:\nshadow:x:42:\nsystemd-network:x:998:",
+            ),
+            (
+                "/etc/shadow",
+                "root:*:20000:0:99999:7:::\nsystemd-network:!*:20000::::::",
+            ),
+            ("/etc/gshadow", "root:*::\nshadow:*::\nsystemd-network:!*::"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, kind: tar::EntryType, mode: u32, gid: u64, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_uid(0);
+            h.set_gid(gid);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, path, data).expect("tar entry");
+        };
+        let mut paths = BTreeSet::new();
+        for d in [
+            "./",
+            "./etc/",
+            "./etc/ssh/",
+            "./usr/",
+            "./usr/bin/",
+            "./var/",
+        ] {
+            add(d, tar::EntryType::Directory, 0o755, 0, b"");
+            paths.insert(super::super::base::norm_tar_path(d));
+        }
+        for (path, body) in &files {
+            let (mode, gid) = if path.contains("shadow") {
+                (0o640, 42)
+            } else {
+                (0o644, 0)
+            };
+            add(
+                &format!(".{path}"),
+                tar::EntryType::Regular,
+                mode,
+                gid,
+                body.as_bytes(),
+            );
+            paths.insert(path.clone());
+        }
+        for (path, mode) in [
+            ("/usr/bin/bash", 0o755),
+            ("/etc/ssh/ssh_host_ed25519_key", 0o644),
+        ] {
+            add(
+                &format!(".{path}"),
+                tar::EntryType::Regular,
+                mode,
+                0,
+                b"base",
+            );
+            paths.insert(path.to_string());
+        }
+        fs::write(dir.join("rootfs.tar"), b.into_inner().expect("tar")).expect("write base");
+        for u in ["systemd-networkd.service", "nftables.service"] {
+            paths.insert(format!("/usr/lib/systemd/system/{u}"));
+        }
+        Base {
+            digest: "test".into(),
+            dir: dir.to_path_buf(),
+            def,
+            index: super::super::base::BaseIndex {
+                paths,
+                files,
+                kernel_version: "test".into(),
+                root_bytes: 0,
+                root_entries: 0,
+                var_bytes: 0,
+                var_entries: 0,
+            },
+        }
+    }
+
+    /// Secrets where the renderer puts them (on root, and one under /var), each file with
+    /// the mode and owner the renderer gives it, beside public files.
+    fn secret_tree() -> (HostTree, Vec<(&'static str, &'static str)>) {
+        let secrets = vec![
+            (
+                "/etc/imgbuild/host.toml",
+                "ping_url = \"https://hc-ping.example.org/PINGTOKEN-9d1e\"\n",
+            ),
+            (
+                "/etc/systemd/network/wg0.key",
+                "WGKEY+b64+aGVsbG8gd29ybGQgc2VjcmV0a2V5MTI=\n",
+            ),
+            (
+                "/etc/ssh/ssh_host_ed25519_key",
+                "SSHKEY-b3BlbnNzaC1rZXktdjEAAAAA-private\n",
+            ),
+            (
+                "/etc/imgbuild/secrets/s3.env",
+                "AWS_SECRET_ACCESS_KEY=S3SECRET-wJalrXUtnFEMI\n",
+            ),
+            (
+                "/etc/imgbuild/env/app.env",
+                "POSTGRES_PASSWORD=APPSECRET-Zq8rT2\n",
+            ),
+            ("/var/lib/imgbuild/token", "VARSECRET-7f3a9c\n"),
+        ];
+        let mut t = HostTree::new("h");
+        for (path, body) in &secrets {
+            let (mode, owner) = match *path {
+                "/etc/imgbuild/host.toml" => (0o600, "root"),
+                "/etc/systemd/network/wg0.key" => (0o600, "systemd-network"),
+                _ => (0o600, "root"),
+            };
+            if *path == "/etc/imgbuild/host.toml" {
+                t.file(path, mode, *body).expect("file");
+            } else {
+                t.secret_file(path, mode, owner, owner, *body)
+                    .expect("secret file");
+            }
+        }
+        t.file("/etc/hostname", 0o644, "h\n").expect("file");
+        t.file(
+            "/etc/ssh/ssh_host_ed25519_key.pub",
+            0o644,
+            "ssh-ed25519 AAAA public\n",
+        )
+        .expect("file");
+        t.file(
+            "/etc/systemd/system/imgbuild-ready.service",
+            0o644,
+            "[Service]\n",
+        )
+        .expect("file");
+        t.enable("systemd-networkd.service", "multi-user.target");
+        t.enable("imgbuild-ready.service", "multi-user.target");
+        t.users.push(crate::tree::User {
+            name: "admin".into(),
+            uid: 1000,
+            groups: vec![],
+            home: "/var/home/admin".into(),
+            shell: "/bin/bash".into(),
+            ssh_authorized_keys: vec!["ssh-ed25519 AAAA admin".into()],
+        });
+        (t, secrets)
+    }
+
+    /// Every regular file of both filesystem tars: (filesystem path, mode, uid, gid, bytes).
+    fn tar_files(
+        tree: &HostTree,
+        base: &Base,
+        dir: &Path,
+    ) -> Vec<(String, u32, u64, u64, Vec<u8>)> {
+        let helper = dir.join("helper");
+        fs::write(&helper, b"#!/bin/sh\n").expect("helper");
+        let items = overlay(tree, base, &helper, &[], 1).expect("overlay");
+        let work = tempfile::tempdir_in(dir).expect("work dir");
+        let tars = write_tars(base, &items, work.path(), 1).expect("tars");
+        let mut out = Vec::new();
+        for (prefix, path) in [("/", &tars.root), ("/var/", &tars.var)] {
+            let mut ar = tar::Archive::new(fs::File::open(path).expect("open tar"));
+            for e in ar.entries().expect("entries") {
+                let mut e = e.expect("entry");
+                if e.header().entry_type() != tar::EntryType::Regular {
+                    continue;
+                }
+                let name = format!("{prefix}{}", e.path().expect("path").display());
+                let h = e.header().clone();
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).expect("read entry");
+                out.push((
+                    name,
+                    h.mode().expect("mode"),
+                    h.uid().expect("uid"),
+                    h.gid().expect("gid"),
+                    data,
+                ));
+            }
+        }
+        out
+    }
+
+    fn world_readable_hits(
+        files: &[(String, u32, u64, u64, Vec<u8>)],
+        needles: &[&str],
+    ) -> Vec<String> {
+        let mut hits = Vec::new();
+        for (path, mode, _, _, data) in files {
+            if mode & 0o004 == 0 {
+                continue;
+            }
+            for n in needles {
+                if data.windows(n.len()).any(|w| w == n.as_bytes()) {
+                    hits.push(format!("{n} in {path} ({mode:04o})"));
+                }
+            }
+        }
+        hits
+    }
+
+    #[test]
+    fn the_filesystems_keep_the_trees_modes_and_owners_and_no_secret_is_world_readable() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let base = tiny_base(tmp.path());
+        let (tree, secrets) = secret_tree();
+        let files = tar_files(&tree, &base, tmp.path());
+        let get = |p: &str| {
+            files
+                .iter()
+                .find(|f| f.0 == p)
+                .unwrap_or_else(|| panic!("{p} is in neither filesystem"))
+        };
+        for (path, body) in &secrets {
+            let (_, mode, uid, gid, data) = get(path);
+            assert_eq!(data.as_slice(), body.as_bytes(), "{path}");
+            assert_eq!(mode & 0o7777, 0o600, "{path}");
+            let want = if path.ends_with("wg0.key") { 998 } else { 0 };
+            assert_eq!((*uid, *gid), (want, want), "{path} owner");
+        }
+        // The base's shadow keeps its own mode and group; its 0644 host key is replaced
+        // by the tree's, with the tree's mode.
+        let (_, mode, _, gid, _) = get("/etc/shadow");
+        assert_eq!((mode & 0o7777, *gid), (0o640, 42));
+        let (_, _, _, _, k) = get("/etc/ssh/ssh_host_ed25519_key");
+        assert_ne!(k.as_slice(), b"base");
+        let needles: Vec<&str> = secrets.iter().map(|(_, b)| b.trim_end()).collect();
+        let hits = world_readable_hits(&files, &needles);
+        assert!(hits.is_empty(), "secrets in world-readable files: {hits:?}");
+
+        // The scan is not vacuous: the same secrets, planted world-readable on root and
+        // on /var, are found.
+        let mut planted = tree.clone();
+        planted
+            .file("/etc/planted.conf", 0o644, format!("x={}\n", needles[1]))
+            .expect("plant");
+        planted
+            .file("/var/lib/planted", 0o604, needles[3])
+            .expect("plant");
+        let hits = world_readable_hits(&tar_files(&planted, &base, tmp.path()), &needles);
+        assert!(
+            hits.iter().any(|h| h.contains("/etc/planted.conf")),
+            "{hits:?}"
+        );
+        assert!(
+            hits.iter().any(|h| h.contains("/var/lib/planted")),
+            "{hits:?}"
+        );
+    }
 }

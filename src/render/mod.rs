@@ -686,7 +686,9 @@ fn render_files(cx: &Ctx, t: &mut HostTree) -> Result<(), RenderError> {
     for (path, f) in &p.files {
         let mode = u32::from_str_radix(f.mode.trim_start_matches("0o"), 8).unwrap_or(0o644);
         if f.secret {
-            t.secret_file(path, mode, "root", "root", f.content.clone())?;
+            // `mode` defaults to 0644; a secret keeps the owner and group bits asked for
+            // but is never open to other users.
+            t.secret_file(path, mode & !0o007, "root", "root", f.content.clone())?;
         } else {
             t.file(path, mode, f.content.clone())?;
         }
@@ -863,9 +865,11 @@ fn render_host_config(
         name: "host.toml".into(),
         source: minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, err.to_string()),
     })?;
+    // Root only: the ping URL's token lets anyone report "backup ok", and the hook
+    // commands may carry credentials. Only the helper (as root) reads it.
     t.file(
         hostconfig::HOST_CONFIG_PATH,
-        0o644,
+        0o600,
         format!("# {header}\n{hc_text}"),
     )?;
     Ok(())
