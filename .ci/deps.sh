@@ -65,4 +65,12 @@ if ! python3 -c 'import jsonschema, moto, flask, flask_cors' 2>/dev/null; then
   python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages && pip_flags+=(--break-system-packages)
   python3 -m pip install -q "${pip_flags[@]}" 'jsonschema>=4' 'moto[s3]==5.2.5' flask flask-cors
 fi
+# Garage 2.5, the S3 server self-hosters run, for the compatibility tests (round trip,
+# Object Lock check, kill -9). Only the tests need it, and it takes ~15-20 min to
+# build once, so only `deps.sh --tests` installs it; cargo keeps the binary after.
+if [ "${1:-}" = "--tests" ] && ! garage --version 2>/dev/null | grep -q '2\.5\.'; then
+  echo "imgbuild: building Garage 2.5 for the tests (once; ~15-20 min)"
+  cargo install -q garage --version 2.5.0 --locked --no-default-features \
+    --features bundled-libs,lmdb,sqlite
+fi
 echo "imgbuild: dependencies installed"

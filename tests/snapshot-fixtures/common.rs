@@ -102,7 +102,7 @@ fn garage_cli(config: &Path, args: &[&str]) -> String {
         .unwrap_or_else(|e| {
             panic!(
                 "cannot run garage ({e}). The compatibility tests need Garage 2.5: \
-                 install it with `bash .ci/deps.sh` (cargo install garage --version 2.5.0)"
+                 install it with `bash .ci/deps.sh --tests` (cargo install garage --version 2.5.0)"
             )
         });
     assert!(
@@ -167,7 +167,7 @@ pub fn garage() -> &'static Garage {
         if let Err(e) = rx.recv().expect("garage thread") {
             panic!(
                 "cannot start garage ({e}). The compatibility tests need Garage 2.5: \
-                 install it with `bash .ci/deps.sh` (cargo install garage --version 2.5.0)"
+                 install it with `bash .ci/deps.sh --tests` (cargo install garage --version 2.5.0)"
             );
         }
         let start = Instant::now();
