@@ -667,3 +667,72 @@ fn round_trip_on_garage() {
         );
     });
 }
+
+/// A locked manifest hidden by a delete marker (someone ran a plain DELETE on it):
+/// check names it, it still restores by id, and prune never creates such a marker
+/// itself (it keeps locked snapshots the policy would forget).
+#[test]
+fn a_locked_manifest_hidden_by_a_delete_marker_is_named() {
+    use imgbuild::hostconfig::Retention;
+    use imgbuild::snapshot::{check, prune};
+    let env = Env::new(true);
+    let v = env.path("vol");
+    std::fs::create_dir_all(&v).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let mut cfg = env.cfg.clone();
+        cfg.object_lock_days = Some(1);
+        let store = Store::connect(&cfg).await.unwrap();
+        let keys = env.keys();
+        let mut ids = Vec::new();
+        for i in 0..3u64 {
+            std::fs::write(v.join("a"), noise(20 + i, 30_000)).unwrap();
+            let r = backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts())
+                .await
+                .unwrap();
+            ids.push(r.id);
+        }
+        // our prune keeps what is locked: nothing hidden afterwards
+        let keep_one = Retention {
+            last: 1,
+            ..Default::default()
+        };
+        let p = prune::prune(&store, &keys, &keep_one, 0).await.unwrap();
+        assert!(p.forgotten.is_empty(), "{p:?}");
+        assert_eq!(p.locked_kept, 2, "{p:?}");
+        assert!(restore::hidden_snapshots(&store).await.unwrap().is_empty());
+
+        // someone else's plain DELETE of the newest manifest
+        let newest = ids[2].clone();
+        store
+            .delete(&format::snapshot_key(&store.prefix, &newest))
+            .await
+            .unwrap();
+        assert_eq!(restore::list_ids(&store).await.unwrap().len(), 2);
+        let hidden = restore::hidden_snapshots(&store).await.unwrap();
+        assert_eq!(hidden.len(), 1, "{hidden:?}");
+        assert_eq!(hidden[0].id, newest);
+        let c = check::check(&store, &keys, false, 4, &Progress::quiet())
+            .await
+            .unwrap();
+        assert!(
+            c.problems
+                .iter()
+                .any(|p| p.contains(&newest) && p.contains("hidden by a delete marker")),
+            "{:?}",
+            c.problems
+        );
+        eprintln!("hidden manifest → {}", c.problems[0]);
+        // it still restores by id (what --snapshot does)
+        let m = restore::load_manifest(&store, &keys, &newest)
+            .await
+            .unwrap();
+        restore::restore(&store, &keys, &m, &env.path("o"), &ropts())
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(env.path("o/v/_data/a")).unwrap(),
+            noise(22, 30_000)
+        );
+    });
+}

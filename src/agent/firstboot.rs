@@ -338,10 +338,39 @@ async fn firstboot_once(
         Some(id) => Some((restore::load_manifest(&store, &keys, id).await?, vec![])),
         None => restore::newest_manifest(&store, &keys).await?,
     };
+    // Locked manifests hidden by a delete marker: someone deleted snapshots our prune
+    // would not have. Never restore "around" them quietly, never start empty past them.
+    let hidden = match restore::hidden_snapshots(&store).await {
+        Ok(h) => h,
+        Err(e) => {
+            log(&format!(
+                "imgbuild firstboot: warning: cannot list object versions to look for hidden snapshots: {e}"
+            ));
+            Vec::new()
+        }
+    };
     let (m, skipped) = match found {
         Some(found) => found,
+        None if pinned.is_none() && !hidden.is_empty() => anyhow::bail!(
+            "no snapshot is listed, but {} locked snapshot(s) are hidden by delete markers \
+             (newest {}): someone deleted them; restore one explicitly with \
+             `imgbuild restore --snapshot {}` after checking the bucket",
+            hidden.len(),
+            hidden[hidden.len() - 1].id,
+            hidden[hidden.len() - 1].id
+        ),
         None => return no_snapshot(&store, &keys, b, &target.host).await,
     };
+    for h in hidden.iter().filter(|h| h.id > m.id) {
+        log(&format!(
+            "imgbuild firstboot: WARNING: snapshot {} is newer but hidden by a delete marker \
+             (locked until {}): someone deleted it; restoring {} (restore it with --snapshot {})",
+            h.id,
+            crate::snapshot::format::rfc3339(h.locked_until),
+            m.id,
+            h.id
+        ));
+    }
     // Never quiet: the host comes back older than its newest snapshot.
     for s in &skipped {
         log(&format!(

@@ -25,6 +25,20 @@ pub fn run(args: &RestoreArgs, resolve: ResolveHost) -> anyhow::Result<i32> {
                     prefix: store.prefix.clone(),
                 })?,
         };
+        if args.snapshot.is_none() {
+            for h in restore::hidden_snapshots(&store).await? {
+                if h.id > m.id {
+                    eprintln!(
+                        "WARNING: snapshot {} is newer but hidden by a delete marker (locked until {}): \
+                         someone deleted it; restoring {} (use --snapshot {} to restore it)",
+                        h.id,
+                        rfc3339(h.locked_until),
+                        m.id,
+                        h.id
+                    );
+                }
+            }
+        }
         for v in &args.volumes {
             if !m.volumes.iter().any(|mv| &mv.name == v) {
                 bail!("snapshot {} has no volume {v}", m.id);

@@ -250,8 +250,21 @@ fn drill(
         .block_on(restore::list_ids(&store))
         .context("listing snapshots")?;
     let where_ = format!("s3://{}/{}", store.bucket, store.prefix);
+    // Locked snapshots someone hid with a delete marker: a failure of the drill (the
+    // bucket is not in the state the host believes), restorable with --snapshot.
+    let hidden = rt
+        .block_on(restore::hidden_snapshots(&store))
+        .context("listing object versions under snapshots/")?;
+    for h in &hidden {
+        report.failures.push(format!(
+            "snapshot {} is hidden by a delete marker although locked until {}: someone deleted it (tampering?); drill it with --snapshot {}",
+            h.id,
+            snapshot::format::rfc3339(h.locked_until),
+            h.id
+        ));
+    }
     let id = match &args.snapshot {
-        Some(want) if ids.contains(want) => want.clone(),
+        Some(want) if ids.contains(want) || hidden.iter().any(|h| &h.id == want) => want.clone(),
         Some(want) => anyhow::bail!("snapshot {want} not found in {where_}"),
         None => match ids.last() {
             Some(id) => id.clone(),

@@ -52,6 +52,23 @@ pub async fn check(
             Err(e) => report.problems.push(format!("snapshot {id}: {e}")),
         }
     }
+    for h in super::restore::hidden_snapshots(store).await? {
+        report.problems.push(format!(
+            "snapshot {} is hidden by a delete marker although it is locked until {}: \
+             someone deleted it (tampering?); it can still be restored with --snapshot {}",
+            h.id,
+            super::format::rfc3339(h.locked_until),
+            h.id
+        ));
+        if let Ok(m) = load_manifest(store, keys, &h.id).await {
+            report.snapshots += 1;
+            for v in &m.volumes {
+                for c in &v.chunks {
+                    needed.entry(c.0.clone()).or_insert((c.1, h.id.clone()));
+                }
+            }
+        }
+    }
     report.chunks_referenced = needed.len() as u64;
     let present: HashSet<String> = list_chunks(store)
         .await?

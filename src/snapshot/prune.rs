@@ -109,6 +109,9 @@ pub struct PruneReport {
     /// Why chunk deletion was skipped, if it was.
     pub chunks_skipped: Option<String>,
     pub snapshots_left: u64,
+    /// Snapshots the policy would forget but whose Object Lock still holds: kept
+    /// until it ends (deleting would only hide them).
+    pub locked_kept: u64,
 }
 
 /// `grace_secs`: chunks uploaded less than this long ago (server time) are kept
@@ -128,10 +131,19 @@ pub async fn prune(
     let now = now_unix();
     let ids = list_ids(store).await?;
     let mut times = Vec::new();
+    let mut locked = HashSet::new();
     let mut unreadable = Vec::new();
     for id in &ids {
         match load_manifest(store, keys, id).await {
-            Ok(m) => times.push((id.clone(), m.time)),
+            Ok(m) => {
+                // A delete of a locked manifest only hides it behind a delete marker;
+                // never doing that ourselves makes every hidden locked manifest a
+                // sign that someone else did (see restore::hidden_snapshots).
+                if m.locked_until.is_some_and(|t| t > now) {
+                    locked.insert(id.clone());
+                }
+                times.push((id.clone(), m.time));
+            }
             Err(e) => unreadable.push((id.clone(), e.to_string())),
         }
     }
@@ -145,8 +157,9 @@ pub async fn prune(
     let forget: Vec<&String> = times
         .iter()
         .map(|r| &r.0)
-        .filter(|id| !kept.contains(*id))
+        .filter(|id| !kept.contains(*id) && !locked.contains(*id))
         .collect();
+    report.locked_kept = locked.iter().filter(|id| !kept.contains(*id)).count() as u64;
     let outcomes: Vec<(String, Result<DeleteOutcome>)> = futures_util::stream::iter(forget)
         .map(|id| async move {
             let key = format::snapshot_key(&store.prefix, id);
@@ -155,7 +168,7 @@ pub async fn prune(
         .buffer_unordered(16)
         .collect()
         .await;
-    let mut still_listed: HashSet<String> = kept.clone().into_iter().collect();
+    let mut still_listed: HashSet<String> = kept.clone().into_iter().chain(locked).collect();
     for (id, r) in outcomes {
         match r? {
             DeleteOutcome::Deleted => report.forgotten.push(id),

@@ -30,13 +30,55 @@ pub async fn list_ids(store: &Store) -> Result<Vec<String>> {
     Ok(ids)
 }
 
-/// Fetches, verifies (signature, then decryption) and parses one manifest.
+/// A snapshot whose manifest a delete marker hides while its Object Lock still
+/// holds. Our prune never forgets a locked manifest, so this is someone else's doing:
+/// tampering (or a mistake) that restore, check and the drill name loudly.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HiddenSnapshot {
+    pub id: String,
+    pub version_id: String,
+    pub locked_until: i64,
+}
+
+/// Locked manifests hidden by a delete marker (empty on servers without versions).
+pub async fn hidden_snapshots(store: &Store) -> Result<Vec<HiddenSnapshot>> {
+    let dir = format::snapshots_dir(&store.prefix);
+    let now = super::backup::now_unix();
+    Ok(store
+        .hidden_versions(&dir)
+        .await?
+        .into_iter()
+        .filter_map(|h| {
+            let id = h.key.strip_prefix(&dir)?.to_string();
+            let until = h.retain_until.filter(|t| *t > now)?;
+            format::is_snapshot_id(&id).then_some(HiddenSnapshot {
+                id,
+                version_id: h.version_id,
+                locked_until: until,
+            })
+        })
+        .collect())
+}
+
+/// Fetches, verifies (signature, then decryption) and parses one manifest. A
+/// manifest hidden by a delete marker (see [`hidden_snapshots`]) is still found by
+/// its id, so `--snapshot ID` restores it.
 pub async fn load_manifest(store: &Store, keys: &Keys, id: &str) -> Result<Manifest> {
     let key = format::snapshot_key(&store.prefix, id);
-    let bytes = store
-        .get(&key, format::MANIFEST_OBJECT_MAX)
-        .await?
-        .ok_or_else(|| SnapshotError::NoSuchSnapshot(id.to_string()))?;
+    let bytes = match store.get(&key, format::MANIFEST_OBJECT_MAX).await? {
+        Some(b) => b,
+        None => {
+            let hidden = store
+                .hidden_versions(&key)
+                .await?
+                .into_iter()
+                .find(|h| h.key == key)
+                .ok_or_else(|| SnapshotError::NoSuchSnapshot(id.to_string()))?;
+            store
+                .get_version(&key, &hidden.version_id, format::MANIFEST_OBJECT_MAX)
+                .await?
+        }
+    };
     let (json, signed_host) = keys.open_manifest(id, &store.prefix, &bytes)?;
     let m: Manifest = serde_json::from_slice(&json).map_err(|e| SnapshotError::BadManifest {
         id: id.to_string(),

@@ -59,6 +59,15 @@ pub struct Store {
     conditional_put: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// An object version hidden by a delete marker.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HiddenVersion {
+    pub key: String,
+    pub version_id: String,
+    /// Object Lock date of the hidden version, if it has one.
+    pub retain_until: Option<i64>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
     Created,
@@ -623,6 +632,106 @@ impl Store {
 
     /// DELETE by key. On a versioned (Object Lock) bucket this only adds a delete
     /// marker; the locked version stays until its date and a lifecycle rule.
+    /// Objects under `prefix` whose current version is a delete marker while an
+    /// older version still exists, with that version and its Object Lock date. Empty
+    /// where the server keeps no versions (or does not implement the listing).
+    pub async fn hidden_versions(&self, prefix: &str) -> Result<Vec<HiddenVersion>> {
+        let mut marked: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut newest: std::collections::BTreeMap<String, String> = Default::default();
+        let (mut key_marker, mut version_marker) = (None::<String>, None::<String>);
+        loop {
+            let resp = match self
+                .client
+                .list_object_versions()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_key_marker(key_marker.clone())
+                .set_version_id_marker(version_marker.clone())
+                .send()
+                .await
+            {
+                Ok(r) => r,
+                Err(e) if matches!(status(&e), Some(501) | Some(404) | Some(400)) => {
+                    return Ok(Vec::new())
+                }
+                Err(e) => return Err(self.err("ListObjectVersions", prefix, e)),
+            };
+            for m in resp.delete_markers() {
+                if m.is_latest() == Some(true) {
+                    if let Some(k) = m.key() {
+                        marked.insert(k.to_string());
+                    }
+                }
+            }
+            // Versions of a key are listed newest first.
+            for v in resp.versions() {
+                if let (Some(k), Some(id)) = (v.key(), v.version_id()) {
+                    newest
+                        .entry(k.to_string())
+                        .or_insert_with(|| id.to_string());
+                }
+            }
+            if resp.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = resp.next_key_marker().map(str::to_string);
+            version_marker = resp.next_version_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        for (key, version_id) in newest {
+            if !marked.contains(&key) {
+                continue;
+            }
+            let h = self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .version_id(&version_id)
+                .send()
+                .await
+                .map_err(|e| self.err("HeadObject", &key, e))?;
+            out.push(HiddenVersion {
+                retain_until: h.object_lock_retain_until_date().map(|d| d.secs()),
+                key,
+                version_id,
+            });
+        }
+        Ok(out)
+    }
+
+    /// GET of one version of an object (bounded like [`Store::get`]).
+    pub async fn get_version(&self, key: &str, version_id: &str, max: u64) -> Result<Vec<u8>> {
+        let resp = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .version_id(version_id)
+            .send()
+            .await
+            .map_err(|e| self.err("GetObject", key, e))?;
+        let n = resp.content_length.unwrap_or(0).max(0) as u64;
+        if n > max {
+            return Err(SnapshotError::TooLarge {
+                bucket: self.bucket.clone(),
+                key: key.to_string(),
+                size: n,
+                max,
+            });
+        }
+        let body = resp.body.collect().await.map_err(|e| SnapshotError::S3 {
+            op: "GetObject",
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            message: format!("reading body: {e}"),
+        })?;
+        Ok(body.into_bytes().to_vec())
+    }
+
     pub async fn delete(&self, key: &str) -> Result<DeleteOutcome> {
         match self
             .client
