@@ -388,6 +388,16 @@ fn handle(sh: &Shared, req: &Request) -> Response {
     if bucket != sh.store.bucket {
         return refuse(sh, req, false, "another bucket");
     }
+    if key.is_empty() && req.query.contains_key("versions") {
+        // First boot asks for object versions to spot hidden snapshots; the drill
+        // has already done that against the real bucket and pinned the snapshot.
+        return error(
+            501,
+            "NotImplemented",
+            "the drill gateway does not list object versions",
+            false,
+        );
+    }
     if key.is_empty() {
         // Bucket-level: only ListObjectsV2 within the prefix.
         let only_list = req.query.keys().all(|k| {
