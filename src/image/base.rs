@@ -309,8 +309,10 @@ PARTLABEL=var   /var  ext4  defaults,noatime,x-systemd.growfs,x-systemd.after=sy
 # Container volumes: btrfs, so a backup takes one atomic read-only snapshot of them all.
 # nofail: without it (a disk with no room for the partition) the host would stop in
 # emergency mode; imgbuild-firstboot requires this mount instead, so services stay
-# down with the reason on the console.
-PARTLABEL=volumes  /var/lib/containers/storage/volumes  btrfs  defaults,noatime,x-systemd.growfs,nofail,x-systemd.after=systemd-repart.service  0 0
+# down with the reason on the console. The partition only appears once systemd-repart
+# has made it, late in a slow first boot (TCG, a small VPS): the default 90 s device
+# timeout fails the mount, and with it first boot, before it exists.
+PARTLABEL=volumes  /var/lib/containers/storage/volumes  btrfs  defaults,noatime,x-systemd.growfs,nofail,x-systemd.after=systemd-repart.service,x-systemd.device-timeout=15min  0 0
 EOF
 mkdir -p "$R/usr/lib/repart.d"
 cat > "$R/usr/lib/repart.d/50-var.conf" <<'EOF'
