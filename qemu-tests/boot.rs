@@ -209,6 +209,73 @@ fn services_profile_built_by_the_cli_boots_to_ready() {
         volumes_bytes > grow / 2,
         "volumes partition too small: {out_s}"
     );
+    // No secret from the host's secrets dir is in a file other users can read, on any
+    // filesystem of the booted image (root, /var, the volumes).
+    let mut needles = Vec::new();
+    for e in std::fs::read_dir(secrets.join("vps1"))
+        .expect("secrets dir")
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".pub") || !e.path().is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        needles.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| l.len() >= 16 && !l.starts_with("-----"))
+                .map(|l| l.split_once('=').map_or(l, |(_, v)| v).to_string())
+                .filter(|l| l.len() >= 16),
+        );
+    }
+    assert!(!needles.is_empty(), "no secrets to look for");
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(needles.join("\n") + "\n");
+    let o = Command::new(require("ssh", "sudo apt-get install openssh-client"))
+        .arg("-i")
+        .arg(dir.join("admin_ed25519"))
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+        .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=20", "-p"])
+        .arg(ssh.to_string())
+        .arg("admin@127.0.0.1")
+        .arg(format!(
+            "printf %s {b64} | base64 -d > /dev/shm/needles; \
+             echo private=$(sudo grep -rlF -f /dev/shm/needles /etc/imgbuild /etc/ssh /etc/wireguard 2>/dev/null | wc -l); \
+             sudo find / /var /var/lib/containers/storage/volumes -xdev -type f -perm -0004 -size -8M -print0 \
+               | sudo xargs -0 -r grep -lF -f /dev/shm/needles 2>/dev/null | sed 's/^/exposed: /'; \
+             echo scanned=$(sudo find / /var /var/lib/containers/storage/volumes -xdev -type f -perm -0004 | wc -l)"
+        ))
+        .output()
+        .expect("run ssh");
+    let scan = String::from_utf8_lossy(&o.stdout).into_owned();
+    let field = |k: &str| {
+        scan.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    // The scan is not vacuous: the same needles are found where the secrets belong.
+    assert!(
+        field("private").parse::<u32>().unwrap_or(0) > 0,
+        "the secrets were not found even in their own root-only files: {scan}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let exposed: Vec<&str> = scan
+        .lines()
+        .filter(|l| l.starts_with("exposed: "))
+        .collect();
+    assert!(
+        exposed.is_empty(),
+        "secrets in world-readable files of the booted image: {exposed:?}"
+    );
+    eprintln!(
+        "secret scan: {} secret lines, {} world-readable files scanned, none holds one; found in {} root-only files",
+        needles.len(),
+        field("scanned"),
+        field("private")
+    );
     vm.kill();
     eprintln!(
         "services boot test passed; boot to ready {:.1}s",
