@@ -18,6 +18,7 @@ fn opts() -> BackupOptions {
         host: "test".into(),
         parallel: 8,
         progress: Progress::quiet(),
+        pack_target: imgbuild::snapshot::pack::PACK_TARGET,
     }
 }
 
@@ -447,7 +448,9 @@ fn retention_keeps_what_it_promises_and_frees_the_rest() {
             weekly: 0,
             monthly: 0,
         };
-        let p = prune::prune(&store, &keys, &keep, 0).await.unwrap();
+        let p = prune::prune(&store, &keys, &keep, &prune::PruneOptions::no_grace())
+            .await
+            .unwrap();
         eprintln!("prune: {p:?}");
         assert_eq!(p.kept, ids[3..].to_vec());
         assert_eq!(p.forgotten, ids[..3].to_vec());
@@ -479,7 +482,9 @@ fn retention_keeps_what_it_promises_and_frees_the_rest() {
         restore_id(&store, &env, &ids[4], &env.path("out-last"))
             .await
             .unwrap();
-        let p = prune::prune(&store, &keys, &keep, 0).await.unwrap();
+        let p = prune::prune(&store, &keys, &keep, &prune::PruneOptions::no_grace())
+            .await
+            .unwrap();
         assert!(p.chunks_deleted > 0);
 
         // A running backup's lock stops chunk deletion.
@@ -503,7 +508,7 @@ fn retention_keeps_what_it_promises_and_frees_the_rest() {
                 last: 1,
                 ..Default::default()
             },
-            0,
+            &prune::PruneOptions::no_grace(),
         )
         .await
         .unwrap();
@@ -586,7 +591,7 @@ fn object_lock_protects_every_object_until_its_date() {
                 last: 1,
                 ..Default::default()
             },
-            0,
+            &prune::PruneOptions::no_grace(),
         )
         .await
         .unwrap();

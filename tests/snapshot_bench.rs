@@ -312,6 +312,7 @@ fn bench_snapshots_vs_restic_rustic() {
         host: "bench".into(),
         parallel: PARALLEL,
         progress: Progress::quiet(),
+        pack_target: imgbuild::snapshot::pack::PACK_TARGET,
     };
     let t = Instant::now();
     rt.block_on(backup::backup(&store, &keys, &src, &mut NoHooks, &o))

@@ -25,6 +25,7 @@ fn opts() -> BackupOptions {
         host: "test".into(),
         parallel: 4,
         progress: Progress::quiet(),
+        pack_target: imgbuild::snapshot::pack::PACK_TARGET,
     }
 }
 
@@ -554,12 +555,13 @@ fn backup_and_prune_at_once_never_lose_a_listed_snapshot() {
             // the prune's run each round.
             let delay = Duration::from_millis((round * 13) % 120);
             let mut hooks = NoHooks;
+            let popts = prune::PruneOptions::no_grace();
             let (b, p) = tokio::join!(
                 async {
                     tokio::time::sleep(delay).await;
                     backup::backup(&store, &keys, &sources, &mut hooks, &bopts).await
                 },
-                prune::prune(&store, &keys, &keep, 0),
+                prune::prune(&store, &keys, &keep, &popts),
             );
             b.unwrap_or_else(|e| panic!("round {round}: backup: {e}"));
             let p = p.unwrap_or_else(|e| panic!("round {round}: prune: {e}"));
@@ -697,7 +699,9 @@ fn a_locked_manifest_hidden_by_a_delete_marker_is_named() {
             last: 1,
             ..Default::default()
         };
-        let p = prune::prune(&store, &keys, &keep_one, 0).await.unwrap();
+        let p = prune::prune(&store, &keys, &keep_one, &prune::PruneOptions::no_grace())
+            .await
+            .unwrap();
         assert!(p.forgotten.is_empty(), "{p:?}");
         assert_eq!(p.locked_kept, 2, "{p:?}");
         assert!(restore::hidden_snapshots(&store).await.unwrap().is_empty());

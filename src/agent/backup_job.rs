@@ -9,7 +9,7 @@ use crate::hostconfig::HostConfig;
 use crate::progress::Progress;
 use crate::snapshot::backup::{self, BackupOptions, BackupReport, NoHooks, Source};
 use crate::snapshot::error::SnapshotError;
-use crate::snapshot::prune::{self, CHUNK_GRACE_SECS};
+use crate::snapshot::prune;
 use crate::snapshot::store::DeleteOutcome;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -117,6 +117,7 @@ pub fn backup_host(
                 host: hc.host.clone(),
                 parallel: 16,
                 progress: progress.clone(),
+                pack_target: crate::snapshot::pack::PACK_TARGET,
             };
             let report = backup::backup(&store, &keys, &sources, &mut NoHooks, &opts).await;
             Ok::<_, SnapshotError>((store, keys, report))
@@ -142,7 +143,7 @@ pub fn backup_host(
                     "imgbuild backup: warning: cannot remove the empty-start marker: {e}"
                 )),
             }
-            let pr = prune::prune(&store, &keys, &b.keep, CHUNK_GRACE_SECS).await;
+            let pr = prune::prune(&store, &keys, &b.keep, &prune::PruneOptions::default()).await;
             Ok((report, pr))
         })
     })();

@@ -39,12 +39,13 @@ pub fn run(args: &BackupArgs, resolve: ResolveHost) -> anyhow::Result<i32> {
             host: hc.host.clone(),
             parallel: 16,
             progress: progress.clone(),
+            pack_target: crate::snapshot::pack::PACK_TARGET,
         };
         let report = backup::backup(&store, &keys, &sources, &mut NoHooks, &opts).await?;
         // A snapshot exists now: the host's first boot must restore it, never start empty.
         crate::snapshot::marker::remove(&store).await?;
         let pr = if args.prune {
-            Some(prune::prune(&store, &keys, &bc.keep, prune::CHUNK_GRACE_SECS).await?)
+            Some(prune::prune(&store, &keys, &bc.keep, &prune::PruneOptions::default()).await?)
         } else {
             None
         };

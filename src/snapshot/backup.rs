@@ -6,14 +6,15 @@ use super::crypto::Keys;
 use super::error::{Result, SnapshotError};
 use super::format::{self, ChunkRef, Chunker, Manifest, Stats, Volume, MANIFEST_VERSION};
 use super::fsio;
-use super::store::{PutOutcome, Store};
+use super::pack::{self, Index, Packer};
+use super::store::{PutOutcome, Requests, Store};
 use crate::progress::Progress;
 use fastcdc::v2020::{Normalization, StreamCDC};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 /// Chunk sizes: restic's average (1 MiB) keeps the object count, and so per-request
@@ -52,10 +53,26 @@ impl VolumeHooks for NoHooks {
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
     pub host: String,
-    /// Concurrent uploads.
+    /// Chunks compressed and sealed at once.
     pub parallel: usize,
     pub progress: Progress,
+    /// Pack size to aim for ([`pack::PACK_TARGET`] unless the profile says otherwise).
+    pub pack_target: usize,
 }
+
+impl BackupOptions {
+    pub fn new(host: &str) -> BackupOptions {
+        BackupOptions {
+            host: host.to_string(),
+            parallel: 4,
+            progress: Progress::quiet(),
+            pack_target: pack::PACK_TARGET,
+        }
+    }
+}
+
+/// Packs uploaded at once: each is tens of MiB, two keep a link busy.
+const PACK_UPLOADS: usize = 2;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackupReport {
@@ -67,6 +84,8 @@ pub struct BackupReport {
     /// With Object Lock configured: whether the bucket was seen to enforce it (its
     /// configuration, and the retention read back from the manifest just written).
     pub object_lock_enforced: Option<bool>,
+    /// S3 requests this backup made, by kind, and bytes each way.
+    pub requests: Requests,
 }
 
 pub fn now_unix() -> i64 {
@@ -108,6 +127,7 @@ pub async fn backup(
         ));
     }
     let started = Instant::now();
+    let requests_before = store.requests();
     let now_ms = now_unix_ms();
     let now = now_ms.div_euclid(1000);
     let id = format::new_snapshot_id(now_ms);
@@ -115,7 +135,10 @@ pub async fn backup(
     let result = backup_locked(store, keys, sources, hooks, opts, &id, now, started).await;
     // A lock left by a crash only delays chunk garbage collection until it is stale.
     lock.release().await;
-    result
+    result.map(|mut r| {
+        r.requests = store.requests().since(&requests_before);
+        r
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -154,8 +177,12 @@ async fn backup_locked(
             store = &unlocked;
         }
     }
-    let existing: HashSet<[u8; 32]> = list_chunks(store).await?.into_iter().map(|c| c.0).collect();
-    let known = Arc::new(std::sync::Mutex::new(existing.clone()));
+    // Every chunk the bucket holds (packs through the index, format-1 objects): only
+    // the others are uploaded. An unreadable index only costs dedup.
+    let index = Index::load(store, keys).await?;
+    warnings.extend(index.problems.iter().map(|p| format!("warning: {p}")));
+    let known = Arc::new(std::sync::Mutex::new(index.known()));
+    let mut packer = Packer::new(store, keys, opts.pack_target, PACK_UPLOADS, now);
     // The newest readable snapshot lets unchanged files be skipped without reading
     // them; any problem with it just means reading everything.
     let prev = super::restore::latest_manifest(store, keys)
@@ -171,13 +198,12 @@ async fn backup_locked(
             .as_ref()
             .and_then(|m| m.volumes.iter().find(|v| v.name == src.name));
         let r = backup_volume(
-            store,
             keys,
             src,
             prev_vol,
             opts,
-            now,
             &known,
+            &mut packer,
             &mut uploaded,
             &mut stats,
         )
@@ -187,10 +213,26 @@ async fn backup_locked(
         warnings.extend(w.into_iter().map(|w| format!("{}: {w}", src.name)));
         volumes.push(vol);
     }
+    let (packs, sent) = packer.finish().await?;
+    stats.bytes_uploaded += sent;
+    stats.packs_new = packs.len() as u64;
+    // The index goes before the manifest: a listed snapshot's chunks are always found.
+    if !packs.is_empty() {
+        pack::write_index(store, keys, &opts.host, id, &packs, now).await?;
+    }
     let locked_until = match store.lock_until(now) {
-        Some(until) => {
-            Some(extend_reused(store, prev.as_ref(), &volumes, &uploaded, now, until).await?)
-        }
+        Some(until) => Some(
+            extend_reused(
+                store,
+                &index,
+                prev.as_ref(),
+                &volumes,
+                &uploaded,
+                now,
+                until,
+            )
+            .await?,
+        ),
         None => None,
     };
     stats.duration_ms = started.elapsed().as_millis() as u64;
@@ -249,6 +291,7 @@ async fn backup_locked(
         warnings,
         locked_until,
         object_lock_enforced: lock_enforced,
+        requests: Requests::default(),
     })
 }
 
@@ -387,13 +430,12 @@ fn reusable_segments(
 
 #[allow(clippy::too_many_arguments)]
 async fn backup_volume(
-    store: &Store,
     keys: &Keys,
     src: &Source,
     prev: Option<&Volume>,
     opts: &BackupOptions,
-    now: i64,
     known: &Arc<std::sync::Mutex<HashSet<[u8; 32]>>>,
+    packer: &mut Packer,
     uploaded: &mut HashSet<[u8; 32]>,
     stats: &mut Stats,
 ) -> Result<(Volume, Vec<String>)> {
@@ -469,8 +511,12 @@ async fn backup_volume(
         }
     });
 
-    let sem = Arc::new(Semaphore::new(opts.parallel.max(1)));
-    let mut tasks: JoinSet<Result<u64>> = JoinSet::new();
+    // Sealing (zstd + AEAD) runs on the blocking pool, `parallel` chunks at once;
+    // sealed chunks go into the pack in the order they finish.
+    let mut tasks: JoinSet<([u8; 32], usize, Vec<u8>)> = JoinSet::new();
+    // More sealers than cores only holds more chunks in memory.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let parallel = opts.parallel.clamp(1, cores + 1);
     let mut chunks = Vec::new();
     let mut stream_bytes = 0u64;
     let mut failure: Option<SnapshotError> = None;
@@ -503,40 +549,28 @@ async fn backup_volume(
         uploaded.insert(p.id);
         stats.chunks_new += 1;
         stats.bytes_new += len;
-        // Reap finished uploads so errors surface early and the set stays small.
-        while let Some(done) = tasks.try_join_next() {
-            match flatten(done) {
-                Ok(n) => stats.bytes_uploaded += n,
-                Err(e) => failure = failure.or(Some(e)),
+        while tasks.len() >= parallel {
+            let Some(done) = tasks.join_next().await else {
+                break;
+            };
+            if let Err(e) = pack_sealed(packer, done).await {
+                failure = failure.or(Some(e));
             }
         }
         if failure.is_some() {
             break;
         }
-        let permit = sem
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| SnapshotError::Other(e.to_string()))?;
-        let store = store.clone();
         let keys = keys.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            let key = format::chunk_key(&store.prefix, &hex::encode(p.id));
-            let sealed = tokio::task::spawn_blocking(move || keys.seal_chunk(&p.id, &p.data))
-                .await
-                .map_err(|e| SnapshotError::Other(format!("seal task: {e}")))?;
-            let n = sealed.len() as u64;
-            store.put(&key, sealed, false, Some(now)).await?;
-            Ok(n)
+        tasks.spawn_blocking(move || {
+            let sealed = keys.seal_chunk(&p.id, &p.data);
+            (p.id, p.data.len(), sealed)
         });
     }
     drop(rx);
     let _ = producer.await;
     while let Some(done) = tasks.join_next().await {
-        match flatten(done) {
-            Ok(n) => stats.bytes_uploaded += n,
-            Err(e) => failure = failure.or(Some(e)),
+        if let Err(e) = pack_sealed(packer, done).await {
+            failure = failure.or(Some(e));
         }
     }
     step.finish();
@@ -580,8 +614,12 @@ async fn backup_volume(
     ))
 }
 
-fn flatten(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> Result<u64> {
-    r.map_err(|e| SnapshotError::Other(format!("upload task: {e}")))?
+async fn pack_sealed(
+    packer: &mut Packer,
+    done: std::result::Result<([u8; 32], usize, Vec<u8>), tokio::task::JoinError>,
+) -> Result<()> {
+    let (id, plain, sealed) = done.map_err(|e| SnapshotError::Other(format!("seal task: {e}")))?;
+    packer.add(id, plain, &sealed).await
 }
 
 /// With Object Lock, chunks this snapshot reuses must stay locked as long as the
@@ -591,6 +629,7 @@ fn flatten(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> Resul
 /// Returns the date until which every object of the new snapshot is locked.
 async fn extend_reused(
     store: &Store,
+    index: &Index,
     prev: Option<&Manifest>,
     volumes: &[Volume],
     uploaded: &HashSet<[u8; 32]>,
@@ -599,9 +638,12 @@ async fn extend_reused(
 ) -> Result<i64> {
     use futures_util::StreamExt;
     let days = until - now;
-    let (prev_ids, prev_until): (HashSet<String>, i64) = match prev {
+    // Retention is per object: the packs (or format-1 chunk objects) holding the
+    // chunks, found through the index the backup started from.
+    let object_of = |c: &str| parse_chunk_key(c).and_then(|id| index.object_key(&id));
+    let (prev_objects, prev_until): (HashSet<String>, i64) = match prev {
         Some(m) => (
-            m.chunk_ids().into_iter().map(str::to_string).collect(),
+            m.chunk_ids().into_iter().filter_map(object_of).collect(),
             m.locked_until.unwrap_or(0),
         ),
         None => (HashSet::new(), 0),
@@ -611,18 +653,15 @@ async fn extend_reused(
         .iter()
         .flat_map(|v| v.chunks.iter())
         .filter(|c| parse_chunk_key(&c.0).is_some_and(|id| !uploaded.contains(&id)))
-        .map(|c| c.0.clone())
+        .filter_map(|c| object_of(&c.0))
         .collect();
     let to_extend: Vec<String> = reused
         .iter()
-        .filter(|id| renew_all || !prev_ids.contains(*id))
+        .filter(|k| renew_all || !prev_objects.contains(*k))
         .cloned()
         .collect();
     let results: Vec<Result<()>> = futures_util::stream::iter(to_extend)
-        .map(|id| {
-            let key = format::chunk_key(&store.prefix, &id);
-            async move { store.extend_retention(&key, until).await }
-        })
+        .map(|key| async move { store.extend_retention(&key, until).await })
         .buffer_unordered(16)
         .collect()
         .await;

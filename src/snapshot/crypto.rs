@@ -15,6 +15,15 @@ pub const CTX_CHUNK_ID: &str = "imgbuild snapshot v1 chunk id";
 pub const CTX_CHUNK_DATA: &str = "imgbuild snapshot v1 chunk data";
 pub const CTX_MANIFEST: &str = "imgbuild snapshot v1 manifest";
 pub const CTX_CHUNKER: &str = "imgbuild snapshot v1 chunker seed";
+pub const CTX_PACK_ID: &str = "imgbuild snapshot v3 pack id";
+pub const CTX_INDEX: &str = "imgbuild snapshot v3 index";
+pub const CTX_PACK_HEADER: &str = "imgbuild snapshot v3 pack header";
+/// Index objects: `INDEX_MAGIC | signature | host length | host | nonce | ciphertext`,
+/// signed like a v2 manifest under their own domain.
+pub const INDEX_MAGIC: &[u8; 8] = b"IMGIDX01";
+pub const SIGN_DOMAIN_INDEX: &[u8] = b"imgbuild snapshot index v1\0";
+/// AAD of a pack's sealed header (it cannot name the pack: the id hashes the header).
+const PACK_HEADER_AAD: &[u8] = b"imgbuild pack header v1";
 
 /// First byte of a sealed chunk / after the magic of a manifest.
 pub const FORMAT_VERSION: u8 = 1;
@@ -44,6 +53,9 @@ pub struct Keys {
     id_key: [u8; 32],
     data_key: [u8; 32],
     manifest_key: [u8; 32],
+    pack_id_key: [u8; 32],
+    index_key: [u8; 32],
+    pack_header_key: [u8; 32],
     chunker_seed: u64,
     verifying: VerifyingKey,
     /// The host these keys belong to, when the caller knows it: manifests of any
@@ -94,6 +106,9 @@ impl Keys {
             id_key: blake3::derive_key(CTX_CHUNK_ID, &master),
             data_key: blake3::derive_key(CTX_CHUNK_DATA, &master),
             manifest_key: blake3::derive_key(CTX_MANIFEST, &master),
+            pack_id_key: blake3::derive_key(CTX_PACK_ID, &master),
+            index_key: blake3::derive_key(CTX_INDEX, &master),
+            pack_header_key: blake3::derive_key(CTX_PACK_HEADER, &master),
             chunker_seed: u64::from_le_bytes(seed),
             verifying,
             signing,
@@ -359,6 +374,94 @@ impl Keys {
     }
 }
 
+impl Keys {
+    /// A pack's name: keyed BLAKE3 of all its bytes, so `check --read-data` can verify
+    /// a whole pack (garbage regions included) against its name.
+    pub fn pack_id(&self, pack: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.pack_id_key, pack).as_bytes()
+    }
+
+    /// The table at the end of a pack (which chunk lies where), sealed so that the
+    /// index can be rebuilt from the packs alone.
+    pub fn seal_pack_header(&self, table: Vec<u8>) -> Vec<u8> {
+        seal(&self.pack_header_key, PACK_HEADER_AAD, table)
+    }
+
+    pub fn open_pack_header(&self, sealed: &[u8]) -> std::result::Result<Vec<u8>, &'static str> {
+        open(&self.pack_header_key, PACK_HEADER_AAD, sealed)
+    }
+
+    /// An index object: the layout of a v2 manifest with its own magic, domain and
+    /// key. The signature binds it to its name, host and prefix.
+    pub fn seal_index(
+        &self,
+        index_id: &str,
+        host: &str,
+        prefix: &str,
+        table: &[u8],
+    ) -> Result<Vec<u8>> {
+        let signing = self
+            .signing
+            .as_ref()
+            .ok_or_else(|| SnapshotError::Other("no signing key: cannot write an index".into()))?;
+        if host.is_empty() || host.len() > MAX_HOST_LEN {
+            return Err(SnapshotError::Other(format!(
+                "host name {host:?} cannot name an index (1 to {MAX_HOST_LEN} bytes)"
+            )));
+        }
+        let sealed = seal(&self.index_key, index_id.as_bytes(), table.to_vec());
+        let nonce_and_ct = &sealed[1..];
+        let sig = signing.sign(&signed_message(
+            SIGN_DOMAIN_INDEX,
+            prefix,
+            host,
+            index_id,
+            nonce_and_ct,
+        ));
+        let mut out = Vec::with_capacity(8 + 64 + 1 + host.len() + nonce_and_ct.len());
+        out.extend_from_slice(INDEX_MAGIC);
+        out.extend_from_slice(&sig.to_bytes());
+        out.push(host.len() as u8);
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(nonce_and_ct);
+        Ok(out)
+    }
+
+    /// Verifies and decrypts an index object; returns the table and the signed host.
+    pub fn open_index(
+        &self,
+        index_id: &str,
+        prefix: &str,
+        bytes: &[u8],
+    ) -> std::result::Result<(Vec<u8>, String), String> {
+        if bytes.len() < 8 + 64 + 1 + NONCE_LEN + TAG_LEN || &bytes[..8] != INDEX_MAGIC {
+            return Err("not an imgbuild index object".into());
+        }
+        let n = usize::from(bytes[72]);
+        let body_at = 73 + n;
+        if n == 0 || bytes.len() < body_at + NONCE_LEN + TAG_LEN {
+            return Err("truncated header".into());
+        }
+        let host = std::str::from_utf8(&bytes[73..body_at])
+            .map_err(|_| "host name in the header is not UTF-8".to_string())?;
+        let mut sig = [0u8; 64];
+        sig.copy_from_slice(&bytes[8..72]);
+        let message = signed_message(SIGN_DOMAIN_INDEX, prefix, host, index_id, &bytes[body_at..]);
+        self.verifying
+            .verify(&message, &Signature::from_bytes(&sig))
+            .map_err(|_| {
+                "signature does not verify (tampered, copied from another prefix, or another host's key)"
+                    .to_string()
+            })?;
+        let mut sealed = Vec::with_capacity(bytes.len() - body_at + 1);
+        sealed.push(FORMAT_VERSION);
+        sealed.extend_from_slice(&bytes[body_at..]);
+        let table = open(&self.index_key, index_id.as_bytes(), &sealed)
+            .map_err(|_| "cannot be decrypted with this host's encryption key".to_string())?;
+        Ok((table, host.to_string()))
+    }
+}
+
 /// What a verified manifest header says.
 #[derive(Debug, Clone)]
 pub struct SignedHeader {
@@ -398,6 +501,25 @@ fn sign_message(snapshot_id: &str, nonce_and_ct: &[u8]) -> Vec<u8> {
     m.extend_from_slice(SIGN_DOMAIN);
     m.extend_from_slice(snapshot_id.as_bytes());
     m.push(0);
+    m.extend_from_slice(nonce_and_ct);
+    m
+}
+
+fn signed_message(
+    domain: &[u8],
+    prefix: &str,
+    host: &str,
+    id: &str,
+    nonce_and_ct: &[u8],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(
+        domain.len() + prefix.len() + host.len() + id.len() + 3 + nonce_and_ct.len(),
+    );
+    m.extend_from_slice(domain);
+    for part in [prefix.as_bytes(), host.as_bytes(), id.as_bytes()] {
+        m.extend_from_slice(part);
+        m.push(0);
+    }
     m.extend_from_slice(nonce_and_ct);
     m
 }

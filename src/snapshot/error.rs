@@ -17,7 +17,7 @@ pub enum SnapshotError {
         message: String,
     },
 
-    #[error("chunk {id} is missing from the bucket (object {key} not found)")]
+    #[error("chunk {id} is missing from the bucket: {key}")]
     MissingChunk { id: String, key: String },
 
     #[error("chunk {id} is corrupted: {reason}")]

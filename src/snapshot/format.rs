@@ -13,8 +13,10 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 /// JSON version written now. 2 adds `skipped` entries; the object around it also
-/// changed (see crypto: the signature binds host and prefix). 1 still restores.
-pub const MANIFEST_VERSION: u32 = 2;
+/// changed (see crypto: the signature binds host and prefix). 3 keeps the JSON of 2
+/// but its chunks live in packs (see `pack`), which older readers cannot find: they
+/// refuse the version instead of reporting missing chunks. 1 and 2 still restore.
+pub const MANIFEST_VERSION: u32 = 3;
 
 /// Largest sealed manifest any reader accepts. A manifest entry compresses to well
 /// under 100 bytes, so this holds tens of millions of files; it exists so a planted
@@ -38,6 +40,21 @@ pub fn chunk_key(prefix: &str, id_hex: &str) -> String {
         prefix,
         &format!("chunks/{}/{}", &id_hex[..2.min(id_hex.len())], id_hex),
     )
+}
+pub fn packs_dir(prefix: &str) -> String {
+    join(prefix, "packs/")
+}
+pub fn pack_key(prefix: &str, id_hex: &str) -> String {
+    join(
+        prefix,
+        &format!("packs/{}/{}", &id_hex[..2.min(id_hex.len())], id_hex),
+    )
+}
+pub fn index_dir(prefix: &str) -> String {
+    join(prefix, "index/")
+}
+pub fn index_key(prefix: &str, id: &str) -> String {
+    join(prefix, &format!("index/{id}"))
 }
 pub fn locks_dir(prefix: &str) -> String {
     join(prefix, "locks/")
@@ -204,6 +221,9 @@ pub struct Stats {
     pub bytes_uploaded: u64,
     pub chunks_total: u64,
     pub chunks_new: u64,
+    /// Pack objects this snapshot uploaded.
+    #[serde(default)]
+    pub packs_new: u64,
     pub files: u64,
     pub duration_ms: u64,
     /// Files left out: vanished or replaced between scan and read, unreadable, or

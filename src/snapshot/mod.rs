@@ -18,6 +18,7 @@ pub mod format;
 pub mod fsio;
 pub mod lock;
 pub mod marker;
+pub mod pack;
 pub mod prune;
 pub mod restore;
 pub mod store;

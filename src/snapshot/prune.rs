@@ -6,11 +6,12 @@
 //! every remaining manifest could be read and none references it. A kill between the
 //! two steps leaves only unreferenced chunks, which the next prune removes.
 
-use super::backup::{list_chunks, now_unix};
+use super::backup::now_unix;
 use super::crypto::Keys;
 use super::error::{Result, SnapshotError};
 use super::format::{self, civil};
 use super::lock::{acquire, LockKind};
+use super::pack::{read_header, write_index, Blob, Index, Location, PackRec, Packer};
 use super::restore::{list_ids, load_manifest};
 use super::store::{DeleteOutcome, Store};
 use futures_util::StreamExt;
@@ -112,21 +113,91 @@ pub struct PruneReport {
     /// Snapshots the policy would forget but whose Object Lock still holds: kept
     /// until it ends (deleting would only hide them).
     pub locked_kept: u64,
+    pub packs_deleted: u64,
+    pub packs_repacked: u64,
+    /// New packs holding the chunks copied out of repacked ones.
+    pub packs_written: u64,
+    pub bytes_repacked: u64,
+    /// Packs that would be deleted or repacked but are still under Object Lock.
+    pub packs_locked_kept: u64,
+    /// Packs no index listed whose own header was read (and kept when needed).
+    pub packs_adopted: u64,
+    /// Garbage left inside kept packs (below the repack threshold, or locked).
+    pub bytes_unused: u64,
+    /// The consolidated index object written, and how many old ones it replaced.
+    pub index_written: Option<String>,
+    pub index_deleted: u64,
+    /// Packs that could not be read or repacked; left alone.
+    pub problems: Vec<String>,
+    /// S3 requests the prune made, by kind, and bytes each way.
+    pub requests: super::store::Requests,
 }
 
-/// `grace_secs`: chunks uploaded less than this long ago (server time) are kept
-/// ([`CHUNK_GRACE_SECS`] in production; tests pass 0).
-///
+/// How prune treats packs.
+#[derive(Debug, Clone, Copy)]
+pub struct PruneOptions {
+    /// Chunks and packs uploaded less than this long ago (server time) are kept
+    /// ([`CHUNK_GRACE_SECS`] in production; tests pass 0).
+    pub grace_secs: i64,
+    /// A pack with more than this share of garbage (bytes no kept snapshot needs) is
+    /// rewritten without it. 25 %: stored garbage stays below a third of the data, and a
+    /// prune never rewrites a pack to win back less than a quarter of it.
+    pub repack_garbage_percent: u8,
+    /// Size of the packs a repack writes.
+    pub pack_target: usize,
+}
+
+pub const REPACK_GARBAGE_PERCENT: u8 = 25;
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions {
+            grace_secs: CHUNK_GRACE_SECS,
+            repack_garbage_percent: REPACK_GARBAGE_PERCENT,
+            pack_target: super::pack::PACK_TARGET,
+        }
+    }
+}
+
+impl PruneOptions {
+    /// No grace period (tests that prune right after a backup).
+    pub fn no_grace() -> Self {
+        PruneOptions {
+            grace_secs: 0,
+            ..Default::default()
+        }
+    }
+}
+
 /// Chunks are deleted only under the exclusive prune lock (see [`super::lock`]), so no
 /// backup is re-using them meanwhile; the set of needed chunks is built after the lock
 /// is held, from every manifest then listed, one manifest at a time, and the manifest
-/// list is read once more after the chunk listing so that nothing published in
+/// list is read once more after the index is loaded so that nothing published in
 /// between can lose a chunk.
+///
+/// Packs are then sorted into kept, deleted (nothing in them is needed) and repacked
+/// (more than `repack_garbage_percent` garbage: the needed chunks are copied, verified,
+/// into new packs). Order makes every step safe to interrupt: new packs, then one
+/// index object listing every surviving pack, then deleting the old index objects,
+/// then the old packs. Packs no index lists are read through their own header and
+/// kept when they hold anything needed.
 pub async fn prune(
     store: &Store,
     keys: &Keys,
     keep: &Retention,
-    grace_secs: i64,
+    opts: &PruneOptions,
+) -> Result<PruneReport> {
+    let requests_before = store.requests();
+    let mut report = prune_inner(store, keys, keep, opts).await?;
+    report.requests = store.requests().since(&requests_before);
+    Ok(report)
+}
+
+async fn prune_inner(
+    store: &Store,
+    keys: &Keys,
+    keep: &Retention,
+    opts: &PruneOptions,
 ) -> Result<PruneReport> {
     let now = now_unix();
     let ids = list_ids(store).await?;
@@ -207,7 +278,7 @@ pub async fn prune(
         }
         Err(e) => return Err(e),
     };
-    let r = delete_orphans(store, keys, now, grace_secs, &mut report).await;
+    let r = collect_garbage(store, keys, now, opts, &mut report).await;
     lock.release().await;
     r.map(|()| report)
 }
@@ -219,6 +290,7 @@ async fn add_needed(
     keys: &Keys,
     seen: &mut HashSet<String>,
     needed: &mut HashSet<[u8; 32]>,
+    host: &mut Option<String>,
     report: &mut PruneReport,
 ) -> Result<bool> {
     for id in list_ids(store).await? {
@@ -226,11 +298,14 @@ async fn add_needed(
             continue;
         }
         match load_manifest(store, keys, &id).await {
-            Ok(m) => needed.extend(m.chunk_ids().into_iter().filter_map(|c| {
-                hex::decode(c)
-                    .ok()
-                    .and_then(|v| <[u8; 32]>::try_from(v).ok())
-            })),
+            Ok(m) => {
+                host.get_or_insert_with(|| m.host.clone());
+                needed.extend(m.chunk_ids().into_iter().filter_map(|c| {
+                    hex::decode(c)
+                        .ok()
+                        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                }))
+            }
             Err(e) => {
                 report.chunks_skipped = Some(format!(
                     "manifest {id} cannot be read ({e}): its chunks are unknown"
@@ -242,39 +317,49 @@ async fn add_needed(
     Ok(true)
 }
 
-async fn delete_orphans(
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Keep,
+    Delete,
+    Repack,
+    /// Too young, or not readable: not touched and not in the new index.
+    Leave,
+}
+
+async fn collect_garbage(
     store: &Store,
     keys: &Keys,
     now: i64,
-    grace_secs: i64,
+    opts: &PruneOptions,
     report: &mut PruneReport,
 ) -> Result<()> {
     let mut seen = HashSet::new();
     let mut needed: HashSet<[u8; 32]> = HashSet::new();
-    if !add_needed(store, keys, &mut seen, &mut needed, report).await? {
+    let mut host = keys.host().map(str::to_string);
+    if !add_needed(store, keys, &mut seen, &mut needed, &mut host, report).await? {
         return Ok(());
     }
-    let listed = list_chunks(store).await?;
-    if !add_needed(store, keys, &mut seen, &mut needed, report).await? {
+    let mut index = Index::load(store, keys).await?;
+    if !add_needed(store, keys, &mut seen, &mut needed, &mut host, report).await? {
         return Ok(());
     }
-    let orphans: Vec<(String, u64)> = listed
-        .into_iter()
-        .filter(|(_, _, t)| t.is_none_or(|t| now - t >= grace_secs))
-        .filter(|(id, _, _)| !needed.contains(id))
-        .map(|(id, size, _)| (hex::encode(id), size))
+    if let Some(p) = index.problems.first() {
+        report.chunks_skipped = Some(format!(
+            "{} index problem(s) (first: {p}): where chunks are is uncertain, nothing deleted",
+            index.problems.len()
+        ));
+        return Ok(());
+    }
+    let young = |t: Option<i64>| t.is_some_and(|t| now - t < opts.grace_secs);
+
+    // Format-1 chunk objects no snapshot needs.
+    let orphans: Vec<(String, u64)> = index
+        .legacy
+        .iter()
+        .filter(|(id, (_, t))| !young(*t) && !needed.contains(*id))
+        .map(|(id, (size, _))| (format::chunk_key(&store.prefix, &hex::encode(id)), *size))
         .collect();
-    let results: Vec<(u64, Result<DeleteOutcome>)> = futures_util::stream::iter(orphans)
-        .map(|(id, size)| async move {
-            (
-                size,
-                store.delete(&format::chunk_key(&store.prefix, &id)).await,
-            )
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    for (size, r) in results {
+    for (size, r) in delete_all(store, orphans).await {
         match r? {
             DeleteOutcome::Deleted => {
                 report.chunks_deleted += 1;
@@ -283,7 +368,205 @@ async fn delete_orphans(
             DeleteOutcome::Refused => report.refused += 1,
         }
     }
+
+    // Packs no index lists: a backup or prune that died before its index, or lost
+    // index objects. Their own header says what they hold.
+    let mut fate = vec![Fate::Keep; index.packs.len()];
+    for i in 0..index.packs.len() {
+        if index.packs[i].blobs.is_some() {
+            continue;
+        }
+        let p = &index.packs[i];
+        if young(p.last_modified) {
+            fate[i] = Fate::Leave;
+            continue;
+        }
+        let (key, size) = (p.key.clone(), p.size);
+        match read_header(store, keys, &key, size).await {
+            Ok(blobs) => {
+                index.adopt(i, blobs);
+                report.packs_adopted += 1;
+            }
+            Err(e) => {
+                // Not ours, or damaged: a human decides, we never delete it.
+                report.problems.push(e.to_string());
+                fate[i] = Fate::Leave;
+            }
+        }
+    }
+
+    // Which copy of each needed chunk counts (the index's choice), and so how much of
+    // each pack is still needed.
+    let mut used = vec![0u64; index.packs.len()];
+    let mut keep_blobs: Vec<Vec<Blob>> = vec![Vec::new(); index.packs.len()];
+    for id in &needed {
+        if let Some(Location::Pack { pack, blob }) = index.locate(id) {
+            used[pack] += u64::from(blob.sealed);
+            keep_blobs[pack].push(blob);
+        }
+    }
+    for (i, p) in index.packs.iter().enumerate() {
+        if fate[i] == Fate::Leave {
+            continue;
+        }
+        let total: u64 = p.blobs.iter().flatten().map(|b| u64::from(b.sealed)).sum();
+        let garbage = total - used[i].min(total);
+        fate[i] = if young(p.last_modified) {
+            Fate::Keep
+        } else if used[i] == 0 {
+            Fate::Delete
+        } else if garbage * 100 > total * u64::from(opts.repack_garbage_percent) {
+            Fate::Repack
+        } else {
+            Fate::Keep
+        };
+        if fate[i] == Fate::Keep {
+            report.bytes_unused += garbage;
+        }
+    }
+    // Object Lock: a pack still under retention can neither be deleted nor replaced
+    // (a delete would only hide it); it stays until its date.
+    if store.object_lock_days.is_some() {
+        for (i, p) in index.packs.iter().enumerate() {
+            if matches!(fate[i], Fate::Delete | Fate::Repack)
+                && store.retention(&p.key).await?.is_some_and(|t| t > now)
+            {
+                fate[i] = Fate::Keep;
+                report.packs_locked_kept += 1;
+            }
+        }
+    }
+
+    // Copy the needed chunks of the packs to repack, verified, into new packs.
+    let mut packer = Packer::new(store, keys, opts.pack_target, 2, now);
+    for i in 0..index.packs.len() {
+        if fate[i] != Fate::Repack {
+            continue;
+        }
+        match copy_blobs(
+            store,
+            keys,
+            &index.packs[i].key,
+            &mut keep_blobs[i],
+            &mut packer,
+        )
+        .await
+        {
+            Ok(n) => {
+                report.packs_repacked += 1;
+                report.bytes_repacked += n;
+            }
+            Err(e) => {
+                report
+                    .problems
+                    .push(format!("repack of {} skipped: {e}", index.packs[i].key));
+                fate[i] = Fate::Keep;
+            }
+        }
+    }
+    let (new_packs, _) = packer.finish().await?;
+    report.packs_written = new_packs.len() as u64;
+
+    let changed = fate
+        .iter()
+        .any(|f| matches!(f, Fate::Delete | Fate::Repack))
+        || report.packs_adopted > 0
+        || index.objects.len() > 1;
+    if !changed {
+        return Ok(());
+    }
+    let Some(host) = host else {
+        // No manifest at all and no host bound: nothing is needed; leave the packs to
+        // a prune that knows whose they are.
+        report.chunks_skipped = Some("no snapshot names the host; packs left".into());
+        return Ok(());
+    };
+    let mut survivors: Vec<PackRec> = index
+        .packs
+        .iter()
+        .zip(&fate)
+        .filter(|(p, f)| **f == Fate::Keep && p.blobs.is_some())
+        .map(|(p, _)| PackRec {
+            id: p.id,
+            blobs: p.blobs.clone().unwrap_or_default(),
+        })
+        .collect();
+    survivors.extend(new_packs);
+    let new_id = format::new_snapshot_id(super::backup::now_unix_ms());
+    let new_key = write_index(store, keys, &host, &new_id, &survivors, now).await?;
+    report.index_written = Some(new_key.clone());
+    let old: Vec<(String, u64)> = index
+        .objects
+        .iter()
+        .filter(|k| **k != new_key)
+        .map(|k| (k.clone(), 0))
+        .collect();
+    for (_, r) in delete_all(store, old).await {
+        match r? {
+            DeleteOutcome::Deleted => report.index_deleted += 1,
+            DeleteOutcome::Refused => report.refused += 1,
+        }
+    }
+    let doomed: Vec<(String, u64)> = index
+        .packs
+        .iter()
+        .zip(&fate)
+        .filter(|(_, f)| matches!(f, Fate::Delete | Fate::Repack))
+        .map(|(p, _)| (p.key.clone(), p.size))
+        .collect();
+    for (size, r) in delete_all(store, doomed).await {
+        match r? {
+            DeleteOutcome::Deleted => {
+                report.packs_deleted += 1;
+                report.bytes_deleted += size;
+            }
+            DeleteOutcome::Refused => report.refused += 1,
+        }
+    }
     Ok(())
+}
+
+async fn delete_all(store: &Store, keys: Vec<(String, u64)>) -> Vec<(u64, Result<DeleteOutcome>)> {
+    futures_util::stream::iter(keys)
+        .map(|(key, size)| async move { (size, store.delete(&key).await) })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+/// Reads `blobs` of one pack (merged ranged GETs), verifies each chunk, and adds the
+/// sealed bytes unchanged to `packer`. Returns the bytes copied.
+async fn copy_blobs(
+    store: &Store,
+    keys: &Keys,
+    key: &str,
+    blobs: &mut [Blob],
+    packer: &mut Packer,
+) -> Result<u64> {
+    blobs.sort_by_key(|b| b.offset);
+    let mut copied = 0;
+    let mut i = 0;
+    while i < blobs.len() {
+        let start = u64::from(blobs[i].offset);
+        let mut j = i + 1;
+        while j < blobs.len() && blobs[j].end() - start <= super::restore::RANGE_MAX {
+            j += 1;
+        }
+        let end = blobs[j - 1].end();
+        let bytes = store
+            .get_range(key, start, end - start)
+            .await?
+            .ok_or_else(|| SnapshotError::Other(format!("pack {key} vanished")))?;
+        for b in &blobs[i..j] {
+            let at = (u64::from(b.offset) - start) as usize;
+            let sealed = &bytes[at..at + b.sealed as usize];
+            keys.open_chunk(&b.id, sealed, b.plain as usize)?;
+            packer.add(b.id, b.plain as usize, sealed).await?;
+            copied += u64::from(b.sealed);
+        }
+        i = j;
+    }
+    Ok(copied)
 }
 
 #[cfg(test)]

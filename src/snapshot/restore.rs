@@ -1,13 +1,16 @@
 //! Listing, loading and restoring snapshots.
 //!
-//! Chunks are fetched in parallel but consumed in stream order by one writer thread;
-//! at most `parallel` fetched chunks plus a small queue are in memory at once, so the
-//! peak stays near `parallel × 2 × CHUNK_MAX` whatever the snapshot size.
+//! Every chunk is located (index, pack listing, format-1 objects) before anything is
+//! written. Chunks that lie next to each other in one pack are fetched with one ranged
+//! GET of at most [`RANGE_MAX`] bytes; `parallel` such requests are in flight and
+//! consumed in stream order by one writer thread, so the peak stays near
+//! `parallel × 2 × RANGE_MAX` whatever the snapshot size.
 
 use super::crypto::Keys;
 use super::error::{Result, SnapshotError};
 use super::format::{self, ChunkRef, Manifest, Volume};
 use super::fsio::{self, WriteOptions};
+use super::pack::{Blob, Index, Location};
 use super::store::Store;
 use crate::progress::Progress;
 use futures_util::StreamExt;
@@ -198,6 +201,172 @@ pub struct RestoreReport {
     pub files: u64,
     pub seconds: f64,
     pub warnings: Vec<String>,
+    /// S3 requests the restore made, by kind, and bytes each way.
+    pub requests: super::store::Requests,
+}
+
+/// Largest ranged GET: adjacent chunks of one pack are merged up to this size.
+pub const RANGE_MAX: u64 = 4 * 1024 * 1024;
+/// Chunks this close in one pack are merged, the bytes between them read and dropped:
+/// a GET costs more than that much transfer.
+const RANGE_GAP: u64 = 128 * 1024;
+
+/// One request of a restore plan.
+#[derive(Debug, Clone)]
+pub enum Fetch {
+    /// A format-1 chunk object.
+    Object(ChunkRef),
+    /// Bytes `start..start+len` of a pack, holding these chunks in stream order.
+    Range {
+        key: String,
+        start: u64,
+        len: u64,
+        blobs: Vec<Blob>,
+    },
+}
+
+fn parse_id(c: &ChunkRef) -> Result<[u8; 32]> {
+    hex::decode(&c.0)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| SnapshotError::CorruptChunk {
+            id: c.0.clone(),
+            reason: "bad id".into(),
+        })
+}
+
+/// The requests that fetch a volume's chunks in stream order; fails, naming the
+/// chunk and its pack, when any chunk has no place.
+pub fn plan(index: &Index, v: &Volume) -> Result<Vec<Fetch>> {
+    let mut out: Vec<Fetch> = Vec::new();
+    for c in &v.chunks {
+        let id = parse_id(c)?;
+        match index.locate(&id) {
+            None => {
+                return Err(SnapshotError::MissingChunk {
+                    id: c.0.clone(),
+                    key: index.why_missing(&id),
+                })
+            }
+            Some(Location::Object { .. }) => out.push(Fetch::Object(c.clone())),
+            Some(Location::Pack { pack, blob }) => {
+                if u64::from(blob.plain) != c.1 {
+                    return Err(SnapshotError::CorruptChunk {
+                        id: c.0.clone(),
+                        reason: format!(
+                            "the index gives it {} bytes, the manifest {}",
+                            blob.plain, c.1
+                        ),
+                    });
+                }
+                let key = &index.packs[pack].key;
+                if let Some(Fetch::Range {
+                    key: k,
+                    start,
+                    len,
+                    blobs,
+                }) = out.last_mut()
+                {
+                    let end = *start + *len;
+                    let off = u64::from(blob.offset);
+                    if k == key
+                        && off >= end
+                        && off - end <= RANGE_GAP
+                        && blob.end() - *start <= RANGE_MAX
+                    {
+                        *len = blob.end() - *start;
+                        blobs.push(blob);
+                        continue;
+                    }
+                }
+                out.push(Fetch::Range {
+                    key: key.clone(),
+                    start: u64::from(blob.offset),
+                    len: u64::from(blob.sealed),
+                    blobs: vec![blob],
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Loads the index and plans every selected volume; reads the headers of unindexed
+/// packs when something is not found otherwise.
+pub async fn plan_all(
+    store: &Store,
+    keys: &Keys,
+    volumes: &[&Volume],
+) -> Result<(Index, Vec<Vec<Fetch>>)> {
+    let mut index = Index::load(store, keys).await?;
+    let attempt = |index: &Index| -> Result<Vec<Vec<Fetch>>> {
+        volumes.iter().map(|v| plan(index, v)).collect()
+    };
+    match attempt(&index) {
+        Ok(p) => Ok((index, p)),
+        Err(SnapshotError::MissingChunk { .. }) if index.read_unindexed(store, keys).await? > 0 => {
+            let p = attempt(&index)?;
+            Ok((index, p))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Fetches one planned request and verifies every chunk in it (AEAD tag, length,
+/// keyed hash) before anything is written.
+pub async fn fetch(store: &Store, keys: &Keys, f: &Fetch) -> Result<Vec<Vec<u8>>> {
+    let (key, start, len, blobs) = match f {
+        Fetch::Object(c) => return Ok(vec![fetch_chunk(store, keys, c).await?]),
+        Fetch::Range {
+            key,
+            start,
+            len,
+            blobs,
+        } => (key, *start, *len, blobs),
+    };
+    let mut attempt = 0;
+    let bytes = loop {
+        match store.get_range(key, start, len).await {
+            Ok(Some(b)) => break b,
+            Ok(None) => {
+                return Err(SnapshotError::MissingChunk {
+                    id: hex::encode(blobs[0].id),
+                    key: format!("pack {key} not found"),
+                })
+            }
+            // A short answer is a truncated pack: retrying cannot help.
+            Err(e) if attempt < 3 && !e.to_string().contains("truncated") => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(500 << attempt)).await;
+            }
+            Err(e) => {
+                return Err(SnapshotError::CorruptChunk {
+                    id: hex::encode(blobs[0].id),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    };
+    let keys = keys.clone();
+    let (key, blobs) = (key.clone(), blobs.clone());
+    tokio::task::spawn_blocking(move || {
+        blobs
+            .iter()
+            .map(|b| {
+                let at = (u64::from(b.offset) - start) as usize;
+                keys.open_chunk(&b.id, &bytes[at..at + b.sealed as usize], b.plain as usize)
+                    .map_err(|e| match e {
+                        SnapshotError::CorruptChunk { id, reason } => SnapshotError::CorruptChunk {
+                            id,
+                            reason: format!("{reason} (in pack {key} at byte {})", b.offset),
+                        },
+                        e => e,
+                    })
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| SnapshotError::Other(format!("verify task: {e}")))?
 }
 
 /// Restores every volume of `m` as `<into>/<volume>/_data` (podman's layout).
@@ -210,20 +379,40 @@ pub async fn restore(
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
     let start = Instant::now();
+    let requests_before = store.requests();
     let mut bytes = 0;
     let mut files = 0;
     let mut warnings = Vec::new();
-    for v in &m.volumes {
-        if !opts.volumes.is_empty() && !opts.volumes.contains(&v.name) {
-            continue;
-        }
+    let selected: Vec<&Volume> = m
+        .volumes
+        .iter()
+        .filter(|v| opts.volumes.is_empty() || opts.volumes.contains(&v.name))
+        .collect();
+    // Every chunk has a place before the first directory is created.
+    let (index, plans) = plan_all(store, keys, &selected).await?;
+    warnings.extend(index.problems.iter().map(|p| format!("warning: {p}")));
+    drop(index);
+    let mut created: Vec<PathBuf> = Vec::new();
+    for (v, plan) in selected.into_iter().zip(plans) {
         let vdir = into.join(&v.name);
         std::fs::create_dir_all(into).map_err(|e| SnapshotError::io(into, e))?;
         std::fs::create_dir(&vdir).map_err(|e| SnapshotError::io(&vdir, e))?;
+        created.push(vdir.clone());
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| SnapshotError::io(&vdir, e))?;
-        let w = restore_volume(store, keys, v, &vdir.join("_data"), opts).await?;
+        let r = match std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o700)) {
+            Ok(()) => restore_volume(store, keys, v, plan, &vdir.join("_data"), opts).await,
+            Err(e) => Err(SnapshotError::io(&vdir, e)),
+        };
+        let w = match r {
+            Ok(w) => w,
+            Err(e) => {
+                // A failed restore leaves nothing half-written behind.
+                for d in &created {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+                return Err(e);
+            }
+        };
         warnings.extend(w.into_iter().map(|w| format!("{}: {w}", v.name)));
         bytes += v.stream_bytes;
         files += v
@@ -239,6 +428,7 @@ pub async fn restore(
         files,
         seconds: start.elapsed().as_secs_f64(),
         warnings,
+        requests: store.requests().since(&requests_before),
     })
 }
 
@@ -269,7 +459,7 @@ pub async fn fetch_chunk(store: &Store, keys: &Keys, c: &ChunkRef) -> Result<Vec
             Ok(None) => {
                 return Err(SnapshotError::MissingChunk {
                     id: c.0.clone(),
-                    key,
+                    key: format!("object {key} not found"),
                 })
             }
             // The SDK retries requests, not a body cut mid-stream: retry those here.
@@ -327,6 +517,7 @@ async fn restore_volume(
     store: &Store,
     keys: &Keys,
     v: &Volume,
+    plan: Vec<Fetch>,
     root: &Path,
     opts: &RestoreOptions,
 ) -> Result<Vec<String>> {
@@ -348,18 +539,20 @@ async fn restore_volume(
             let _ = ptx.send(n);
         })
     });
-    let mut fetches = futures_util::stream::iter(v.chunks.iter())
-        .map(|c| fetch_chunk(store, keys, c))
+    let mut fetches = futures_util::stream::iter(plan.iter())
+        .map(|f| fetch(store, keys, f))
         .buffered(opts.parallel.max(1));
     let mut failure = None;
-    while let Some(r) = fetches.next().await {
+    'fetching: while let Some(r) = fetches.next().await {
         while let Ok(n) = prx.try_recv() {
             step.inc(n);
         }
         match r {
-            Ok(data) => {
-                if tx.send(data).await.is_err() {
-                    break; // the writer failed; its error is reported below
+            Ok(chunks) => {
+                for data in chunks {
+                    if tx.send(data).await.is_err() {
+                        break 'fetching; // the writer failed; its error is reported below
+                    }
                 }
             }
             Err(e) => {

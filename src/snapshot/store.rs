@@ -57,6 +57,149 @@ pub struct Store {
     multipart_threshold: usize,
     /// Cleared after a server answers 501 to If-None-Match (then we HEAD first).
     conditional_put: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Every HTTP request sent through this client (retries included), by kind.
+    counters: std::sync::Arc<Counters>,
+}
+
+/// Requests by the classes providers bill separately, and bytes each way. Counted on
+/// the wire by an SDK interceptor, so retries, multipart parts and list pages all
+/// count, as they do on the bill.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Requests {
+    /// PutObject, UploadPart, Create/CompleteMultipartUpload (class A).
+    pub put: u64,
+    /// GetObject, whole or ranged (class B).
+    pub get: u64,
+    /// HeadObject.
+    pub head: u64,
+    /// ListObjectsV2 / ListObjectVersions pages (class A on most providers).
+    pub list: u64,
+    pub delete: u64,
+    /// Put/GetObjectRetention and GetObjectLockConfiguration.
+    pub retention: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl Requests {
+    pub fn total(&self) -> u64 {
+        self.put + self.get + self.head + self.list + self.delete + self.retention
+    }
+    /// What happened between `earlier` and `self` (both read from one store).
+    pub fn since(&self, earlier: &Requests) -> Requests {
+        Requests {
+            put: self.put - earlier.put,
+            get: self.get - earlier.get,
+            head: self.head - earlier.head,
+            list: self.list - earlier.list,
+            delete: self.delete - earlier.delete,
+            retention: self.retention - earlier.retention,
+            bytes_sent: self.bytes_sent - earlier.bytes_sent,
+            bytes_received: self.bytes_received - earlier.bytes_received,
+        }
+    }
+}
+
+impl std::fmt::Display for Requests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} requests (PUT {}, GET {}, HEAD {}, LIST {}, DELETE {}, retention {}), {} sent, {} received",
+            self.total(),
+            self.put,
+            self.get,
+            self.head,
+            self.list,
+            self.delete,
+            self.retention,
+            human_bytes(self.bytes_sent),
+            human_bytes(self.bytes_received)
+        )
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    put: std::sync::atomic::AtomicU64,
+    get: std::sync::atomic::AtomicU64,
+    head: std::sync::atomic::AtomicU64,
+    list: std::sync::atomic::AtomicU64,
+    delete: std::sync::atomic::AtomicU64,
+    retention: std::sync::atomic::AtomicU64,
+    bytes_sent: std::sync::atomic::AtomicU64,
+    bytes_received: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+struct CountRequests(std::sync::Arc<Counters>);
+
+impl aws_sdk_s3::config::Intercept for CountRequests {
+    fn name(&self) -> &'static str {
+        "imgbuild-request-counter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_s3::config::RuntimeComponents,
+        _: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> std::result::Result<(), aws_sdk_s3::error::BoxError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let req = context.request();
+        let query = req.uri().split_once('?').map_or("", |(_, q)| q);
+        let has = |name: &str| {
+            query
+                .split('&')
+                .any(|p| p == name || p.starts_with(&format!("{name}=")))
+        };
+        let c = &self.0;
+        let counter = match req.method() {
+            _ if has("retention") || has("object-lock") => &c.retention,
+            "GET" if has("list-type") || has("versions") => &c.list,
+            "GET" => &c.get,
+            "HEAD" => &c.head,
+            "DELETE" => &c.delete,
+            _ => &c.put,
+        };
+        counter.fetch_add(1, Relaxed);
+        if let Some(n) = req.body().content_length() {
+            c.bytes_sent.fetch_add(n, Relaxed);
+        }
+        Ok(())
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef<'_>,
+        _: &aws_sdk_s3::config::RuntimeComponents,
+        _: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> std::result::Result<(), aws_sdk_s3::error::BoxError> {
+        let n = context
+            .response()
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        self.0
+            .bytes_received
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// An object version hidden by a delete marker.
@@ -166,7 +309,9 @@ impl Store {
         let env_endpoint = std::env::var_os("AWS_ENDPOINT_URL_S3")
             .or_else(|| std::env::var_os("AWS_ENDPOINT_URL"))
             .is_some();
+        let counters = std::sync::Arc::new(Counters::default());
         let mut b = aws_sdk_s3::config::Builder::from(&shared)
+            .interceptor(CountRequests(counters.clone()))
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .retry_config(
@@ -202,7 +347,94 @@ impl Store {
                 cfg.multipart_threshold
             },
             conditional_put: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            counters,
         })
+    }
+
+    /// Requests sent so far through this store (and its clones).
+    pub fn requests(&self) -> Requests {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.counters;
+        Requests {
+            put: c.put.load(Relaxed),
+            get: c.get.load(Relaxed),
+            head: c.head.load(Relaxed),
+            list: c.list.load(Relaxed),
+            delete: c.delete.load(Relaxed),
+            retention: c.retention.load(Relaxed),
+            bytes_sent: c.bytes_sent.load(Relaxed),
+            bytes_received: c.bytes_received.load(Relaxed),
+        }
+    }
+
+    /// The bytes `start..start+len` of an object, verified to be exactly that many;
+    /// `Ok(None)` when the key does not exist. A short answer (a truncated object) is
+    /// an error naming the object, never a short buffer.
+    pub async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        if len == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let resp = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={start}-{}", start + len - 1))
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                    || status(&e) == Some(404)
+                {
+                    return Ok(None);
+                }
+                if status(&e) == Some(416) {
+                    return Err(SnapshotError::S3 {
+                        op: "GetObject",
+                        bucket: self.bucket.clone(),
+                        key: key.to_string(),
+                        message: format!(
+                            "bytes {start}..{} lie past the end of the object (truncated?)",
+                            start + len
+                        ),
+                    });
+                }
+                return Err(self.err("GetObject", key, e));
+            }
+        };
+        let short = |got: u64| SnapshotError::S3 {
+            op: "GetObject",
+            bucket: self.bucket.clone(),
+            key: key.to_string(),
+            message: format!(
+                "asked for {len} bytes at {start}, got {got} (the object is shorter: truncated?)"
+            ),
+        };
+        let announced = resp.content_length.unwrap_or(0).max(0) as u64;
+        // A server that ignores Range sends the whole object: refuse rather than buffer it.
+        if announced != len {
+            return Err(short(announced));
+        }
+        let mut body = resp.body;
+        let mut out = Vec::with_capacity(len as usize);
+        while let Some(part) = body.next().await {
+            let part = part.map_err(|e| SnapshotError::S3 {
+                op: "GetObject",
+                bucket: self.bucket.clone(),
+                key: key.to_string(),
+                message: format!("reading body: {e}"),
+            })?;
+            if out.len() + part.len() > len as usize {
+                return Err(short((out.len() + part.len()) as u64));
+            }
+            out.extend_from_slice(&part);
+        }
+        if out.len() as u64 != len {
+            return Err(short(out.len() as u64));
+        }
+        Ok(Some(out))
     }
 
     pub fn client(&self) -> &Client {

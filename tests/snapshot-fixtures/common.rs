@@ -623,6 +623,7 @@ pub async fn backup_volume(
             host: host.into(),
             parallel: 4,
             progress: imgbuild::progress::Progress::quiet(),
+            pack_target: imgbuild::snapshot::pack::PACK_TARGET,
         },
     )
     .await
