@@ -12,6 +12,8 @@
 mod common;
 #[path = "../tests/snapshot-fixtures/common.rs"]
 mod snapfix;
+#[path = "../tests/snapshot-fixtures/packs.rs"]
+mod snappacks;
 
 use common::*;
 use imgbuild::snapshot::backup;
@@ -362,9 +364,9 @@ fn drill_fails_naming_the_corrupted_chunk() {
             .await
             .expect("manifest");
         let id = m.volumes[0].chunks[0].0.clone();
-        let key = format::chunk_key(PREFIX, &id);
-        let mut b = s.get(&key, u64::MAX).await.unwrap().expect("chunk object");
-        let mid = b.len() / 2;
+        let (key, off, len) = snappacks::place(&s, &f.keys, &id).await;
+        let mut b = s.get(&key, u64::MAX).await.unwrap().expect("pack object");
+        let mid = (off + len / 2) as usize;
         for x in &mut b[mid..mid + 8] {
             *x ^= 0xff;
         }

@@ -3,6 +3,8 @@
 
 #[path = "snapshot-fixtures/common.rs"]
 mod common;
+#[path = "snapshot-fixtures/packs.rs"]
+mod packs;
 
 use common::*;
 use imgbuild::hostconfig::Retention;
@@ -308,66 +310,70 @@ fn restore_refuses_bad_data_and_names_the_cause() {
             .unwrap();
         let m = restore::load_manifest(&store, &keys, &r.id).await.unwrap();
         let chunk = m.volumes[0].chunks[0].0.clone();
-        let ckey = format::chunk_key(&store.prefix, &chunk);
-        let original = store.get(&ckey, u64::MAX).await.unwrap().unwrap();
+        let (pkey, off, len) = packs::place(&store, &keys, &chunk).await;
+        assert!(pkey.contains("/packs/") && len > 0, "{pkey}");
+        let original = store.get(&pkey, u64::MAX).await.unwrap().unwrap();
+        let gone = |o: &str| !env.path(o).join("v").exists();
 
-        // corrupted chunk: one flipped bit
+        // corrupted chunk: one flipped bit inside its bytes of the pack
         let mut bad = original.clone();
-        let n = bad.len() / 2;
-        bad[n] ^= 0x10;
-        store.put(&ckey, bad, false, None).await.unwrap();
+        bad[(off + len / 2) as usize] ^= 0x10;
+        store.put(&pkey, bad, false, None).await.unwrap();
         let e = restore_id(&store, &env, &r.id, &env.path("o1"))
             .await
             .unwrap_err();
         assert!(matches!(e, SnapshotError::CorruptChunk { .. }), "{e}");
         assert!(
-            e.to_string().contains(&chunk) && e.to_string().contains("corrupted"),
+            e.to_string().contains(&chunk)
+                && e.to_string().contains("corrupted")
+                && e.to_string().contains(&pkey),
             "{e}"
         );
+        assert!(gone("o1"), "a failed restore left its volume behind");
         eprintln!("corrupted chunk → {e}");
-        // check --read-data finds it too
+        // check --read-data finds it too, naming the pack
         let c = check::check(&store, &keys, true, 4, &Progress::quiet())
             .await
             .unwrap();
         assert!(
-            !c.ok() && c.problems[0].contains("corrupted"),
+            !c.ok() && c.problems.iter().any(|p| p.contains(&pkey)),
             "{:?}",
             c.problems
         );
 
-        // a chunk stored under another chunk's name is also caught
-        if m.volumes[0].chunks.len() > 1 {
-            let other = store
-                .get(
-                    &format::chunk_key(&store.prefix, &m.volumes[0].chunks[1].0),
-                    u64::MAX,
-                )
-                .await
-                .unwrap()
-                .unwrap();
-            store.put(&ckey, other, false, None).await.unwrap();
-            let e = restore_id(&store, &env, &r.id, &env.path("o1b"))
-                .await
-                .unwrap_err();
-            // refused either by its size (a larger chunk) or by its tag
-            assert!(
-                matches!(
-                    e,
-                    SnapshotError::CorruptChunk { .. } | SnapshotError::TooLarge { .. }
-                ),
-                "{e}"
-            );
-        }
+        // truncated pack (cut through its chunks): refused before anything is written
+        store
+            .put(&pkey, original[..original.len() / 2].to_vec(), false, None)
+            .await
+            .unwrap();
+        let e = restore_id(&store, &env, &r.id, &env.path("o1b"))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(&pkey) && e.to_string().contains("truncated"),
+            "{e}"
+        );
+        assert!(!env.path("o1b").exists(), "something was written: {e}");
+        eprintln!("truncated pack → {e}");
+        let c = check::check(&store, &keys, false, 4, &Progress::quiet())
+            .await
+            .unwrap();
+        assert!(
+            c.problems.iter().any(|p| p.contains(&pkey)),
+            "{:?}",
+            c.problems
+        );
 
-        // missing chunk
-        store.delete(&ckey).await.unwrap();
+        // missing pack
+        store.delete(&pkey).await.unwrap();
         let e = restore_id(&store, &env, &r.id, &env.path("o2"))
             .await
             .unwrap_err();
         assert!(matches!(e, SnapshotError::MissingChunk { .. }), "{e}");
         assert!(e.to_string().contains("missing"), "{e}");
-        eprintln!("missing chunk → {e}");
-        store.put(&ckey, original, false, None).await.unwrap();
+        assert!(!env.path("o2").exists(), "something was written: {e}");
+        eprintln!("missing pack → {e}");
+        store.put(&pkey, original, false, None).await.unwrap();
         restore_id(&store, &env, &r.id, &env.path("o3"))
             .await
             .unwrap();
@@ -441,7 +447,7 @@ fn retention_keeps_what_it_promises_and_frees_the_rest() {
             ids.push(r.id);
             hashes.push(tree_hash(&v));
         }
-        let before = backup::list_chunks(&store).await.unwrap().len();
+        let before = packs::pack_count(&store).await;
         let keep = Retention {
             last: 2,
             daily: 0,
@@ -454,9 +460,16 @@ fn retention_keeps_what_it_promises_and_frees_the_rest() {
         eprintln!("prune: {p:?}");
         assert_eq!(p.kept, ids[3..].to_vec());
         assert_eq!(p.forgotten, ids[..3].to_vec());
-        assert!(p.chunks_deleted >= 3, "{p:?}");
-        let after = backup::list_chunks(&store).await.unwrap().len();
-        assert_eq!(before - after, p.chunks_deleted as usize);
+        // Backups 1 and 2 only hold chunks of forgotten snapshots; backup 0's pack
+        // also holds the stable file, so it is repacked (a third of it is garbage).
+        assert!(p.packs_deleted >= 3 && p.packs_repacked >= 1, "{p:?}");
+        let after = packs::pack_count(&store).await;
+        assert_eq!(
+            before + p.packs_written as usize - after,
+            p.packs_deleted as usize
+        );
+        assert_eq!(p.bytes_unused, 0, "{p:?}");
+        eprintln!("prune requests: {}", p.requests);
         assert_eq!(restore::list_ids(&store).await.unwrap(), ids[3..].to_vec());
         for (i, id) in ids[3..].iter().enumerate() {
             let out = env.path(&format!("out{i}"));
@@ -485,7 +498,7 @@ fn retention_keeps_what_it_promises_and_frees_the_rest() {
         let p = prune::prune(&store, &keys, &keep, &prune::PruneOptions::no_grace())
             .await
             .unwrap();
-        assert!(p.chunks_deleted > 0);
+        assert!(p.packs_deleted + p.packs_repacked > 0, "{p:?}");
 
         // A running backup's lock stops chunk deletion.
         store
@@ -512,7 +525,10 @@ fn retention_keeps_what_it_promises_and_frees_the_rest() {
         )
         .await
         .unwrap();
-        assert!(p.chunks_skipped.is_some() && p.chunks_deleted == 0, "{p:?}");
+        assert!(
+            p.chunks_skipped.is_some() && p.packs_deleted == 0 && p.packs_repacked == 0,
+            "{p:?}"
+        );
         let last = restore::list_ids(&store).await.unwrap();
         restore_id(&store, &env, &last[0], &env.path("out-locked"))
             .await
@@ -536,9 +552,8 @@ fn object_lock_protects_every_object_until_its_date() {
             .unwrap();
         let now = backup::now_unix();
         let mut keys_to_check = vec![format::snapshot_key(&store.prefix, &r.id)];
-        for c in backup::list_chunks(&store).await.unwrap() {
-            keys_to_check.push(format::chunk_key(&store.prefix, &hex::encode(c.0)));
-        }
+        keys_to_check.extend(packs::pack_and_index_keys(&store, &keys).await);
+        assert!(keys_to_check.len() >= 3, "{keys_to_check:?}");
         for k in &keys_to_check {
             let until = store
                 .retention(k)
@@ -612,11 +627,8 @@ fn object_lock_protects_every_object_until_its_date() {
             .await
             .unwrap();
         for id in m3.chunk_ids() {
-            let until = store4
-                .retention(&format::chunk_key(&store4.prefix, id))
-                .await
-                .unwrap()
-                .unwrap();
+            let (pkey, _, _) = packs::place(&store4, &keys, id).await;
+            let until = store4.retention(&pkey).await.unwrap().unwrap();
             assert!(
                 (until - (now + 5 * 86_400)).abs() < 120,
                 "chunk {id} locked until {until}"

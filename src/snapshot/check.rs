@@ -163,14 +163,14 @@ async fn check_inner(
     report.chunks_referenced = needed.len() as u64;
 
     let mut index = Index::load(store, keys).await?;
-    report.problems.extend(index.problems.drain(..));
+    report.problems.append(&mut index.problems);
     report.packs = index.packs.len() as u64;
     report.packs_unindexed = index.packs.iter().filter(|p| p.blobs.is_none()).count() as u64;
     report.index_objects = index.objects.len() as u64;
     report.chunk_objects = index.legacy.len() as u64;
     if needed.keys().any(|id| !index.contains(id)) && report.packs_unindexed > 0 {
         index.read_unindexed(store, keys).await?;
-        report.problems.extend(index.problems.drain(..));
+        report.problems.append(&mut index.problems);
     }
     let known = index.known();
     report.chunks_in_bucket = known.len() as u64;

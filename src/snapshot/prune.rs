@@ -372,13 +372,13 @@ async fn collect_garbage(
     // Packs no index lists: a backup or prune that died before its index, or lost
     // index objects. Their own header says what they hold.
     let mut fate = vec![Fate::Keep; index.packs.len()];
-    for i in 0..index.packs.len() {
+    for (i, f) in fate.iter_mut().enumerate() {
         if index.packs[i].blobs.is_some() {
             continue;
         }
         let p = &index.packs[i];
         if young(p.last_modified) {
-            fate[i] = Fate::Leave;
+            *f = Fate::Leave;
             continue;
         }
         let (key, size) = (p.key.clone(), p.size);
@@ -390,7 +390,7 @@ async fn collect_garbage(
             Err(e) => {
                 // Not ours, or damaged: a human decides, we never delete it.
                 report.problems.push(e.to_string());
-                fate[i] = Fate::Leave;
+                *f = Fate::Leave;
             }
         }
     }

@@ -1,0 +1,591 @@
+//! Packed snapshots against a real S3 server (moto on 127.0.0.1): object and request
+//! counts, ranged reads across pack boundaries, format-1 buckets, repack (also under
+//! Object Lock), lost index objects, and kill -9 during prune.
+
+#[path = "snapshot-fixtures/common.rs"]
+mod common;
+#[path = "snapshot-fixtures/packs.rs"]
+mod packs;
+
+use common::*;
+use imgbuild::hostconfig::Retention;
+use imgbuild::progress::Progress;
+use imgbuild::snapshot::backup::{self, BackupOptions, NoHooks, Source};
+use imgbuild::snapshot::pack::{self, Index};
+use imgbuild::snapshot::prune::{self, PruneOptions};
+use imgbuild::snapshot::restore::{self, RestoreOptions};
+use imgbuild::snapshot::{check, format, Store};
+use std::path::Path;
+
+fn opts(pack_target: usize) -> BackupOptions {
+    BackupOptions {
+        host: "test".into(),
+        parallel: 4,
+        progress: Progress::quiet(),
+        pack_target,
+    }
+}
+
+fn src(root: &Path) -> Vec<Source> {
+    vec![Source {
+        name: "v".into(),
+        root: root.to_path_buf(),
+    }]
+}
+
+async fn restore_to(store: &Store, env: &Env, id: &str, out: &Path) -> restore::RestoreReport {
+    let keys = env.keys();
+    let m = restore::load_manifest(store, &keys, id).await.unwrap();
+    restore::restore(store, &keys, &m, out, &RestoreOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("restore {id}: {e}"))
+}
+
+/// Files of many sizes, a few hundred small ones among them.
+fn mixed_tree(root: &Path, seed: u64, mib: u64) {
+    std::fs::create_dir_all(root.join("small")).unwrap();
+    let mut left = mib << 20;
+    let mut i = 0;
+    while left > 0 {
+        let len = (((seed + i) * 7919) % (3 << 20) + 1).min(left);
+        std::fs::write(
+            root.join(format!("f{i}")),
+            noise(seed * 1000 + i, len as usize),
+        )
+        .unwrap();
+        left -= len;
+        i += 1;
+    }
+    for j in 0..400 {
+        std::fs::write(
+            root.join(format!("small/{j}")),
+            noise(seed + j, 1 + (j as usize * 37) % 9000),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn packs_cut_objects_and_restore_merges_ranged_reads() {
+    let env = Env::new(false);
+    let v = env.path("vol");
+    mixed_tree(&v, 1, 40);
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        // The smallest pack size makes many packs, so chunks sit at every pack boundary.
+        let r = backup::backup(
+            &store,
+            &keys,
+            &src(&v),
+            &mut NoHooks,
+            &opts(pack::PACK_TARGET_MIN),
+        )
+        .await
+        .unwrap();
+        let s = &r.stats;
+        let packs_listed = packs::pack_count(&store).await;
+        assert_eq!(s.packs_new as usize, packs_listed);
+        assert!(
+            (8..=14).contains(&packs_listed),
+            "{packs_listed} packs of 4 MiB for ~41 MiB"
+        );
+        eprintln!(
+            "backup: {} chunks in {} packs; {}",
+            s.chunks_total, s.packs_new, r.requests
+        );
+        // One PUT per pack, plus the index, the manifest and the lock.
+        assert!(r.requests.put <= s.packs_new + 4, "{}", r.requests);
+
+        let out = env.path("out");
+        let rr = restore_to(&store, &env, &r.id, &out).await;
+        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+        eprintln!("restore: {} chunks, {}", s.chunks_total, rr.requests);
+        // Adjacent chunks of a pack come in one ranged GET.
+        assert!(
+            rr.requests.get < s.chunks_total,
+            "{} GETs for {} chunks",
+            rr.requests.get,
+            s.chunks_total
+        );
+        // Every chunk that starts or ends a pack reads correctly on its own.
+        let ix = Index::load(&store, &keys).await.unwrap();
+        for p in &ix.packs {
+            let blobs = p.blobs.as_ref().unwrap();
+            let first = blobs.iter().min_by_key(|b| b.offset).unwrap();
+            let last = blobs.iter().max_by_key(|b| b.offset).unwrap();
+            assert_eq!(first.offset as usize, pack::PACK_MAGIC.len());
+            for b in [first, last] {
+                let f = restore::Fetch::Range {
+                    key: p.key.clone(),
+                    start: u64::from(b.offset),
+                    len: u64::from(b.sealed),
+                    blobs: vec![*b],
+                };
+                let got = restore::fetch(&store, &keys, &f).await.unwrap();
+                assert_eq!(got[0].len(), b.plain as usize);
+            }
+        }
+        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
+            .await
+            .unwrap();
+        assert!(c.ok(), "{:?}", c.problems);
+        assert_eq!(c.packs_read as usize, packs_listed);
+
+        // The default pack size: objects per GB against one object per chunk.
+        let store2 = {
+            let mut cfg = env.cfg.clone();
+            cfg.prefix = "hosts/default".into();
+            Store::connect(&cfg).await.unwrap()
+        };
+        let r2 = backup::backup(
+            &store2,
+            &keys,
+            &src(&v),
+            &mut NoHooks,
+            &opts(pack::PACK_TARGET),
+        )
+        .await
+        .unwrap();
+        let objects = store2.list("hosts/default/").await.unwrap().len() as u64;
+        eprintln!(
+            "default packs: {} objects (packs, index, manifest) for {} chunks: 1/{:.0}",
+            objects,
+            r2.stats.chunks_total,
+            r2.stats.chunks_total as f64 / objects as f64
+        );
+        assert!(objects * 8 <= r2.stats.chunks_total, "{objects} objects");
+    });
+}
+
+#[test]
+fn format_1_bucket_restores_dedups_and_prunes() {
+    let env = Env::new(false);
+    let v = env.path("vol");
+    mixed_tree(&v, 2, 12);
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        // Make a format-1 bucket: the same sealed chunks as one object each, and a
+        // version-2 manifest, as imgbuild wrote before packs.
+        let r = backup::backup(
+            &store,
+            &keys,
+            &src(&v),
+            &mut NoHooks,
+            &opts(pack::PACK_TARGET),
+        )
+        .await
+        .unwrap();
+        let ix = Index::load(&store, &keys).await.unwrap();
+        for p in &ix.packs {
+            let bytes = store.get(&p.key, u64::MAX).await.unwrap().unwrap();
+            for b in p.blobs.as_ref().unwrap() {
+                let key = format::chunk_key(&store.prefix, &hex::encode(b.id));
+                let sealed = bytes[b.offset as usize..b.end() as usize].to_vec();
+                store.put(&key, sealed, false, None).await.unwrap();
+            }
+            store.delete(&p.key).await.unwrap();
+        }
+        for k in &ix.objects {
+            store.delete(k).await.unwrap();
+        }
+        let mut m = restore::load_manifest(&store, &keys, &r.id).await.unwrap();
+        m.version = 2;
+        let sealed = keys
+            .seal_manifest(
+                &r.id,
+                "test",
+                &store.prefix,
+                &serde_json::to_vec(&m).unwrap(),
+            )
+            .unwrap();
+        store
+            .put(
+                &format::snapshot_key(&store.prefix, &r.id),
+                sealed,
+                false,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(packs::pack_count(&store).await, 0);
+        let legacy = store
+            .list(&format::chunks_dir(&store.prefix))
+            .await
+            .unwrap()
+            .len();
+        assert!(legacy >= 10, "{legacy} chunk objects");
+
+        let out = env.path("out1");
+        restore_to(&store, &env, &r.id, &out).await;
+        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+
+        // A packed backup on top uploads only the change.
+        std::fs::write(v.join("f0"), noise(777, 300_000)).unwrap();
+        let r2 = backup::backup(
+            &store,
+            &keys,
+            &src(&v),
+            &mut NoHooks,
+            &opts(pack::PACK_TARGET),
+        )
+        .await
+        .unwrap();
+        assert!(
+            r2.stats.bytes_new < 4 << 20,
+            "re-uploaded format-1 data: {:?}",
+            r2.stats
+        );
+        assert_eq!(r2.stats.packs_new, 1);
+        let out = env.path("out2");
+        restore_to(&store, &env, &r2.id, &out).await;
+        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+
+        // Prune frees the format-1 objects only the old snapshot needed.
+        let p = prune::prune(
+            &store,
+            &keys,
+            &Retention {
+                last: 1,
+                ..Default::default()
+            },
+            &PruneOptions::no_grace(),
+        )
+        .await
+        .unwrap();
+        assert!(p.chunks_deleted >= 1, "{p:?}");
+        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
+            .await
+            .unwrap();
+        assert!(c.ok() && c.chunks_unreferenced == 0, "{c:?}");
+        assert!(c.chunk_objects > 0 && c.packs == 1, "{c:?}");
+        let out = env.path("out3");
+        restore_to(&store, &env, &r2.id, &out).await;
+        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+    });
+}
+
+#[test]
+fn repack_under_object_lock_leaves_locked_packs_and_loses_nothing() {
+    let mut env = Env::new(true);
+    env.cfg.object_lock_days = Some(1);
+    let v = env.path("vol");
+    mixed_tree(&v, 3, 6);
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        // The first snapshot is written without a lock period (as before the profile
+        // set one): prune may forget its manifest. The second re-uses its packs and
+        // extends their lock, so those packs hold garbage and are locked.
+        let unlocked = {
+            let mut cfg = env.cfg.clone();
+            cfg.object_lock_days = None;
+            Store::connect(&cfg).await.unwrap()
+        };
+        backup::backup(
+            &unlocked,
+            &keys,
+            &src(&v),
+            &mut NoHooks,
+            &opts(pack::PACK_TARGET),
+        )
+        .await
+        .unwrap();
+        // Most of the data changes: the first pack becomes mostly garbage.
+        for e in std::fs::read_dir(&v).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with('f') {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+        std::fs::write(v.join("new"), noise(4242, 2 << 20)).unwrap();
+        let r2 = backup::backup(
+            &store,
+            &keys,
+            &src(&v),
+            &mut NoHooks,
+            &opts(pack::PACK_TARGET),
+        )
+        .await
+        .unwrap();
+        let before = packs::pack_and_index_keys(&store, &keys).await;
+        let p = prune::prune(
+            &store,
+            &keys,
+            &Retention {
+                last: 1,
+                ..Default::default()
+            },
+            &PruneOptions::no_grace(),
+        )
+        .await
+        .unwrap();
+        eprintln!("prune under lock: {p:?}");
+        assert_eq!(p.forgotten.len(), 1, "{p:?}");
+        assert!(p.packs_locked_kept >= 1, "{p:?}");
+        assert_eq!(p.packs_deleted + p.packs_repacked, 0, "{p:?}");
+        for k in &before {
+            if k.contains("/packs/") {
+                assert!(store.exists(k).await.unwrap(), "{k} is gone");
+            }
+        }
+        let out = env.path("out");
+        restore_to(&store, &env, &r2.id, &out).await;
+        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
+            .await
+            .unwrap();
+        assert!(c.ok(), "{:?}", c.problems);
+    });
+}
+
+#[test]
+fn lost_index_objects_are_rebuilt_from_pack_headers() {
+    let env = Env::new(false);
+    let v = env.path("vol");
+    mixed_tree(&v, 4, 10);
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        let r = backup::backup(
+            &store,
+            &keys,
+            &src(&v),
+            &mut NoHooks,
+            &opts(pack::PACK_TARGET_MIN),
+        )
+        .await
+        .unwrap();
+        let ix = Index::load(&store, &keys).await.unwrap();
+        for k in &ix.objects {
+            store.delete(k).await.unwrap();
+        }
+        let c = check::check(&store, &keys, false, 4, &Progress::quiet())
+            .await
+            .unwrap();
+        assert!(
+            c.ok() && c.index_objects == 0 && c.packs_unindexed == c.packs,
+            "{c:?}"
+        );
+        let out = env.path("out1");
+        restore_to(&store, &env, &r.id, &out).await;
+        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+        // Prune adopts the packs (nothing is garbage) and writes a new index.
+        let p = prune::prune(
+            &store,
+            &keys,
+            &Retention::default(),
+            &PruneOptions::no_grace(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(p.packs_adopted as usize, ix.packs.len(), "{p:?}");
+        assert_eq!(p.packs_deleted, 0, "{p:?}");
+        assert!(p.index_written.is_some(), "{p:?}");
+        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
+            .await
+            .unwrap();
+        assert!(
+            c.ok() && c.packs_unindexed == 0 && c.index_objects == 1,
+            "{c:?}"
+        );
+        // A forged index (signed with another key) is refused, not trusted.
+        let stranger = env.path("stranger");
+        write_keys(&stranger, 9);
+        let other = imgbuild::snapshot::Keys::load(
+            &stranger.join("snapshot-encryption.key"),
+            &stranger.join("snapshot-signing.key"),
+        )
+        .unwrap();
+        let forged = other
+            .seal_index(
+                "20990101T000000.000Z-00000000",
+                "test",
+                &store.prefix,
+                &pack::encode_index(&[]),
+            )
+            .unwrap();
+        store
+            .put(
+                &format::index_key(&store.prefix, "20990101T000000.000Z-00000000"),
+                forged,
+                false,
+                None,
+            )
+            .await
+            .unwrap();
+        let c = check::check(&store, &keys, false, 4, &Progress::quiet())
+            .await
+            .unwrap();
+        assert!(
+            c.problems.iter().any(|p| p.contains("signature")),
+            "{:?}",
+            c.problems
+        );
+        // ... and stops prune from deleting anything.
+        let p = prune::prune(
+            &store,
+            &keys,
+            &Retention::default(),
+            &PruneOptions::no_grace(),
+        )
+        .await
+        .unwrap();
+        assert!(p.chunks_skipped.is_some(), "{p:?}");
+    });
+}
+
+#[test]
+fn child_prune_for_kill_test() {
+    let Ok(cfg) = std::env::var("IMGBUILD_PRUNE_CHILD") else {
+        return;
+    };
+    let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    let s = |k: &str| v[k].as_str().unwrap().to_string();
+    let store_cfg = imgbuild::snapshot::StoreConfig {
+        bucket: s("bucket"),
+        prefix: s("prefix"),
+        endpoint: Some(s("endpoint")),
+        region: s("region"),
+        path_style: true,
+        credentials_file: Some(Path::new(&s("secrets")).join("s3.env")),
+        object_lock_days: None,
+        multipart_threshold: 0,
+        accept_unlocked_bucket: false,
+    };
+    let secrets = std::path::PathBuf::from(s("secrets"));
+    let keys = imgbuild::snapshot::Keys::load(
+        &secrets.join("snapshot-encryption.key"),
+        &secrets.join("snapshot-signing.key"),
+    )
+    .unwrap();
+    rt().block_on(async {
+        let store = Store::connect(&store_cfg).await.unwrap();
+        let mut o = PruneOptions::no_grace();
+        o.pack_target = pack::PACK_TARGET_MIN;
+        prune::prune(
+            &store,
+            &keys,
+            &Retention {
+                last: 2,
+                ..Default::default()
+            },
+            &o,
+        )
+        .await
+        .unwrap();
+    });
+}
+
+#[test]
+fn kill_9_during_prune_never_loses_a_listed_snapshot() {
+    let env = Env::new(false);
+    let v = env.path("vol");
+    mixed_tree(&v, 5, 16);
+    let exe = std::env::current_exe().unwrap();
+    let rt = rt();
+    let mut rng = 0x9e37_79b9_u64;
+    let mut killed = 0;
+    let mut full_ms = 0u64;
+    let mut states = std::collections::HashMap::new();
+    for run in 0..10u64 {
+        // Three backups that each replace a part of the data, so prune has packs to
+        // delete and packs to repack every time.
+        rt.block_on(async {
+            let store = env.store().await;
+            let keys = env.keys();
+            for k in 0..3u64 {
+                for f in 0..3 {
+                    let name = format!("f{}", (run * 9 + k * 3 + f) % 12);
+                    std::fs::write(
+                        v.join(&name),
+                        noise(90_000 + run * 100 + k * 10 + f, 1 << 20),
+                    )
+                    .unwrap();
+                }
+                let r = backup::backup(
+                    &store,
+                    &keys,
+                    &src(&v),
+                    &mut NoHooks,
+                    &opts(pack::PACK_TARGET_MIN),
+                )
+                .await
+                .unwrap();
+                states.insert(r.id, tree_hash(&v));
+            }
+        });
+        let cfg = serde_json::json!({
+            "bucket": env.cfg.bucket, "prefix": env.cfg.prefix, "region": env.cfg.region,
+            "endpoint": env.cfg.endpoint, "secrets": env.secrets,
+        });
+        let started = std::time::Instant::now();
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "child_prune_for_kill_test",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("IMGBUILD_PRUNE_CHILD", cfg.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let kill = run % 3 != 0;
+        if kill {
+            let ms = 20 + rng % (full_ms * 9 / 10).max(1);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            // SAFETY: killing our own child by pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        }
+        let st = child.wait().unwrap();
+        if !kill {
+            assert!(st.success(), "an unkilled prune failed");
+            full_ms = started.elapsed().as_millis() as u64;
+            eprintln!("prune kill test: a whole prune takes {full_ms} ms");
+        } else if !st.success() {
+            killed += 1;
+        }
+        rt.block_on(async {
+            let store = env.store().await;
+            let keys = env.keys();
+            // A killed prune leaves its lock until it is stale (6 h); this test does
+            // not wait that long.
+            for o in store.list(&format::locks_dir(&store.prefix)).await.unwrap() {
+                store.delete(&o.key).await.unwrap();
+            }
+            for id in restore::list_ids(&store).await.unwrap() {
+                let out = env.path(&format!("out-{run}-{id}"));
+                restore_to(&store, &env, &id, &out).await;
+                assert_eq!(
+                    Some(&tree_hash(&out.join("v/_data"))),
+                    states.get(&id),
+                    "run {run}: snapshot {id} restored other data"
+                );
+                std::fs::remove_dir_all(&out).unwrap();
+            }
+            let c = check::check(&store, &keys, false, 4, &Progress::quiet())
+                .await
+                .unwrap();
+            assert!(c.ok(), "run {run}: {:?}", c.problems);
+        });
+    }
+    eprintln!("prune kill test: {killed} prunes killed; every listed snapshot restored after each");
+    assert!(killed >= 4, "too few kills landed: {killed}");
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
+            .await
+            .unwrap();
+        assert!(c.ok(), "{:?}", c.problems);
+    });
+}
