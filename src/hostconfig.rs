@@ -58,6 +58,87 @@ pub struct BackupConfig {
     pub credentials_file: Option<String>,
     pub encryption_key_file: String,
     pub signing_key_file: String,
+    /// Pack size and repack threshold (defaults when host.toml predates them).
+    #[serde(default)]
+    pub packs: PackSettings,
+    /// The periodic `imgbuild check` of the bucket (imgbuild-check.timer).
+    #[serde(default)]
+    pub check: CheckSettings,
+}
+
+/// Profile defaults of the pack settings: the engine's own.
+pub const DEFAULT_PACK_SIZE_MIB: u32 = (crate::snapshot::pack::PACK_TARGET / MIB) as u32;
+pub const PACK_SIZE_MIB_MIN: u32 = (crate::snapshot::pack::PACK_TARGET_MIN / MIB) as u32;
+pub const PACK_SIZE_MIB_MAX: u32 = (crate::snapshot::pack::PACK_TARGET_MAX / MIB) as u32;
+pub const DEFAULT_REPACK_GARBAGE_PERCENT: u8 = crate::snapshot::prune::REPACK_GARBAGE_PERCENT;
+/// Weekly, at an hour the daily backups of the example profiles do not use.
+pub const DEFAULT_CHECK_SCHEDULE: &str = "Sun *-*-* 04:30:00";
+/// A tenth of the packs a week: each pack is read once every ten weeks on average, for
+/// a tenth of a full read's egress each time.
+pub const DEFAULT_CHECK_READ_DATA: &str = "10%";
+const MIB: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PackSettings {
+    /// Pack size backups and repacks aim for, MiB.
+    pub size_mib: u32,
+    /// A pack with more garbage than this share is rewritten by prune.
+    pub repack_garbage_percent: u8,
+}
+
+impl Default for PackSettings {
+    fn default() -> Self {
+        PackSettings {
+            size_mib: DEFAULT_PACK_SIZE_MIB,
+            repack_garbage_percent: DEFAULT_REPACK_GARBAGE_PERCENT,
+        }
+    }
+}
+
+impl PackSettings {
+    /// Bytes; out-of-range values (a hand-edited host.toml) are clamped by the engine.
+    pub fn target_bytes(&self) -> usize {
+        (self.size_mib as usize).saturating_mul(MIB)
+    }
+
+    pub fn prune_options(&self) -> crate::snapshot::prune::PruneOptions {
+        crate::snapshot::prune::PruneOptions {
+            repack_garbage_percent: self.repack_garbage_percent,
+            pack_target: self.target_bytes(),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSettings {
+    /// systemd OnCalendar expression of imgbuild-check.timer.
+    pub schedule: String,
+    /// Share of the packs each check downloads and verifies (see [`parse_read_data`]).
+    pub read_data: String,
+}
+
+impl Default for CheckSettings {
+    fn default() -> Self {
+        CheckSettings {
+            schedule: DEFAULT_CHECK_SCHEDULE.into(),
+            read_data: DEFAULT_CHECK_READ_DATA.into(),
+        }
+    }
+}
+
+/// A check's data fraction as the profile writes it: what
+/// [`ReadData::parse_fraction`](crate::snapshot::check::ReadData::parse_fraction) reads
+/// ("10%", "0.1", "1/10", up to "100%"), plus "0" / "off" for a metadata-only check.
+pub fn parse_read_data(s: &str) -> Result<crate::snapshot::check::ReadData, String> {
+    use crate::snapshot::check::ReadData;
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") || t.trim_end_matches('%').trim().parse::<f64>() == Ok(0.0) {
+        return Ok(ReadData::None);
+    }
+    ReadData::parse_fraction(t)
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -90,4 +171,52 @@ pub enum Strategy {
     Stop,
     Hook,
     Live,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::check::ReadData;
+
+    #[test]
+    fn check_read_data_accepts_fractions_and_off() {
+        for off in ["0", "0%", "off", "OFF", " 0.0 "] {
+            assert_eq!(parse_read_data(off), Ok(ReadData::None), "{off}");
+        }
+        assert_eq!(parse_read_data("10%"), Ok(ReadData::Subset(0.1)));
+        assert_eq!(parse_read_data("1/4"), Ok(ReadData::Subset(0.25)));
+        assert_eq!(parse_read_data("100%"), Ok(ReadData::All));
+        for bad in ["", "150%", "-5%", "weekly", "1/0", "NaN", "0/10"] {
+            assert!(parse_read_data(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn pack_settings_defaults_are_the_engines() {
+        let p = PackSettings::default();
+        assert_eq!(p.target_bytes(), crate::snapshot::pack::PACK_TARGET);
+        let o = p.prune_options();
+        let d = crate::snapshot::prune::PruneOptions::default();
+        assert_eq!(
+            (o.grace_secs, o.repack_garbage_percent, o.pack_target),
+            (d.grace_secs, d.repack_garbage_percent, d.pack_target)
+        );
+        // A host.toml written before these settings existed still parses, with defaults.
+        let old = r#"
+            bucket = "b"
+            prefix = "p"
+            region = ""
+            path_style = true
+            schedule = "daily"
+            keep = { last = 3, daily = 7, weekly = 4, monthly = 6 }
+            restore = "require"
+            restore_timeout_secs = 900
+            volumes = []
+            encryption_key_file = "/e"
+            signing_key_file = "/s"
+        "#;
+        let b: BackupConfig = toml::from_str(old).unwrap();
+        assert_eq!(b.packs, PackSettings::default());
+        assert_eq!(b.check, CheckSettings::default());
+    }
 }

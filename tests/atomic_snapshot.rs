@@ -108,6 +108,8 @@ fn config(env: &Env, metrics: &Path) -> HostConfig {
                 .join("snapshot-signing.key")
                 .display()
                 .to_string(),
+            packs: Default::default(),
+            check: Default::default(),
         }),
     }
 }

@@ -257,3 +257,89 @@ fn summary_creates_no_keys() {
         std::fs::read_dir(&s).map(|d| d.map(|e| e.unwrap().path()).collect::<Vec<_>>())
     );
 }
+
+#[test]
+fn check_read_data_subset_takes_a_fraction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = tmp.path().join("s");
+    let check = |extra: &[&str]| {
+        let res = imgbuild()
+            .current_dir(repo())
+            .args(["check", "services", "--secrets", s.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            res.status.code(),
+            String::from_utf8_lossy(&res.stderr).into_owned(),
+        )
+    };
+    // Usage errors exit 2 and name the flag and the value.
+    let (code, err) = check(&["--read-data-subset", "abc"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--read-data-subset")
+            && err.contains("\"abc\" is not a fraction (use e.g. 10%, 0.1 or 1/10)"),
+        "{err}"
+    );
+    let (code, err) = check(&["--read-data-subset", "150%"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("must be more than 0 and at most 100%"),
+        "{err}"
+    );
+    let (code, err) = check(&["--read-data", "--read-data-subset", "10%"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    // Good fractions parse to the share they say (in process: no bucket involved).
+    use clap::Parser;
+    use imgbuild::snapshot::check::ReadData;
+    for (arg, want) in [
+        ("10%", ReadData::Subset(0.1)),
+        ("0.25", ReadData::Subset(0.25)),
+        ("1/10", ReadData::Subset(0.1)),
+        ("100%", ReadData::All),
+    ] {
+        let cli = imgbuild::cli::Cli::try_parse_from([
+            "imgbuild",
+            "check",
+            "services",
+            "--read-data-subset",
+            arg,
+        ])
+        .unwrap();
+        let imgbuild::cli::Command::Check { args, .. } = cli.command else {
+            panic!("{arg}: not the check verb");
+        };
+        assert_eq!(args.read(), Some(want), "{arg}");
+        assert_eq!(args.profile.as_deref(), Some("services"));
+    }
+}
+
+#[test]
+fn check_without_a_profile_is_the_hosts_own_and_takes_no_bucket() {
+    let (code, err) = {
+        let res = imgbuild()
+            .args(["check", "--bucket", "elsewhere"])
+            .output()
+            .unwrap();
+        (
+            res.status.code(),
+            String::from_utf8_lossy(&res.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--bucket, --prefix and --endpoint need a profile"),
+        "{err}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("host.toml");
+    let res = imgbuild()
+        .args(["check", "--config", missing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+}

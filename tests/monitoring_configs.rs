@@ -76,6 +76,8 @@ fn rendered_monitoring_configs_pass_promtool_and_amtool() {
             "BackupTooOld",
             "BackupFailed",
             "ObjectLockNotEnforced",
+            "SnapshotCheckFailed",
+            "SnapshotCheckNotRun",
             "DiskAlmostFull",
             "UnitFailed",
             "CertificateExpiring",
@@ -117,12 +119,28 @@ fn alert_rules_use_the_metrics_the_backup_really_writes() {
         object_lock_enforced: Some(false),
     };
     imgbuild::agent::write_metrics(dir.path(), "vps1", &failed).unwrap();
+    // And the real writer of the check timer, for a check that could not run.
+    let check = imgbuild::agent::HostCheckResult {
+        report: None,
+        error: Some("s3://b is unreachable".into()),
+        seconds: 1.0,
+        read_data: "10%".into(),
+    };
+    imgbuild::agent::write_check_metrics(dir.path(), "vps1", &check).unwrap();
     let mut written = String::new();
     for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
         written.push_str(&std::fs::read_to_string(e.path()).unwrap());
     }
     assert!(
         written.contains("imgbuild_backup_success{host=\"vps1\"} 0"),
+        "{written}"
+    );
+    assert!(
+        written.contains("imgbuild_check_success{host=\"vps1\"} 0"),
+        "{written}"
+    );
+    assert!(
+        written.contains("imgbuild_check_requests{host=\"vps1\",kind=\"get\"} 0"),
         "{written}"
     );
     let tmp = tempfile::tempdir().unwrap();
@@ -145,12 +163,14 @@ fn alert_rules_use_the_metrics_the_backup_really_writes() {
         std::fs::read_to_string(out.join("etc/imgbuild/config/grafana/dashboards/hosts.json"))
             .unwrap();
     for text in [&rules, &dash] {
-        for (i, _) in text.match_indices("imgbuild_backup_") {
-            let name: String = text[i..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            assert!(written.contains(&format!("\n{name}{{")) || written.starts_with(&format!("{name}{{")), "`{name}` is used by the monitoring host but never written by the backup:\n{written}");
+        for prefix in ["imgbuild_backup_", "imgbuild_check_"] {
+            for (i, _) in text.match_indices(prefix) {
+                let name: String = text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(written.contains(&format!("\n{name}{{")) || written.starts_with(&format!("{name}{{")), "`{name}` is used by the monitoring host but never written by the backup or the check:\n{written}");
+            }
         }
     }
 }

@@ -127,6 +127,8 @@ fn imgbuild_units_pass_systemd_analyze_verify() {
         "imgbuild-firstboot.service",
         "imgbuild-backup.service",
         "imgbuild-backup.timer",
+        "imgbuild-check.service",
+        "imgbuild-check.timer",
         "imgbuild-ready.service",
     ]
     .iter()
@@ -181,4 +183,60 @@ fn host_config_is_readable_by_the_helper() {
         "backup = none is not backed up"
     );
     assert!(hc.units.contains(&"caddy.service".to_string()));
+    // The profile sets none of the pack and check keys: the defaults reach the helper.
+    assert_eq!(b.packs, imgbuild::hostconfig::PackSettings::default());
+    assert_eq!(b.check.schedule, "Sun *-*-* 04:30:00");
+    assert_eq!(b.check.read_data, "10%");
+}
+
+#[test]
+fn check_timer_follows_the_profile_and_never_overlaps_the_backup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let overlay = tmp.path().join("check.toml");
+    std::fs::write(
+        &overlay,
+        "[backup]\npack_size_mib = 8\nrepack_garbage_percent = 40\n\
+         check_schedule = \"Wed *-*-* 02:00:00\"\ncheck_read_data = \"off\"\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("tree");
+    run_ok(
+        &[
+            "render",
+            "services",
+            "--overlay",
+            overlay.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--secrets",
+            tmp.path().join("secrets").to_str().unwrap(),
+        ],
+        &repo(),
+    );
+    let units = out.join("etc/systemd/system");
+    let timer = std::fs::read_to_string(units.join("imgbuild-check.timer")).unwrap();
+    assert!(timer.contains("OnCalendar=Wed *-*-* 02:00:00\n"), "{timer}");
+    assert!(timer.contains("Persistent=true"), "{timer}");
+    assert!(timer.contains("RandomizedDelaySec="), "{timer}");
+    let service = std::fs::read_to_string(units.join("imgbuild-check.service")).unwrap();
+    assert!(
+        service.contains("ExecStart=/usr/bin/imgbuild check\n"),
+        "{service}"
+    );
+    assert!(
+        service.contains("After=imgbuild-backup.service"),
+        "{service}"
+    );
+    let hc: imgbuild::hostconfig::HostConfig =
+        toml::from_str(&std::fs::read_to_string(out.join("etc/imgbuild/host.toml")).unwrap())
+            .unwrap();
+    let b = hc.backup.unwrap();
+    assert_eq!(b.packs.size_mib, 8);
+    assert_eq!(b.packs.target_bytes(), 8 << 20);
+    assert_eq!(b.packs.prune_options().repack_garbage_percent, 40);
+    assert_eq!(b.check.read_data, "off");
+    assert_eq!(
+        imgbuild::hostconfig::parse_read_data(&b.check.read_data),
+        Ok(imgbuild::snapshot::check::ReadData::None)
+    );
 }

@@ -77,6 +77,8 @@ fn host_config(
                 .join("snapshot-signing.key")
                 .display()
                 .to_string(),
+            packs: Default::default(),
+            check: Default::default(),
         }),
     }
 }
@@ -356,8 +358,10 @@ fn workstation_verbs_back_up_list_check_and_restore() {
         );
     }
     let check = CheckArgs {
-        profile: "services".into(),
+        profile: Some("services".into()),
         read_data: true,
+        read_data_subset: None,
+        config: Default::default(),
         bucket: bucket.clone(),
         json: true,
         quiet: true,

@@ -275,12 +275,20 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__check)
-            opts="-q -h --read-data --bucket --prefix --endpoint --json --quiet --env --secrets --help"
+            opts="-q -h --read-data --read-data-subset --config --bucket --prefix --endpoint --json --quiet --env --secrets --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --read-data-subset)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --bucket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

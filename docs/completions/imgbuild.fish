@@ -36,7 +36,7 @@ complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "run" -d 'Boot an 
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "backup" -d 'Snapshot volumes to S3 (in the image; or from a workstation with a profile and --from)'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "snapshots" -d 'List a host\'s snapshots'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "restore" -d 'Restore a snapshot into a directory'
-complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "check" -d 'Check a host\'s snapshots (every chunk with --read-data)'
+complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "check" -d 'Check a host\'s snapshots (all packs read with --read-data, a share with --read-data-subset; in the image: the check timer\'s job)'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "drill" -d 'Disaster-recovery drill: boot the host\'s image in an isolated QEMU, restore from the bucket read-only, check services'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "drill-relay" -d 'Drill internals: QEMU runs this once per guest connection to the read-only gateway'
 complete -c imgbuild -n "__fish_imgbuild_needs_command" -f -a "firstboot" -d 'In the image: restore volumes from the latest snapshot before services start'
@@ -136,12 +136,14 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l no-owners 
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -l json
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -s q -l quiet
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand restore" -s h -l help -d 'Print help'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l read-data-subset -d 'Download and verify a random share of the packs: 10%, 0.1 or 1/10 (run weekly, 10% reads each pack once every ten weeks on average)' -r
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l config -d 'Host config to read in the image' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l bucket -d 'Use this bucket instead of the profile\'s' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l prefix -d 'Use this key prefix instead of the profile\'s per-host prefix' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l endpoint -d 'S3 endpoint URL (default: the profile\'s, or AWS_ENDPOINT_URL_S3); implies path-style' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l env -d 'Environment overlay from the profile\'s [environments]' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l secrets -d 'Secrets root holding <host>/ (default: secrets/ beside profiles/)' -r -F
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l read-data -d 'Also download and verify every chunk'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l read-data -d 'Also download and verify every pack and chunk'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -l json
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -s q -l quiet
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand check" -s h -l help -d 'Print help'
@@ -202,7 +204,7 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_s
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help" -f -a "backup" -d 'Snapshot volumes to S3 (in the image; or from a workstation with a profile and --from)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help" -f -a "snapshots" -d 'List a host\'s snapshots'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help" -f -a "restore" -d 'Restore a snapshot into a directory'
-complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help" -f -a "check" -d 'Check a host\'s snapshots (every chunk with --read-data)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help" -f -a "check" -d 'Check a host\'s snapshots (all packs read with --read-data, a share with --read-data-subset; in the image: the check timer\'s job)'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help" -f -a "drill" -d 'Disaster-recovery drill: boot the host\'s image in an isolated QEMU, restore from the bucket read-only, check services'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help" -f -a "drill-relay" -d 'Drill internals: QEMU runs this once per guest connection to the read-only gateway'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand help; and not __fish_seen_subcommand_from build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help" -f -a "firstboot" -d 'In the image: restore volumes from the latest snapshot before services start'

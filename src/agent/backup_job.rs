@@ -71,6 +71,9 @@ pub fn backup_host(
                 )));
             }
         }
+        // Taken before anything is stopped: waiting for a check must not be downtime.
+        let _lock = super::JobLock::acquire(&paths.job_lock(), "backup")
+            .map_err(|e| SnapshotError::Other(format!("{e:#}")))?;
         let rt = crate::snapshot::runtime()?;
         let can_snapshot = quiesce::is_btrfs_subvolume(&paths.volumes);
         if can_snapshot {
@@ -117,7 +120,7 @@ pub fn backup_host(
                 host: hc.host.clone(),
                 parallel: 16,
                 progress: progress.clone(),
-                pack_target: crate::snapshot::pack::PACK_TARGET,
+                pack_target: b.packs.target_bytes(),
             };
             let report = backup::backup(&store, &keys, &sources, &mut NoHooks, &opts).await;
             Ok::<_, SnapshotError>((store, keys, report))
@@ -143,7 +146,7 @@ pub fn backup_host(
                     "imgbuild backup: warning: cannot remove the empty-start marker: {e}"
                 )),
             }
-            let pr = prune::prune(&store, &keys, &b.keep, &prune::PruneOptions::default()).await;
+            let pr = prune::prune(&store, &keys, &b.keep, &b.packs.prune_options()).await;
             Ok((report, pr))
         })
     })();
@@ -162,23 +165,22 @@ pub fn backup_host(
                 log(&format!("imgbuild backup: warning: {w}"));
             }
             log(&format!(
-                "imgbuild backup: snapshot {}: {} bytes, {} new ({} uploaded), {} files",
+                "imgbuild backup: snapshot {}: {} bytes, {} new ({} uploaded in {} packs), {} files",
                 report.id,
                 report.stats.bytes_total,
                 report.stats.bytes_new,
                 report.stats.bytes_uploaded,
+                report.stats.packs_new,
                 report.stats.files
             ));
+            log(&format!("imgbuild backup: {}", report.requests));
             match pr {
                 Ok(p) => {
-                    log(&format!(
-                        "imgbuild backup: prune: kept {}, forgot {}, deleted {} chunks ({} bytes){}",
-                        p.kept.len(),
-                        p.forgotten.len(),
-                        p.chunks_deleted,
-                        p.bytes_deleted,
-                        p.chunks_skipped.as_deref().map(|s| format!("; {s}")).unwrap_or_default()
-                    ));
+                    log(&format!("imgbuild backup: prune: {}", prune_summary(&p)));
+                    for problem in &p.problems {
+                        log(&format!("imgbuild backup: prune: problem: {problem}"));
+                    }
+                    log(&format!("imgbuild backup: prune: {}", p.requests));
                     result.prune = Some(p);
                 }
                 // The snapshot is safe; a failed prune only delays cleanup.
@@ -203,4 +205,30 @@ pub fn backup_host(
         ping(url, result.error.is_none());
     }
     Ok(result)
+}
+
+/// One line for a prune: snapshots, then what happened to chunks and packs. Shared by
+/// the journal line of the timer and `imgbuild backup --prune` on a workstation.
+pub fn prune_summary(p: &prune::PruneReport) -> String {
+    let mut line = format!(
+        "kept {} snapshots (and {} the policy drops but Object Lock holds), forgot {}; deleted \
+         {} chunks ({} bytes); packs: {} deleted, {} repacked into {} ({} bytes copied), {} locked kept, \
+         {} adopted; {} bytes unused in kept packs",
+        p.kept.len(),
+        p.locked_kept,
+        p.forgotten.len(),
+        p.chunks_deleted,
+        p.bytes_deleted,
+        p.packs_deleted,
+        p.packs_repacked,
+        p.packs_written,
+        p.bytes_repacked,
+        p.packs_locked_kept,
+        p.packs_adopted,
+        p.bytes_unused
+    );
+    if let Some(s) = &p.chunks_skipped {
+        line.push_str(&format!("; {s}"));
+    }
+    line
 }

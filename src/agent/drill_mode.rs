@@ -199,20 +199,28 @@ pub fn enter(d: &DrillConfig, paths: &super::HostPaths) {
         Ok(st) => log(&format!("{LINE}{what}: exited with {st}")),
         Err(e) => log(&format!("{LINE}{what}: {e}")),
     };
+    // The check only reads, but its metrics and its load belong to the real host.
     run(
-        "mask imgbuild-backup.timer and .service",
+        "mask imgbuild-backup and imgbuild-check (timers and services)",
         Command::new(&paths.systemctl).args([
             "mask",
             "--runtime",
             "imgbuild-backup.timer",
             "imgbuild-backup.service",
+            "imgbuild-check.timer",
+            "imgbuild-check.service",
         ]),
     );
     // --no-block: this unit runs inside the boot transaction; waiting on another job
     // from here could deadlock it.
     run(
-        "stop imgbuild-backup.timer",
-        Command::new(&paths.systemctl).args(["stop", "--no-block", "imgbuild-backup.timer"]),
+        "stop imgbuild-backup.timer and imgbuild-check.timer",
+        Command::new(&paths.systemctl).args([
+            "stop",
+            "--no-block",
+            "imgbuild-backup.timer",
+            "imgbuild-check.timer",
+        ]),
     );
     for wg in &d.wireguard_interfaces {
         run(

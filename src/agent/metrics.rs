@@ -2,12 +2,50 @@
 //! monitoring host scrapes, and the dead-man's-switch ping.
 
 use super::backup_job::HostBackupResult;
+use super::check_job::HostCheckResult;
 use super::log;
 use crate::snapshot::backup;
+use crate::snapshot::store::Requests;
 use std::path::Path;
 use std::time::Duration;
 
 const METRICS_FILE: &str = "imgbuild_backup.prom";
+const CHECK_METRICS_FILE: &str = "imgbuild_check.prom";
+
+/// `name{host="...",kind="get"} n` for each billed request class, and bytes each way.
+fn request_metrics(t: &mut String, prefix: &str, what: &str, host: &str, r: &Requests) {
+    let name = format!("{prefix}_requests");
+    t.push_str(&format!(
+        "# HELP {name} S3 requests {what}, by billed class.\n# TYPE {name} gauge\n"
+    ));
+    for (kind, n) in [
+        ("put", r.put),
+        ("get", r.get),
+        ("head", r.head),
+        ("list", r.list),
+        ("delete", r.delete),
+        ("retention", r.retention),
+    ] {
+        t.push_str(&format!("{name}{{host=\"{host}\",kind=\"{kind}\"}} {n}\n"));
+    }
+    for (dir, n) in [("sent", r.bytes_sent), ("received", r.bytes_received)] {
+        let name = format!("{prefix}_bytes_{dir}");
+        t.push_str(&format!(
+            "# HELP {name} Bytes {dir} to S3 {what}.\n# TYPE {name} gauge\n{name}{{host=\"{host}\"}} {n}\n"
+        ));
+    }
+}
+
+/// Written to a temp file and renamed: the collector never reads half a file.
+fn write_atomically(dir: &Path, file: &str, text: &str) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join(file))
+}
+
+fn label_value(host: &str) -> String {
+    host.replace(['\\', '"', '\n'], "_")
+}
 
 /// node-exporter textfile: written to a temp file and renamed, so the collector never
 /// reads half a file. The last success time survives failed runs (read back from the
@@ -38,7 +76,7 @@ pub fn write_metrics(dir: &Path, host: &str, r: &HostBackupResult) -> std::io::R
             )
         })
         .unwrap_or((0, 0, 0));
-    let host = host.replace(['\\', '"', '\n'], "_");
+    let host = label_value(host);
     let l = format!("{{host=\"{host}\"}}");
     let mut t = String::new();
     let mut metric = |name: &str, help: &str, v: String| {
@@ -105,9 +143,95 @@ pub fn write_metrics(dir: &Path, host: &str, r: &HostBackupResult) -> std::io::R
             format!("{}", p.snapshots_left),
         );
     }
-    let tmp = dir.join(format!(".{METRICS_FILE}.tmp"));
-    std::fs::write(&tmp, t)?;
-    std::fs::rename(&tmp, &path)
+    // The backup's requests and its prune's: one run, one bill.
+    let mut requests = r.report.as_ref().map(|x| x.requests).unwrap_or_default();
+    if let Some(p) = &r.prune {
+        requests = add(&requests, &p.requests);
+    }
+    request_metrics(
+        &mut t,
+        "imgbuild_backup",
+        "of the last backup run (prune included)",
+        &host,
+        &requests,
+    );
+    write_atomically(dir, METRICS_FILE, &t)
+}
+
+fn add(a: &Requests, b: &Requests) -> Requests {
+    Requests {
+        put: a.put + b.put,
+        get: a.get + b.get,
+        head: a.head + b.head,
+        list: a.list + b.list,
+        delete: a.delete + b.delete,
+        retention: a.retention + b.retention,
+        bytes_sent: a.bytes_sent + b.bytes_sent,
+        bytes_received: a.bytes_received + b.bytes_received,
+    }
+}
+
+/// The check timer's textfile, beside the backup's: the monitoring host alerts when a
+/// check finds problems or stops running.
+pub fn write_check_metrics(dir: &Path, host: &str, r: &HostCheckResult) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let host = label_value(host);
+    let l = format!("{{host=\"{host}\"}}");
+    let mut t = String::new();
+    let mut metric = |name: &str, help: &str, v: String| {
+        t.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{l} {v}\n"
+        ));
+    };
+    let report = r.report.clone().unwrap_or_default();
+    metric(
+        "imgbuild_check_last_run_timestamp_seconds",
+        "Time the last check of the bucket ended.",
+        format!("{}", backup::now_unix()),
+    );
+    metric(
+        "imgbuild_check_success",
+        "1 if the last check ran to the end and found no problem.",
+        format!("{}", u8::from(r.ok())),
+    );
+    metric(
+        "imgbuild_check_problems",
+        "Problems the last check found (missing or corrupted chunks, packs, manifests); 0 when it could not run (see imgbuild_check_success).",
+        format!("{}", report.problems.len()),
+    );
+    metric(
+        "imgbuild_check_duration_seconds",
+        "Duration of the last check.",
+        format!("{:.3}", r.seconds),
+    );
+    metric(
+        "imgbuild_check_snapshots",
+        "Snapshots the last check verified.",
+        format!("{}", report.snapshots),
+    );
+    metric(
+        "imgbuild_check_packs",
+        "Packs in the bucket at the last check.",
+        format!("{}", report.packs),
+    );
+    metric(
+        "imgbuild_check_packs_read",
+        "Packs the last check downloaded and verified.",
+        format!("{}", report.packs_read),
+    );
+    metric(
+        "imgbuild_check_bytes_read",
+        "Bytes of packs and chunks the last check downloaded and verified.",
+        format!("{}", report.bytes_read),
+    );
+    request_metrics(
+        &mut t,
+        "imgbuild_check",
+        "of the last check",
+        &host,
+        &report.requests,
+    );
+    write_atomically(dir, CHECK_METRICS_FILE, &t)
 }
 
 /// Pings `url` on success and `url/fail` on failure (the healthchecks.io convention;

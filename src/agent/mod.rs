@@ -1,6 +1,7 @@
 //! The host side: everything the same binary does *inside* the image, on top of the
 //! snapshot engine. `firstboot` restores volumes before any service starts,
-//! `backup_job` is what imgbuild-backup.timer runs, `metrics` writes what the
+//! `backup_job` is what imgbuild-backup.timer runs, `check_job` what
+//! imgbuild-check.timer runs, `metrics` writes what the
 //! monitoring host scrapes, `ready` prints the console readiness line, and
 //! `drill_mode` is the protocol a drilled copy speaks with the workstation.
 //!
@@ -9,6 +10,7 @@
 //! imports this module; the image assembler only installs the units that call it.
 
 pub mod backup_job;
+pub mod check_job;
 pub mod drill_mode;
 pub mod firstboot;
 pub mod metrics;
@@ -16,8 +18,9 @@ pub mod quiesce;
 pub mod ready;
 
 pub use backup_job::{backup_host, HostBackupResult};
+pub use check_job::{check_host, HostCheckResult};
 pub use firstboot::{firstboot, FirstbootOutcome};
-pub use metrics::{ping, write_metrics};
+pub use metrics::{ping, write_check_metrics, write_metrics};
 
 use crate::hostconfig::{BackupConfig, HostConfig};
 use crate::snapshot::{StoreConfig, Target};
@@ -40,6 +43,55 @@ impl Default for HostPaths {
             firstboot_done: PathBuf::from(crate::hostconfig::FIRSTBOOT_DONE),
             systemctl: PathBuf::from("systemctl"),
         }
+    }
+}
+
+impl HostPaths {
+    /// The lock the backup and check jobs hold while they talk to the bucket, beside the
+    /// first-boot marker (the state directory on /var).
+    pub fn job_lock(&self) -> PathBuf {
+        self.firstboot_done
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("snapshot-job.lock")
+    }
+}
+
+/// Held while a backup or a check runs: a check reading packs while the backup's prune
+/// deletes or repacks them would report packs "vanished while checking". Released when
+/// dropped (or when the process dies: an flock does not outlive its holder).
+pub struct JobLock {
+    _file: std::fs::File,
+}
+
+impl JobLock {
+    /// Waits for the other job if it holds the lock, saying so in the journal.
+    pub fn acquire(path: &Path, job: &str) -> anyhow::Result<JobLock> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating {} for the job lock", dir.display()))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening the job lock {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                log(&format!(
+                    "imgbuild {job}: waiting for the running snapshot job ({} is locked)",
+                    path.display()
+                ));
+                file.lock()
+                    .with_context(|| format!("locking {}", path.display()))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+        Ok(JobLock { _file: file })
     }
 }
 

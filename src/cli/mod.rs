@@ -56,7 +56,7 @@ pub enum Command {
         #[command(flatten)]
         sel: Selection,
     },
-    /// Check a host's snapshots (every chunk with --read-data)
+    /// Check a host's snapshots (all packs read with --read-data, a share with --read-data-subset; in the image: the check timer's job)
     Check {
         #[command(flatten)]
         args: snapshot::CheckArgs,

@@ -1,6 +1,7 @@
 //! clap arguments of the snapshot verbs (backup, snapshots, restore, check, firstboot).
 
 use crate::hostconfig::HOST_CONFIG_PATH;
+use crate::snapshot::check::ReadData;
 use crate::workstation::Overrides;
 use clap::Args;
 use std::path::PathBuf;
@@ -88,11 +89,20 @@ pub struct RestoreArgs {
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct CheckArgs {
-    /// Host profile.
-    pub profile: String,
-    /// Also download and verify every chunk.
+    /// Host profile (on a workstation). Without it: check this host's bucket as
+    /// configured in /etc/imgbuild/host.toml, reading its `check_read_data` share of the
+    /// packs, and write metrics (what imgbuild-check.timer runs).
+    pub profile: Option<String>,
+    /// Also download and verify every pack and chunk.
     #[arg(long)]
     pub read_data: bool,
+    /// Download and verify a random share of the packs: 10%, 0.1 or 1/10 (run weekly,
+    /// 10% reads each pack once every ten weeks on average).
+    #[arg(long, value_name = "FRACTION", conflicts_with = "read_data", value_parser = parse_fraction)]
+    pub read_data_subset: Option<ReadData>,
+    /// Host config to read in the image.
+    #[arg(long, default_value = HOST_CONFIG_PATH, hide = true)]
+    pub config: PathBuf,
     #[command(flatten)]
     pub bucket: BucketArgs,
     #[arg(long)]
@@ -106,4 +116,19 @@ pub struct FirstbootArgs {
     /// Host config to read.
     #[arg(long, default_value = HOST_CONFIG_PATH, hide = true)]
     pub config: PathBuf,
+}
+
+fn parse_fraction(s: &str) -> Result<ReadData, String> {
+    ReadData::parse_fraction(s)
+}
+
+impl CheckArgs {
+    /// What the flags ask to read; None when neither is given.
+    pub fn read(&self) -> Option<ReadData> {
+        if self.read_data {
+            Some(ReadData::All)
+        } else {
+            self.read_data_subset
+        }
+    }
 }

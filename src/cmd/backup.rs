@@ -39,13 +39,13 @@ pub fn run(args: &BackupArgs, resolve: ResolveHost) -> anyhow::Result<i32> {
             host: hc.host.clone(),
             parallel: 16,
             progress: progress.clone(),
-            pack_target: crate::snapshot::pack::PACK_TARGET,
+            pack_target: bc.packs.target_bytes(),
         };
         let report = backup::backup(&store, &keys, &sources, &mut NoHooks, &opts).await?;
         // A snapshot exists now: the host's first boot must restore it, never start empty.
         crate::snapshot::marker::remove(&store).await?;
         let pr = if args.prune {
-            Some(prune::prune(&store, &keys, &bc.keep, &prune::PruneOptions::default()).await?)
+            Some(prune::prune(&store, &keys, &bc.keep, &bc.packs.prune_options()).await?)
         } else {
             None
         };
@@ -61,22 +61,22 @@ pub fn run(args: &BackupArgs, resolve: ResolveHost) -> anyhow::Result<i32> {
             eprintln!("warning: {w}");
         }
         println!(
-            "snapshot {}: {} files, {} bytes, {} new, {} uploaded in {:.1}s",
+            "snapshot {}: {} files, {} bytes, {} new, {} uploaded in {} packs in {:.1}s",
             report.id,
             report.stats.files,
             report.stats.bytes_total,
             report.stats.bytes_new,
             report.stats.bytes_uploaded,
+            report.stats.packs_new,
             report.stats.duration_ms as f64 / 1000.0
         );
+        println!("{}", report.requests);
         if let Some(p) = pr {
-            println!(
-                "prune: kept {}, forgot {}, deleted {} chunks ({} bytes)",
-                p.kept.len(),
-                p.forgotten.len(),
-                p.chunks_deleted,
-                p.bytes_deleted
-            );
+            println!("prune: {}", agent::backup_job::prune_summary(&p));
+            for problem in &p.problems {
+                println!("prune: problem: {problem}");
+            }
+            println!("prune: {}", p.requests);
         }
     }
     Ok(0)

@@ -71,6 +71,7 @@ pub fn run(args: &RestoreArgs, resolve: ResolveHost) -> anyhow::Result<i32> {
             human_bytes(report.bytes),
             report.seconds
         );
+        println!("{}", report.requests);
     }
     Ok(0)
 }

@@ -197,6 +197,33 @@ pub struct Backup {
     /// (and the operator) treats it as a failure.
     #[serde(default = "default_rpo_hours")]
     pub rpo_hours: u32,
+    /// Size of the packs chunks are uploaded in, MiB. Signed so that a negative value
+    /// gets the range message rather than a type error.
+    #[serde(default = "default_pack_size_mib")]
+    pub pack_size_mib: i64,
+    /// Prune rewrites a pack once more than this share of it is garbage.
+    #[serde(default = "default_repack_garbage_percent")]
+    pub repack_garbage_percent: i64,
+    /// systemd OnCalendar expression of the bucket check timer.
+    #[serde(default = "default_check_schedule")]
+    pub check_schedule: String,
+    /// Share of the packs each check downloads: "10%", "0.1", "1/10"; "0"/"off" reads
+    /// metadata only.
+    #[serde(default = "default_check_read_data")]
+    pub check_read_data: String,
+}
+
+fn default_pack_size_mib() -> i64 {
+    crate::hostconfig::DEFAULT_PACK_SIZE_MIB.into()
+}
+fn default_repack_garbage_percent() -> i64 {
+    crate::hostconfig::DEFAULT_REPACK_GARBAGE_PERCENT.into()
+}
+fn default_check_schedule() -> String {
+    crate::hostconfig::DEFAULT_CHECK_SCHEDULE.into()
+}
+fn default_check_read_data() -> String {
+    crate::hostconfig::DEFAULT_CHECK_READ_DATA.into()
 }
 
 fn default_jitter() -> u32 {

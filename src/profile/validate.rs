@@ -1174,7 +1174,53 @@ fn check_backup(c: &mut Ctx, p: &Profile) {
                 "letters, digits, '-', '_' and '.', e.g. \"nl-ams\" or \"us-east-1\"".to_string(),
             );
         }
-        check_schedule(c, &b.schedule);
+        check_schedule(c, "schedule", &b.schedule, "the backup timer", "backup");
+        check_schedule(
+            c,
+            "check_schedule",
+            &b.check_schedule,
+            "the check timer",
+            "check",
+        );
+        let (lo, hi) = (
+            crate::hostconfig::PACK_SIZE_MIB_MIN,
+            crate::hostconfig::PACK_SIZE_MIB_MAX,
+        );
+        if !(i64::from(lo)..=i64::from(hi)).contains(&b.pack_size_mib) {
+            c.err(
+                &[k("backup"), k("pack_size_mib")],
+                format!(
+                    "{} MiB is outside the pack sizes the engine writes ({lo}..={hi} MiB)",
+                    b.pack_size_mib
+                ),
+                format!(
+                    "omit it for {} MiB; smaller packs mean more requests, larger ones more \
+                     garbage per pack",
+                    crate::hostconfig::DEFAULT_PACK_SIZE_MIB
+                ),
+            );
+        }
+        if !(1..=99).contains(&b.repack_garbage_percent) {
+            c.err(
+                &[k("backup"), k("repack_garbage_percent")],
+                format!(
+                    "{} % is not a repack threshold (1..=99)",
+                    b.repack_garbage_percent
+                ),
+                format!(
+                    "omit it for {} %: a pack is rewritten once more than that share of it \
+                     is garbage",
+                    crate::hostconfig::DEFAULT_REPACK_GARBAGE_PERCENT
+                ),
+            );
+        }
+        if let Err(e) = crate::hostconfig::parse_read_data(&b.check_read_data) {
+            c.err(
+                &[k("backup"), k("check_read_data")],
+                format!("{e}: every scheduled check would fail"),
+                "a share of the packs to read, e.g. \"10%\", \"0.1\" or \"1/10\"; \"off\" checks metadata only".to_string(),
+            );
+        }
         if b.object_lock_days == Some(0) {
             c.err(
                 &[k("backup"), k("object_lock_days")],
@@ -1206,15 +1252,15 @@ fn check_backup(c: &mut Ctx, p: &Profile) {
     }
 }
 
-/// The timer's `OnCalendar=`: parsed by systemd's rules, and it must keep firing.
-fn check_schedule(c: &mut Ctx, schedule: &str) {
-    let at = [k("backup"), k("schedule")];
+/// A timer's `OnCalendar=`: parsed by systemd's rules, and it must keep firing.
+fn check_schedule(c: &mut Ctx, field: &str, schedule: &str, timer: &str, job: &str) {
+    let at = [k("backup"), k(field)];
     let hint = "e.g. \"daily\", \"*-*-* 03:15:00\", \"Mon..Fri 22:30 Europe/Paris\" (man systemd.time; check with `systemd-analyze calendar`)".to_string();
     match systemd_time::parse_calendar(schedule) {
         Err(e) => c.err(
             &at,
             format!(
-                "`{}` is not a systemd calendar expression ({e}): the backup timer would not load and no backup would ever run",
+                "`{}` is not a systemd calendar expression ({e}): {timer} would not load and no {job} would ever run",
                 schedule.escape_debug()
             ),
             hint,
@@ -1222,7 +1268,7 @@ fn check_schedule(c: &mut Ctx, schedule: &str) {
         Ok(spec) if spec.names_a_year() => c.err(
             &at,
             format!(
-                "`{}` names a year or an instant: backups would stop once it is past",
+                "`{}` names a year or an instant: {job}s would stop once it is past",
                 schedule.escape_debug()
             ),
             hint,
@@ -1230,7 +1276,7 @@ fn check_schedule(c: &mut Ctx, schedule: &str) {
         Ok(spec) if !spec.ever_elapses() => c.err(
             &at,
             format!(
-                "`{}` never elapses (no date matches it): no backup would ever run",
+                "`{}` never elapses (no date matches it): no {job} would ever run",
                 schedule.escape_debug()
             ),
             hint,

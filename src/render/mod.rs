@@ -8,7 +8,8 @@ pub use keys::HostSecrets;
 mod monitoring;
 
 use crate::hostconfig::{
-    self, BackupConfig, HostConfig, RestorePolicy, Retention, Strategy, VolumeBackup,
+    self, BackupConfig, CheckSettings, HostConfig, PackSettings, RestorePolicy, Retention,
+    Strategy, VolumeBackup,
 };
 use crate::profile::{self, BackupStrategy, Container, Host, LoadOptions, RestoreMode, SshAccess};
 use crate::secrets::{self, SecretsRoot};
@@ -219,6 +220,8 @@ fn env() -> Environment<'static> {
         "imgbuild-firstboot.service.j2",
         "imgbuild-backup.service.j2",
         "imgbuild-backup.timer.j2",
+        "imgbuild-check.service.j2",
+        "imgbuild-check.timer.j2",
         "imgbuild-ready.service.j2",
         "tmpfiles.conf.j2",
         "prometheus.yml.j2",
@@ -726,7 +729,7 @@ fn render_helper_units(cx: &Ctx, t: &mut HostTree) -> Result<(), RenderError> {
     Ok(())
 }
 
-/// The backup timer, the snapshot keys and credentials, and the backup half of host.toml.
+/// The backup and check timers, the snapshot keys and credentials, and the backup half of host.toml.
 fn render_backup(cx: &Ctx, t: &mut HostTree) -> Result<Option<BackupConfig>, RenderError> {
     let keys = &cx.input.keys;
     let (e, header, helper) = (&cx.e, &cx.header, cx.helper);
@@ -748,6 +751,21 @@ fn render_backup(cx: &Ctx, t: &mut HostTree) -> Result<Option<BackupConfig>, Ren
         )?,
     )?;
     t.enable("imgbuild-backup.timer", "timers.target");
+    t.file(
+        &format!("{SYSTEMD_UNIT_DIR}/imgbuild-check.service"),
+        0o644,
+        render_t(e, "imgbuild-check.service.j2", context! { header, helper })?,
+    )?;
+    t.file(
+        &format!("{SYSTEMD_UNIT_DIR}/imgbuild-check.timer"),
+        0o644,
+        render_t(
+            e,
+            "imgbuild-check.timer.j2",
+            context! { header, schedule => b.check_schedule },
+        )?,
+    )?;
+    t.enable("imgbuild-check.timer", "timers.target");
     let sdir = hostconfig::SECRETS_DIR;
     let enc = keys::needed(&keys.snapshot_encryption_key, "snapshot-encryption.key")?;
     t.secret_file(
@@ -837,6 +855,16 @@ fn backup_config(
         credentials_file,
         encryption_key_file: format!("{sdir}/snapshot-encryption.key"),
         signing_key_file: format!("{sdir}/snapshot-signing.key"),
+        // Validation has bounded both (4..=128, 1..=99); the fallbacks are unreachable.
+        packs: PackSettings {
+            size_mib: u32::try_from(b.pack_size_mib).unwrap_or(hostconfig::DEFAULT_PACK_SIZE_MIB),
+            repack_garbage_percent: u8::try_from(b.repack_garbage_percent)
+                .unwrap_or(hostconfig::DEFAULT_REPACK_GARBAGE_PERCENT),
+        },
+        check: CheckSettings {
+            schedule: b.check_schedule.clone(),
+            read_data: b.check_read_data.clone(),
+        },
     }
 }
 
