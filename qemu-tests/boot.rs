@@ -225,7 +225,19 @@ fn services_profile_built_by_the_cli_boots_to_ready() {
             text.lines()
                 .map(str::trim)
                 .filter(|l| l.len() >= 16 && !l.starts_with("-----"))
-                .map(|l| l.split_once('=').map_or(l, |(_, v)| v).to_string())
+                // `NAME=value` env lines give their value; base64 keys (which end in
+                // '=') are taken whole.
+                .map(|l| match l.split_once('=') {
+                    Some((k, v))
+                        if !k.is_empty()
+                            && k.chars().all(|c| {
+                                c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'
+                            }) =>
+                    {
+                        v.trim_matches('"').to_string()
+                    }
+                    _ => l.to_string(),
+                })
                 .filter(|l| l.len() >= 16),
         );
     }
@@ -241,7 +253,8 @@ fn services_profile_built_by_the_cli_boots_to_ready() {
         .arg("admin@127.0.0.1")
         .arg(format!(
             "printf %s {b64} | base64 -d > /dev/shm/needles; \
-             echo private=$(sudo grep -rlF -f /dev/shm/needles /etc/imgbuild /etc/ssh /etc/wireguard 2>/dev/null | wc -l); \
+             sudo grep -rlF -f /dev/shm/needles /etc/imgbuild /etc/ssh /etc/wireguard /var/lib/imgbuild 2>/dev/null | sed 's/^/private: /'; \
+             echo private=$(sudo grep -rlF -f /dev/shm/needles /etc/imgbuild /etc/ssh /etc/wireguard /var/lib/imgbuild 2>/dev/null | wc -l); \
              sudo find / /var /var/lib/containers/storage/volumes -xdev -type f -perm -0004 -size -8M -print0 \
                | sudo xargs -0 -r grep -lF -f /dev/shm/needles 2>/dev/null | sed 's/^/exposed: /'; \
              echo scanned=$(sudo find / /var /var/lib/containers/storage/volumes -xdev -type f -perm -0004 | wc -l)"
@@ -270,6 +283,9 @@ fn services_profile_built_by_the_cli_boots_to_ready() {
         exposed.is_empty(),
         "secrets in world-readable files of the booted image: {exposed:?}"
     );
+    for l in scan.lines().filter(|l| l.starts_with("private: ")) {
+        eprintln!("secret scan: {l}");
+    }
     eprintln!(
         "secret scan: {} secret lines, {} world-readable files scanned, none holds one; found in {} root-only files",
         needles.len(),

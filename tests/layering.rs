@@ -25,7 +25,9 @@ fn allowed() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("agent", vec!["snapshot", "hostconfig", "progress"]),
         // build side
         ("tree", vec![]),
-        ("profile", vec![]),
+        // The profile checks pack sizes and read fractions with host.toml's own
+        // bounds and parser, so a value the profile accepts is one the agent accepts.
+        ("profile", vec!["hostconfig"]),
         ("secrets", vec![]),
         // host.toml is the contract between render and agent; it reuses the engine's
         // retention type.
