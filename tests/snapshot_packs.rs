@@ -375,14 +375,13 @@ fn lost_index_objects_are_rebuilt_from_pack_headers() {
         restore_to(&store, &env, &r.id, &out).await;
         assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
         // Prune adopts the packs (nothing is garbage) and writes a new index.
-        let p = prune::prune(
-            &store,
-            &keys,
-            &Retention::default(),
-            &PruneOptions::no_grace(),
-        )
-        .await
-        .unwrap();
+        let same_size = PruneOptions {
+            pack_target: pack::PACK_TARGET_MIN,
+            ..PruneOptions::no_grace()
+        };
+        let p = prune::prune(&store, &keys, &Retention::default(), &same_size)
+            .await
+            .unwrap();
         assert_eq!(p.packs_adopted as usize, ix.packs.len(), "{p:?}");
         assert_eq!(p.packs_deleted, 0, "{p:?}");
         assert!(p.index_written.is_some(), "{p:?}");
@@ -557,11 +556,8 @@ fn kill_9_during_prune_never_loses_a_listed_snapshot() {
         rt.block_on(async {
             let store = env.store().await;
             let keys = env.keys();
-            // A killed prune leaves its lock until it is stale (6 h); this test does
-            // not wait that long.
-            for o in store.list(&format::locks_dir(&store.prefix)).await.unwrap() {
-                store.delete(&o.key).await.unwrap();
-            }
+            // A killed prune leaves its lock behind; the next backup sees that its
+            // process is gone (same boot, no such pid) and does not wait for it.
             for id in restore::list_ids(&store).await.unwrap() {
                 let out = env.path(&format!("out-{run}-{id}"));
                 restore_to(&store, &env, &id, &out).await;
@@ -583,6 +579,149 @@ fn kill_9_during_prune_never_loses_a_listed_snapshot() {
     rt.block_on(async {
         let store = env.store().await;
         let keys = env.keys();
+        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
+            .await
+            .unwrap();
+        assert!(c.ok(), "{:?}", c.problems);
+    });
+}
+
+#[test]
+fn a_lock_left_by_a_dead_process_of_this_boot_is_cleared_others_are_not() {
+    let env = Env::new(false);
+    let v = env.path("vol");
+    mixed_tree(&v, 6, 2);
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap()
+        .trim()
+        .to_string();
+    // A pid that cannot be running: a child that has exited and been reaped.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        let lock = |boot: &str, pid: u32| {
+            serde_json::json!({"host": "test", "kind": "prune", "pid": pid, "boot_id": boot})
+                .to_string()
+                .into_bytes()
+        };
+        let key = format::lock_key(&store.prefix, "prune-20260101T000000.000Z-00000000");
+        // Another machine's (or another boot's) prune: live until stale, so prune
+        // leaves the chunks alone.
+        store
+            .put(
+                &key,
+                lock("00000000-0000-0000-0000-000000000000", dead),
+                false,
+                None,
+            )
+            .await
+            .unwrap();
+        let p = prune::prune(
+            &store,
+            &keys,
+            &Retention::default(),
+            &PruneOptions::no_grace(),
+        )
+        .await
+        .unwrap();
+        assert!(p.chunks_skipped.is_some(), "{p:?}");
+        assert!(store.exists(&key).await.unwrap());
+        // The same lock from this boot, by a process that exited: cleared at once.
+        store
+            .put(&key, lock(&boot, dead), false, None)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        backup::backup(
+            &store,
+            &keys,
+            &src(&v),
+            &mut NoHooks,
+            &opts(pack::PACK_TARGET),
+        )
+        .await
+        .unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        assert!(
+            !store.exists(&key).await.unwrap(),
+            "the dead lock is still there"
+        );
+        // A live process of this boot (this test) keeps its lock.
+        store
+            .put(
+                &key,
+                lock(&boot, std::os::unix::process::parent_id()),
+                false,
+                None,
+            )
+            .await
+            .unwrap();
+        let p = prune::prune(
+            &store,
+            &keys,
+            &Retention::default(),
+            &PruneOptions::no_grace(),
+        )
+        .await
+        .unwrap();
+        assert!(p.chunks_skipped.is_some(), "{p:?}");
+    });
+}
+
+#[test]
+fn small_packs_of_incremental_backups_are_merged_once() {
+    let env = Env::new(false);
+    let v = env.path("vol");
+    mixed_tree(&v, 7, 3);
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        let mut snaps = Vec::new();
+        for i in 0..5u64 {
+            std::fs::write(v.join("changing"), noise(700 + i, 200_000)).unwrap();
+            let r = backup::backup(
+                &store,
+                &keys,
+                &src(&v),
+                &mut NoHooks,
+                &opts(pack::PACK_TARGET),
+            )
+            .await
+            .unwrap();
+            snaps.push((r.id, tree_hash(&v)));
+        }
+        assert_eq!(packs::pack_count(&store).await, 5);
+        let p = prune::prune(
+            &store,
+            &keys,
+            &Retention::default(),
+            &PruneOptions::no_grace(),
+        )
+        .await
+        .unwrap();
+        eprintln!("merge: {p:?}");
+        assert_eq!((p.packs_small, p.packs_written), (5, 1), "{p:?}");
+        assert_eq!(packs::pack_count(&store).await, 1);
+        for (id, hash) in &snaps {
+            let out = env.path(&format!("out-{id}"));
+            restore_to(&store, &env, id, &out).await;
+            assert_eq!(&tree_hash(&out.join("v/_data")), hash);
+        }
+        // One pack left: nothing to merge, nothing rewritten.
+        let p = prune::prune(
+            &store,
+            &keys,
+            &Retention::default(),
+            &PruneOptions::no_grace(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(p.packs_repacked + p.packs_deleted, 0, "{p:?}");
         let c = check::check(&store, &keys, true, 4, &Progress::quiet())
             .await
             .unwrap();

@@ -8,6 +8,11 @@
 //! a conflicting live lock withdraws. Two that start together may both withdraw, never
 //! both proceed (S3 listings are read-after-write consistent on every server we
 //! support). A running holder refreshes its lock, so only a crashed one goes stale.
+//!
+//! A lock records the holder's pid and the kernel's boot id. A lock written during
+//! this very boot whose process no longer runs is dead at once (a killed prune must not
+//! hold the next backups for hours); anything else waits out [`LOCK_STALE_SECS`], as
+//! another machine (an old server still running beside its replacement) may hold it.
 
 use super::error::{Result, SnapshotError};
 use super::format;
@@ -47,8 +52,51 @@ impl Held {
     }
 }
 
-/// Live locks of the kind that conflicts with `kind`, other than `mine`.
+/// This boot's id: the same on every process of one boot, new at every boot.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Was this lock written during this boot by a process that has exited?
+async fn held_by_dead_process(store: &Store, key: &str) -> bool {
+    let Some(mine) = boot_id() else { return false };
+    let Ok(Some(body)) = store.get(key, 64 * 1024).await else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return false;
+    };
+    let (Some(boot), Some(pid)) = (v["boot_id"].as_str(), v["pid"].as_u64()) else {
+        return false;
+    };
+    if boot != mine || pid == u64::from(std::process::id()) || pid == 0 || pid > i32::MAX as u64 {
+        return false;
+    }
+    // kill(pid, 0) probes without signalling; ESRCH means no such process. A reused
+    // pid only makes us wait for staleness, never treat a live lock as dead.
+    // SAFETY: signal 0 sends nothing.
+    let r = unsafe { libc::kill(pid as i32, 0) };
+    r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Live locks of the kind that conflicts with `kind`, other than `mine`. Locks of
+/// exited processes of this boot are deleted on the way.
 async fn conflicting(store: &Store, kind: LockKind, mine: &str) -> Result<Vec<String>> {
+    let mut live = Vec::new();
+    for key in conflicting_listed(store, kind, mine).await? {
+        if held_by_dead_process(store, &key).await {
+            let _ = store.delete(&key).await;
+        } else {
+            live.push(key);
+        }
+    }
+    Ok(live)
+}
+
+async fn conflicting_listed(store: &Store, kind: LockKind, mine: &str) -> Result<Vec<String>> {
     let dir = format::locks_dir(&store.prefix);
     let now = super::backup::now_unix();
     Ok(store
@@ -90,6 +138,7 @@ pub async fn acquire(
         "host": host,
         "kind": format!("{kind:?}").to_lowercase(),
         "pid": std::process::id(),
+        "boot_id": boot_id(),
     })
     .to_string()
     .into_bytes();

@@ -120,6 +120,8 @@ pub struct PruneReport {
     pub bytes_repacked: u64,
     /// Packs that would be deleted or repacked but are still under Object Lock.
     pub packs_locked_kept: u64,
+    /// Of the packs repacked, those merged because they were small.
+    pub packs_small: u64,
     /// Packs no index listed whose own header was read (and kept when needed).
     pub packs_adopted: u64,
     /// Garbage left inside kept packs (below the repack threshold, or locked).
@@ -148,6 +150,8 @@ pub struct PruneOptions {
 }
 
 pub const REPACK_GARBAGE_PERCENT: u8 = 25;
+/// A pack smaller than the pack size divided by this is "small" (merged with others).
+pub const SMALL_PACK_DIVISOR: usize = 4;
 
 impl Default for PruneOptions {
     fn default() -> Self {
@@ -264,7 +268,7 @@ async fn prune_inner(
         store,
         LockKind::Prune,
         &format::new_snapshot_id(super::backup::now_unix_ms()),
-        "prune",
+        keys.host().unwrap_or("prune"),
         std::time::Duration::ZERO,
     )
     .await
@@ -405,6 +409,7 @@ async fn collect_garbage(
             keep_blobs[pack].push(blob);
         }
     }
+    let mut garbage_of = vec![0u64; index.packs.len()];
     for (i, p) in index.packs.iter().enumerate() {
         if fate[i] == Fate::Leave {
             continue;
@@ -420,8 +425,22 @@ async fn collect_garbage(
         } else {
             Fate::Keep
         };
-        if fate[i] == Fate::Keep {
-            report.bytes_unused += garbage;
+        garbage_of[i] = garbage;
+    }
+    // Small packs (an incremental backup of a few MB makes one each) are merged once
+    // there are two: the object count stays near bytes / pack size, and each merge
+    // rewrites only data that is itself small.
+    let small: Vec<usize> = (0..index.packs.len())
+        .filter(|&i| {
+            fate[i] == Fate::Keep
+                && index.packs[i].blobs.is_some()
+                && !young(index.packs[i].last_modified)
+                && index.packs[i].size < (opts.pack_target / SMALL_PACK_DIVISOR) as u64
+        })
+        .collect();
+    if small.len() >= 2 {
+        for &i in &small {
+            fate[i] = Fate::Repack;
         }
     }
     // Object Lock: a pack still under retention can neither be deleted nor replaced
@@ -466,6 +485,13 @@ async fn collect_garbage(
     }
     let (new_packs, _) = packer.finish().await?;
     report.packs_written = new_packs.len() as u64;
+    for (i, f) in fate.iter().enumerate() {
+        match f {
+            Fate::Keep => report.bytes_unused += garbage_of[i],
+            Fate::Repack if small.contains(&i) => report.packs_small += 1,
+            _ => {}
+        }
+    }
 
     let changed = fate
         .iter()
