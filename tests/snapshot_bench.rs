@@ -1,10 +1,14 @@
 //! Snapshot benchmark (not a timed test): run by benches/snapshot.sh as
 //! `cargo test --release --test snapshot_bench -- --ignored --nocapture`.
 //!
-//! Same data, same moto server on 127.0.0.1 for every tool: imgbuild, restic (Debian
-//! package) and rustic (crates.io rustic-rs) when installed, and raw parallel GetObject
-//! of the objects imgbuild's restore downloads as the ceiling. Restores run as child
-//! processes so their peak RSS can be read with wait4().
+//! One run measures the same data on two S3 servers on 127.0.0.1, Garage 2.5 (single
+//! node) and moto: imgbuild, restic (Debian package) and rustic (crates.io rustic-rs)
+//! when installed, and a raw parallel ranged GET of the packs imgbuild's restore reads
+//! as the ceiling. imgbuild's backups and restore and the raw GET run as child
+//! processes of this test, like restic and rustic, so every tool's time includes its
+//! process start and every peak RSS is read the same way (GNU time). Requests:
+//! imgbuild counts its own (`requests` in its reports), and both servers' request
+//! logs (Garage's own log, moto's werkzeug log) count every tool's the same way.
 
 #[path = "snapshot-fixtures/common.rs"]
 mod common;
@@ -13,7 +17,9 @@ use common::*;
 use imgbuild::progress::Progress;
 use imgbuild::snapshot::backup::{self, BackupOptions, NoHooks, Source};
 use imgbuild::snapshot::restore::{self, RestoreOptions};
-use imgbuild::snapshot::{format, Keys, Store, StoreConfig};
+use imgbuild::snapshot::store::Requests;
+use imgbuild::snapshot::{Keys, Store, StoreConfig};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -25,6 +31,7 @@ struct Measured {
     max_rss_kib: u64,
     ok: bool,
     stdout: String,
+    stderr: String,
 }
 
 /// Runs `cmd` to completion, timing it and reading its peak RSS. The RSS comes from
@@ -65,7 +72,15 @@ fn measured(cmd: &mut Command) -> Measured {
         max_rss_kib,
         ok: status.success(),
         stdout: std::fs::read_to_string(out.path()).unwrap_or_default(),
+        stderr,
     }
+}
+
+/// The value after `name ` on the child's output line that starts with it.
+fn out_field<'a>(stdout: &'a str, name: &str) -> Option<&'a str> {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
 }
 
 fn child_cfg() -> Option<serde_json::Value> {
@@ -82,7 +97,7 @@ fn store_cfg(v: &serde_json::Value) -> (StoreConfig, PathBuf) {
             bucket: s("bucket"),
             prefix: s("prefix"),
             endpoint: Some(s("endpoint")),
-            region: "us-east-1".into(),
+            region: s("region"),
             path_style: true,
             credentials_file: Some(secrets.join("s3.env")),
             object_lock_days: None,
@@ -93,8 +108,9 @@ fn store_cfg(v: &serde_json::Value) -> (StoreConfig, PathBuf) {
     )
 }
 
-/// The child side: `restore` (imgbuild restore of the newest snapshot) or `raw`
-/// (GET every object the restore needs, in parallel, discarding the bytes).
+/// The child side: `backup` (imgbuild backup of `src`), `restore` (imgbuild restore of
+/// the newest snapshot into `out`) or `raw` (GET every pack in ranges of the restore's
+/// largest ranged GET, in parallel, discarding the bytes). Each prints its requests.
 #[test]
 fn bench_child() {
     let Some(v) = child_cfg() else { return };
@@ -104,14 +120,32 @@ fn bench_child() {
         &secrets.join("snapshot-signing.key"),
     )
     .unwrap();
+    // libtest has printed "test bench_child ... " without a newline: start a line.
+    println!();
     rt().block_on(async {
         let store = Store::connect(&cfg).await.unwrap();
-        let m = restore::latest_manifest(&store, &keys)
-            .await
-            .unwrap()
-            .unwrap();
         match v["mode"].as_str().unwrap() {
+            "backup" => {
+                let src = [Source {
+                    name: "vol".into(),
+                    root: PathBuf::from(v["src"].as_str().unwrap()),
+                }];
+                let o = BackupOptions {
+                    host: "bench".into(),
+                    parallel: PARALLEL,
+                    progress: Progress::quiet(),
+                    pack_target: imgbuild::snapshot::pack::PACK_TARGET,
+                };
+                let r = backup::backup(&store, &keys, &src, &mut NoHooks, &o)
+                    .await
+                    .unwrap();
+                println!("requests {}", serde_json::to_string(&r.requests).unwrap());
+            }
             "restore" => {
+                let m = restore::latest_manifest(&store, &keys)
+                    .await
+                    .unwrap()
+                    .unwrap();
                 let out = PathBuf::from(v["out"].as_str().unwrap());
                 let o = RestoreOptions {
                     parallel: PARALLEL,
@@ -120,23 +154,37 @@ fn bench_child() {
                 };
                 let r = restore::restore(&store, &keys, &m, &out, &o).await.unwrap();
                 println!("bytes {}", r.bytes);
+                println!("requests {}", serde_json::to_string(&r.requests).unwrap());
             }
             _ => {
                 use futures_util::StreamExt;
-                let ids: std::collections::BTreeSet<String> =
-                    m.chunk_ids().into_iter().map(str::to_string).collect();
-                let total: u64 = futures_util::stream::iter(ids)
-                    .map(|id| {
+                let ix = imgbuild::snapshot::pack::Index::load(&store, &keys)
+                    .await
+                    .unwrap();
+                let before = store.requests();
+                let mut ranges = Vec::new();
+                for p in &ix.packs {
+                    let mut off = 0;
+                    while off < p.size {
+                        let len = (p.size - off).min(restore::RANGE_MAX);
+                        ranges.push((p.key.clone(), off, len));
+                        off += len;
+                    }
+                }
+                let total: u64 = futures_util::stream::iter(ranges)
+                    .map(|(key, off, len)| {
                         let store = store.clone();
                         async move {
-                            let k = format::chunk_key(&store.prefix, &id);
-                            store.get(&k, u64::MAX).await.unwrap().unwrap().len() as u64
+                            let b = store.get_range(&key, off, len).await.unwrap().unwrap();
+                            b.len() as u64
                         }
                     })
                     .buffer_unordered(PARALLEL)
                     .fold(0u64, |a, b| async move { a + b })
                     .await;
                 println!("bytes {total}");
+                let r = store.requests().since(&before);
+                println!("requests {}", serde_json::to_string(&r).unwrap());
             }
         }
     });
@@ -213,16 +261,6 @@ fn change_one_percent(root: &Path) -> u64 {
     changed
 }
 
-async fn prefix_bytes(store: &Store, prefix: &str) -> u64 {
-    store
-        .list(prefix)
-        .await
-        .unwrap()
-        .iter()
-        .map(|o| o.size)
-        .sum()
-}
-
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
@@ -240,59 +278,156 @@ fn find_tool(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Requests of one operation: as the tool counted them, and as the server did.
+#[derive(Default)]
+struct Reqs {
+    own: Option<Requests>,
+    server: BTreeMap<String, u64>,
+}
+
+fn own_reqs(m: &Measured) -> Option<Requests> {
+    let j: serde_json::Value = serde_json::from_str(out_field(&m.stdout, "requests")?).ok()?;
+    let n = |k: &str| j[k].as_u64().unwrap_or(0);
+    Some(Requests {
+        put: n("put"),
+        get: n("get"),
+        head: n("head"),
+        list: n("list"),
+        delete: n("delete"),
+        retention: n("retention"),
+        bytes_sent: n("bytes_sent"),
+        bytes_received: n("bytes_received"),
+    })
+}
+
+fn fmt_own(r: &Requests) -> String {
+    let mut s = format!(
+        "{} (PUT {}, GET {}, HEAD {}, LIST {}",
+        r.total(),
+        r.put,
+        r.get,
+        r.head,
+        r.list
+    );
+    if r.delete > 0 {
+        s.push_str(&format!(", DELETE {}", r.delete));
+    }
+    if r.retention > 0 {
+        s.push_str(&format!(", retention {}", r.retention));
+    }
+    s + ")"
+}
+
+/// Server-logged requests by class.
+fn fmt_server(classes: &BTreeMap<String, u64>) -> String {
+    let total: u64 = classes.values().sum();
+    let order = ["PUT", "GET", "HEAD", "LIST", "DELETE", "retention", "other"];
+    let parts: Vec<String> = order
+        .iter()
+        .filter_map(|c| classes.get(*c).map(|n| format!("{c} {n}")))
+        .collect();
+    format!("{total} ({})", parts.join(", "))
+}
+
+fn fmt_reqs(r: &Reqs) -> String {
+    let mut parts = Vec::new();
+    if let Some(o) = &r.own {
+        parts.push(format!("own count {}", fmt_own(o)));
+    }
+    parts.push(format!("server log {}", fmt_server(&r.server)));
+    parts.join("; ")
+}
+
 struct ToolRow {
     name: String,
-    full_backup_s: f64,
-    incr_backup_s: f64,
+    full_s: f64,
+    full_rss_kib: u64,
+    full_reqs: Reqs,
+    objects: usize,
+    stored: u64,
+    incr_s: f64,
     incr_stored: u64,
     restore_s: f64,
     restore_rss_kib: u64,
+    restore_reqs: Reqs,
 }
 
-#[test]
-#[ignore = "benchmark: run benches/snapshot.sh"]
-fn bench_snapshots_vs_restic_rustic() {
-    let env = Env::new(false);
+struct Tools {
+    restic: Option<PathBuf>,
+    rustic: Option<PathBuf>,
+}
+
+/// Everything measured on one server, as a markdown subsection.
+fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools) -> String {
     let endpoint = env.cfg.endpoint.clone().unwrap();
-    let work =
-        tempfile::tempdir_in(std::env::var("IMGBUILD_BENCH_DIR").unwrap_or("/var/tmp".into()))
-            .unwrap();
-    let data = work.path().join("data");
+    let data = work.join("data");
+    if data.exists() {
+        std::fs::remove_dir_all(&data).unwrap();
+    }
     let logical = make_dataset(&data);
-    eprintln!("dataset: {:.0} MiB", mib(logical));
+    eprintln!("{title}: dataset {:.0} MiB", mib(logical));
     let rt = rt();
     let store = rt.block_on(env.store());
-    let keys = env.keys();
-    let aws_env = [
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-        ("AWS_REGION", "us-east-1"),
-    ];
-    let restic = find_tool("restic");
-    let rustic = find_tool("rustic");
+    let s3env = std::fs::read_to_string(env.secrets.join("s3.env")).unwrap();
+    let var = |k: &str| {
+        s3env
+            .lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .unwrap()
+            .to_string()
+    };
+    let (access, secret, region) = (
+        var("AWS_ACCESS_KEY_ID"),
+        var("AWS_SECRET_ACCESS_KEY"),
+        var("AWS_REGION"),
+    );
+    let counts = || log_len(log);
+    let server_diff = |before: &u64| {
+        // The server logs a request as it answers it: let the last lines land.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        logged_requests(log, *before)
+    };
+    let list_stats = |prefix: &str| -> (usize, u64) {
+        let l = rt.block_on(store.list(prefix)).unwrap();
+        (l.len(), l.iter().map(|o| o.size).sum())
+    };
+
     let restic_repo = format!("s3:{endpoint}/{}/restic", env.cfg.bucket);
+    let region_opt = format!("s3.region={region}");
     let tool_cmd = |tool: &Path, args: &[&str]| {
         let mut c = Command::new(tool);
         c.args(args)
-            .envs(aws_env)
+            .env("AWS_ACCESS_KEY_ID", &access)
+            .env("AWS_SECRET_ACCESS_KEY", &secret)
+            .env("AWS_DEFAULT_REGION", &region)
+            .env("AWS_REGION", &region)
             .env("RESTIC_PASSWORD", "bench")
             .env("RUSTIC_PASSWORD", "bench");
         c
     };
+    let restic_args = |sub: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "-r".into(),
+            restic_repo.clone(),
+            "-o".into(),
+            region_opt.clone(),
+        ];
+        v.extend(sub.iter().map(|s| s.to_string()));
+        v
+    };
     // rustic takes S3 settings from a profile file (`-P <path without .toml>`).
-    let rustic_profile = work.path().join("rustic-bench");
+    let rustic_profile = work.join("rustic-bench");
     std::fs::write(
         rustic_profile.with_extension("toml"),
         format!(
             "[repository]\nrepository = \"opendal:s3\"\npassword = \"bench\"\n\
              [repository.options]\nendpoint = \"{endpoint}\"\nbucket = \"{}\"\nroot = \"/rustic\"\n\
-             region = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n",
+             region = \"{region}\"\naccess_key_id = \"{access}\"\nsecret_access_key = \"{secret}\"\n",
             env.cfg.bucket
         ),
     )
     .unwrap();
-    let rustic_opts = |sub: &[&str]| -> Vec<String> {
+    let rustic_args = |sub: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = vec![
             "-P".into(),
             rustic_profile.display().to_string(),
@@ -301,79 +436,76 @@ fn bench_snapshots_vs_restic_rustic() {
         v.extend(sub.iter().map(|s| s.to_string()));
         v
     };
-    let mut rows = Vec::new();
+    let run_tool = |tool: &Path, args: Vec<String>| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let before = counts();
+        let m = measured(&mut tool_cmd(tool, &a));
+        (m, server_diff(&before))
+    };
+    let (bucket, prefix) = (env.cfg.bucket.clone(), env.cfg.prefix.clone());
+    let child = |mode: &str, out: &Path| {
+        let cfg = serde_json::json!({
+            "bucket": bucket, "prefix": prefix, "endpoint": endpoint, "region": env.cfg.region,
+            "secrets": env.secrets, "mode": mode, "out": out, "src": data,
+        });
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.args(["--exact", "bench_child", "--nocapture", "--test-threads=1"])
+            .env("IMGBUILD_BENCH_CHILD", cfg.to_string());
+        let before = counts();
+        let m = measured(&mut c);
+        (m, server_diff(&before))
+    };
+    let mut notes = Vec::new();
 
     // --- full backups of the same state
-    let src = [Source {
-        name: "vol".into(),
-        root: data.clone(),
-    }];
-    let o = BackupOptions {
-        host: "bench".into(),
-        parallel: PARALLEL,
-        progress: Progress::quiet(),
-        pack_target: imgbuild::snapshot::pack::PACK_TARGET,
-    };
-    let t = Instant::now();
-    rt.block_on(backup::backup(&store, &keys, &src, &mut NoHooks, &o))
-        .unwrap();
-    let ib_full = t.elapsed().as_secs_f64();
+    let (ib_full, ib_full_srv) = child("backup", work);
+    assert!(ib_full.ok, "imgbuild backup: {}", ib_full.stderr);
+    let (ib_objects, ib_stored) = list_stats(&store.prefix);
     let mut restic_full = None;
-    if let Some(r) = &restic {
-        assert!(
-            measured(&mut tool_cmd(r, &["-r", &restic_repo, "init"])).ok,
-            "restic init"
-        );
-        let m = measured(&mut tool_cmd(
-            r,
-            &["-r", &restic_repo, "backup", data.to_str().unwrap()],
-        ));
-        assert!(m.ok, "restic backup");
-        restic_full = Some(m.secs);
+    if let Some(r) = &tools.restic {
+        let (init, _) = run_tool(r, restic_args(&["init"]));
+        let (m, srv) = run_tool(r, restic_args(&["backup", data.to_str().unwrap()]));
+        if init.ok && m.ok {
+            let (objects, stored) = list_stats("restic/");
+            restic_full = Some((m, srv, objects, stored));
+        } else {
+            let e = format!("restic failed on {title}: {}{}", init.stderr, m.stderr);
+            eprintln!("{e}");
+            notes.push(format!("restic failed on {title}."));
+        }
     }
     let mut rustic_full = None;
-    if let Some(r) = &rustic {
-        let init = rustic_opts(&["init"]);
-        let init: Vec<&str> = init.iter().map(String::as_str).collect();
-        if measured(&mut tool_cmd(r, &init)).ok {
-            let b = rustic_opts(&["backup", data.to_str().unwrap()]);
-            let b: Vec<&str> = b.iter().map(String::as_str).collect();
-            let m = measured(&mut tool_cmd(r, &b));
+    if let Some(r) = &tools.rustic {
+        let (init, _) = run_tool(r, rustic_args(&["init"]));
+        if init.ok {
+            let (m, srv) = run_tool(r, rustic_args(&["backup", data.to_str().unwrap()]));
             if m.ok {
-                rustic_full = Some(m.secs);
+                let (objects, stored) = list_stats("rustic/");
+                rustic_full = Some((m, srv, objects, stored));
+            } else {
+                eprintln!("rustic backup failed on {title}: {}", m.stderr);
+                notes.push(format!("rustic's backup failed on {title}."));
             }
         } else {
-            eprintln!("rustic init against moto failed; rustic left out");
+            eprintln!("rustic init failed on {title}: {}", init.stderr);
+            notes.push(format!("rustic init failed on {title}; rustic left out."));
         }
     }
 
     // --- 1 % change, incremental backups
     let changed = change_one_percent(&data);
-    let before = rt.block_on(prefix_bytes(&store, &store.prefix));
-    let t = Instant::now();
-    let inc = rt
-        .block_on(backup::backup(&store, &keys, &src, &mut NoHooks, &o))
-        .unwrap();
-    let ib_incr = t.elapsed().as_secs_f64();
-    let ib_stored = rt.block_on(prefix_bytes(&store, &store.prefix)) - before;
-    eprintln!("imgbuild incremental: {:?}", inc.stats);
-    let (bucket, prefix) = (env.cfg.bucket.clone(), env.cfg.prefix.clone());
-    let child = |mode: &str, out: &Path| {
-        let cfg = serde_json::json!({
-            "bucket": bucket, "prefix": prefix, "endpoint": endpoint,
-            "secrets": env.secrets, "mode": mode, "out": out,
-        });
-        let mut c = Command::new(std::env::current_exe().unwrap());
-        c.args(["--exact", "bench_child", "--nocapture", "--test-threads=1"])
-            .env("IMGBUILD_BENCH_CHILD", cfg.to_string());
-        measured(&mut c)
-    };
-    let out = work.path().join("ib-restore");
-    let ib_restore = child("restore", &out);
+    let before = list_stats(&store.prefix).1;
+    let (ib_incr, _) = child("backup", work);
+    assert!(ib_incr.ok, "imgbuild incremental: {}", ib_incr.stderr);
+    let ib_incr_stored = list_stats(&store.prefix).1 - before;
+
+    // --- restores
+    let out = work.join("ib-restore");
+    let (ib_restore, ib_restore_srv) = child("restore", &out);
     assert!(
         ib_restore.ok,
         "imgbuild restore failed: {}",
-        ib_restore.stdout
+        ib_restore.stderr
     );
     assert_eq!(
         tree_hash(&data),
@@ -381,95 +513,125 @@ fn bench_snapshots_vs_restic_rustic() {
         "restore differs"
     );
     std::fs::remove_dir_all(&out).unwrap();
-    let raw = child("raw", &out);
-    assert!(raw.ok);
-    let raw_bytes: u64 = raw
-        .stdout
-        .split_whitespace()
-        .skip_while(|w| *w != "bytes")
-        .nth(1)
+    let (raw, raw_srv) = child("raw", &out);
+    assert!(raw.ok, "raw GET: {}", raw.stderr);
+    let raw_bytes: u64 = out_field(&raw.stdout, "bytes")
         .and_then(|b| b.parse().ok())
         .unwrap_or(0);
-    rows.push(ToolRow {
+    let mut rows = vec![ToolRow {
         name: "imgbuild".into(),
-        full_backup_s: ib_full,
-        incr_backup_s: ib_incr,
-        incr_stored: ib_stored,
+        full_s: ib_full.secs,
+        full_rss_kib: ib_full.max_rss_kib,
+        full_reqs: Reqs {
+            own: own_reqs(&ib_full),
+            server: ib_full_srv,
+        },
+        objects: ib_objects,
+        stored: ib_stored,
+        incr_s: ib_incr.secs,
+        incr_stored: ib_incr_stored,
         restore_s: ib_restore.secs,
         restore_rss_kib: ib_restore.max_rss_kib,
-    });
+        restore_reqs: Reqs {
+            own: own_reqs(&ib_restore),
+            server: ib_restore_srv,
+        },
+    }];
 
-    if let (Some(r), Some(full)) = (&restic, restic_full) {
-        let before = rt.block_on(prefix_bytes(&store, "restic/"));
-        let m = measured(&mut tool_cmd(
+    if let (Some(r), Some((full, full_srv, objects, stored))) = (&tools.restic, restic_full) {
+        let before = list_stats("restic/").1;
+        let (m, _) = run_tool(r, restic_args(&["backup", data.to_str().unwrap()]));
+        let incr_stored = list_stats("restic/").1 - before;
+        let rout = work.join("restic-restore");
+        let (rr, rr_srv) = run_tool(
             r,
-            &["-r", &restic_repo, "backup", data.to_str().unwrap()],
-        ));
-        assert!(m.ok);
-        let stored = rt.block_on(prefix_bytes(&store, "restic/")) - before;
-        let rout = work.path().join("restic-restore");
-        let rr = measured(&mut tool_cmd(
-            r,
-            &[
-                "-r",
-                &restic_repo,
-                "restore",
-                "latest",
-                "--target",
-                rout.to_str().unwrap(),
-            ],
-        ));
-        assert!(rr.ok, "restic restore");
-        rows.push(ToolRow {
-            name: "restic 0.14 (Debian)".into(),
-            full_backup_s: full,
-            incr_backup_s: m.secs,
-            incr_stored: stored,
-            restore_s: rr.secs,
-            restore_rss_kib: rr.max_rss_kib,
-        });
-        std::fs::remove_dir_all(&rout).ok();
-    }
-    if let (Some(r), Some(full)) = (&rustic, rustic_full) {
-        let before = rt.block_on(prefix_bytes(&store, "rustic/"));
-        let b = rustic_opts(&["backup", data.to_str().unwrap()]);
-        let b: Vec<&str> = b.iter().map(String::as_str).collect();
-        let m = measured(&mut tool_cmd(r, &b));
-        let stored = rt.block_on(prefix_bytes(&store, "rustic/")) - before;
-        let rout = work.path().join("rustic-restore");
-        let rs = rustic_opts(&["restore", "latest", rout.to_str().unwrap()]);
-        let rs: Vec<&str> = rs.iter().map(String::as_str).collect();
-        let rr = measured(&mut tool_cmd(r, &rs));
+            restic_args(&["restore", "latest", "--target", rout.to_str().unwrap()]),
+        );
         if m.ok && rr.ok {
             rows.push(ToolRow {
-                name: "rustic (crates.io)".into(),
-                full_backup_s: full,
-                incr_backup_s: m.secs,
-                incr_stored: stored,
+                name: "restic 0.14 (Debian)".into(),
+                full_s: full.secs,
+                full_rss_kib: full.max_rss_kib,
+                full_reqs: Reqs {
+                    own: None,
+                    server: full_srv,
+                },
+                objects,
+                stored,
+                incr_s: m.secs,
+                incr_stored,
                 restore_s: rr.secs,
                 restore_rss_kib: rr.max_rss_kib,
+                restore_reqs: Reqs {
+                    own: None,
+                    server: rr_srv,
+                },
             });
+        } else {
+            eprintln!("restic failed on {title}: {}{}", m.stderr, rr.stderr);
+            notes.push(format!(
+                "restic's incremental or restore failed on {title}."
+            ));
         }
         std::fs::remove_dir_all(&rout).ok();
     }
+    if let (Some(r), Some((full, full_srv, objects, stored))) = (&tools.rustic, rustic_full) {
+        let before = list_stats("rustic/").1;
+        let (m, _) = run_tool(r, rustic_args(&["backup", data.to_str().unwrap()]));
+        let incr_stored = list_stats("rustic/").1 - before;
+        let rout = work.join("rustic-restore");
+        let (rr, rr_srv) = run_tool(
+            r,
+            rustic_args(&["restore", "latest", rout.to_str().unwrap()]),
+        );
+        if m.ok && rr.ok {
+            rows.push(ToolRow {
+                name: "rustic (crates.io)".into(),
+                full_s: full.secs,
+                full_rss_kib: full.max_rss_kib,
+                full_reqs: Reqs {
+                    own: None,
+                    server: full_srv,
+                },
+                objects,
+                stored,
+                incr_s: m.secs,
+                incr_stored,
+                restore_s: rr.secs,
+                restore_rss_kib: rr.max_rss_kib,
+                restore_reqs: Reqs {
+                    own: None,
+                    server: rr_srv,
+                },
+            });
+        } else {
+            eprintln!("rustic failed on {title}: {}{}", m.stderr, rr.stderr);
+            notes.push(format!(
+                "rustic's incremental or restore failed on {title}."
+            ));
+        }
+        std::fs::remove_dir_all(&rout).ok();
+    }
+    std::fs::remove_dir_all(&data).ok();
 
     // --- report
-    let mut md = String::new();
-    md.push_str(&format!(
-        "Data: {:.0} MiB in {} files (288 MiB random media, ~96 MiB logs in 2000 files, a 32 MiB dump); \
-         change: {:.1} MiB ({:.2} %). Server: moto on 127.0.0.1, {PARALLEL} connections; 2 cores.\n\n",
-        mib(logical),
-        2049 + 48,
+    let gb = logical as f64 / 1e9;
+    let mut md = format!(
+        "### {title}\n\nChange: {:.1} MiB ({:.2} %).\n\n",
         mib(changed),
         changed as f64 * 100.0 / logical as f64
-    ));
-    md.push_str("| tool | full backup | incremental (1 %) | stored by incremental | restore | restore MiB/s | restore peak RSS |\n|---|---|---|---|---|---|---|\n");
+    );
+    md.push_str(
+        "| tool | full backup | backup peak RSS | incremental (1 %) | stored by incremental | restore | restore MiB/s | restore peak RSS |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {:.1} s | {:.2} s | {:.1} MiB | {:.1} s | {:.0} | {:.0} MiB |\n",
+            "| {} | {:.1} s | {:.0} MiB | {:.2} s | {:.1} MiB | {:.1} s | {:.0} | {:.0} MiB |\n",
             r.name,
-            r.full_backup_s,
-            r.incr_backup_s,
+            r.full_s,
+            r.full_rss_kib as f64 / 1024.0,
+            r.incr_s,
             mib(r.incr_stored),
             r.restore_s,
             mib(logical) / r.restore_s,
@@ -477,33 +639,100 @@ fn bench_snapshots_vs_restic_rustic() {
         ));
     }
     md.push_str(&format!(
-        "| raw parallel GetObject (ceiling) | | | | {:.1} s ({:.0} MiB of objects) | {:.0} | {:.0} MiB |\n\n",
+        "| raw parallel ranged GET of imgbuild's packs (ceiling) | | | | | {:.1} s ({:.0} MiB) | {:.0} | {:.0} MiB |\n\n",
         raw.secs,
         mib(raw_bytes),
         mib(logical) / raw.secs,
         raw.max_rss_kib as f64 / 1024.0
     ));
+    md.push_str(
+        "| tool | objects after the full backup | objects per GB of data | stored by the full backup | requests per full backup | requests per restore |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} MiB | {} | {} |\n",
+            r.name,
+            r.objects,
+            r.objects as f64 / gb,
+            mib(r.stored),
+            fmt_reqs(&r.full_reqs),
+            fmt_reqs(&r.restore_reqs)
+        ));
+    }
+    md.push_str(&format!(
+        "| raw ranged GET | | | | | {} |\n\n",
+        fmt_reqs(&Reqs {
+            own: own_reqs(&raw),
+            server: raw_srv
+        })
+    ));
     let ib = &rows[0];
     md.push_str(&format!(
-        "Ratios: imgbuild restore = {:.2}× raw GetObject throughput",
+        "Ratios on {title} (imgbuild against each): restore throughput {:.2}× the raw GET's",
         raw.secs / ib.restore_s
     ));
     for r in rows.iter().skip(1) {
         md.push_str(&format!(
-            "; {:.2}× {} restore, incremental {:.2}× its time and {:.2}× its stored bytes",
-            r.restore_s / ib.restore_s,
+            "; against {}: restore throughput {:.2}×, full backup {:.2}× as fast, \
+             incremental {:.2}× as fast, storing {:.2}× its incremental bytes and {:.2}× its objects",
             r.name,
-            ib.incr_backup_s / r.incr_backup_s,
-            ib.incr_stored as f64 / r.incr_stored.max(1) as f64
+            r.restore_s / ib.restore_s,
+            r.full_s / ib.full_s,
+            r.incr_s / ib.incr_s,
+            ib.incr_stored as f64 / r.incr_stored.max(1) as f64,
+            ib.objects as f64 / r.objects.max(1) as f64
         ));
     }
     md.push_str(".\n");
-    if restic.is_none() {
+    for n in notes {
+        md.push_str(&format!("\n{n}\n"));
+    }
+    md
+}
+
+#[test]
+#[ignore = "benchmark: run benches/snapshot.sh"]
+fn bench_snapshots_vs_restic_rustic() {
+    let work =
+        tempfile::tempdir_in(std::env::var("IMGBUILD_BENCH_DIR").unwrap_or("/var/tmp".into()))
+            .unwrap();
+    let tools = Tools {
+        restic: find_tool("restic"),
+        rustic: find_tool("rustic"),
+    };
+    let logical = make_dataset(&work.path().join("probe"));
+    std::fs::remove_dir_all(work.path().join("probe")).unwrap();
+    let mut md = format!(
+        "Data: {:.0} MiB in {} files (288 MiB random media, ~96 MiB logs in 2000 files, a 32 MiB dump), \
+         the same on both servers; {PARALLEL} connections for imgbuild, restic and rustic with their \
+         defaults; 2 cores shared with the servers. Times include each tool's process start.\n\n",
+        mib(logical),
+        2049 + 48,
+    );
+    let genv = Env::garage_logged();
+    md.push_str(&run_on_server(
+        "Garage 2.5 (single node, 127.0.0.1)",
+        &genv,
+        &garage_logged().log,
+        work.path(),
+        &tools,
+    ));
+    md.push('\n');
+    let menv = Env::moto_logged();
+    md.push_str(&run_on_server(
+        "moto 5.2 (127.0.0.1)",
+        &menv,
+        &moto_logged().log,
+        work.path(),
+        &tools,
+    ));
+    if tools.restic.is_none() {
         md.push_str("\nrestic was not installed (apt-get install restic): no comparison.\n");
     }
-    if rustic_full.is_none() {
+    if tools.rustic.is_none() {
         md.push_str(
-            "\nrustic was not measured (not installed, or it could not use the moto server).\n",
+            "\nrustic was not installed (cargo install rustic-rs --locked): not measured.\n",
         );
     }
     println!("{md}");

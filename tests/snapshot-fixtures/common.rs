@@ -220,6 +220,262 @@ pub fn garage() -> &'static Garage {
     })
 }
 
+/// A second single-node Garage on 127.0.0.1 whose log (every S3 request, one line
+/// each, at its default level) goes to a file, so a benchmark can count every tool's
+/// requests on the server side. (The Garage installed here is built without the
+/// `metrics` feature, so its admin API serves no Prometheus metrics.)
+pub struct LoggedServer<T> {
+    pub server: T,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn garage_logged() -> &'static LoggedServer<Garage> {
+    static G: OnceLock<LoggedServer<Garage>> = OnceLock::new();
+    G.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("garage.log");
+        LoggedServer {
+            server: spawn_garage(Some(&log)),
+            log,
+            _dir: dir,
+        }
+    })
+}
+
+/// A second moto server on 127.0.0.1 whose request log (werkzeug's, one line per
+/// request on stderr) goes to a file.
+pub fn moto_logged() -> &'static LoggedServer<Moto> {
+    static M: OnceLock<LoggedServer<Moto>> = OnceLock::new();
+    M.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("moto.log");
+        let port = free_port();
+        let mut cmd = Command::new("moto_server");
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || match cmd.spawn() {
+            Ok(c) => {
+                tx.send(Ok(())).ok();
+                let _keep = c;
+                loop {
+                    std::thread::park();
+                }
+            }
+            Err(e) => {
+                tx.send(Err(e)).ok();
+            }
+        });
+        if let Err(e) = rx.recv().expect("moto thread") {
+            panic!("cannot start moto_server ({e}): install it with `bash .ci/deps.sh`");
+        }
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "moto_server did not listen on 127.0.0.1:{port} within 60s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        LoggedServer {
+            server: Moto {
+                endpoint: format!("http://127.0.0.1:{port}"),
+            },
+            log,
+            _dir: dir,
+        }
+    })
+}
+
+/// The S3 requests logged since byte `from` of a server log written by
+/// `garage_logged()` or `moto_logged()`, by the classes imgbuild counts (PUT, GET,
+/// HEAD, LIST, DELETE, retention, other). Path-style requests only.
+pub fn logged_requests(log: &Path, from: u64) -> BTreeMap<String, u64> {
+    let text = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
+    let mut out = BTreeMap::new();
+    for l in text.lines() {
+        // Garage: "... generic_server...: 127.0.0.1:PORT (key GK...) METHOD URI"
+        // moto:   "127.0.0.1 - - [date] \"METHOD URI HTTP/1.1\" 200 -"
+        let (method, uri) = if l.contains("generic_server") {
+            if l.contains("in response to") {
+                continue;
+            }
+            let Some(i) = l.rfind(" 127.0.0.1:") else {
+                continue;
+            };
+            // "127.0.0.1:PORT (key GK...) METHOD URI": the method is the first
+            // upper-case word.
+            let mut w = l[i..]
+                .split_whitespace()
+                .skip_while(|t| !["GET", "PUT", "POST", "HEAD", "DELETE"].contains(t));
+            match (w.next(), w.next()) {
+                (Some(m), Some(u)) => (m.to_string(), u.to_string()),
+                _ => continue,
+            }
+        } else if let Some(i) = l.find("] \"") {
+            let mut w = l[i + 3..].split_whitespace();
+            match (w.next(), w.next()) {
+                (Some(m), Some(u)) => (m.to_string(), u.to_string()),
+                _ => continue,
+            }
+        } else {
+            continue;
+        };
+        if uri.starts_with("/moto-api") {
+            continue;
+        }
+        let (path, query) = uri.split_once('?').unwrap_or((&uri, ""));
+        let has_key = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .is_some_and(|(_, k)| !k.is_empty());
+        let q = |k: &str| query.split('&').any(|p| p.split('=').next() == Some(k));
+        let class = match method.as_str() {
+            _ if q("retention") || q("object-lock") => "retention",
+            "PUT" => "PUT",
+            "POST" if q("delete") => "DELETE",
+            "POST" => "PUT",
+            "HEAD" => "HEAD",
+            "DELETE" => "DELETE",
+            "GET" if has_key && !q("uploadId") => "GET",
+            "GET"
+                if !has_key
+                    && (query.is_empty() || q("list-type") || q("prefix") || q("versions")) =>
+            {
+                "LIST"
+            }
+            _ => "other",
+        };
+        *out.entry(class.to_string()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// The current length of a server log: where the next operation's lines begin.
+pub fn log_len(log: &Path) -> u64 {
+    std::fs::metadata(log).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Starts a single-node Garage on 127.0.0.1, its output to `log` if given.
+fn spawn_garage(log: Option<&Path>) -> Garage {
+    let log = log.map(Path::to_path_buf);
+    let dir = tempfile::tempdir().unwrap();
+    let (rpc, s3) = (free_port(), free_port());
+    let mut secret = [0u8; 32];
+    getrandom::getrandom(&mut secret).unwrap();
+    let config = dir.path().join("garage.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+             replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+             rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{sec}\"\n\
+             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
+             root_domain = \".s3.garage.localhost\"\n",
+            d = dir.path().display(),
+            sec = hex::encode(secret),
+        ),
+    )
+    .unwrap();
+    let cfg = config.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut cmd = Command::new("garage");
+        cmd.arg("-c")
+            .arg(&cfg)
+            .arg("server")
+            .stdout(Stdio::null())
+            .stderr(match &log {
+                Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+                None => Stdio::null(),
+            });
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        match cmd.spawn() {
+            Ok(c) => {
+                tx.send(Ok(())).ok();
+                let _keep = c;
+                loop {
+                    std::thread::park();
+                }
+            }
+            Err(e) => {
+                tx.send(Err(e)).ok();
+            }
+        }
+    });
+    if let Err(e) = rx.recv().expect("garage thread") {
+        panic!(
+            "cannot start garage ({e}). The compatibility tests need Garage 2.5: \
+             install it with `bash .ci/deps.sh --tests` (cargo install garage --version 2.5.0)"
+        );
+    }
+    let start = Instant::now();
+    let node = loop {
+        let out = Command::new("garage")
+            .arg("-c")
+            .arg(&config)
+            .args(["node", "id", "-q"])
+            .output();
+        if let Some(o) = out.ok().filter(|o| o.status.success()) {
+            let id = String::from_utf8_lossy(&o.stdout);
+            break id.split('@').next().unwrap_or("").trim().to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "garage did not come up on 127.0.0.1:{rpc} within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    garage_cli(
+        &config,
+        &["layout", "assign", "-z", "dc1", "-c", "1G", &node],
+    );
+    garage_cli(&config, &["layout", "apply", "--version", "1"]);
+    let out = garage_cli(&config, &["key", "create", "imgbuild-tests"]);
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in `garage key create` output:\n{out}"))
+    };
+    let (key_id, secret) = (field("Key ID:"), field("Secret key:"));
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", s3)).is_ok() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "garage S3 API not listening"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Garage {
+        endpoint: format!("http://127.0.0.1:{s3}"),
+        config,
+        key_id,
+        secret,
+        _dir: dir,
+    }
+}
+
 pub fn unique(name: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     format!(
@@ -308,6 +564,78 @@ impl Env {
             accept_unlocked_bucket: false,
         };
         Env { dir, secrets, cfg }
+    }
+
+    /// A fresh bucket on the Garage of `garage_logged()` and fresh host keys.
+    pub fn garage_logged() -> Env {
+        let g = &garage_logged().server;
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        write_keys(&secrets, 1);
+        std::fs::write(
+            secrets.join("s3.env"),
+            format!(
+                "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\nAWS_REGION=garage\n",
+                g.key_id, g.secret
+            ),
+        )
+        .unwrap();
+        let bucket = unique("bkt").to_lowercase();
+        garage_cli(&g.config, &["bucket", "create", &bucket]);
+        garage_cli(
+            &g.config,
+            &[
+                "bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", &g.key_id,
+            ],
+        );
+        let cfg = StoreConfig {
+            bucket,
+            prefix: "hosts/test".into(),
+            endpoint: Some(g.endpoint.clone()),
+            region: String::new(),
+            path_style: true,
+            credentials_file: Some(secrets.join("s3.env")),
+            object_lock_days: None,
+            multipart_threshold: 0,
+            accept_unlocked_bucket: false,
+        };
+        Env { dir, secrets, cfg }
+    }
+
+    /// A fresh bucket (no Object Lock) on the moto of `moto_logged()` and fresh keys.
+    pub fn moto_logged() -> Env {
+        let endpoint = moto_logged().server.endpoint.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        write_keys(&secrets, 1);
+        std::fs::write(
+            secrets.join("s3.env"),
+            "AWS_ACCESS_KEY_ID=test\nAWS_SECRET_ACCESS_KEY=test\nAWS_REGION=us-east-1\n",
+        )
+        .unwrap();
+        let bucket = unique("bkt").to_lowercase();
+        let cfg = StoreConfig {
+            bucket: bucket.clone(),
+            prefix: "hosts/test".into(),
+            endpoint: Some(endpoint),
+            region: "us-east-1".into(),
+            path_style: true,
+            credentials_file: Some(secrets.join("s3.env")),
+            object_lock_days: None,
+            multipart_threshold: 0,
+            accept_unlocked_bucket: false,
+        };
+        let env = Env { dir, secrets, cfg };
+        rt().block_on(async {
+            let s = env.store().await;
+            s.client()
+                .create_bucket()
+                .bucket(&bucket)
+                .send()
+                .await
+                .expect("create bucket");
+        });
+        env
     }
 
     pub async fn store(&self) -> Store {
