@@ -53,19 +53,18 @@ counts. moto's request recorder (`/moto-api/recorder/*`, present in 5.2) was not
 it writes every request body to a file, which would slow the server during the
 measurement.
 
-What the numbers say, over the three runs made for this section (the first with a
-cargo build beside it): imgbuild's full backup is 1.5-2.1× as fast as restic's and its
+What the numbers say. imgbuild's full backup is 1.5-2.1× as fast as restic's and its
 incremental 2.7-5.4× (unchanged files are not read at all); it stores 1.0-1.5× restic's
 bytes for the 1 % change (small-file groups are coarser than restic's per-file chunks).
-Restore is where imgbuild is behind: it makes 200-310 ranged GETs for 12 packs (1-1.5
-MiB each, well below the 4 MiB merge limit), where restic GETs whole packs (21-22 GETs)
-and the raw ranged GET needs 85-86. On moto, which spends most of its time per request,
-imgbuild's restore reached 0.57-0.63× restic's throughput and 0.27-0.50× the raw GET's;
-on Garage it was 0.89-1.56× restic's (imgbuild 2.8, 4.0, 4.1 s; restic
-4.3, 5.4, 3.7 s) and 0.18-0.42× the raw GET's. Fewer, larger restore reads are the next
-step. restic runs with its defaults (5 connections), imgbuild with 16. Peak RSS is GNU
-time's `%M` around each process, imgbuild's included (its backups and restore run as
-child processes of the test).
+Restore: the first runs of this section found imgbuild making 200-310 ranged GETs of
+1-1.5 MiB for 12 packs (0.57-0.63× restic on moto, 0.89-1.56× on Garage), because the
+backup put chunks into packs in the order their sealing finished rather than stream
+order. Packs now keep stream order and a GET merges up to 8 MiB (8 in flight): the run
+above needs 88-89 GETs and restores at 1.5× restic's throughput on Garage and 1.6× on
+moto, 0.43× the raw ranged GET's. Both targets of issue 13 (2× restic, 0.8× the raw GET)
+are not reached yet. restic runs with its defaults (5 connections), imgbuild with up to
+8 ranged GETs in flight. Peak RSS is GNU time's `%M` around each process, imgbuild's
+included (its backups and restore run as child processes of the test).
 
 Not measured yet: rustic (its `cargo install` did not finish in the time this run had;
 the test measures it whenever `rustic` is on PATH or in ~/.cargo/bin), and the 2-million

@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 
 /// Chunk sizes: restic's average (1 MiB) keeps the object count, and so per-request
 /// overhead, low; the 256 KiB minimum bounds the cost of small edits.
@@ -511,9 +510,11 @@ async fn backup_volume(
         }
     });
 
-    // Sealing (zstd + AEAD) runs on the blocking pool, `parallel` chunks at once;
-    // sealed chunks go into the pack in the order they finish.
-    let mut tasks: JoinSet<([u8; 32], usize, Vec<u8>)> = JoinSet::new();
+    // Sealing (zstd + AEAD) runs on the blocking pool, `parallel` chunks at once.
+    // Sealed chunks go into the pack in stream order (oldest task first), so a restore
+    // finds the chunks of a file next to each other and reads them in one request.
+    type Sealing = tokio::task::JoinHandle<([u8; 32], usize, Vec<u8>)>;
+    let mut tasks: std::collections::VecDeque<Sealing> = std::collections::VecDeque::new();
     // More sealers than cores only holds more chunks in memory.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let parallel = opts.parallel.clamp(1, cores + 1);
@@ -550,10 +551,10 @@ async fn backup_volume(
         stats.chunks_new += 1;
         stats.bytes_new += len;
         while tasks.len() >= parallel {
-            let Some(done) = tasks.join_next().await else {
+            let Some(oldest) = tasks.pop_front() else {
                 break;
             };
-            if let Err(e) = pack_sealed(packer, done).await {
+            if let Err(e) = pack_sealed(packer, oldest.await).await {
                 failure = failure.or(Some(e));
             }
         }
@@ -561,15 +562,15 @@ async fn backup_volume(
             break;
         }
         let keys = keys.clone();
-        tasks.spawn_blocking(move || {
+        tasks.push_back(tokio::task::spawn_blocking(move || {
             let sealed = keys.seal_chunk(&p.id, &p.data);
             (p.id, p.data.len(), sealed)
-        });
+        }));
     }
     drop(rx);
     let _ = producer.await;
-    while let Some(done) = tasks.join_next().await {
-        if let Err(e) = pack_sealed(packer, done).await {
+    while let Some(oldest) = tasks.pop_front() {
+        if let Err(e) = pack_sealed(packer, oldest.await).await {
             failure = failure.or(Some(e));
         }
     }
