@@ -417,20 +417,7 @@ impl Store {
         if announced != len {
             return Err(short(announced));
         }
-        let mut body = resp.body;
-        let mut out = Vec::with_capacity(len as usize);
-        while let Some(part) = body.next().await {
-            let part = part.map_err(|e| SnapshotError::S3 {
-                op: "GetObject",
-                bucket: self.bucket.clone(),
-                key: key.to_string(),
-                message: format!("reading body: {e}"),
-            })?;
-            if out.len() + part.len() > len as usize {
-                return Err(short((out.len() + part.len()) as u64));
-            }
-            out.extend_from_slice(&part);
-        }
+        let out = self.read_capped(key, resp.body, len, len, short).await?;
         if out.len() as u64 != len {
             return Err(short(out.len() as u64));
         }
@@ -493,8 +480,24 @@ impl Store {
         if announced > max {
             return Err(too_large(announced));
         }
-        let mut body = resp.body;
-        let mut out = Vec::with_capacity(announced as usize);
+        Ok(Some(
+            self.read_capped(key, resp.body, announced, max, too_large)
+                .await?,
+        ))
+    }
+
+    /// Reads a body (`announced` bytes, as the response said), refusing with `over`
+    /// (given the bytes seen so far) as soon as it would exceed `cap`: the server may
+    /// send more than it announced.
+    async fn read_capped(
+        &self,
+        key: &str,
+        mut body: ByteStream,
+        announced: u64,
+        cap: u64,
+        over: impl Fn(u64) -> SnapshotError,
+    ) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(announced.min(cap) as usize);
         while let Some(part) = body.next().await {
             let part = part.map_err(|e| SnapshotError::S3 {
                 op: "GetObject",
@@ -502,12 +505,13 @@ impl Store {
                 key: key.to_string(),
                 message: format!("reading body: {e}"),
             })?;
-            if out.len() as u64 + part.len() as u64 > max {
-                return Err(too_large(out.len() as u64 + part.len() as u64));
+            let seen = out.len() as u64 + part.len() as u64;
+            if seen > cap {
+                return Err(over(seen));
             }
             out.extend_from_slice(&part);
         }
-        Ok(Some(out))
+        Ok(out)
     }
 
     /// GET as a stream, of the whole object or of the inclusive byte range
