@@ -144,28 +144,9 @@ fn incremental_backup_uploads_about_the_change() {
 /// Runs a backup in this process when the kill test asks for it (see below).
 #[test]
 fn child_backup_for_kill_test() {
-    let Ok(cfg) = std::env::var("IMGBUILD_SNAPSHOT_CHILD") else {
+    let Some((store_cfg, keys, source)) = child_target("IMGBUILD_SNAPSHOT_CHILD") else {
         return;
     };
-    let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-    let s = |k: &str| v[k].as_str().unwrap().to_string();
-    let store_cfg = imgbuild::snapshot::StoreConfig {
-        bucket: s("bucket"),
-        prefix: s("prefix"),
-        endpoint: Some(s("endpoint")),
-        region: s("region"),
-        path_style: true,
-        credentials_file: Some(Path::new(&s("secrets")).join("s3.env")),
-        object_lock_days: None,
-        multipart_threshold: 0,
-        accept_unlocked_bucket: false,
-    };
-    let secrets = std::path::PathBuf::from(s("secrets"));
-    let keys = imgbuild::snapshot::Keys::load(
-        &secrets.join("snapshot-encryption.key"),
-        &secrets.join("snapshot-signing.key"),
-    )
-    .unwrap();
     rt().block_on(async {
         let store = Store::connect(&store_cfg).await.unwrap();
         let mut o = opts();
@@ -173,7 +154,7 @@ fn child_backup_for_kill_test() {
         backup::backup(
             &store,
             &keys,
-            &[src("v", Path::new(&s("source")))],
+            &[src("v", &source.expect("source"))],
             &mut NoHooks,
             &o,
         )
@@ -221,10 +202,7 @@ fn kill_9_test(env: Env) {
         }
         std::fs::write(v.join(format!("d/new{run}")), noise(5000 + run, 700_000)).unwrap();
         states.insert(tree_hash(&v));
-        let cfg = serde_json::json!({
-            "bucket": env.cfg.bucket, "prefix": env.cfg.prefix, "region": env.cfg.region,
-            "endpoint": env.cfg.endpoint, "secrets": env.secrets, "source": v,
-        });
+        let cfg = env.child_config(Some(&v));
         let started = std::time::Instant::now();
         let mut child = std::process::Command::new(&exe)
             .args([
@@ -233,7 +211,7 @@ fn kill_9_test(env: Env) {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env("IMGBUILD_SNAPSHOT_CHILD", cfg.to_string())
+            .env("IMGBUILD_SNAPSHOT_CHILD", &cfg)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

@@ -14,7 +14,7 @@ use imgbuild::snapshot::backup::{self, BackupOptions, NoHooks, Source};
 use imgbuild::snapshot::pack::{self, Index};
 use imgbuild::snapshot::prune::{self, PruneOptions};
 use imgbuild::snapshot::restore::{self, RestoreOptions};
-use imgbuild::snapshot::{check, format, Store};
+use imgbuild::snapshot::{check, format, Keys, Store};
 use std::path::Path;
 
 fn opts(pack_target: usize) -> BackupOptions {
@@ -39,6 +39,23 @@ async fn restore_to(store: &Store, env: &Env, id: &str, out: &Path) -> restore::
     restore::restore(store, &keys, &m, out, &RestoreOptions::default())
         .await
         .unwrap_or_else(|e| panic!("restore {id}: {e}"))
+}
+
+async fn backup_of(
+    store: &Store,
+    keys: &Keys,
+    v: &Path,
+    pack_target: usize,
+) -> backup::BackupReport {
+    backup::backup(store, keys, &src(v), &mut NoHooks, &opts(pack_target))
+        .await
+        .unwrap()
+}
+
+async fn check_of(store: &Store, keys: &Keys, read_data: bool) -> check::CheckReport {
+    check::check(store, keys, read_data, 4, &Progress::quiet())
+        .await
+        .unwrap()
 }
 
 /// Files of many sizes, a few hundred small ones among them.
@@ -75,15 +92,7 @@ fn packs_cut_objects_and_restore_merges_ranged_reads() {
         let store = env.store().await;
         let keys = env.keys();
         // The smallest pack size makes many packs, so chunks sit at every pack boundary.
-        let r = backup::backup(
-            &store,
-            &keys,
-            &src(&v),
-            &mut NoHooks,
-            &opts(pack::PACK_TARGET_MIN),
-        )
-        .await
-        .unwrap();
+        let r = backup_of(&store, &keys, &v, pack::PACK_TARGET_MIN).await;
         let s = &r.stats;
         let packs_listed = packs::pack_count(&store).await;
         assert_eq!(s.packs_new as usize, packs_listed);
@@ -127,9 +136,7 @@ fn packs_cut_objects_and_restore_merges_ranged_reads() {
                 assert_eq!(got[0].len(), b.plain as usize);
             }
         }
-        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
-            .await
-            .unwrap();
+        let c = check_of(&store, &keys, true).await;
         assert!(c.ok(), "{:?}", c.problems);
         assert_eq!(c.packs_read as usize, packs_listed);
 
@@ -139,15 +146,7 @@ fn packs_cut_objects_and_restore_merges_ranged_reads() {
             cfg.prefix = "hosts/default".into();
             Store::connect(&cfg).await.unwrap()
         };
-        let r2 = backup::backup(
-            &store2,
-            &keys,
-            &src(&v),
-            &mut NoHooks,
-            &opts(pack::PACK_TARGET),
-        )
-        .await
-        .unwrap();
+        let r2 = backup_of(&store2, &keys, &v, pack::PACK_TARGET).await;
         let objects = store2.list("hosts/default/").await.unwrap().len() as u64;
         eprintln!(
             "default packs: {} objects (packs, index, manifest) for {} chunks: 1/{:.0}",
@@ -170,15 +169,7 @@ fn format_1_bucket_restores_dedups_and_prunes() {
         let keys = env.keys();
         // Make a format-1 bucket: the same sealed chunks as one object each, and a
         // version-2 manifest, as imgbuild wrote before packs.
-        let r = backup::backup(
-            &store,
-            &keys,
-            &src(&v),
-            &mut NoHooks,
-            &opts(pack::PACK_TARGET),
-        )
-        .await
-        .unwrap();
+        let r = backup_of(&store, &keys, &v, pack::PACK_TARGET).await;
         let ix = Index::load(&store, &keys).await.unwrap();
         for p in &ix.packs {
             let bytes = store.get(&p.key, u64::MAX).await.unwrap().unwrap();
@@ -225,15 +216,7 @@ fn format_1_bucket_restores_dedups_and_prunes() {
 
         // A packed backup on top uploads only the change.
         std::fs::write(v.join("f0"), noise(777, 300_000)).unwrap();
-        let r2 = backup::backup(
-            &store,
-            &keys,
-            &src(&v),
-            &mut NoHooks,
-            &opts(pack::PACK_TARGET),
-        )
-        .await
-        .unwrap();
+        let r2 = backup_of(&store, &keys, &v, pack::PACK_TARGET).await;
         assert!(
             r2.stats.bytes_new < 4 << 20,
             "re-uploaded format-1 data: {:?}",
@@ -257,9 +240,7 @@ fn format_1_bucket_restores_dedups_and_prunes() {
         .await
         .unwrap();
         assert!(p.chunks_deleted >= 1, "{p:?}");
-        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
-            .await
-            .unwrap();
+        let c = check_of(&store, &keys, true).await;
         assert!(c.ok() && c.chunks_unreferenced == 0, "{c:?}");
         assert!(c.chunk_objects > 0 && c.packs == 1, "{c:?}");
         let out = env.path("out3");
@@ -286,15 +267,7 @@ fn repack_under_object_lock_leaves_locked_packs_and_loses_nothing() {
             cfg.object_lock_days = None;
             Store::connect(&cfg).await.unwrap()
         };
-        backup::backup(
-            &unlocked,
-            &keys,
-            &src(&v),
-            &mut NoHooks,
-            &opts(pack::PACK_TARGET),
-        )
-        .await
-        .unwrap();
+        backup_of(&unlocked, &keys, &v, pack::PACK_TARGET).await;
         // Most of the data changes: the first pack becomes mostly garbage.
         for e in std::fs::read_dir(&v).unwrap().flatten() {
             if e.file_name().to_string_lossy().starts_with('f') {
@@ -302,15 +275,7 @@ fn repack_under_object_lock_leaves_locked_packs_and_loses_nothing() {
             }
         }
         std::fs::write(v.join("new"), noise(4242, 2 << 20)).unwrap();
-        let r2 = backup::backup(
-            &store,
-            &keys,
-            &src(&v),
-            &mut NoHooks,
-            &opts(pack::PACK_TARGET),
-        )
-        .await
-        .unwrap();
+        let r2 = backup_of(&store, &keys, &v, pack::PACK_TARGET).await;
         let before = packs::pack_and_index_keys(&store, &keys).await;
         let p = prune::prune(
             &store,
@@ -335,9 +300,7 @@ fn repack_under_object_lock_leaves_locked_packs_and_loses_nothing() {
         let out = env.path("out");
         restore_to(&store, &env, &r2.id, &out).await;
         assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
-        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
-            .await
-            .unwrap();
+        let c = check_of(&store, &keys, true).await;
         assert!(c.ok(), "{:?}", c.problems);
     });
 }
@@ -351,22 +314,12 @@ fn lost_index_objects_are_rebuilt_from_pack_headers() {
     rt.block_on(async {
         let store = env.store().await;
         let keys = env.keys();
-        let r = backup::backup(
-            &store,
-            &keys,
-            &src(&v),
-            &mut NoHooks,
-            &opts(pack::PACK_TARGET_MIN),
-        )
-        .await
-        .unwrap();
+        let r = backup_of(&store, &keys, &v, pack::PACK_TARGET_MIN).await;
         let ix = Index::load(&store, &keys).await.unwrap();
         for k in &ix.objects {
             store.delete(k).await.unwrap();
         }
-        let c = check::check(&store, &keys, false, 4, &Progress::quiet())
-            .await
-            .unwrap();
+        let c = check_of(&store, &keys, false).await;
         assert!(
             c.ok() && c.index_objects == 0 && c.packs_unindexed == c.packs,
             "{c:?}"
@@ -385,9 +338,7 @@ fn lost_index_objects_are_rebuilt_from_pack_headers() {
         assert_eq!(p.packs_adopted as usize, ix.packs.len(), "{p:?}");
         assert_eq!(p.packs_deleted, 0, "{p:?}");
         assert!(p.index_written.is_some(), "{p:?}");
-        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
-            .await
-            .unwrap();
+        let c = check_of(&store, &keys, true).await;
         assert!(
             c.ok() && c.packs_unindexed == 0 && c.index_objects == 1,
             "{c:?}"
@@ -417,9 +368,7 @@ fn lost_index_objects_are_rebuilt_from_pack_headers() {
             )
             .await
             .unwrap();
-        let c = check::check(&store, &keys, false, 4, &Progress::quiet())
-            .await
-            .unwrap();
+        let c = check_of(&store, &keys, false).await;
         assert!(
             c.problems.iter().any(|p| p.contains("signature")),
             "{:?}",
@@ -440,28 +389,9 @@ fn lost_index_objects_are_rebuilt_from_pack_headers() {
 
 #[test]
 fn child_prune_for_kill_test() {
-    let Ok(cfg) = std::env::var("IMGBUILD_PRUNE_CHILD") else {
+    let Some((store_cfg, keys, _)) = child_target("IMGBUILD_PRUNE_CHILD") else {
         return;
     };
-    let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-    let s = |k: &str| v[k].as_str().unwrap().to_string();
-    let store_cfg = imgbuild::snapshot::StoreConfig {
-        bucket: s("bucket"),
-        prefix: s("prefix"),
-        endpoint: Some(s("endpoint")),
-        region: s("region"),
-        path_style: true,
-        credentials_file: Some(Path::new(&s("secrets")).join("s3.env")),
-        object_lock_days: None,
-        multipart_threshold: 0,
-        accept_unlocked_bucket: false,
-    };
-    let secrets = std::path::PathBuf::from(s("secrets"));
-    let keys = imgbuild::snapshot::Keys::load(
-        &secrets.join("snapshot-encryption.key"),
-        &secrets.join("snapshot-signing.key"),
-    )
-    .unwrap();
     rt().block_on(async {
         let store = Store::connect(&store_cfg).await.unwrap();
         let mut o = PruneOptions::no_grace();
@@ -506,22 +436,11 @@ fn kill_9_during_prune_never_loses_a_listed_snapshot() {
                     )
                     .unwrap();
                 }
-                let r = backup::backup(
-                    &store,
-                    &keys,
-                    &src(&v),
-                    &mut NoHooks,
-                    &opts(pack::PACK_TARGET_MIN),
-                )
-                .await
-                .unwrap();
+                let r = backup_of(&store, &keys, &v, pack::PACK_TARGET_MIN).await;
                 states.insert(r.id, tree_hash(&v));
             }
         });
-        let cfg = serde_json::json!({
-            "bucket": env.cfg.bucket, "prefix": env.cfg.prefix, "region": env.cfg.region,
-            "endpoint": env.cfg.endpoint, "secrets": env.secrets,
-        });
+        let cfg = env.child_config(None);
         let started = std::time::Instant::now();
         let mut child = std::process::Command::new(&exe)
             .args([
@@ -530,7 +449,7 @@ fn kill_9_during_prune_never_loses_a_listed_snapshot() {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env("IMGBUILD_PRUNE_CHILD", cfg.to_string())
+            .env("IMGBUILD_PRUNE_CHILD", &cfg)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -568,9 +487,7 @@ fn kill_9_during_prune_never_loses_a_listed_snapshot() {
                 );
                 std::fs::remove_dir_all(&out).unwrap();
             }
-            let c = check::check(&store, &keys, false, 4, &Progress::quiet())
-                .await
-                .unwrap();
+            let c = check_of(&store, &keys, false).await;
             assert!(c.ok(), "run {run}: {:?}", c.problems);
         });
     }
@@ -579,9 +496,7 @@ fn kill_9_during_prune_never_loses_a_listed_snapshot() {
     rt.block_on(async {
         let store = env.store().await;
         let keys = env.keys();
-        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
-            .await
-            .unwrap();
+        let c = check_of(&store, &keys, true).await;
         assert!(c.ok(), "{:?}", c.problems);
     });
 }
@@ -636,15 +551,7 @@ fn a_lock_left_by_a_dead_process_of_this_boot_is_cleared_others_are_not() {
             .await
             .unwrap();
         let started = std::time::Instant::now();
-        backup::backup(
-            &store,
-            &keys,
-            &src(&v),
-            &mut NoHooks,
-            &opts(pack::PACK_TARGET),
-        )
-        .await
-        .unwrap();
+        backup_of(&store, &keys, &v, pack::PACK_TARGET).await;
         assert!(started.elapsed() < std::time::Duration::from_secs(20));
         assert!(
             !store.exists(&key).await.unwrap(),
@@ -684,15 +591,7 @@ fn small_packs_of_incremental_backups_are_merged_once() {
         let mut snaps = Vec::new();
         for i in 0..5u64 {
             std::fs::write(v.join("changing"), noise(700 + i, 200_000)).unwrap();
-            let r = backup::backup(
-                &store,
-                &keys,
-                &src(&v),
-                &mut NoHooks,
-                &opts(pack::PACK_TARGET),
-            )
-            .await
-            .unwrap();
+            let r = backup_of(&store, &keys, &v, pack::PACK_TARGET).await;
             snaps.push((r.id, tree_hash(&v)));
         }
         assert_eq!(packs::pack_count(&store).await, 5);
@@ -722,9 +621,7 @@ fn small_packs_of_incremental_backups_are_merged_once() {
         .await
         .unwrap();
         assert_eq!(p.packs_repacked + p.packs_deleted, 0, "{p:?}");
-        let c = check::check(&store, &keys, true, 4, &Progress::quiet())
-            .await
-            .unwrap();
+        let c = check_of(&store, &keys, true).await;
         assert!(c.ok(), "{:?}", c.problems);
     });
 }

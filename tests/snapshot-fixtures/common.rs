@@ -655,6 +655,45 @@ impl Env {
     }
 }
 
+impl Env {
+    /// What a child test process needs to reach this bucket with these keys, as JSON
+    /// for an environment variable; `source` is passed along for backups.
+    pub fn child_config(&self, source: Option<&Path>) -> String {
+        serde_json::json!({
+            "bucket": self.cfg.bucket, "prefix": self.cfg.prefix, "region": self.cfg.region,
+            "endpoint": self.cfg.endpoint, "secrets": self.secrets, "source": source,
+        })
+        .to_string()
+    }
+}
+
+/// In a child test process started with `var` set to [`Env::child_config`]: the store
+/// configuration, the keys and the `source` directory. `None` when `var` is unset (the
+/// test is then not a child and does nothing).
+pub fn child_target(var: &str) -> Option<(StoreConfig, Keys, Option<PathBuf>)> {
+    let cfg = std::env::var(var).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    let s = |k: &str| v[k].as_str().unwrap().to_string();
+    let secrets = PathBuf::from(s("secrets"));
+    let store_cfg = StoreConfig {
+        bucket: s("bucket"),
+        prefix: s("prefix"),
+        endpoint: Some(s("endpoint")),
+        region: s("region"),
+        path_style: true,
+        credentials_file: Some(secrets.join("s3.env")),
+        object_lock_days: None,
+        multipart_threshold: 0,
+        accept_unlocked_bucket: false,
+    };
+    let keys = Keys::load(
+        &secrets.join("snapshot-encryption.key"),
+        &secrets.join("snapshot-signing.key"),
+    )
+    .unwrap();
+    Some((store_cfg, keys, v["source"].as_str().map(PathBuf::from)))
+}
+
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
