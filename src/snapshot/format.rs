@@ -15,8 +15,10 @@ use std::os::unix::ffi::OsStrExt;
 /// JSON version written now. 2 adds `skipped` entries; the object around it also
 /// changed (see crypto: the signature binds host and prefix). 3 keeps the JSON of 2
 /// but its chunks live in packs (see `pack`), which older readers cannot find: they
-/// refuse the version instead of reporting missing chunks. 1 and 2 still restore.
-pub const MANIFEST_VERSION: u32 = 3;
+/// refuse the version instead of reporting missing chunks. 4 moves each volume's
+/// entry list out of the manifest into chunks of its own (see `entries`), so the
+/// manifest stays small whatever the file count. 1 to 3 still restore.
+pub const MANIFEST_VERSION: u32 = 4;
 
 /// Largest sealed manifest any reader accepts. A manifest entry compresses to well
 /// under 100 bytes, so this holds tens of millions of files; it exists so a planted
@@ -166,10 +168,18 @@ pub struct Entry {
     /// reads past without creating the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// A regular file with further names (st_nlink > 1 when scanned): the only files a
+    /// hard-link entry may name, so a streamed check remembers only these paths.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub linked: bool,
     /// Device of the scanned inode: the read compares it (with `ino`) to what it
     /// opened. Only meaningful within one backup, so never stored.
     #[serde(skip)]
     pub dev: u64,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 fn is_zero_i64(v: &i64) -> bool {
@@ -207,8 +217,13 @@ pub struct Volume {
     pub name: String,
     /// Sum of the chunk lengths = sum of the entries' stream lengths.
     pub stream_bytes: u64,
+    /// Versions 1–3: the entry list itself. Version 4: empty, see `meta`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub entries: Vec<Entry>,
     pub chunks: Vec<ChunkRef>,
+    /// Version 4: the chunks of the entry stream (one JSON entry per line).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub meta: Vec<ChunkRef>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +236,12 @@ pub struct Stats {
     pub bytes_uploaded: u64,
     pub chunks_total: u64,
     pub chunks_new: u64,
+    /// Plaintext bytes of the volumes' entry lists (version 4), and of the entry
+    /// chunks this snapshot uploaded; not part of the byte and chunk counts above.
+    #[serde(default)]
+    pub entry_bytes: u64,
+    #[serde(default)]
+    pub entry_bytes_new: u64,
     /// Pack objects this snapshot uploaded.
     #[serde(default)]
     pub packs_new: u64,
@@ -265,7 +286,7 @@ impl Manifest {
     pub fn chunk_ids(&self) -> std::collections::BTreeSet<&str> {
         self.volumes
             .iter()
-            .flat_map(|v| v.chunks.iter().map(|c| c.0.as_str()))
+            .flat_map(|v| v.chunks.iter().chain(&v.meta).map(|c| c.0.as_str()))
             .collect()
     }
 
@@ -280,76 +301,39 @@ impl Manifest {
                 return Err(format!("bad volume name {:?}", v.name));
             }
             let chunk_sum: u64 = v.chunks.iter().map(|c| c.1).sum();
-            let entry_sum: u64 = v.entries.iter().map(|e| e.stream_len()).sum();
-            if chunk_sum != v.stream_bytes || entry_sum != v.stream_bytes {
+            if chunk_sum != v.stream_bytes {
                 return Err(format!(
-                    "volume {}: chunks hold {chunk_sum} bytes, files {entry_sum}, header {}",
+                    "volume {}: chunks hold {chunk_sum} bytes, header {}",
                     v.name, v.stream_bytes
                 ));
             }
-            for c in &v.chunks {
+            for c in v.chunks.iter().chain(&v.meta) {
                 if c.0.len() != 64 || hex::decode(&c.0).is_err() {
                     return Err(format!("volume {}: bad chunk id {:?}", v.name, c.0));
                 }
             }
-            // Restore creates entries in order inside their parent: each path must be
-            // new, and its parent an earlier directory entry. A path below a symlink
-            // (`a -> /etc`, then `a/cron.d/x`) or below a file is refused here, before
-            // anything is written.
-            let mut kinds: std::collections::HashMap<Vec<u8>, Kind> =
-                std::collections::HashMap::with_capacity(v.entries.len());
-            for (i, e) in v.entries.iter().enumerate() {
-                let p = e.path.to_bytes().ok_or("bad base64 path")?;
-                if !safe_relative(&p) {
-                    return Err(format!("volume {}: unsafe path {}", v.name, e.path));
+            // Version 4 lists entries only in `meta` (checked as they stream, before
+            // restore writes anything); older versions hold them here.
+            match (self.version >= 4, v.entries.is_empty(), v.meta.is_empty()) {
+                (true, true, false) => {}
+                (false, false, true) => {
+                    let mut check = super::entries::EntryCheck::new(v);
+                    for e in &v.entries {
+                        check.push(e)?;
+                    }
+                    check.finish(v.stream_bytes)?;
                 }
-                if p.is_empty() != (i == 0) || (i == 0 && e.kind != Kind::Dir) {
+                _ => {
                     return Err(format!(
-                        "volume {}: the first entry, and only it, must be the root directory",
-                        v.name
-                    ));
-                }
-                if !p.is_empty() {
-                    let parent = &p[..p.iter().rposition(|b| *b == b'/').unwrap_or(0)];
-                    match kinds.get(parent) {
-                        Some(Kind::Dir) => {}
-                        Some(k) => {
-                            return Err(format!(
-                                "volume {}: {} lies below a {k:?} entry (only directories hold entries)",
-                                v.name, e.path
-                            ))
+                        "volume {}: version {} keeps its entries {}",
+                        v.name,
+                        self.version,
+                        if self.version >= 4 {
+                            "in entry chunks"
+                        } else {
+                            "inline"
                         }
-                        None => {
-                            return Err(format!(
-                                "volume {}: {} comes before its parent directory",
-                                v.name, e.path
-                            ))
-                        }
-                    }
-                }
-                if e.kind == Kind::Hardlink {
-                    let t = e
-                        .target
-                        .as_ref()
-                        .and_then(|t| t.to_bytes())
-                        .unwrap_or_default();
-                    if t.is_empty() || !safe_relative(&t) {
-                        return Err(format!("volume {}: bad hard link {}", v.name, e.path));
-                    }
-                    if kinds.get(&t) != Some(&Kind::File) {
-                        return Err(format!(
-                            "volume {}: hard link {} does not name an earlier regular file",
-                            v.name, e.path
-                        ));
-                    }
-                }
-                for x in e.data_extents() {
-                    if x[0].checked_add(x[1]).is_none_or(|end| end > e.size) {
-                        return Err(format!("volume {}: extent past end of {}", v.name, e.path));
-                    }
-                }
-                if kinds.insert(p, e.kind).is_some() {
-                    return Err(format!("volume {}: {} is listed twice", v.name, e.path));
+                    ))
                 }
             }
         }

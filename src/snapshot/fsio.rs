@@ -277,6 +277,7 @@ fn entry_from_stat(rel: &[u8], st: &libc::stat) -> Entry {
         ctime_ns: st.st_ctime_nsec as u32,
         ino: st.st_ino,
         skipped: None,
+        linked: false,
         dev: st.st_dev,
     }
 }
@@ -288,171 +289,231 @@ fn same_inode(a: &libc::stat, b: &libc::stat) -> bool {
 }
 
 /// Walks `root` (never following symlinks, children sorted by name bytes) and returns
-/// the entries in stream order. Every name is resolved relative to its parent's open
-/// fd, so the walk stays inside `root` whatever a container renames meanwhile. Names
-/// that vanish or change type between listing and opening, unreadable directories
-/// and paths too long to restore are skipped and counted; sockets are skipped (they
-/// are recreated by whoever listens on them).
+/// the entries in stream order: [`Walker`] collected. For tests and small trees;
+/// backup walks lazily.
 pub fn scan(root: &Path) -> Result<ScanReport> {
-    let rootfd = open_root(root).map_err(|e| SnapshotError::io(root, e))?;
-    let st = at::fstat(&rootfd).map_err(|e| SnapshotError::io(root, e))?;
-    let mut rep = ScanReport::default();
-    let mut e = entry_from_stat(b"", &st);
-    e.kind = Kind::Dir;
-    e.xattrs = read_xattrs(root)?;
-    rep.entries.push(e);
-    let mut w = Walk {
-        root,
-        // Restore recreates the tree under a path of about the same length.
-        budget: (libc::PATH_MAX as usize).saturating_sub(root.as_os_str().len() + 2),
-        inodes: HashMap::new(),
-        rep,
-    };
-    w.dir(&rootfd, &[]);
-    Ok(w.rep)
+    let mut w = Walker::new(root)?;
+    let entries: Vec<Entry> = w.by_ref().collect();
+    Ok(ScanReport {
+        entries,
+        warnings: std::mem::take(&mut w.warnings),
+        skipped: w.skipped,
+    })
 }
 
-struct Walk<'a> {
-    root: &'a Path,
+/// One directory being walked: its fd, path and sorted names.
+struct Frame {
+    fd: std::os::fd::OwnedFd,
+    rel: Vec<u8>,
+    names: std::vec::IntoIter<Vec<u8>>,
+}
+
+/// The entries of `root` in stream order (depth first, children sorted by name
+/// bytes), produced one at a time so a tree of millions of files is never held
+/// whole: memory is the open directories' name lists. Every name is resolved
+/// relative to its parent's open fd, so the walk stays inside `root` whatever a
+/// container renames meanwhile. Names that vanish or change type between listing and
+/// opening, unreadable directories and paths too long to restore are skipped and
+/// counted; sockets are skipped (they are recreated by whoever listens on them).
+pub struct Walker {
+    root: PathBuf,
     budget: usize,
+    /// First name of each multiply-linked inode seen.
     inodes: HashMap<(u64, u64), Vec<u8>>,
-    rep: ScanReport,
+    stack: Vec<Frame>,
+    first: Option<Entry>,
+    /// One line per file left out or noted, naming it and why.
+    pub warnings: Vec<String>,
+    /// Files left out (see [`ScanReport::skipped`]).
+    pub skipped: u64,
 }
 
-impl Walk<'_> {
+impl Walker {
+    pub fn new(root: &Path) -> Result<Walker> {
+        let rootfd = open_root(root).map_err(|e| SnapshotError::io(root, e))?;
+        let st = at::fstat(&rootfd).map_err(|e| SnapshotError::io(root, e))?;
+        let mut e = entry_from_stat(b"", &st);
+        e.kind = Kind::Dir;
+        e.xattrs = read_xattrs(root)?;
+        let mut w = Walker {
+            root: root.to_path_buf(),
+            // Restore recreates the tree under a path of about the same length.
+            budget: (libc::PATH_MAX as usize).saturating_sub(root.as_os_str().len() + 2),
+            inodes: HashMap::new(),
+            stack: Vec::new(),
+            first: Some(e),
+            warnings: Vec::new(),
+            skipped: 0,
+        };
+        w.enter(rootfd, Vec::new());
+        Ok(w)
+    }
+
     fn skip(&mut self, rel: &[u8], why: impl std::fmt::Display) {
-        self.rep.skipped += 1;
-        self.rep.warnings.push(format!(
+        self.skipped += 1;
+        self.warnings.push(format!(
             "{}: {why}; skipped",
-            join_rel(self.root, rel).display()
+            join_rel(&self.root, rel).display()
         ));
     }
 
-    fn dir(&mut self, dirfd: &std::os::fd::OwnedFd, rel: &[u8]) {
+    /// Lists a directory whose entry was just produced; its children come next.
+    fn enter(&mut self, fd: std::os::fd::OwnedFd, rel: Vec<u8>) {
+        match at::list(&fd) {
+            Ok(mut names) => {
+                names.sort();
+                self.stack.push(Frame {
+                    fd,
+                    rel,
+                    names: names.into_iter(),
+                });
+            }
+            Err(e) => self.skip(&rel, format!("cannot list: {e}")),
+        }
+    }
+
+    /// The entry for the next name of the innermost open directory, if it is kept;
+    /// `Err(())` when the stack is empty.
+    fn step(&mut self) -> std::result::Result<Option<Entry>, ()> {
         use std::os::fd::AsRawFd;
-        let mut names = match at::list(dirfd) {
-            Ok(n) => n,
-            Err(e) => return self.skip(rel, format!("cannot list: {e}")),
+        let Some(top) = self.stack.last_mut() else {
+            return Err(());
         };
-        names.sort();
-        for n in names {
-            let mut child = rel.to_vec();
-            if !child.is_empty() {
-                child.push(b'/');
+        let Some(n) = top.names.next() else {
+            self.stack.pop();
+            return Ok(None);
+        };
+        let mut child = top.rel.clone();
+        let dirfd = top.fd.as_raw_fd();
+        if !child.is_empty() {
+            child.push(b'/');
+        }
+        child.extend_from_slice(&n);
+        if child.len() >= self.budget {
+            let shown = String::from_utf8_lossy(&child[..80.min(child.len())]).into_owned();
+            self.skipped += 1;
+            self.warnings.push(format!(
+                "{}/{shown}…: path of {} bytes is too long to restore (PATH_MAX); skipped",
+                self.root.display(),
+                child.len()
+            ));
+            return Ok(None);
+        }
+        let Ok(c) = cname(&n) else { return Ok(None) };
+        let st = match at::stat(dirfd, &c) {
+            Ok(st) => st,
+            Err(e) if is_gone(&e) => {
+                self.skip(&child, "vanished during the scan");
+                return Ok(None);
             }
-            child.extend_from_slice(&n);
-            if child.len() >= self.budget {
-                let shown = String::from_utf8_lossy(&child[..80.min(child.len())]).into_owned();
-                self.rep.skipped += 1;
-                self.rep.warnings.push(format!(
-                    "{}/{shown}…: path of {} bytes is too long to restore (PATH_MAX); skipped",
-                    self.root.display(),
-                    child.len()
-                ));
-                continue;
+            Err(e) => {
+                self.skip(&child, e);
+                return Ok(None);
             }
-            let Ok(c) = cname(&n) else { continue };
-            let st = match at::stat(dirfd.as_raw_fd(), &c) {
-                Ok(st) => st,
-                Err(e) if is_gone(&e) => {
-                    self.skip(&child, "vanished during the scan");
-                    continue;
+        };
+        let mut e = entry_from_stat(&child, &st);
+        let proc = at::proc_path(dirfd, &n);
+        e.xattrs = read_xattrs(Path::new(OsStr::from_bytes(&proc))).unwrap_or_default();
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                let sub = match at::open_dir(dirfd, &c) {
+                    Ok(fd) => fd,
+                    Err(err) if is_gone(&err) => {
+                        self.skip(&child, "vanished or replaced during the scan");
+                        return Ok(None);
+                    }
+                    Err(err) => {
+                        self.skip(&child, err);
+                        return Ok(None);
+                    }
+                };
+                match at::fstat(&sub) {
+                    Ok(now) if same_inode(&now, &st) => {}
+                    _ => {
+                        self.skip(&child, "replaced during the scan");
+                        return Ok(None);
+                    }
                 }
-                Err(e) => {
-                    self.skip(&child, e);
-                    continue;
+                e.kind = Kind::Dir;
+                self.enter(sub, child);
+            }
+            libc::S_IFLNK => match at::readlink(dirfd, &c) {
+                Ok(t) => {
+                    e.kind = Kind::Symlink;
+                    e.target = Some(Name::from_bytes(&t));
                 }
-            };
-            let mut e = entry_from_stat(&child, &st);
-            let proc = at::proc_path(dirfd.as_raw_fd(), &n);
-            e.xattrs = read_xattrs(Path::new(OsStr::from_bytes(&proc))).unwrap_or_default();
-            match st.st_mode & libc::S_IFMT {
-                libc::S_IFDIR => {
-                    let sub = match at::open_dir(dirfd.as_raw_fd(), &c) {
-                        Ok(fd) => fd,
+                Err(err) => {
+                    self.skip(&child, format!("readlink: {err}"));
+                    return Ok(None);
+                }
+            },
+            libc::S_IFREG => {
+                if st.st_nlink > 1 {
+                    if let Some(first) = self.inodes.get(&(st.st_dev, st.st_ino)) {
+                        e.kind = Kind::Hardlink;
+                        e.target = Some(Name::from_bytes(first));
+                        e.xattrs.clear();
+                        return Ok(Some(e));
+                    }
+                    self.inodes.insert((st.st_dev, st.st_ino), child.clone());
+                    e.linked = true;
+                }
+                e.size = st.st_size as u64;
+                // Only files with fewer allocated blocks than their size can have
+                // holes; asking every file would cost an open and two seeks each.
+                if (st.st_blocks as u64) * 512 < e.size {
+                    match at::open_file(dirfd, &c) {
+                        Ok(fd) if at::fstat(&fd).is_ok_and(|now| same_inode(&now, &st)) => {
+                            e.extents = data_extents(&File::from(fd), e.size);
+                        }
+                        Ok(_) => {
+                            self.skip(&child, "replaced during the scan");
+                            return Ok(None);
+                        }
                         Err(err) if is_gone(&err) => {
-                            self.skip(&child, "vanished or replaced during the scan");
-                            continue;
+                            self.skip(&child, "vanished during the scan");
+                            return Ok(None);
                         }
                         Err(err) => {
                             self.skip(&child, err);
-                            continue;
-                        }
-                    };
-                    match at::fstat(&sub) {
-                        Ok(now) if same_inode(&now, &st) => {}
-                        _ => {
-                            self.skip(&child, "replaced during the scan");
-                            continue;
+                            return Ok(None);
                         }
                     }
-                    e.kind = Kind::Dir;
-                    self.rep.entries.push(e);
-                    self.dir(&sub, &child);
-                    continue;
-                }
-                libc::S_IFLNK => match at::readlink(dirfd.as_raw_fd(), &c) {
-                    Ok(t) => {
-                        e.kind = Kind::Symlink;
-                        e.target = Some(Name::from_bytes(&t));
-                    }
-                    Err(err) => {
-                        self.skip(&child, format!("readlink: {err}"));
-                        continue;
-                    }
-                },
-                libc::S_IFREG => {
-                    if st.st_nlink > 1 {
-                        if let Some(first) = self.inodes.get(&(st.st_dev, st.st_ino)) {
-                            e.kind = Kind::Hardlink;
-                            e.target = Some(Name::from_bytes(first));
-                            e.xattrs.clear();
-                            self.rep.entries.push(e);
-                            continue;
-                        }
-                        self.inodes.insert((st.st_dev, st.st_ino), child.clone());
-                    }
-                    e.size = st.st_size as u64;
-                    // Only files with fewer allocated blocks than their size can have
-                    // holes; asking every file would cost an open and two seeks each.
-                    if (st.st_blocks as u64) * 512 < e.size {
-                        match at::open_file(dirfd.as_raw_fd(), &c) {
-                            Ok(fd) if at::fstat(&fd).is_ok_and(|now| same_inode(&now, &st)) => {
-                                e.extents = data_extents(&File::from(fd), e.size);
-                            }
-                            Ok(_) => {
-                                self.skip(&child, "replaced during the scan");
-                                continue;
-                            }
-                            Err(err) if is_gone(&err) => {
-                                self.skip(&child, "vanished during the scan");
-                                continue;
-                            }
-                            Err(err) => {
-                                self.skip(&child, err);
-                                continue;
-                            }
-                        }
-                    }
-                }
-                libc::S_IFIFO => e.kind = Kind::Fifo,
-                libc::S_IFCHR | libc::S_IFBLK => {
-                    e.kind = if st.st_mode & libc::S_IFMT == libc::S_IFCHR {
-                        Kind::Char
-                    } else {
-                        Kind::Block
-                    };
-                    e.rdev = st.st_rdev;
-                }
-                _ => {
-                    self.rep.warnings.push(format!(
-                        "{}: socket skipped",
-                        join_rel(self.root, &child).display()
-                    ));
-                    continue;
                 }
             }
-            self.rep.entries.push(e);
+            libc::S_IFIFO => e.kind = Kind::Fifo,
+            libc::S_IFCHR | libc::S_IFBLK => {
+                e.kind = if st.st_mode & libc::S_IFMT == libc::S_IFCHR {
+                    Kind::Char
+                } else {
+                    Kind::Block
+                };
+                e.rdev = st.st_rdev;
+            }
+            _ => {
+                self.warnings.push(format!(
+                    "{}: socket skipped",
+                    join_rel(&self.root, &child).display()
+                ));
+                return Ok(None);
+            }
+        }
+        Ok(Some(e))
+    }
+}
+
+impl Iterator for Walker {
+    type Item = Entry;
+    fn next(&mut self) -> Option<Entry> {
+        if let Some(e) = self.first.take() {
+            return Some(e);
+        }
+        loop {
+            match self.step() {
+                Ok(Some(e)) => return Some(e),
+                Ok(None) => continue,
+                Err(()) => return None,
+            }
         }
     }
 }
@@ -732,14 +793,16 @@ fn check_rc(r: libc::c_int, p: &Path) -> Result<()> {
     }
 }
 
-/// Writes `entries` under `root` (which must not exist yet), taking file data from
-/// `data` in entry order. Metadata is applied afterwards, children before parents, so
-/// directory times and read-only modes survive the writing of their contents. Every
-/// name is created relative to its opened parent without following symlinks, so even
-/// a manifest that slipped past validation cannot write outside `root`.
+/// Writes `entries` (in stream order: a depth-first walk) under `root`, which must
+/// not exist yet, taking file data from `data` in entry order. A directory's metadata
+/// is applied once the walk has left it, so its times and a read-only mode survive
+/// the writing of its contents; everything else gets its metadata as soon as it is
+/// written. Memory stays proportional to the tree's depth. Every name is created
+/// relative to its opened parent without following symlinks, so even a manifest that
+/// slipped past validation cannot write outside `root`.
 pub fn write_volume(
     root: &Path,
-    entries: &[Entry],
+    entries: &mut dyn Iterator<Item = Entry>,
     data: &mut dyn BufRead,
     opts: WriteOptions,
     mut progress: impl FnMut(u64),
@@ -749,9 +812,23 @@ pub fn write_volume(
         root: root.to_path_buf(),
         last: None,
     };
+    let mut meta_dirs = Dirs {
+        root: root.to_path_buf(),
+        last: None,
+    };
     let mut absent: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    // Directories written whose metadata waits for the walk to leave them.
+    let mut open: Vec<(Vec<u8>, Entry)> = Vec::new();
     for e in entries {
         let rel = e.path.to_bytes().unwrap_or_default();
+        while let Some((d, _)) = open.last() {
+            if d.is_empty() || (rel.starts_with(d) && rel.get(d.len()) == Some(&b'/')) {
+                break;
+            }
+            if let Some((d, de)) = open.pop() {
+                apply_metadata(&mut meta_dirs, root, &d, &de, opts, &mut warnings)?;
+            }
+        }
         let p = join_rel(root, &rel);
         if rel.is_empty() {
             if e.kind != Kind::Dir {
@@ -761,6 +838,7 @@ pub fn write_volume(
                 )));
             }
             std::fs::create_dir_all(&p).map_err(|err| SnapshotError::io(&p, err))?;
+            open.push((rel, e));
             continue;
         }
         if let Some(why) = &e.skipped {
@@ -779,6 +857,8 @@ pub fn write_volume(
             Kind::Dir => {
                 // SAFETY: valid C string relative to an open directory fd.
                 check_rc(unsafe { libc::mkdirat(dir, c.as_ptr(), 0o700) }, &p)?;
+                open.push((rel, e));
+                continue;
             }
             Kind::File => {
                 let fd = at::open(dir, &c, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL)
@@ -849,19 +929,16 @@ pub fn write_volume(
                         std::io::Error::last_os_error()
                     ));
                     absent.insert(rel);
+                    continue;
                 }
             }
         }
+        if e.kind != Kind::Hardlink {
+            apply_metadata(&mut dirs, root, &rel, &e, opts, &mut warnings)?;
+        }
     }
-    for e in entries.iter().rev() {
-        if e.kind == Kind::Hardlink {
-            continue;
-        }
-        let rel = e.path.to_bytes().unwrap_or_default();
-        if absent.contains(&rel) {
-            continue;
-        }
-        apply_metadata(&mut dirs, root, &rel, e, opts, &mut warnings)?;
+    while let Some((d, de)) = open.pop() {
+        apply_metadata(&mut meta_dirs, root, &d, &de, opts, &mut warnings)?;
     }
     Ok(warnings)
 }

@@ -13,6 +13,7 @@
 pub mod backup;
 pub mod check;
 pub mod crypto;
+pub mod entries;
 pub mod error;
 pub mod format;
 pub mod fsio;

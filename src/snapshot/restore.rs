@@ -239,11 +239,12 @@ fn parse_id(c: &ChunkRef) -> Result<[u8; 32]> {
         })
 }
 
-/// The requests that fetch a volume's chunks in stream order; fails, naming the
-/// chunk and its pack, when any chunk has no place.
-pub fn plan(index: &Index, v: &Volume) -> Result<Vec<Fetch>> {
+/// The requests that fetch `chunks` in order, each range at most `range_max` bytes
+/// unless one chunk is larger; fails, naming the chunk and its pack, when any chunk
+/// has no place.
+pub fn plan(index: &Index, chunks: &[ChunkRef], range_max: u64) -> Result<Vec<Fetch>> {
     let mut out: Vec<Fetch> = Vec::new();
-    for c in &v.chunks {
+    for c in chunks {
         let id = parse_id(c)?;
         match index.locate(&id) {
             None => {
@@ -276,7 +277,7 @@ pub fn plan(index: &Index, v: &Volume) -> Result<Vec<Fetch>> {
                     if k == key
                         && off >= end
                         && off - end <= RANGE_GAP
-                        && blob.end() - *start <= RANGE_MAX
+                        && blob.end() - *start <= range_max
                     {
                         *len = blob.end() - *start;
                         blobs.push(blob);
@@ -304,7 +305,14 @@ pub async fn plan_all(
 ) -> Result<(Index, Vec<Vec<Fetch>>)> {
     let mut index = Index::load(store, keys).await?;
     let attempt = |index: &Index| -> Result<Vec<Vec<Fetch>>> {
-        volumes.iter().map(|v| plan(index, v)).collect()
+        volumes
+            .iter()
+            .map(|v| {
+                // The entry chunks must be found too; they are read separately.
+                plan(index, &v.meta, RANGE_MAX)?;
+                plan(index, &v.chunks, RANGE_MAX)
+            })
+            .collect()
     };
     match attempt(&index) {
         Ok(p) => Ok((index, p)),
@@ -392,10 +400,23 @@ pub async fn restore(
         .iter()
         .filter(|v| opts.volumes.is_empty() || opts.volumes.contains(&v.name))
         .collect();
-    // Every chunk has a place before the first directory is created.
+    // Every chunk has a place, and every entry list reads and checks out, before the
+    // first directory is created. The lists are streamed here and again while
+    // writing: reading them twice is cheap, holding them is not.
     let (index, plans) = plan_all(store, keys, &selected).await?;
     warnings.extend(index.problems.iter().map(|p| format!("warning: {p}")));
-    drop(index);
+    for v in &selected {
+        let c = super::entries::check_volume(store, keys, &index, v)
+            .await
+            .map_err(|e| match e {
+                SnapshotError::Other(reason) => SnapshotError::BadManifest {
+                    id: m.id.clone(),
+                    reason,
+                },
+                e => e,
+            })?;
+        files += c.files;
+    }
     let mut created: Vec<PathBuf> = Vec::new();
     for (v, plan) in selected.into_iter().zip(plans) {
         let vdir = into.join(&v.name);
@@ -404,7 +425,7 @@ pub async fn restore(
         created.push(vdir.clone());
         use std::os::unix::fs::PermissionsExt;
         let r = match std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o700)) {
-            Ok(()) => restore_volume(store, keys, v, plan, &vdir.join("_data"), opts).await,
+            Ok(()) => restore_volume(store, keys, &index, v, plan, &vdir.join("_data"), opts).await,
             Err(e) => Err(SnapshotError::io(&vdir, e)),
         };
         let w = match r {
@@ -419,11 +440,6 @@ pub async fn restore(
         };
         warnings.extend(w.into_iter().map(|w| format!("{}: {w}", v.name)));
         bytes += v.stream_bytes;
-        files += v
-            .entries
-            .iter()
-            .filter(|e| e.kind == format::Kind::File)
-            .count() as u64;
     }
     Ok(RestoreReport {
         id: m.id.clone(),
@@ -517,9 +533,28 @@ impl BufRead for ChunkStream {
     }
 }
 
+/// Entries arriving in batches from the entry reader, for the writer thread.
+struct EntryBatches {
+    rx: mpsc::Receiver<Vec<format::Entry>>,
+    cur: std::vec::IntoIter<format::Entry>,
+}
+
+impl Iterator for EntryBatches {
+    type Item = format::Entry;
+    fn next(&mut self) -> Option<format::Entry> {
+        loop {
+            if let Some(e) = self.cur.next() {
+                return Some(e);
+            }
+            self.cur = self.rx.blocking_recv()?.into_iter();
+        }
+    }
+}
+
 async fn restore_volume(
     store: &Store,
     keys: &Keys,
+    index: &Index,
     v: &Volume,
     plan: Vec<Fetch>,
     root: &Path,
@@ -529,7 +564,8 @@ async fn restore_volume(
         .progress
         .step(&format!("restore {}", v.name), Some(v.stream_bytes));
     let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
-    let entries = v.entries.clone();
+    let (etx, erx) = mpsc::channel::<Vec<format::Entry>>(2);
+    let mut reader = super::entries::EntryReader::new(store, keys, index, v)?;
     let root: PathBuf = root.to_path_buf();
     let write = opts.write;
     let (ptx, mut prx) = mpsc::unbounded_channel::<u64>();
@@ -539,34 +575,51 @@ async fn restore_volume(
             cur: Vec::new(),
             pos: 0,
         };
-        fsio::write_volume(&root, &entries, &mut stream, write, |n| {
+        let mut entries = EntryBatches {
+            rx: erx,
+            cur: Vec::new().into_iter(),
+        };
+        fsio::write_volume(&root, &mut entries, &mut stream, write, |n| {
             let _ = ptx.send(n);
         })
     });
-    let mut fetches = futures_util::stream::iter(plan.iter())
-        .map(|f| fetch(store, keys, f))
-        .buffered(opts.parallel.clamp(1, RANGES_IN_FLIGHT));
-    let mut failure = None;
-    'fetching: while let Some(r) = fetches.next().await {
-        while let Ok(n) = prx.try_recv() {
-            step.inc(n);
+    // The entry list and the data are fetched side by side; the writer takes from both.
+    let feed_entries = async move {
+        while let Some(batch) = reader.next_batch().await? {
+            if etx.send(batch).await.is_err() {
+                break; // the writer failed; its error is reported below
+            }
         }
-        match r {
-            Ok(chunks) => {
-                for data in chunks {
-                    if tx.send(data).await.is_err() {
-                        break 'fetching; // the writer failed; its error is reported below
+        Ok::<(), SnapshotError>(())
+    };
+    let feed_data = async {
+        let mut fetches = futures_util::stream::iter(plan.iter())
+            .map(|f| fetch(store, keys, f))
+            .buffered(opts.parallel.clamp(1, RANGES_IN_FLIGHT));
+        let mut failure = None;
+        'fetching: while let Some(r) = fetches.next().await {
+            while let Ok(n) = prx.try_recv() {
+                step.inc(n);
+            }
+            match r {
+                Ok(chunks) => {
+                    for data in chunks {
+                        if tx.send(data).await.is_err() {
+                            break 'fetching; // the writer failed; its error is reported below
+                        }
                     }
                 }
-            }
-            Err(e) => {
-                failure = Some(e);
-                break;
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             }
         }
-    }
-    drop(fetches);
-    drop(tx);
+        drop(fetches);
+        drop(tx);
+        failure
+    };
+    let (entry_failure, failure) = tokio::join!(feed_entries, feed_data);
     let written = writer
         .await
         .map_err(|e| SnapshotError::Other(format!("writer task: {e}")))?;
@@ -575,5 +628,6 @@ async fn restore_volume(
     if let Some(e) = failure {
         return Err(e);
     }
+    entry_failure?;
     written
 }
