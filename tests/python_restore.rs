@@ -2,9 +2,11 @@
 //! of the markdown (so the doc and the test cannot drift), pointed at buckets the Rust
 //! engine wrote into a moto S3 server on 127.0.0.1, and its output compared with the
 //! backed-up tree byte for byte (contents, modes, owners, times, symlinks, hard links,
-//! holes, xattrs). Packed buckets (format 2, manifest JSON 3) and format-1 buckets
-//! (one object per chunk, manifests IMGSNAP1/JSON 1 and IMGSNAP2/JSON 2) both; and the
-//! script must refuse tampered manifests and corrupt chunks.
+//! holes, xattrs). Packed buckets (format 2, manifest JSON 4 with its entry lists in
+//! chunks of their own) and format-1 buckets (one object per chunk, manifests
+//! IMGSNAP1/JSON 1 and IMGSNAP2/JSON 2, entry lists inline) both; and the script must
+//! refuse tampered manifests, corrupt chunks and version-4 entry lists that break the
+//! documented rules.
 //!
 //! Its Python libraries (pynacl, blake3, zstandard, boto3) come from `.ci/deps.sh
 //! --tests`; when they are missing the test installs them into a venv under the
@@ -16,7 +18,7 @@ mod common;
 use common::*;
 use imgbuild::snapshot::backup::{backup, BackupOptions, NoHooks, Source};
 use imgbuild::snapshot::pack::{Index, Location, PACK_TARGET_MIN};
-use imgbuild::snapshot::{format, restore, Keys, Store};
+use imgbuild::snapshot::{entries, format, restore, Keys, Store};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -201,6 +203,17 @@ async fn get(store: &Store, key: &str) -> Vec<u8> {
         .unwrap_or_else(|| panic!("{key} is not in the bucket"))
 }
 
+/// A volume's entry list in order, as imgbuild reads it (inline or streamed).
+async fn entry_list(store: &Store, keys: &Keys, v: &format::Volume) -> Vec<format::Entry> {
+    let index = Index::load(store, keys).await.unwrap();
+    let mut r = entries::EntryReader::new(store, keys, &index, v).unwrap();
+    let mut out = Vec::new();
+    while let Some(batch) = r.next_batch().await.unwrap() {
+        out.extend(batch);
+    }
+    out
+}
+
 /// Two packed snapshots (small packs, so there are several, and two index objects).
 /// The script restores both; it falls back to the packs' own headers when the index
 /// objects fail their signature; it refuses a tampered manifest and a corrupt pack.
@@ -210,6 +223,11 @@ fn the_documented_script_restores_a_packed_bucket() {
     let s = script();
     let vol = env.path("vol");
     make_rich_tree(&vol);
+    // Enough entries for an entry list of several chunks (more than the 1 MiB maximum).
+    std::fs::create_dir_all(vol.join("many")).unwrap();
+    for i in 0..6000 {
+        std::fs::write(vol.join(format!("many/empty-file-{i:05}")), b"").unwrap();
+    }
     let rt = rt();
     let store = rt.block_on(env.store());
     let keys = env.keys();
@@ -231,7 +249,26 @@ fn the_documented_script_restores_a_packed_bucket() {
     let m2 = rt
         .block_on(restore::load_manifest(&store, &keys, &second))
         .unwrap();
-    assert_eq!(m2.version, 3);
+    assert_eq!(m2.version, 4);
+    let v = &m2.volumes[0];
+    assert!(v.entries.is_empty(), "version 4 keeps no entries inline");
+    assert!(v.meta.len() >= 2, "entry chunks: {:?}", v.meta);
+    // The chunker cuts the entry stream anywhere, so lines span chunks.
+    let meta: Vec<Vec<u8>> = rt.block_on(async {
+        let ix = Index::load(&store, &keys).await.unwrap();
+        let mut out = Vec::new();
+        for f in restore::plan(&ix, &v.meta, u64::MAX).unwrap() {
+            out.extend(restore::fetch(&store, &keys, &f).await.unwrap());
+        }
+        out
+    });
+    assert_eq!(meta.len(), v.meta.len());
+    assert!(
+        meta[..meta.len() - 1]
+            .iter()
+            .any(|c| c.last() != Some(&b'\n')),
+        "no entry line spans two chunks"
+    );
 
     // The newest snapshot (no id given), then the first one by its id.
     let o = run_script(&env, &s, &prefix, &env.path("out-newest"), None);
@@ -375,6 +412,16 @@ fn the_documented_script_restores_a_format1_bucket() {
             }
         }
         assert_eq!(n, refs.len());
+        // Versions 1-3 carry the list inline and know no `linked` marks.
+        let mut list = entry_list(&store, &keys, &m.volumes[0]).await;
+        assert!(list.iter().any(|e| e.linked), "the tree has hard links");
+        for e in &mut list {
+            e.linked = false;
+        }
+        let mut m = m.clone();
+        m.volumes[0].entries = list;
+        m.volumes[0].meta.clear();
+        (m.stats.entry_bytes, m.stats.entry_bytes_new) = (0, 0);
         let ms = m.time * 1000;
         let mut m1 = m.clone();
         m1.version = 1;
@@ -418,18 +465,18 @@ fn the_documented_script_restores_a_format1_bucket() {
     assert!(stderr(&o).contains("JSON version 1"), "{}", stderr(&o));
 
     // The first packed backup onto the old prefix re-uses the chunk objects and packs
-    // only what is new: its manifest names both kinds.
+    // only what is new (the entry list included): its manifest names both kinds.
     std::fs::write(vol.join("new.bin"), noise(11, 3 << 20)).unwrap();
     let lines_new = tree_lines(&vol);
-    let v3_id = rt.block_on(backup_with(
+    let v4_id = rt.block_on(backup_with(
         &old,
         &keys,
         &vol,
         imgbuild::snapshot::pack::PACK_TARGET,
     ));
     rt.block_on(async {
-        let m = restore::load_manifest(&old, &keys, &v3_id).await.unwrap();
-        assert_eq!(m.version, 3);
+        let m = restore::load_manifest(&old, &keys, &v4_id).await.unwrap();
+        assert_eq!(m.version, 4);
         let ix = Index::load(&old, &keys).await.unwrap();
         let (mut packed, mut objects) = (0, 0);
         for c in &m.volumes[0].chunks {
@@ -445,9 +492,9 @@ fn the_documented_script_restores_a_format1_bucket() {
             "{packed} packed, {objects} objects"
         );
     });
-    let o = run_script(&env, &s, &prefix, &env.path("out-v3"), None);
-    assert_restored(&o, &env.path("out-v3"), "data", &lines_new);
-    assert!(stderr(&o).contains("JSON version 3"), "{}", stderr(&o));
+    let o = run_script(&env, &s, &prefix, &env.path("out-v4"), None);
+    assert_restored(&o, &env.path("out-v4"), "data", &lines_new);
+    assert!(stderr(&o).contains("JSON version 4"), "{}", stderr(&o));
 
     // A chunk object with its tag flipped: refused.
     let m2 = rt
@@ -466,4 +513,150 @@ fn the_documented_script_restores_a_format1_bucket() {
         "{}",
         stderr(&o)
     );
+}
+
+/// Entry lines as the stream holds them.
+fn encode(list: &[format::Entry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in list {
+        entries::encode(e, &mut out);
+    }
+    out
+}
+
+/// Publishes a copy of the one-volume version-4 manifest `m` whose entry list is
+/// `list`, cut at the offsets `cuts` into chunk objects (format-1 places: an entry
+/// chunk is found wherever a data chunk would be), under a new snapshot id.
+async fn publish_list(
+    store: &Store,
+    keys: &Keys,
+    m: &format::Manifest,
+    list: &[u8],
+    cuts: &[usize],
+) -> String {
+    let mut meta = Vec::new();
+    let mut start = 0;
+    for end in cuts.iter().copied().chain([list.len()]) {
+        let piece = &list[start..end];
+        let id = keys.chunk_id(piece);
+        let hid = hex::encode(id);
+        let key = format::chunk_key(&store.prefix, &hid);
+        put(store, &key, keys.seal_chunk(&id, piece)).await;
+        meta.push(format::ChunkRef(hid, piece.len() as u64));
+        start = end;
+    }
+    let mut m = m.clone();
+    m.id = format::new_snapshot_id(m.time * 1000 - 60_000);
+    m.volumes[0].meta = meta;
+    let json = serde_json::to_vec(&m).unwrap();
+    let sealed = keys
+        .seal_manifest(&m.id, "test", &store.prefix, &json)
+        .unwrap();
+    put(store, &format::snapshot_key(&store.prefix, &m.id), sealed).await;
+    m.id
+}
+
+/// Version-4 entry lists the script reads line by line across chunk boundaries and
+/// checks before it writes anything: a hard link to a file marked `linked`, a name
+/// that needs base64 and a symlink restore; a list whose hard link names an unmarked
+/// file, an entry below a symlink, names out of order or twice, or a last line without
+/// its newline are refused with nothing written.
+#[test]
+fn the_documented_script_checks_version4_entry_lists() {
+    let env = Env::new(false);
+    let s = script();
+    let vol = env.path("vol");
+    std::fs::create_dir_all(vol.join("d")).unwrap();
+    std::fs::create_dir_all(vol.join("z")).unwrap();
+    std::fs::write(vol.join("a.txt"), b"two names\n".repeat(1000)).unwrap();
+    std::fs::hard_link(vol.join("a.txt"), vol.join("d/b")).unwrap();
+    std::fs::write(vol.join("d/c"), noise(5, 300_000)).unwrap();
+    use std::os::unix::ffi::OsStrExt;
+    let latin1 = std::ffi::OsStr::from_bytes(b"latin1-\xe9\xff");
+    std::fs::write(vol.join(latin1), b"bytes, not UTF-8\n").unwrap();
+    std::os::unix::fs::symlink("d", vol.join("s")).unwrap();
+    std::fs::write(vol.join("z/f"), b"last\n").unwrap();
+    let lines = tree_lines(&vol);
+    let rt = rt();
+    let store = rt.block_on(env.store());
+    let keys = env.keys();
+    let prefix = store.prefix.clone();
+    let id = rt.block_on(backup_with(&store, &keys, &vol, PACK_TARGET_MIN));
+    let m = rt
+        .block_on(restore::load_manifest(&store, &keys, &id))
+        .unwrap();
+    assert_eq!((m.version, m.volumes[0].meta.len()), (4, 1));
+    let list = rt.block_on(entry_list(&store, &keys, &m.volumes[0]));
+    let paths: Vec<Vec<u8>> = list.iter().map(|e| e.path.to_bytes().unwrap()).collect();
+    let expected: [&[u8]; 9] = [
+        b"",
+        b"a.txt",
+        b"d",
+        b"d/b",
+        b"d/c",
+        b"latin1-\xe9\xff",
+        b"s",
+        b"z",
+        b"z/f",
+    ];
+    assert_eq!(paths, expected, "stream order");
+    let at = |p: &[u8]| paths.iter().position(|q| q == p).unwrap();
+    assert!(list[at(b"a.txt")].linked);
+    assert_eq!(list[at(b"d/b")].kind, format::Kind::Hardlink);
+    assert!(matches!(
+        list[at(b"latin1-\xe9\xff")].path,
+        format::Name::Bytes { .. }
+    ));
+
+    // The snapshot as written, then the same list cut into three chunks mid-line.
+    let o = run_script(&env, &s, &prefix, &env.path("out"), None);
+    assert_restored(&o, &env.path("out"), "data", &lines);
+    assert!(stderr(&o).contains("JSON version 4"), "{}", stderr(&o));
+    let bytes = encode(&list);
+    let cuts = [bytes.len() / 3, bytes.len() / 3 + 7];
+    assert!(cuts.iter().all(|&c| bytes[c - 1] != b'\n'), "cuts mid-line");
+    let cut = rt.block_on(publish_list(&store, &keys, &m, &bytes, &cuts));
+    let o = run_script(&env, &s, &prefix, &env.path("out-cut"), Some(&cut));
+    assert_restored(&o, &env.path("out-cut"), "data", &lines);
+
+    // Broken lists: refused before anything is written.
+    let mut unmarked = list.clone();
+    unmarked[at(b"a.txt")].linked = false;
+    let mut below = list.clone();
+    let mut evil = list[at(b"z/f")].clone();
+    (evil.path, evil.size) = (format::Name::Utf8("s/evil".into()), 0);
+    below.insert(at(b"s") + 1, evil);
+    let mut swapped = list.clone();
+    swapped.swap(at(b"latin1-\xe9\xff"), at(b"s"));
+    let mut twice = list.clone();
+    twice.push(list[at(b"z/f")].clone());
+    let mut cut_short = encode(&list);
+    cut_short.pop();
+    let cases = [
+        (
+            encode(&unmarked),
+            "hard link does not name an earlier linked file",
+        ),
+        (encode(&below), "b's/evil' lies below a symlink entry"),
+        (encode(&swapped), "is out of order"),
+        (encode(&twice), "b'z/f' is listed twice"),
+        (cut_short, "the entry list ends inside a line"),
+    ];
+    for (i, (bytes, why)) in cases.into_iter().enumerate() {
+        let forged = rt.block_on(publish_list(&store, &keys, &m, &bytes, &[bytes.len() / 2]));
+        let out = env.path(&format!("out-forged-{i}"));
+        let o = run_script(&env, &s, &prefix, &out, Some(&forged));
+        assert!(!o.status.success(), "case {i} ({why}) was accepted");
+        assert!(
+            stderr(&o).contains("refused: volume data: "),
+            "{}",
+            stderr(&o)
+        );
+        assert!(
+            stderr(&o).contains(why),
+            "case {i}: expected {why:?}: {}",
+            stderr(&o)
+        );
+        assert!(!out.exists(), "case {i}: something was written");
+    }
 }
