@@ -226,6 +226,14 @@ async fn check_inner(
     let total: u64 = packs.iter().map(|&i| index.packs[i].size).sum::<u64>()
         + legacy.iter().map(|l| l.1).sum::<u64>();
     let step = progress.step("check data", Some(total));
+    // Whole packs are held while verified: as many at once as fit in 128 MiB (four
+    // default packs, one of the largest a profile allows).
+    let largest = packs
+        .iter()
+        .map(|&i| index.packs[i].size)
+        .max()
+        .unwrap_or(1);
+    let at_once = ((128u64 << 20) / largest.max(1)).clamp(1, parallel.clamp(1, 4) as u64) as usize;
     let index = &index;
     let results: Vec<(u64, u64, Vec<String>)> = futures_util::stream::iter(packs)
         .map(|i| async move {
@@ -254,7 +262,7 @@ async fn check_inner(
             }
             (p.size, chunks, problems)
         })
-        .buffer_unordered(parallel.clamp(1, 4))
+        .buffer_unordered(at_once)
         .inspect(|(n, _, _)| step.inc(*n))
         .collect()
         .await;

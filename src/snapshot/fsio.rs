@@ -143,19 +143,28 @@ mod at {
         }
     }
 
+    /// A directory, opened with O_NOATIME where allowed for the same reason as
+    /// [`open_file`]: listing it would otherwise change the atime on its entry line.
     pub fn open_dir(dir: RawFd, name: &CStr) -> std::io::Result<OwnedFd> {
-        open(dir, name, libc::O_RDONLY | libc::O_DIRECTORY)
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+        match open(dir, name, flags | libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(dir, name, flags),
+            r => r,
+        }
     }
 
     /// A regular file for reading. O_NONBLOCK: should a FIFO or device have been
     /// swapped in after the stat, the open returns at once instead of blocking the
-    /// backup forever (the fstat check then rejects it).
+    /// backup forever (the fstat check then rejects it). O_NOATIME: reading a file
+    /// for the backup must not change its atime, or the next entry list differs for
+    /// every file read and none of its chunks dedup; the kernel allows it only to the
+    /// owner or root, so anyone else opens without it.
     pub fn open_file(dir: RawFd, name: &CStr) -> std::io::Result<OwnedFd> {
-        open(
-            dir,
-            name,
-            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
-        )
+        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
+        match open(dir, name, flags | libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(dir, name, flags),
+            r => r,
+        }
     }
 
     pub fn stat(dir: RawFd, name: &CStr) -> std::io::Result<libc::stat> {
@@ -239,10 +248,17 @@ mod at {
 /// it is followed.
 fn open_root(root: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(root)?;
+    let open = |flags| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | flags)
+            .open(root)
+    };
+    // O_NOATIME as in `at::open_dir`.
+    let f = match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
+        r => r?,
+    };
     Ok(f.into())
 }
 

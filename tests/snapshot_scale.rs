@@ -1,0 +1,289 @@
+//! Memory at scale (issue 13): a full backup, an incremental backup after a 1 % change,
+//! a prune, a check reading every pack and a restore of a volume of many small files,
+//! each run as a child process under GNU time so its peak RSS is its own.
+//!
+//! - `memory_does_not_grow_with_the_file_count` (CI, moto): 100,000 files of up to
+//!   128 bytes, then 200,000 of up to 64 bytes: the same 6 MB of data, less than one
+//!   pack, so the data in flight (packs being filled and uploaded, ranged GETs not yet
+//!   written: up to about 130 MiB whatever the file count) weighs the same in both, and
+//!   so do the entry-list buffers (a few MB of list fetched ahead), which 100,000
+//!   files already fill. Holding a volume's entry list costs about 300 bytes a file
+//!   (the list itself, then its JSON in the manifest), so 100,000 more files would add
+//!   about 50 MiB to a peak; streamed, a peak may grow by at most 24 MiB.
+//! - `scale_2m_files` (ignored; `bash benches/scale.sh`): 2,000,000 files on Garage,
+//!   every peak ≤ 256 MiB, the restored tree identical; prints a table for
+//!   docs/benchmarks.md.
+
+#[path = "snapshot-fixtures/common.rs"]
+mod common;
+
+use common::*;
+use imgbuild::progress::Progress;
+use imgbuild::snapshot::backup::{self, BackupOptions, NoHooks, Source};
+use imgbuild::snapshot::check;
+use imgbuild::snapshot::prune::{self, Retention};
+use imgbuild::snapshot::restore::{self, RestoreOptions};
+use imgbuild::snapshot::Store;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const CHILD: &str = "IMGBUILD_SCALE_CHILD";
+
+/// The child side: one operation against the bucket named in `IMGBUILD_SCALE_CHILD`.
+#[test]
+fn scale_child() {
+    let Some((cfg, keys, source)) = child_target(CHILD) else {
+        return;
+    };
+    let mode = std::env::var("IMGBUILD_SCALE_MODE").unwrap();
+    let out = std::env::var("IMGBUILD_SCALE_OUT").ok().map(PathBuf::from);
+    println!();
+    rt().block_on(async {
+        let store = Store::connect(&cfg).await.unwrap();
+        match mode.as_str() {
+            "backup" => {
+                let src = [Source {
+                    name: "vol".into(),
+                    root: source.unwrap(),
+                }];
+                let o = BackupOptions {
+                    host: "test".into(),
+                    parallel: 4,
+                    progress: Progress::quiet(),
+                    pack_target: imgbuild::snapshot::pack::PACK_TARGET,
+                };
+                let r = backup::backup(&store, &keys, &src, &mut NoHooks, &o)
+                    .await
+                    .unwrap();
+                println!(
+                    "result files={} entry_bytes={} bytes_new={} entry_bytes_new={} {}",
+                    r.stats.files,
+                    r.stats.entry_bytes,
+                    r.stats.bytes_new,
+                    r.stats.entry_bytes_new,
+                    r.requests
+                );
+            }
+            "prune" => {
+                let keep = Retention {
+                    last: 1,
+                    daily: 0,
+                    weekly: 0,
+                    monthly: 0,
+                };
+                let p = prune::prune(&store, &keys, &keep, &prune::PruneOptions::no_grace())
+                    .await
+                    .unwrap();
+                assert_eq!(p.forgotten.len(), 2, "{p:?}");
+                println!(
+                    "result forgot 2, packs deleted {} repacked {} {}",
+                    p.packs_deleted, p.packs_repacked, p.requests
+                );
+            }
+            "check" => {
+                let c = check::check(&store, &keys, true, 4, &Progress::quiet())
+                    .await
+                    .unwrap();
+                assert!(c.ok() && c.entry_lists_checked == 1, "{c:?}");
+                println!(
+                    "result packs read {} ({} MiB) {}",
+                    c.packs_read,
+                    c.bytes_read >> 20,
+                    c.requests
+                );
+            }
+            _ => {
+                let m = restore::latest_manifest(&store, &keys)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let o = RestoreOptions {
+                    parallel: 8,
+                    ..Default::default()
+                };
+                let r = restore::restore(&store, &keys, &m, &out.unwrap(), &o)
+                    .await
+                    .unwrap();
+                println!("result files={} bytes={} {}", r.files, r.bytes, r.requests);
+            }
+        }
+    });
+}
+
+struct Run {
+    op: &'static str,
+    secs: f64,
+    rss_mib: f64,
+    result: String,
+}
+
+/// Runs one operation in a child process under GNU time.
+fn run(env: &Env, op: &'static str, mode: &str, src: &Path, out: Option<&Path>) -> Run {
+    let exe = std::env::current_exe().unwrap();
+    let mut c = Command::new("/usr/bin/time");
+    c.args(["-f", "SCALE-MAXRSS-KIB %M"])
+        .arg(exe)
+        .args(["--exact", "scale_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD, env.child_config(Some(src)))
+        .env("IMGBUILD_SCALE_MODE", mode);
+    if let Some(o) = out {
+        c.env("IMGBUILD_SCALE_OUT", o);
+    }
+    let t = Instant::now();
+    let o = c
+        .output()
+        .unwrap_or_else(|e| panic!("/usr/bin/time (apt-get install time): {e}"));
+    let secs = t.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{op} failed:\n{stdout}\n{stderr}");
+    let kib: f64 = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("SCALE-MAXRSS-KIB "))
+        .next_back()
+        .and_then(|v| v.trim().parse().ok())
+        .expect("GNU time printed no RSS");
+    let result = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("result "))
+        .unwrap_or("")
+        .to_string();
+    eprintln!(
+        "{op}: {secs:.1} s, peak RSS {:.1} MiB; {result}",
+        kib / 1024.0
+    );
+    Run {
+        op,
+        secs,
+        rss_mib: kib / 1024.0,
+        result,
+    }
+}
+
+/// `files` small files (0 to `max` bytes, incompressible), a thousand to a directory.
+fn make_tree(root: &Path, files: u64, max: usize) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut buf = vec![0u8; max];
+    for i in 0..files {
+        let dir = root.join(format!("d{:05}", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = (x % (max as u64 + 1)) as usize;
+        let mut y = x ^ i;
+        for w in buf[..len].chunks_mut(8) {
+            y ^= y << 13;
+            y ^= y >> 7;
+            y ^= y << 17;
+            w.copy_from_slice(&y.to_le_bytes()[..w.len()]);
+        }
+        std::fs::write(dir.join(format!("f{i:07}")), &buf[..len]).unwrap();
+    }
+}
+
+/// Rewrites every hundredth file (1 %).
+fn change_one_percent(root: &Path, files: u64) {
+    for i in (0..files).step_by(100) {
+        let p = root.join(format!("d{:05}/f{i:07}", i / 1000));
+        std::fs::write(p, format!("changed {i}\n")).unwrap();
+    }
+}
+
+/// Every operation on one volume of `files` files; the restored tree must be equal.
+fn operations(env: &Env, work: &Path, files: u64, max: usize) -> Vec<Run> {
+    let src = work.join("src");
+    let t = Instant::now();
+    make_tree(&src, files, max);
+    eprintln!(
+        "{files} files written in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mut runs = vec![run(env, "full backup", "backup", &src, None)];
+    // Nothing changed: nothing is read or uploaded, not even the entry list (which
+    // would differ everywhere if the backup's own reads moved atimes).
+    let again = run(env, "backup, nothing changed", "backup", &src, None);
+    assert!(
+        again.result.contains(" bytes_new=0 entry_bytes_new=0 "),
+        "an unchanged tree uploaded something: {}",
+        again.result
+    );
+    runs.push(again);
+    change_one_percent(&src, files);
+    runs.push(run(env, "incremental backup (1 %)", "backup", &src, None));
+    runs.push(run(env, "prune (forget 2)", "prune", &src, None));
+    runs.push(run(env, "check --read-data", "check", &src, None));
+    let out = work.join("out");
+    runs.push(run(env, "restore", "restore", &src, Some(&out)));
+    let restored = out.join("vol/_data");
+    assert_eq!(
+        tree_hash(&src),
+        tree_hash(&restored),
+        "the restored tree differs"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&src);
+    runs
+}
+
+#[test]
+fn memory_does_not_grow_with_the_file_count() {
+    let small = {
+        let env = Env::new(false);
+        operations(&env, &env.path("w"), 100_000, 128)
+    };
+    let large = {
+        let env = Env::new(false);
+        operations(&env, &env.path("w"), 200_000, 64)
+    };
+    for (s, l) in small.iter().zip(&large) {
+        eprintln!(
+            "{}: {:.1} MiB at 100k files, {:.1} MiB at 200k",
+            s.op, s.rss_mib, l.rss_mib
+        );
+        assert!(
+            l.rss_mib - s.rss_mib <= 24.0,
+            "{}: peak RSS grew from {:.1} to {:.1} MiB with twice the files",
+            s.op,
+            s.rss_mib,
+            l.rss_mib
+        );
+    }
+}
+
+#[test]
+#[ignore = "takes about 20 minutes: run by benches/scale.sh"]
+fn scale_2m_files() {
+    let files: u64 = std::env::var("IMGBUILD_SCALE_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000_000);
+    let env = Env::garage(None);
+    let runs = operations(&env, &env.path("w"), files, 2048);
+    let mut table = format!(
+        "{files} files (0-2 KiB each, a thousand per directory) on Garage 2.5, single node \
+         on 127.0.0.1; each operation a child process, peak RSS by GNU time:\n\n\
+         | operation | time | peak RSS | result |\n|---|---|---|---|\n"
+    );
+    for r in &runs {
+        table += &format!(
+            "| {} | {:.1} s | {:.1} MiB | {} |\n",
+            r.op, r.secs, r.rss_mib, r.result
+        );
+    }
+    println!("{table}");
+    if let Ok(p) = std::env::var("IMGBUILD_SCALE_OUT_TABLE") {
+        std::fs::write(p, &table).unwrap();
+    }
+    for r in &runs {
+        assert!(
+            r.rss_mib <= 256.0,
+            "{}: peak RSS {:.1} MiB",
+            r.op,
+            r.rss_mib
+        );
+    }
+}
