@@ -14,11 +14,14 @@
 
 #[path = "snapshot-fixtures/common.rs"]
 mod common;
+#[path = "snapshot-fixtures/packs.rs"]
+mod packs;
 
 use common::*;
 use imgbuild::snapshot::backup::{backup, BackupOptions, NoHooks, Source};
 use imgbuild::snapshot::pack::{Index, Location, PACK_TARGET_MIN};
 use imgbuild::snapshot::{entries, format, restore, Keys, Store};
+use packs::{entry_list, inline_entries};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -201,17 +204,6 @@ async fn get(store: &Store, key: &str) -> Vec<u8> {
         .await
         .expect("get")
         .unwrap_or_else(|| panic!("{key} is not in the bucket"))
-}
-
-/// A volume's entry list in order, as imgbuild reads it (inline or streamed).
-async fn entry_list(store: &Store, keys: &Keys, v: &format::Volume) -> Vec<format::Entry> {
-    let index = Index::load(store, keys).await.unwrap();
-    let mut r = entries::EntryReader::new(store, keys, &index, v).unwrap();
-    let mut out = Vec::new();
-    while let Some(batch) = r.next_batch().await.unwrap() {
-        out.extend(batch);
-    }
-    out
 }
 
 /// Two packed snapshots (small packs, so there are several, and two index objects).
@@ -413,15 +405,10 @@ fn the_documented_script_restores_a_format1_bucket() {
         }
         assert_eq!(n, refs.len());
         // Versions 1-3 carry the list inline and know no `linked` marks.
-        let mut list = entry_list(&store, &keys, &m.volumes[0]).await;
+        let list = entry_list(&store, &keys, &m.volumes[0]).await;
         assert!(list.iter().any(|e| e.linked), "the tree has hard links");
-        for e in &mut list {
-            e.linked = false;
-        }
         let mut m = m.clone();
-        m.volumes[0].entries = list;
-        m.volumes[0].meta.clear();
-        (m.stats.entry_bytes, m.stats.entry_bytes_new) = (0, 0);
+        inline_entries(&store, &keys, &mut m).await;
         let ms = m.time * 1000;
         let mut m1 = m.clone();
         m1.version = 1;

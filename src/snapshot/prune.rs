@@ -438,9 +438,11 @@ async fn collect_garbage(
                 && index.packs[i].size < (opts.pack_target / SMALL_PACK_DIVISOR) as u64
         })
         .collect();
+    let mut is_small = vec![false; index.packs.len()];
     if small.len() >= 2 {
         for &i in &small {
             fate[i] = Fate::Repack;
+            is_small[i] = true;
         }
     }
     // Object Lock: a pack still under retention can neither be deleted nor replaced
@@ -488,7 +490,7 @@ async fn collect_garbage(
     for (i, f) in fate.iter().enumerate() {
         match f {
             Fate::Keep => report.bytes_unused += garbage_of[i],
-            Fate::Repack if small.contains(&i) => report.packs_small += 1,
+            Fate::Repack if is_small[i] => report.packs_small += 1,
             _ => {}
         }
     }
