@@ -64,6 +64,40 @@ pub struct BackupConfig {
     /// The periodic `imgbuild check` of the bucket (imgbuild-check.timer).
     #[serde(default)]
     pub check: CheckSettings,
+    /// The snapshot taken on the way down (imgbuild-final-snapshot.service).
+    #[serde(default)]
+    pub final_snapshot: FinalSnapshotSettings,
+}
+
+/// Ten minutes: a few GB of changes on a small VPS's uplink, and within the ACPI grace
+/// most providers give a guest before they cut the power.
+pub const DEFAULT_FINAL_SNAPSHOT_TIMEOUT: u32 = 600;
+pub const FINAL_SNAPSHOT_TIMEOUT_MAX: u32 = 3600;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FinalSnapshotWhen {
+    /// Power-off and halt; a reboot keeps the disk, so it skips the snapshot.
+    #[default]
+    Poweroff,
+    Always,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FinalSnapshotSettings {
+    pub when: FinalSnapshotWhen,
+    pub timeout_secs: u32,
+}
+
+impl Default for FinalSnapshotSettings {
+    fn default() -> Self {
+        FinalSnapshotSettings {
+            when: FinalSnapshotWhen::Poweroff,
+            timeout_secs: DEFAULT_FINAL_SNAPSHOT_TIMEOUT,
+        }
+    }
 }
 
 /// Profile defaults of the pack settings: the engine's own.

@@ -110,6 +110,7 @@ fn config(env: &Env, metrics: &Path) -> HostConfig {
                 .to_string(),
             packs: Default::default(),
             check: Default::default(),
+            final_snapshot: Default::default(),
         }),
     }
 }

@@ -58,6 +58,7 @@ fn host_config(env: &Env, metrics: &Path, read_data: &str) -> HostConfig {
                 schedule: "weekly".into(),
                 read_data: read_data.into(),
             },
+            final_snapshot: Default::default(),
         }),
     }
 }

@@ -130,6 +130,7 @@ fn imgbuild_units_pass_systemd_analyze_verify() {
         "imgbuild-check.service",
         "imgbuild-check.timer",
         "imgbuild-ready.service",
+        "imgbuild-final-snapshot.service",
     ]
     .iter()
     .map(|u| format!("{}/etc/systemd/system/{u}", root.display()))
@@ -187,6 +188,82 @@ fn host_config_is_readable_by_the_helper() {
     assert_eq!(b.packs, imgbuild::hostconfig::PackSettings::default());
     assert_eq!(b.check.schedule, "Sun *-*-* 04:30:00");
     assert_eq!(b.check.read_data, "10%");
+    assert_eq!(
+        b.final_snapshot,
+        imgbuild::hostconfig::FinalSnapshotSettings::default()
+    );
+}
+
+/// The final snapshot's unit is stopped after every container and periodic job of the
+/// profile and before the network; `off` renders no unit at all.
+#[test]
+fn final_snapshot_unit_stops_after_the_containers_and_before_the_network() {
+    let tmp = tempfile::tempdir().unwrap();
+    let render = |name: &str, overlay_text: &str| {
+        let overlay = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&overlay, overlay_text).unwrap();
+        let out = tmp.path().join(name);
+        run_ok(
+            &[
+                "render",
+                "services",
+                "--overlay",
+                overlay.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--secrets",
+                tmp.path().join("secrets").to_str().unwrap(),
+            ],
+            &repo(),
+        );
+        out
+    };
+    let out = render("on", "[backup]\nfinal_snapshot_timeout = 300\n");
+    let units = out.join("etc/systemd/system");
+    let unit = std::fs::read_to_string(units.join("imgbuild-final-snapshot.service")).unwrap();
+    let profile: toml::Value =
+        toml::from_str(&std::fs::read_to_string(repo().join("profiles/services.toml")).unwrap())
+            .unwrap();
+    let containers = profile["containers"].as_table().unwrap();
+    assert!(containers.len() >= 5);
+    for c in containers.keys() {
+        assert!(
+            unit.contains(&format!("\nBefore={c}.service\n")),
+            "{c}:\n{unit}"
+        );
+    }
+    for needle in [
+        "Before=imgbuild-backup.service\n",
+        "Before=imgbuild-check.service\n",
+        "After=network-online.target nss-lookup.target imgbuild-firstboot.service\n",
+        "Requires=imgbuild-firstboot.service\n",
+        "RequiresMountsFor=/var/lib/containers/storage/volumes\n",
+        "ExecStop=/usr/bin/imgbuild backup --final --timeout 300\n",
+        "TimeoutStopSec=360\n",
+        "RemainAfterExit=yes\n",
+    ] {
+        assert!(unit.contains(needle), "{needle}:\n{unit}");
+    }
+    assert!(units
+        .join("multi-user.target.wants/imgbuild-final-snapshot.service")
+        .symlink_metadata()
+        .is_ok());
+    let hc: imgbuild::hostconfig::HostConfig =
+        toml::from_str(&std::fs::read_to_string(out.join("etc/imgbuild/host.toml")).unwrap())
+            .unwrap();
+    assert_eq!(hc.backup.unwrap().final_snapshot.timeout_secs, 300);
+
+    let out = render("off", "[backup]\nfinal_snapshot = \"off\"\n");
+    assert!(!out
+        .join("etc/systemd/system/imgbuild-final-snapshot.service")
+        .exists());
+    let hc: imgbuild::hostconfig::HostConfig =
+        toml::from_str(&std::fs::read_to_string(out.join("etc/imgbuild/host.toml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        hc.backup.unwrap().final_snapshot.when,
+        imgbuild::hostconfig::FinalSnapshotWhen::Off
+    );
 }
 
 #[test]

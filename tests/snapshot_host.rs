@@ -79,6 +79,7 @@ fn host_config(
                 .to_string(),
             packs: Default::default(),
             check: Default::default(),
+            final_snapshot: Default::default(),
         }),
     }
 }
@@ -624,4 +625,132 @@ fn first_boot_never_falls_back_on_a_transport_error_but_does_on_a_corrupt_manife
         prom.contains("imgbuild_restore_skipped_snapshots{host=\"services\"} 1"),
         "{prom}"
     );
+}
+
+/// `imgbuild backup --final` at shutdown: a reboot skips it (the disk stays); a
+/// power-off snapshots without stopping or starting anything and without pruning; a
+/// bucket that does not answer costs at most the timeout, and nothing is published.
+#[test]
+fn final_snapshot_at_power_off_is_taken_without_touching_units_and_bounded_in_time() {
+    use imgbuild::agent::backup_job::final_snapshot;
+    use imgbuild::hostconfig::FinalSnapshotWhen;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+    let env = Env::new(false);
+    let vols = env.path("vols");
+    for (v, n) in [("pgdata", 5u64), ("app", 6), ("cache", 7)] {
+        let d = vols.join(v).join("_data");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("data.bin"), noise(n, 300_000)).unwrap();
+    }
+    // systemctl stub: records its arguments; `list-jobs` prints $JOBS_FILE's content,
+    // `is-active` says postgres still runs.
+    let log = env.path("systemctl.log");
+    let jobs = env.path("jobs");
+    let stub = env.path("systemctl");
+    std::fs::write(
+        &stub,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\ncase \"$1\" in\n  list-jobs) cat {} ;;\n  is-active) echo active ;;\nesac\n",
+            log.display(),
+            jobs.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let metrics = env.path("metrics");
+    let hc = host_config(&env, RestorePolicy::Require, None, &metrics);
+    let paths = HostPaths {
+        volumes: vols.clone(),
+        firstboot_done: env.path("state/firstboot.done"),
+        systemctl: stub,
+    };
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    std::fs::write(&paths.firstboot_done, "").unwrap();
+    let q = Progress::quiet();
+    let timeout = Duration::from_secs(60);
+    let listed = || {
+        let rt = rt();
+        rt.block_on(async {
+            let store = env.store().await;
+            imgbuild::snapshot::restore::list_ids(&store)
+                .await
+                .unwrap()
+                .len()
+        })
+    };
+
+    // A reboot: skipped, nothing written.
+    std::fs::write(&jobs, "12 reboot.target start waiting\n").unwrap();
+    assert!(final_snapshot(&hc, &paths, &q, timeout).unwrap().is_none());
+    assert_eq!(listed(), 0);
+    // The same with "always": taken.
+    let mut always = hc.clone();
+    always.backup.as_mut().unwrap().final_snapshot.when = FinalSnapshotWhen::Always;
+    let r = final_snapshot(&always, &paths, &q, timeout)
+        .unwrap()
+        .unwrap();
+    assert!(r.error.is_none(), "{r:?}");
+    assert_eq!(listed(), 1);
+
+    // A power-off: taken, with the latest write in it, no unit stopped or started, no
+    // prune (the policy keeps 3; a fourth snapshot would be pruned by the timer).
+    std::fs::write(&jobs, "7 poweroff.target start waiting\n").unwrap();
+    std::fs::write(&log, "").unwrap();
+    for i in 0..3 {
+        std::fs::write(vols.join("app/_data/late.txt"), format!("late {i}")).unwrap();
+        let r = final_snapshot(&hc, &paths, &q, timeout).unwrap().unwrap();
+        assert!(r.error.is_none(), "{r:?}");
+        assert!(r.prune.is_none());
+        assert_eq!(r.downtime_seconds, 0.0);
+    }
+    assert_eq!(listed(), 4, "a final snapshot pruned");
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !calls
+            .lines()
+            .any(|l| l.starts_with("stop") || l.starts_with("start")),
+        "a final snapshot stopped or started units:\n{calls}"
+    );
+    assert!(calls.contains("is-active postgres.service"), "{calls}");
+    // The hook of the `hook` volume does not run at shutdown (its container is gone).
+    assert!(!vols.join("app/_data/dump.sql").exists());
+    let out = env.path("restored");
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        let (m, _) = imgbuild::snapshot::restore::newest_manifest(&store, &keys)
+            .await
+            .unwrap()
+            .unwrap();
+        imgbuild::snapshot::restore::restore(&store, &keys, &m, &out, &Default::default())
+            .await
+            .unwrap();
+    });
+    assert_eq!(
+        std::fs::read_to_string(out.join("app/_data/late.txt")).unwrap(),
+        "late 2"
+    );
+
+    // A bucket that accepts connections and never answers: given up at the timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut dead = hc.clone();
+    dead.backup.as_mut().unwrap().endpoint =
+        Some(format!("http://{}", silent.local_addr().unwrap()));
+    let t = Instant::now();
+    let r = final_snapshot(&dead, &paths, &q, Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("final_snapshot_timeout"),
+        "{r:?}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert_eq!(listed(), 4);
+    drop(silent);
 }

@@ -5,7 +5,7 @@
 use super::metrics::{ping, write_metrics};
 use super::quiesce;
 use super::{log, HostPaths};
-use crate::hostconfig::HostConfig;
+use crate::hostconfig::{FinalSnapshotWhen, HostConfig};
 use crate::progress::Progress;
 use crate::snapshot::backup::{self, BackupOptions, BackupReport, NoHooks, Source};
 use crate::snapshot::error::SnapshotError;
@@ -29,6 +29,17 @@ pub struct HostBackupResult {
     pub object_lock_enforced: Option<bool>,
 }
 
+/// Which backup runs: the timer's, or the last one on the way down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// imgbuild-backup.timer: quiesce per the profile, snapshot, upload, prune.
+    Scheduled,
+    /// imgbuild-final-snapshot.service at shutdown: the containers have already
+    /// stopped, so nothing is quiesced or started again; no prune (the next host's
+    /// timer does it); everything, connecting included, within `timeout`.
+    Final { timeout: Duration },
+}
+
 /// The timer's job: snapshot every configured volume, prune, write metrics, ping.
 /// Returns the result whether it failed or not (metrics and ping happen either way).
 pub fn backup_host(
@@ -36,6 +47,72 @@ pub fn backup_host(
     paths: &HostPaths,
     progress: &Progress,
 ) -> anyhow::Result<HostBackupResult> {
+    backup_host_mode(hc, paths, progress, Mode::Scheduled)
+}
+
+/// Why a final snapshot is not wanted on this shutdown, if it is not.
+pub fn final_snapshot_skip(hc: &HostConfig, paths: &HostPaths) -> Option<String> {
+    let b = hc.backup.as_ref()?;
+    match b.final_snapshot.when {
+        FinalSnapshotWhen::Off => Some("final_snapshot = \"off\" in the profile".into()),
+        FinalSnapshotWhen::Always => None,
+        FinalSnapshotWhen::Poweroff => rebooting(&paths.systemctl).then(|| {
+            "the host is rebooting and keeps its disk (final_snapshot = \"always\" takes one \
+             on reboots too)"
+                .into()
+        }),
+    }
+}
+
+/// Whether the shutdown in progress is a reboot: its job is queued in systemd.
+fn rebooting(systemctl: &Path) -> bool {
+    std::process::Command::new(systemctl)
+        .args(["list-jobs", "--no-legend", "--no-pager"])
+        .output()
+        .map(|o| {
+            let jobs = String::from_utf8_lossy(&o.stdout);
+            ["reboot.target", "kexec.target", "soft-reboot.target"]
+                .iter()
+                .any(|t| jobs.contains(t))
+        })
+        .unwrap_or(false)
+}
+
+/// `imgbuild backup --final`: the snapshot of a planned shutdown, or a console line
+/// saying why there is none.
+pub fn final_snapshot(
+    hc: &HostConfig,
+    paths: &HostPaths,
+    progress: &Progress,
+    timeout: Duration,
+) -> anyhow::Result<Option<HostBackupResult>> {
+    if let Some(why) = final_snapshot_skip(hc, paths) {
+        log(&format!("{FINAL}: skipped: {why}"));
+        return Ok(None);
+    }
+    log(&format!(
+        "{FINAL}: the containers have stopped; taking the last snapshot (at most {} s)",
+        timeout.as_secs()
+    ));
+    backup_host_mode(hc, paths, progress, Mode::Final { timeout }).map(Some)
+}
+
+const FINAL: &str = "imgbuild final snapshot";
+
+pub fn backup_host_mode(
+    hc: &HostConfig,
+    paths: &HostPaths,
+    progress: &Progress,
+    mode: Mode,
+) -> anyhow::Result<HostBackupResult> {
+    let who = match mode {
+        Mode::Scheduled => "imgbuild backup",
+        Mode::Final { .. } => FINAL,
+    };
+    let deadline = match mode {
+        Mode::Final { timeout } => Some(Instant::now() + timeout),
+        Mode::Scheduled => None,
+    };
     let b = hc
         .backup
         .as_ref()
@@ -43,7 +120,9 @@ pub fn backup_host(
     if super::drill_mode::active().is_some() {
         // A drilled copy holds restored data, not the host's live data: a snapshot of
         // it must never become the newest one (and its ping must not report success).
-        log("imgbuild backup: refused: this is a drill boot (imgbuild drill), not the host");
+        log(&format!(
+            "{who}: refused: this is a drill boot (imgbuild drill), not the host"
+        ));
         anyhow::bail!("drill boot: backups are off");
     }
     let start = Instant::now();
@@ -80,20 +159,27 @@ pub fn backup_host(
             quiesce::remove_stale(&paths.volumes).map_err(SnapshotError::Other)?;
         } else {
             log(&format!(
-                "imgbuild backup: warning: {} is not a btrfs subvolume: no atomic snapshot, \
+                "{who}: warning: {} is not a btrfs subvolume: no atomic snapshot, \
                  volumes are read live file by file (not crash-consistent for databases)",
                 paths.volumes.display()
             ));
         }
-        let stopped =
-            quiesce::quiesce(&b.volumes, &paths.systemctl).map_err(SnapshotError::Other)?;
+        let stopped = match mode {
+            Mode::Scheduled => {
+                quiesce::quiesce(&b.volumes, &paths.systemctl).map_err(SnapshotError::Other)?
+            }
+            Mode::Final { .. } => {
+                still_running(b, &paths.systemctl, who);
+                quiesce::Stopped::default()
+            }
+        };
         let (snap, stopped) = if can_snapshot {
             let snap = quiesce::AtomicSnapshot::take(&paths.volumes);
             // The instant is taken (or failed): the services come back before the upload.
             downtime = quiesce::resume(&paths.systemctl, stopped);
             let snap = snap.map_err(SnapshotError::Other)?;
             log(&format!(
-                "imgbuild backup: atomic snapshot of all volumes taken ({})",
+                "{who}: atomic snapshot of all volumes taken ({})",
                 snap.root.display()
             ));
             (Some(snap), None)
@@ -113,7 +199,7 @@ pub fn backup_host(
                 root: read_root.join(&v.name).join("_data"),
             })
             .collect();
-        let out = rt.block_on(async {
+        let upload = async {
             let keys = target.keys()?;
             let store = target.connect().await?;
             let opts = BackupOptions {
@@ -124,7 +210,8 @@ pub fn backup_host(
             };
             let report = backup::backup(&store, &keys, &sources, &mut NoHooks, &opts).await;
             Ok::<_, SnapshotError>((store, keys, report))
-        });
+        };
+        let out = rt.block_on(within(deadline, upload));
         // Without a snapshot the units stay down for the whole read.
         if let Some(stopped) = stopped {
             downtime = quiesce::resume(&paths.systemctl, stopped);
@@ -132,23 +219,37 @@ pub fn backup_host(
         drop(snap);
         let (store, keys, report) = out?;
         let report = report?;
-        rt.block_on(async {
+        let after = async {
             // A snapshot exists now: "start empty" must never again be a valid answer.
             match crate::snapshot::marker::remove(&store).await {
                 Ok(Some(DeleteOutcome::Deleted)) => {
-                    log("imgbuild backup: first snapshot: removed the empty-start marker")
+                    log(&format!("{who}: first snapshot: removed the empty-start marker"))
                 }
-                Ok(Some(DeleteOutcome::Refused)) => log(
-                    "imgbuild backup: warning: the bucket refused to delete the empty-start marker (Object Lock or a policy); first boot still prefers the snapshot",
-                ),
+                Ok(Some(DeleteOutcome::Refused)) => log(&format!(
+                    "{who}: warning: the bucket refused to delete the empty-start marker (Object Lock or a policy); first boot still prefers the snapshot",
+                )),
                 Ok(None) => {}
                 Err(e) => log(&format!(
-                    "imgbuild backup: warning: cannot remove the empty-start marker: {e}"
+                    "{who}: warning: cannot remove the empty-start marker: {e}"
                 )),
             }
-            let pr = prune::prune(&store, &keys, &b.keep, &b.packs.prune_options()).await;
-            Ok((report, pr))
-        })
+            let pr = match mode {
+                Mode::Scheduled => {
+                    Some(prune::prune(&store, &keys, &b.keep, &b.packs.prune_options()).await)
+                }
+                Mode::Final { .. } => None,
+            };
+            Ok(pr)
+        };
+        let pr = match rt.block_on(within(deadline, after)) {
+            Ok(pr) => pr,
+            // The snapshot is complete whatever happens to the marker: report it.
+            Err(e) => {
+                log(&format!("{who}: warning: {e} (after the snapshot)"));
+                None
+            }
+        };
+        Ok((report, pr))
     })();
     let mut result = HostBackupResult {
         report: None,
@@ -162,10 +263,10 @@ pub fn backup_host(
     match run {
         Ok((report, pr)) => {
             for w in &report.warnings {
-                log(&format!("imgbuild backup: warning: {w}"));
+                log(&format!("{who}: warning: {w}"));
             }
             log(&format!(
-                "imgbuild backup: snapshot {}: {} bytes, {} new ({} uploaded in {} packs), {} files",
+                "{who}: snapshot {}: {} bytes, {} new ({} uploaded in {} packs), {} files",
                 report.id,
                 report.stats.bytes_total,
                 report.stats.bytes_new,
@@ -173,24 +274,37 @@ pub fn backup_host(
                 report.stats.packs_new,
                 report.stats.files
             ));
-            log(&format!("imgbuild backup: {}", report.requests));
+            log(&format!("{who}: {}", report.requests));
+            if let Mode::Final { .. } = mode {
+                log(&format!(
+                    "{who}: taken: {} in {:.0} s; a copy of this image booted anywhere restores it",
+                    report.id,
+                    start.elapsed().as_secs_f64()
+                ));
+            }
             match pr {
-                Ok(p) => {
-                    log(&format!("imgbuild backup: prune: {}", prune_summary(&p)));
+                None => {}
+                Some(Ok(p)) => {
+                    log(&format!("{who}: prune: {}", prune_summary(&p)));
                     for problem in &p.problems {
-                        log(&format!("imgbuild backup: prune: problem: {problem}"));
+                        log(&format!("{who}: prune: problem: {problem}"));
                     }
-                    log(&format!("imgbuild backup: prune: {}", p.requests));
+                    log(&format!("{who}: prune: {}", p.requests));
                     result.prune = Some(p);
                 }
                 // The snapshot is safe; a failed prune only delays cleanup.
-                Err(e) => log(&format!("imgbuild backup: prune failed: {e}")),
+                Some(Err(e)) => log(&format!("{who}: prune failed: {e}")),
             }
             result.object_lock_enforced = report.object_lock_enforced;
             result.report = Some(report);
         }
         Err(e) => {
-            log(&format!("imgbuild backup: FAILED: {e}"));
+            match mode {
+                Mode::Scheduled => log(&format!("{who}: FAILED: {e}")),
+                Mode::Final { .. } => log(&format!(
+                    "{who}: NOT taken: {e}; a replacement would restore the previous snapshot"
+                )),
+            }
             if matches!(e, SnapshotError::ObjectLockNotEnforced { .. }) {
                 result.object_lock_enforced = Some(false);
             }
@@ -199,12 +313,59 @@ pub fn backup_host(
     }
     result.seconds = start.elapsed().as_secs_f64();
     if let Err(e) = write_metrics(Path::new(&hc.metrics_dir), &hc.host, &result) {
-        log(&format!("imgbuild backup: cannot write metrics: {e}"));
+        log(&format!("{who}: cannot write metrics: {e}"));
     }
     if let Some(url) = &b.ping_url {
         ping(url, result.error.is_none());
     }
     Ok(result)
+}
+
+/// Runs `f`, failing with a plain reason once `deadline` has passed.
+async fn within<T>(
+    deadline: Option<Instant>,
+    f: impl std::future::Future<Output = Result<T, SnapshotError>>,
+) -> Result<T, SnapshotError> {
+    let Some(deadline) = deadline else {
+        return f.await;
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::timeout(left, f).await.unwrap_or_else(|_| {
+        Err(SnapshotError::Other(
+            "did not finish within final_snapshot_timeout; the shutdown goes on without it".into(),
+        ))
+    })
+}
+
+/// Logs the units that should have stopped before a final snapshot but run: their
+/// writes after the snapshot's instant are not in it.
+fn still_running(b: &crate::hostconfig::BackupConfig, systemctl: &Path, who: &str) {
+    let mut units: Vec<&String> = b.volumes.iter().flat_map(|v| &v.units).collect();
+    units.sort();
+    units.dedup();
+    if units.is_empty() {
+        return;
+    }
+    let Ok(out) = std::process::Command::new(systemctl)
+        .arg("is-active")
+        .args(&units)
+        .output()
+    else {
+        return;
+    };
+    let states = String::from_utf8_lossy(&out.stdout);
+    let running: Vec<&str> = units
+        .iter()
+        .zip(states.lines())
+        .filter(|(_, st)| st.trim() == "active")
+        .map(|(u, _)| u.as_str())
+        .collect();
+    if !running.is_empty() {
+        log(&format!(
+            "{who}: warning: still running: {} (their later writes are not in it)",
+            running.join(" ")
+        ));
+    }
 }
 
 /// One line for a prune: snapshots, then what happened to chunks and packs. Shared by

@@ -43,6 +43,13 @@ pub struct BackupArgs {
     /// Host config to read in the image.
     #[arg(long, default_value = HOST_CONFIG_PATH, hide = true)]
     pub config: PathBuf,
+    /// In the image, at shutdown (imgbuild-final-snapshot.service): the containers have
+    /// stopped; snapshot without quiescing or pruning, within --timeout seconds.
+    #[arg(long, conflicts_with = "profile")]
+    pub r#final: bool,
+    /// Seconds the final snapshot may take (the profile's final_snapshot_timeout).
+    #[arg(long, requires = "final", default_value_t = crate::hostconfig::DEFAULT_FINAL_SNAPSHOT_TIMEOUT)]
+    pub timeout: u32,
     #[command(flatten)]
     pub bucket: BucketArgs,
     /// Print the result as JSON on stdout.

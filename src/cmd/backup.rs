@@ -15,6 +15,19 @@ pub fn run(args: &BackupArgs, resolve: ResolveHost) -> anyhow::Result<i32> {
     let Some(profile) = &args.profile else {
         // In the image.
         let hc = agent::read_host_config(&args.config)?;
+        if args.r#final {
+            let timeout = std::time::Duration::from_secs(args.timeout.into());
+            let r =
+                agent::backup_job::final_snapshot(&hc, &HostPaths::default(), &progress, timeout)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            // Skipped is not a failure; the console line says which it was either way.
+            return Ok(match r {
+                Some(r) if r.error.is_some() => 1,
+                _ => 0,
+            });
+        }
         let r = agent::backup_host(&hc, &HostPaths::default(), &progress)?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&r)?);

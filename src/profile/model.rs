@@ -152,6 +152,18 @@ pub struct Peer {
     pub keepalive: Option<u16>,
 }
 
+/// When the host takes a last snapshot on its way down (imgbuild-final-snapshot.service).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FinalSnapshot {
+    /// On power-off and halt, not on reboot (the disk stays).
+    #[default]
+    Poweroff,
+    /// Also on every reboot.
+    Always,
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestoreMode {
@@ -211,6 +223,17 @@ pub struct Backup {
     /// metadata only.
     #[serde(default = "default_check_read_data")]
     pub check_read_data: String,
+    /// A last snapshot after the containers stopped, before the network goes down.
+    #[serde(default)]
+    pub final_snapshot: FinalSnapshot,
+    /// Seconds the final snapshot may take before the shutdown goes on without it.
+    /// Signed so that a negative value gets the range message.
+    #[serde(default = "default_final_snapshot_timeout")]
+    pub final_snapshot_timeout: i64,
+}
+
+fn default_final_snapshot_timeout() -> i64 {
+    crate::hostconfig::DEFAULT_FINAL_SNAPSHOT_TIMEOUT.into()
 }
 
 fn default_pack_size_mib() -> i64 {

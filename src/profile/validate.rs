@@ -1221,6 +1221,18 @@ fn check_backup(c: &mut Ctx, p: &Profile) {
                 "a share of the packs to read, e.g. \"10%\", \"0.1\" or \"1/10\"; \"off\" checks metadata only".to_string(),
             );
         }
+        let max = crate::hostconfig::FINAL_SNAPSHOT_TIMEOUT_MAX;
+        if !(30..=i64::from(max)).contains(&b.final_snapshot_timeout) {
+            c.err(
+                &[k("backup"), k("final_snapshot_timeout")],
+                format!("{} s is outside 30..={max} s", b.final_snapshot_timeout),
+                format!(
+                    "omit it for {} s; it should end before your provider cuts the power after \
+                     an ACPI power-off",
+                    crate::hostconfig::DEFAULT_FINAL_SNAPSHOT_TIMEOUT
+                ),
+            );
+        }
         if b.object_lock_days == Some(0) {
             c.err(
                 &[k("backup"), k("object_lock_days")],

@@ -8,10 +8,12 @@ pub use keys::HostSecrets;
 mod monitoring;
 
 use crate::hostconfig::{
-    self, BackupConfig, CheckSettings, HostConfig, PackSettings, RestorePolicy, Retention,
-    Strategy, VolumeBackup,
+    self, BackupConfig, CheckSettings, FinalSnapshotSettings, FinalSnapshotWhen, HostConfig,
+    PackSettings, RestorePolicy, Retention, Strategy, VolumeBackup,
 };
-use crate::profile::{self, BackupStrategy, Container, Host, LoadOptions, RestoreMode, SshAccess};
+use crate::profile::{
+    self, BackupStrategy, Container, FinalSnapshot, Host, LoadOptions, RestoreMode, SshAccess,
+};
 use crate::secrets::{self, SecretsRoot};
 use crate::tree::{HostTree, TreeError, QUADLET_DIR, SYSTEMD_UNIT_DIR};
 use minijinja::{context, Environment};
@@ -223,6 +225,7 @@ fn env() -> Environment<'static> {
         "imgbuild-check.service.j2",
         "imgbuild-check.timer.j2",
         "imgbuild-ready.service.j2",
+        "imgbuild-final-snapshot.service.j2",
         "tmpfiles.conf.j2",
         "prometheus.yml.j2",
         "alert-rules.yml.j2",
@@ -766,6 +769,38 @@ fn render_backup(cx: &Ctx, t: &mut HostTree) -> Result<Option<BackupConfig>, Ren
         )?,
     )?;
     t.enable("imgbuild-check.timer", "timers.target");
+    if b.final_snapshot != FinalSnapshot::Off {
+        // Stopped after everything it is ordered before: every container and the
+        // periodic jobs are down when its ExecStop runs, and it is stopped before the
+        // network and the volumes' mount.
+        let before: Vec<String> = cx
+            .input
+            .host
+            .profile
+            .containers
+            .keys()
+            .map(|c| format!("{c}.service"))
+            .chain([
+                "imgbuild-backup.service".into(),
+                "imgbuild-check.service".into(),
+            ])
+            .collect();
+        t.file(
+            &format!("{SYSTEMD_UNIT_DIR}/imgbuild-final-snapshot.service"),
+            0o644,
+            render_t(
+                e,
+                "imgbuild-final-snapshot.service.j2",
+                context! {
+                    header, helper, before,
+                    timeout => b.final_snapshot_timeout,
+                    // The helper gives up on its own first, so the console says why.
+                    stop_timeout => b.final_snapshot_timeout + 60,
+                },
+            )?,
+        )?;
+        t.enable("imgbuild-final-snapshot.service", "multi-user.target");
+    }
     let sdir = hostconfig::SECRETS_DIR;
     let enc = keys::needed(&keys.snapshot_encryption_key, "snapshot-encryption.key")?;
     t.secret_file(
@@ -864,6 +899,16 @@ fn backup_config(
         check: CheckSettings {
             schedule: b.check_schedule.clone(),
             read_data: b.check_read_data.clone(),
+        },
+        final_snapshot: FinalSnapshotSettings {
+            when: match b.final_snapshot {
+                FinalSnapshot::Poweroff => FinalSnapshotWhen::Poweroff,
+                FinalSnapshot::Always => FinalSnapshotWhen::Always,
+                FinalSnapshot::Off => FinalSnapshotWhen::Off,
+            },
+            // Validation bounded it to 30..=3600.
+            timeout_secs: u32::try_from(b.final_snapshot_timeout)
+                .unwrap_or(hostconfig::DEFAULT_FINAL_SNAPSHOT_TIMEOUT),
         },
     }
 }
