@@ -5,7 +5,9 @@
 //! as a first deployment and the same boot comes up with empty volumes. Data written
 //! into the volume is backed up (which removes the marker); a fresh copy of the same
 //! image (pristine /var) then restores the volume at first boot before the container
-//! starts, and says so on the console.
+//! starts, and says so on the console. A write made after the last backup survives too:
+//! the first copy is shut down with the ACPI power button and takes a final snapshot
+//! once its containers have stopped (planned replacement loses nothing).
 
 #[path = "common.rs"]
 mod common;
@@ -255,6 +257,43 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
         http_get(web, "/proof.txt", Duration::from_secs(10)).contains(&proof),
         "the container does not serve the volume"
     );
+    // Planned replacement: a write after the last scheduled backup, then the ACPI power
+    // button (a provider's "shut down"). The final snapshot runs once the containers
+    // have stopped, before the network goes; the fresh copy below must have the write.
+    let late = format!("late-{}", std::process::id());
+    ssh(
+        &dir,
+        ssh_port,
+        &format!(
+            "sudo sh -c 'echo {late} > /var/lib/containers/storage/volumes/www/_data/late.txt'"
+        ),
+    );
+    let t = Instant::now();
+    let off = vm
+        .power_off(Duration::from_secs(300))
+        .expect("power button");
+    let console = std::fs::read_to_string(&serial).unwrap_or_default();
+    let finals: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains("imgbuild final snapshot: "))
+        .collect();
+    eprintln!(
+        "ACPI power-off: {:.1}s to power off; console:\n{}",
+        t.elapsed().as_secs_f64(),
+        finals.join("\n")
+    );
+    assert!(
+        off,
+        "the guest did not power off within 300 s:\n{}",
+        &console[console.len().saturating_sub(4000)..]
+    );
+    assert!(
+        finals
+            .iter()
+            .any(|l| l.contains("imgbuild final snapshot: taken: ")),
+        "no final snapshot on the console:\n{}",
+        &console[console.len().saturating_sub(4000)..]
+    );
     vm.kill();
 
     // The workstation sees the snapshot the host made.
@@ -297,6 +336,11 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
     );
     let body = http_get(web, "/proof.txt", Duration::from_secs(10));
     assert!(body.contains(&proof), "restored data not served: {body:?}");
+    let body = http_get(web, "/late.txt", Duration::from_secs(10));
+    assert!(
+        body.contains(&late),
+        "the write made just before the power-off is not there: {body:?}"
+    );
     let out = ssh(&dir, ssh_port, "sudo sha256sum /var/lib/containers/storage/volumes/www/_data/sub/blob; \
         echo fb_done=$(systemctl show -p ExecMainExitTimestampMonotonic --value imgbuild-firstboot.service); \
         echo web_start=$(systemctl show -p ExecMainStartTimestampMonotonic --value web.service)");

@@ -122,6 +122,26 @@ impl Vm {
     pub fn wait(&mut self) -> Result<ExitStatus, ImageError> {
         self.child.wait().map_err(io_err("cannot wait for qemu"))
     }
+    /// Presses the ACPI power button (what a provider's "shut down" does) and waits up
+    /// to `timeout` for the guest to power off. Ok(false): still running.
+    pub fn power_off(&mut self, timeout: std::time::Duration) -> Result<bool, ImageError> {
+        use std::io::Write;
+        let sock = self._scratch.path().join("monitor.sock");
+        let mut m = std::os::unix::net::UnixStream::connect(&sock).map_err(io_err(format!(
+            "cannot reach the QEMU monitor at {} (only a VM with a serial file has one)",
+            sock.display()
+        )))?;
+        m.write_all(b"system_powerdown\n")
+            .map_err(io_err("cannot write to the QEMU monitor"))?;
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if self.try_wait()?.is_some() {
+                return Ok(true);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        Ok(false)
+    }
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -333,9 +353,15 @@ pub fn start(opts: &RunOptions) -> Result<Vm, ImageError> {
             cmd.args(["-serial", "mon:stdio"]);
         }
         SerialTarget::File(p) => {
+            // The human monitor on a socket of the VM's own (0700 scratch directory):
+            // how a caller presses the ACPI power button.
             cmd.arg("-serial")
                 .arg(format!("file:{}", p.display()))
-                .args(["-monitor", "none"])
+                .arg("-monitor")
+                .arg(format!(
+                    "unix:{},server=on,wait=off",
+                    scratch.path().join("monitor.sock").display()
+                ))
                 .stdin(Stdio::null());
         }
     }

@@ -175,7 +175,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__backup)
-            opts="-q -h --from --prune --config --bucket --prefix --endpoint --json --quiet --env --secrets --help"
+            opts="-q -h --from --prune --config --final --timeout --bucket --prefix --endpoint --json --quiet --env --secrets --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -186,6 +186,10 @@ _imgbuild() {
                     return 0
                     ;;
                 --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -108,12 +108,14 @@ complete -c imgbuild -n "__fish_imgbuild_using_subcommand run" -l persist -d 'Ke
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand run" -s h -l help -d 'Print help'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l from -d 'Directory holding one sub-directory per volume (`<volume>/_data` or `<volume>`)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l config -d 'Host config to read in the image' -r -F
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l timeout -d 'Seconds the final snapshot may take (the profile\'s final_snapshot_timeout)' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l bucket -d 'Use this bucket instead of the profile\'s' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l prefix -d 'Use this key prefix instead of the profile\'s per-host prefix' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l endpoint -d 'S3 endpoint URL (default: the profile\'s, or AWS_ENDPOINT_URL_S3); implies path-style' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l env -d 'Environment overlay from the profile\'s [environments]' -r
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l secrets -d 'Secrets root holding <host>/ (default: secrets/ beside profiles/)' -r -F
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l prune -d 'Apply the profile\'s retention after the snapshot (always done in the image)'
+complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l final -d 'In the image, at shutdown (imgbuild-final-snapshot.service): the containers have stopped; snapshot without quiescing or pruning, within --timeout seconds'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -l json -d 'Print the result as JSON on stdout'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -s q -l quiet -d 'No progress output'
 complete -c imgbuild -n "__fish_imgbuild_using_subcommand backup" -s h -l help -d 'Print help'
