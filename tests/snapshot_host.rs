@@ -733,6 +733,40 @@ fn final_snapshot_at_power_off_is_taken_without_touching_units_and_bounded_in_ti
         "late 2"
     );
 
+    // Another copy of the host (a replacement already up, a staging copy) wrote a newer
+    // snapshot: this one's final snapshot would shadow it, so it is refused.
+    let other_paths = HostPaths {
+        volumes: vols.clone(),
+        firstboot_done: env.path("other-state/firstboot.done"),
+        systemctl: paths.systemctl.clone(),
+    };
+    std::fs::create_dir_all(env.path("other-state")).unwrap();
+    std::fs::write(&other_paths.firstboot_done, "{\"restored\": null}\n").unwrap();
+    let r = imgbuild::agent::backup_job::backup_host_mode(
+        &hc,
+        &other_paths,
+        &q,
+        imgbuild::agent::backup_job::Mode::Final { timeout },
+    )
+    .unwrap();
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("another copy of this host"),
+        "{r:?}"
+    );
+    assert_eq!(listed(), 4);
+    let r = backup_host(&hc, &other_paths, &q).unwrap();
+    assert!(r.error.is_none(), "{r:?}");
+    let r = final_snapshot(&hc, &paths, &q, timeout).unwrap().unwrap();
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("another copy of this host"),
+        "{r:?}"
+    );
     // A bucket that accepts connections and never answers: given up at the timeout.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut dead = hc.clone();
@@ -751,6 +785,5 @@ fn final_snapshot_at_power_off_is_taken_without_touching_units_and_bounded_in_ti
         "{r:?}"
     );
     assert!(took < Duration::from_secs(15), "took {took:?}");
-    assert_eq!(listed(), 4);
     drop(silent);
 }

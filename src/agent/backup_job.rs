@@ -202,6 +202,9 @@ pub fn backup_host_mode(
         let upload = async {
             let keys = target.keys()?;
             let store = target.connect().await?;
+            if let Mode::Final { .. } = mode {
+                check_lineage(&store, paths).await?;
+            }
             let opts = BackupOptions {
                 host: hc.host.clone(),
                 parallel: 16,
@@ -219,6 +222,11 @@ pub fn backup_host_mode(
         drop(snap);
         let (store, keys, report) = out?;
         let report = report?;
+        if let Err(e) = remember_snapshot(paths, &report.id) {
+            log(&format!(
+                "{who}: warning: cannot record the snapshot id: {e}"
+            ));
+        }
         let after = async {
             // A snapshot exists now: "start empty" must never again be a valid answer.
             match crate::snapshot::marker::remove(&store).await {
@@ -319,6 +327,53 @@ pub fn backup_host_mode(
         ping(url, result.error.is_none());
     }
     Ok(result)
+}
+
+/// The newest snapshot this machine restored or wrote, beside the first-boot marker.
+fn lineage_file(paths: &HostPaths) -> std::path::PathBuf {
+    paths
+        .firstboot_done
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("last-snapshot")
+}
+
+fn remember_snapshot(paths: &HostPaths, id: &str) -> std::io::Result<()> {
+    let f = lineage_file(paths);
+    let tmp = f.with_extension("tmp");
+    std::fs::write(&tmp, format!("{id}\n"))?;
+    std::fs::rename(&tmp, &f)
+}
+
+/// What this machine last saw of its prefix: the snapshot it wrote last, else the one
+/// first boot restored (None: it started empty and has written nothing).
+fn last_seen(paths: &HostPaths) -> Option<String> {
+    if let Ok(id) = std::fs::read_to_string(lineage_file(paths)) {
+        return Some(id.trim().to_string());
+    }
+    let done: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&paths.firstboot_done).ok()?).ok()?;
+    done.get("restored")?.as_str().map(str::to_string)
+}
+
+/// A final snapshot must not shadow a newer one another copy of this host wrote (a
+/// replacement already running, a staging copy of the image): it would become the
+/// snapshot the next first boot restores. Refused unless the prefix's newest snapshot
+/// is the one this machine last restored or wrote.
+async fn check_lineage(
+    store: &crate::snapshot::Store,
+    paths: &HostPaths,
+) -> Result<(), SnapshotError> {
+    let newest = crate::snapshot::restore::list_ids(store).await?.pop();
+    let mine = last_seen(paths);
+    match newest {
+        Some(n) if Some(&n) != mine.as_ref() => Err(SnapshotError::Other(format!(
+            "the prefix's newest snapshot {n} is not the one this machine restored or wrote \
+             last ({}): another copy of this host wrote it; a snapshot now would shadow it",
+            mine.as_deref().unwrap_or("none")
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Runs `f`, failing with a plain reason once `deadline` has passed.
