@@ -197,6 +197,30 @@ pub struct VolumeBackup {
     pub hook: Option<String>,
     /// For `stop`: systemd units stopped during the snapshot.
     pub units: Vec<String>,
+    /// Another host's volume this one starts from, until a snapshot of this host's
+    /// own holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<MoveSource>,
+}
+
+/// Where a moved volume comes from: the other host's bucket and prefix, read with a
+/// read-only key, its manifests verified with its public key and decrypted with its
+/// encryption key (its signing key never leaves its own image).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MoveSource {
+    /// The other host's name: its manifests must say they are its.
+    pub host: String,
+    pub volume: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub path_style: bool,
+    pub credentials_file: Option<String>,
+    pub encryption_key_file: String,
+    /// Absent on purpose; the public key is read from the `.pub` beside it.
+    pub signing_key_file: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -74,6 +74,7 @@ fn config(env: &Env, metrics: &Path) -> HostConfig {
         strategy: Strategy::Live,
         hook: None,
         units: vec![],
+        from: None,
     };
     HostConfig {
         host: "services".into(),
@@ -279,6 +280,7 @@ fn bench_atomic_snapshot_downtime() {
             } else {
                 vec![]
             },
+            from: None,
         })
         .collect();
     let done = env.path("state/firstboot.done");

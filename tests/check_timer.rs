@@ -45,6 +45,7 @@ fn host_config(env: &Env, metrics: &Path, read_data: &str) -> HostConfig {
                 strategy: Strategy::Live,
                 hook: None,
                 units: vec![],
+                from: None,
             }],
             credentials_file: Some(s("s3.env")),
             encryption_key_file: s("snapshot-encryption.key"),

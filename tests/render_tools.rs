@@ -317,3 +317,93 @@ fn check_timer_follows_the_profile_and_never_overlaps_the_backup() {
         Ok(imgbuild::snapshot::check::ReadData::None)
     );
 }
+
+/// `from = "services:nextcloud-data"` on the monitoring host: its image carries the
+/// services host's encryption key and public key (never its signing key) and the
+/// read-only key, and host.toml says where the volume comes from.
+#[test]
+fn a_moved_volume_carries_the_other_hosts_read_keys_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secrets = tmp.path().join("secrets");
+    // The services host's keys exist once it was rendered or built.
+    render("services", "production", tmp.path(), &secrets);
+    std::fs::write(
+        secrets.join("monitoring/from-vps1.s3.env"),
+        "AWS_ACCESS_KEY_ID=ro\nAWS_SECRET_ACCESS_KEY=ro-secret\n",
+    )
+    .unwrap();
+    let overlay = tmp.path().join("move.toml");
+    std::fs::write(
+        &overlay,
+        "[volumes.nextcloud-data]\nbackup = \"live\"\nfrom = \"services:nextcloud-data\"\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("moved");
+    run_ok(
+        &[
+            "render",
+            "monitoring",
+            "--overlay",
+            overlay.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--secrets",
+            secrets.to_str().unwrap(),
+        ],
+        &repo(),
+    );
+    let dir = out.join("etc/imgbuild/secrets/from/vps1");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("snapshot-encryption.key")).unwrap(),
+        std::fs::read_to_string(secrets.join("vps1/snapshot-encryption.key")).unwrap()
+    );
+    assert!(dir.join("snapshot-signing.pub").is_file());
+    assert!(!dir.join("snapshot-signing.key").exists());
+    assert!(std::fs::read_to_string(dir.join("s3.env"))
+        .unwrap()
+        .contains("ro-secret"));
+    let hc: imgbuild::hostconfig::HostConfig =
+        toml::from_str(&std::fs::read_to_string(out.join("etc/imgbuild/host.toml")).unwrap())
+            .unwrap();
+    let v = hc
+        .backup
+        .unwrap()
+        .volumes
+        .into_iter()
+        .find(|v| v.name == "nextcloud-data")
+        .unwrap();
+    let from = v.from.unwrap();
+    assert_eq!(
+        (from.host.as_str(), from.volume.as_str()),
+        ("vps1", "nextcloud-data")
+    );
+    assert_eq!(from.prefix, "vps1");
+    assert_eq!(
+        from.credentials_file.as_deref(),
+        Some("/etc/imgbuild/secrets/from/vps1/s3.env")
+    );
+
+    // A volume the other host does not back up cannot be moved this way.
+    std::fs::write(
+        &overlay,
+        "[volumes.nextcloud-redis]\nbackup = \"live\"\nfrom = \"services:nextcloud-redis\"\n",
+    )
+    .unwrap();
+    let res = Command::new(env!("CARGO_BIN_EXE_imgbuild"))
+        .current_dir(repo())
+        .args(["render", "monitoring", "--overlay"])
+        .arg(&overlay)
+        .arg("--out")
+        .arg(tmp.path().join("refused"))
+        .arg("--secrets")
+        .arg(&secrets)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "{err}");
+    assert!(
+        err.contains("nextcloud-redis has backup = \"none\""),
+        "{err}"
+    );
+    assert!(!tmp.path().join("refused").exists());
+}

@@ -49,6 +49,7 @@ fn host_config(
                     strategy: Strategy::Stop,
                     hook: None,
                     units: vec!["postgres.service".into()],
+                    from: None,
                 },
                 VolumeBackup {
                     name: "app".into(),
@@ -58,12 +59,14 @@ fn host_config(
                         env.path("vols").display()
                     )),
                     units: vec![],
+                    from: None,
                 },
                 VolumeBackup {
                     name: "cache".into(),
                     strategy: Strategy::Live,
                     hook: None,
                     units: vec![],
+                    from: None,
                 },
             ],
             credentials_file: Some(env.secrets.join("s3.env").display().to_string()),
@@ -786,4 +789,179 @@ fn final_snapshot_at_power_off_is_taken_without_touching_units_and_bounded_in_ti
     );
     assert!(took < Duration::from_secs(15), "took {took:?}");
     drop(silent);
+}
+
+/// Moving a service: host vps2's volume `nextcloud-data` says `from = vps1:nc-data`.
+/// Its first boot restores vps1's newest snapshot of that volume (vps1's keys, a key
+/// that may only read vps1's bucket: Garage refuses it any write or delete there).
+/// Once vps2 has backed the volume up itself, a reprovisioned vps2 restores its own
+/// copy, not vps1's newer one.
+#[test]
+fn a_moved_volume_starts_from_the_other_hosts_snapshot_with_read_only_access() {
+    use imgbuild::hostconfig::MoveSource;
+    use imgbuild::snapshot::backup::{backup, BackupOptions, NoHooks, Source};
+    use imgbuild::snapshot::store::DeleteOutcome;
+    let a = Env::garage(None);
+    let src = a.path("nc-data");
+    std::fs::create_dir_all(src.join("files/admin")).unwrap();
+    std::fs::write(src.join("files/admin/photo.jpg"), noise(11, 700_000)).unwrap();
+    std::fs::write(src.join("config.php"), b"<?php $CONFIG = [];\n").unwrap();
+    let rt = rt();
+    let backup_a = |tag: &str| {
+        rt.block_on(async {
+            let store = a.store().await;
+            let opts = BackupOptions {
+                host: "vps1".into(),
+                parallel: 4,
+                progress: Progress::quiet(),
+                pack_target: imgbuild::snapshot::pack::PACK_TARGET,
+            };
+            let sources = vec![Source {
+                name: "nc-data".into(),
+                root: src.clone(),
+            }];
+            let r = backup(
+                &store,
+                &a.keys().for_host("vps1"),
+                &sources,
+                &mut NoHooks,
+                &opts,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("backup of vps1 ({tag}): {e}"));
+            r.id
+        })
+    };
+    backup_a("first");
+    let moved_hash = tree_hash(&src);
+
+    // What vps2's image carries for it: vps1's encryption key and public key (not its
+    // signing key) and a read-only key.
+    let b = Env::new(false);
+    let from_dir = b.path("from/vps1");
+    std::fs::create_dir_all(&from_dir).unwrap();
+    for f in ["snapshot-encryption.key", "snapshot-signing.pub"] {
+        std::fs::copy(a.secrets.join(f), from_dir.join(f)).unwrap();
+    }
+    a.garage_read_only_env(&from_dir.join("s3.env"));
+    let metrics = b.path("metrics");
+    let mut hc = host_config(&b, RestorePolicy::AllowEmpty, None, &metrics);
+    hc.host = "vps2".into();
+    let bc = hc.backup.as_mut().unwrap();
+    bc.volumes = vec![
+        VolumeBackup {
+            name: "nextcloud-data".into(),
+            strategy: Strategy::Live,
+            hook: None,
+            units: vec![],
+            from: Some(MoveSource {
+                host: "vps1".into(),
+                volume: "nc-data".into(),
+                bucket: a.cfg.bucket.clone(),
+                prefix: a.cfg.prefix.clone(),
+                endpoint: a.cfg.endpoint.clone(),
+                region: String::new(),
+                path_style: true,
+                credentials_file: Some(from_dir.join("s3.env").display().to_string()),
+                encryption_key_file: from_dir
+                    .join("snapshot-encryption.key")
+                    .display()
+                    .to_string(),
+                signing_key_file: from_dir.join("snapshot-signing.key").display().to_string(),
+            }),
+        },
+        VolumeBackup {
+            name: "own".into(),
+            strategy: Strategy::Live,
+            hook: None,
+            units: vec![],
+            from: None,
+        },
+    ];
+    assert!(!from_dir.join("snapshot-signing.key").exists());
+    let boot = |name: &str| {
+        let paths = HostPaths {
+            volumes: b.path(&format!("{name}/vols")),
+            firstboot_done: b.path(&format!("{name}/state/firstboot.done")),
+            systemctl: "true".into(),
+        };
+        std::fs::create_dir_all(&paths.volumes).unwrap();
+        let out = firstboot(&hc, &paths).unwrap_or_else(|e| panic!("first boot {name}: {e:#}"));
+        (paths, out)
+    };
+    // vps2's own prefix is empty (allow-empty): its own volume starts empty, the moved
+    // one comes from vps1.
+    let (paths, out) = boot("boot1");
+    eprintln!("boot 1: {out:?}");
+    assert_eq!(
+        tree_hash(&paths.volumes.join("nextcloud-data/_data")),
+        moved_hash
+    );
+
+    // The read-only key reads vps1's prefix and can change nothing there.
+    rt.block_on(async {
+        let mut cfg = a.cfg.clone();
+        cfg.credentials_file = Some(from_dir.join("s3.env"));
+        let ro = imgbuild::snapshot::Store::connect(&cfg).await.unwrap();
+        let listed = ro.list(&format!("{}/", a.cfg.prefix)).await.unwrap();
+        assert!(!listed.is_empty());
+        let e = ro
+            .put(
+                &format!("{}/snapshots/forged", a.cfg.prefix),
+                b"x".to_vec(),
+                false,
+                None,
+            )
+            .await;
+        assert!(e.is_err(), "a read-only key wrote under vps1's prefix");
+        let victim = &listed[0].key;
+        match ro.delete(victim).await {
+            Ok(DeleteOutcome::Deleted) => panic!("a read-only key deleted {victim}"),
+            _ => {}
+        }
+        let rw = a.store().await;
+        assert!(rw.exists(victim).await.unwrap(), "{victim} is gone");
+    });
+
+    // vps2 backs the volume up itself; vps1 keeps writing (it should have stopped).
+    std::fs::write(
+        paths.volumes.join("nextcloud-data/_data/on-vps2.txt"),
+        b"vps2",
+    )
+    .unwrap();
+    std::fs::create_dir_all(paths.volumes.join("own/_data")).unwrap();
+    let r = backup_host(&hc, &paths, &Progress::quiet()).unwrap();
+    assert!(r.error.is_none(), "{r:?}");
+    let vps2_hash = tree_hash(&paths.volumes.join("nextcloud-data/_data"));
+    std::fs::write(src.join("late-on-vps1.txt"), b"late").unwrap();
+    backup_a("second");
+    let (paths2, _) = boot("boot2");
+    assert_eq!(
+        tree_hash(&paths2.volumes.join("nextcloud-data/_data")),
+        vps2_hash,
+        "a reprovisioned vps2 must restore its own copy"
+    );
+
+    // vps1 without a snapshot of the volume: first boot fails rather than start empty.
+    let mut missing = hc.clone();
+    missing.backup.as_mut().unwrap().volumes[0]
+        .from
+        .as_mut()
+        .unwrap()
+        .volume = "no-such-volume".into();
+    let fresh = Env::new(false);
+    missing.backup.as_mut().unwrap().bucket = fresh.cfg.bucket.clone();
+    missing.backup.as_mut().unwrap().restore_timeout_secs = 1;
+    let paths3 = HostPaths {
+        volumes: b.path("boot3/vols"),
+        firstboot_done: b.path("boot3/state/firstboot.done"),
+        systemctl: "true".into(),
+    };
+    std::fs::create_dir_all(&paths3.volumes).unwrap();
+    let e = firstboot(&missing, &paths3).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("has no volume no-such-volume"),
+        "{e:#}"
+    );
+    assert!(!paths3.firstboot_done.exists());
 }

@@ -332,6 +332,123 @@ async fn firstboot_once(
     paths: &HostPaths,
     pinned: Option<&str>,
 ) -> anyhow::Result<FirstbootOutcome> {
+    let (outcome, have) = restore_own(target, b, paths, pinned).await?;
+    if pinned.is_some() {
+        // A drill pins this host's snapshot and reaches only its gateway.
+        for v in b
+            .volumes
+            .iter()
+            .filter(|v| v.from.is_some() && !have.contains(&v.name))
+        {
+            log(&format!(
+                "imgbuild firstboot: volume {} would come from another host (`from`): not drilled",
+                v.name
+            ));
+        }
+    } else {
+        import_moved(b, paths, &have).await?;
+    }
+    Ok(outcome)
+}
+
+/// Volumes that start from another host's snapshot (`from`) and are not in this
+/// host's own: each from the other host's newest snapshot, read with its keys and a
+/// read-only credential, restored beside the volumes and moved into place.
+async fn import_moved(b: &BackupConfig, paths: &HostPaths, have: &[String]) -> anyhow::Result<()> {
+    for v in &b.volumes {
+        let Some(src) = &v.from else { continue };
+        let from = format!("{}:{}", src.host, src.volume);
+        if have.contains(&v.name) {
+            log(&format!(
+                "imgbuild firstboot: volume {} restored from this host's own snapshot; `from = {from}` no longer applies",
+                v.name
+            ));
+            continue;
+        }
+        let target = Target {
+            host: src.host.clone(),
+            store: crate::snapshot::StoreConfig {
+                bucket: src.bucket.clone(),
+                prefix: src.prefix.clone(),
+                endpoint: src.endpoint.clone(),
+                region: src.region.clone(),
+                path_style: src.path_style,
+                credentials_file: src.credentials_file.as_ref().map(std::path::PathBuf::from),
+                object_lock_days: None,
+                multipart_threshold: 0,
+                accept_unlocked_bucket: false,
+            },
+            encryption_key: src.encryption_key_file.clone().into(),
+            signing_key: src.signing_key_file.clone().into(),
+            keys_in_memory: None,
+        };
+        let place = format!("s3://{}/{}", src.bucket, src.prefix);
+        let keys = target.keys()?;
+        let store = target.connect().await?;
+        let Some((m, skipped)) = restore::newest_manifest(&store, &keys).await? else {
+            anyhow::bail!(
+                "volume {} starts from {from}, but {place} holds no snapshot of {}",
+                v.name,
+                src.host
+            );
+        };
+        for s in &skipped {
+            log(&format!(
+                "imgbuild firstboot: WARNING: {from}: skipping snapshot {}: {}; using the older {}",
+                s.id, s.reason, m.id
+            ));
+        }
+        if !m.volumes.iter().any(|mv| mv.name == src.volume) {
+            anyhow::bail!(
+                "volume {} starts from {from}, but {}'s newest snapshot {} has no volume {}",
+                v.name,
+                src.host,
+                m.id,
+                src.volume
+            );
+        }
+        let staging = paths.volumes.join(".imgbuild-import");
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, e))?;
+        }
+        let opts = RestoreOptions {
+            parallel: 16,
+            progress: Progress::detect(false),
+            write: WriteOptions::default(),
+            volumes: vec![src.volume.clone()],
+        };
+        let report = restore::restore(&store, &keys, &m, &staging, &opts).await?;
+        for w in &report.warnings {
+            log(&format!("imgbuild firstboot: warning: {from}: {w}"));
+        }
+        let dst = paths.volumes.join(&v.name);
+        if dst.exists() {
+            let old = staging.join(format!(".old-{}", v.name));
+            std::fs::rename(&dst, &old).map_err(|e| SnapshotError::io(&dst, e))?;
+        }
+        std::fs::rename(staging.join(&src.volume), &dst).map_err(|e| SnapshotError::io(&dst, e))?;
+        std::fs::remove_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, e))?;
+        sync_filesystem(&paths.volumes).map_err(|e| SnapshotError::io(&paths.volumes, e))?;
+        log(&format!(
+            "imgbuild firstboot: volume {} moved from {from}: snapshot {} (taken {}, {} old), {} bytes in {:.1}s",
+            v.name,
+            m.id,
+            crate::snapshot::format::rfc3339(m.time),
+            human_age(backup::now_unix() - m.time),
+            report.bytes,
+            report.seconds
+        ));
+    }
+    Ok(())
+}
+
+/// This host's own newest snapshot (or the empty start), and the volumes it restored.
+async fn restore_own(
+    target: &Target,
+    b: &BackupConfig,
+    paths: &HostPaths,
+    pinned: Option<&str>,
+) -> anyhow::Result<(FirstbootOutcome, Vec<String>)> {
     let keys = target.keys()?;
     let store = target.connect().await?;
     let found = match pinned {
@@ -359,7 +476,12 @@ async fn firstboot_once(
             hidden[hidden.len() - 1].id,
             hidden[hidden.len() - 1].id
         ),
-        None => return no_snapshot(&store, &keys, b, &target.host).await,
+        None => {
+            return Ok((
+                no_snapshot(&store, &keys, b, &target.host).await?,
+                Vec::new(),
+            ))
+        }
     };
     for h in hidden.iter().filter(|h| h.id > m.id) {
         log(&format!(
@@ -388,7 +510,7 @@ async fn firstboot_once(
         write: WriteOptions::default(),
         volumes: Vec::new(),
     };
-    for v in &b.volumes {
+    for v in b.volumes.iter().filter(|v| v.from.is_none()) {
         if !m.volumes.iter().any(|mv| mv.name == v.name) {
             log(&format!(
                 "imgbuild firstboot: volume {} is not in snapshot {}: it starts empty",
@@ -424,18 +546,22 @@ async fn firstboot_once(
         report.bytes,
         report.seconds
     ));
-    Ok(FirstbootOutcome::Restored {
-        id: m.id,
-        time: m.time,
-        bytes: report.bytes,
-        files: report.files,
-        volumes: m.volumes.len() as u64,
-        seconds: report.seconds,
-        skipped: skipped
-            .into_iter()
-            .map(|s| format!("{}: {}", s.id, s.reason))
-            .collect(),
-    })
+    let have = m.volumes.iter().map(|v| v.name.clone()).collect();
+    Ok((
+        FirstbootOutcome::Restored {
+            id: m.id,
+            time: m.time,
+            bytes: report.bytes,
+            files: report.files,
+            volumes: m.volumes.len() as u64,
+            seconds: report.seconds,
+            skipped: skipped
+                .into_iter()
+                .map(|s| format!("{}: {}", s.id, s.reason))
+                .collect(),
+        },
+        have,
+    ))
 }
 
 /// syncfs(2) on the filesystem holding `dir`.

@@ -94,11 +94,35 @@ fn check_credentials(
     Ok(())
 }
 
+/// A `from` volume is read with a key of its own (read-only on the other host's
+/// prefix); without one, first boot could not fetch it and would keep services down.
+fn check_moved_credentials(input: &crate::render::RenderInput, allow_missing: bool) -> Result<()> {
+    for m in input.moved.iter().filter(|m| m.s3_env.is_none()) {
+        let msg = format!(
+            "volume {} starts from {}:{} (s3://{}/{}), but {} does not exist: first boot could not read it.\n  \
+             hint: create a key that can only read that prefix (docs/disaster-recovery.md, \"Moving a service\") and put it there:\n      \
+             AWS_ACCESS_KEY_ID=...\n      AWS_SECRET_ACCESS_KEY=...",
+            m.volume,
+            m.source.host,
+            m.source.volume,
+            m.source.bucket,
+            m.source.prefix,
+            m.s3_env_path.display()
+        );
+        if !allow_missing {
+            bail!("{msg}\n  If the host gets credentials another way, pass --allow-missing-credentials.");
+        }
+        eprintln!("imgbuild: warning: {msg}");
+    }
+    Ok(())
+}
+
 pub fn run(args: &BuildArgs) -> Result<i32> {
     let progress = Progress::detect(args.quiet || args.json);
     let format = pick_format(args.format, &args.out)?;
     let (input, root) = load(&args.profile, &progress)?;
     check_credentials(&input, &root, args.allow_missing_credentials)?;
+    check_moved_credentials(&input, args.allow_missing_credentials)?;
     let helper_bin = match &args.helper {
         Some(p) => p.clone(),
         None => std::env::current_exe().context("locating this imgbuild binary")?,

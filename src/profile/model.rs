@@ -363,6 +363,18 @@ pub struct Volume {
     pub backup: BackupStrategy,
     /// Command for `backup = "hook"`, run with `sh -c` on the host.
     pub hook: Option<String>,
+    /// `"HOST:VOLUME"`: until this host has a snapshot of its own holding the volume,
+    /// first boot restores it from HOST's newest snapshot of VOLUME (moving a service
+    /// between hosts), read with a read-only key.
+    pub from: Option<String>,
+}
+
+impl Volume {
+    /// `from` split into (host, volume), when it has that shape.
+    pub fn from_parts(&self) -> Option<(&str, &str)> {
+        let (h, v) = self.from.as_deref()?.split_once(':')?;
+        Some((h, v))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

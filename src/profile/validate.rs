@@ -683,6 +683,20 @@ fn check_volumes(c: &mut Ctx, p: &Profile) {
             (_, Some(h)) if h.trim().is_empty() || h.contains('\n') => c.err(&[k("volumes"), k(name), k("hook")], "hook must be one non-empty line", None),
             _ => {}
         }
+        if let Some(from) = &v.from {
+            let at = [k("volumes"), k(name), k("from")];
+            match v.from_parts() {
+                Some((h, vol)) if is_unit_safe(h) && is_unit_safe(vol) => {
+                    if p.backup.is_none() {
+                        c.err(&at, "a volume restored from another host needs a [backup] section (its bucket settings and this host's keys)", None);
+                    }
+                    if v.backup == BackupStrategy::None {
+                        c.err(&at, "the moved data would never be backed up on this host (backup = \"none\"), and the next first boot would fetch the old host's copy again", "set backup = \"live\" (or stop/hook)".to_string());
+                    }
+                }
+                _ => c.err(&at, format!("`{}` is not HOST:VOLUME", from.escape_debug()), "e.g. from = \"services:nextcloud-data\" (the profile services.toml beside this one, its volume nextcloud-data)".to_string()),
+            }
+        }
     }
 }
 

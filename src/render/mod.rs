@@ -91,6 +91,41 @@ pub struct RenderInput {
     pub app_secrets: BTreeMap<String, String>,
     /// Files created while gathering (for the one-line notice).
     pub created: Vec<PathBuf>,
+    /// Volumes that start from another host's snapshot (`from`), with what reading it
+    /// takes.
+    pub moved: Vec<MovedVolume>,
+}
+
+/// A `from` volume: where its data is and the other host's keys to read it.
+#[derive(Clone)]
+pub struct MovedVolume {
+    /// This host's volume.
+    pub volume: String,
+    /// The other host's name, volume and bucket settings (key paths filled by render).
+    pub source: hostconfig::MoveSource,
+    pub encryption_key: String,
+    pub signing_pub: String,
+    /// `secrets/<this host>/from-<other host>.s3.env`: a read-only key for the other
+    /// host's prefix, when the secrets dir has one.
+    pub s3_env: Option<String>,
+    /// Where that file is (or would be).
+    pub s3_env_path: PathBuf,
+}
+
+/// Key material never reaches a log through Debug.
+impl std::fmt::Debug for MovedVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MovedVolume")
+            .field("volume", &self.volume)
+            .field("source", &self.source)
+            .field("s3_env", &self.s3_env.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Where the image keeps what reading another host's snapshots takes.
+pub fn moved_secrets_dir(host: &str) -> String {
+    format!("{}/from/{host}", hostconfig::SECRETS_DIR)
 }
 
 fn wg_ip(host: &Host) -> Option<String> {
@@ -185,8 +220,80 @@ pub fn gather(host: Host, secrets_root: &SecretsRoot) -> Result<RenderInput, Ren
             }
         }
     }
+    let mut moved = Vec::new();
+    for (vn, v) in &host.profile.volumes {
+        let Some((from_host, from_volume)) = v.from_parts() else {
+            continue;
+        };
+        let err = |what: String| RenderError::Peer {
+            profile: host.path.clone(),
+            peer: from_host.to_string(),
+            what: format!("volumes.{vn}.from: {what}"),
+        };
+        let other = load_peer(&host, from_host, &host.env)?;
+        if other.name() == host.name() {
+            return Err(err("that is this host itself".into()));
+        }
+        let Some(ob) = &other.profile.backup else {
+            return Err(err(
+                "its profile has no [backup] section: it has no snapshots".into(),
+            ));
+        };
+        match other.profile.volumes.get(from_volume) {
+            Some(ov) if ov.backup != BackupStrategy::None => {}
+            Some(_) => {
+                return Err(err(format!(
+                    "its volume {from_volume} has backup = \"none\": no snapshot holds it"
+                )))
+            }
+            None => return Err(err(format!("its profile has no volume {from_volume}"))),
+        }
+        let dir = secrets_root.host_dir(other.name());
+        let key = |f: &str| -> Result<String, RenderError> {
+            let path = dir.join(f);
+            if !secrets_root.is_file(&path) {
+                return Err(err(format!(
+                    "{} is missing: reading {}'s snapshots takes its keys (build it once, or copy \
+                     its secrets directory here)",
+                    path.display(),
+                    other.name()
+                )));
+            }
+            Ok(secrets_root.read_text(&path)?)
+        };
+        let s3_env_path = secrets_root
+            .host_dir(host.name())
+            .join(format!("from-{}.s3.env", other.name()));
+        moved.push(MovedVolume {
+            volume: vn.clone(),
+            source: hostconfig::MoveSource {
+                host: other.name().to_string(),
+                volume: from_volume.to_string(),
+                bucket: ob.bucket.clone(),
+                prefix: ob
+                    .prefix
+                    .clone()
+                    .unwrap_or_else(|| other.name().to_string()),
+                endpoint: ob.endpoint.clone(),
+                region: ob.region.clone(),
+                path_style: ob.path_style.unwrap_or(ob.endpoint.is_some()),
+                credentials_file: None,
+                encryption_key_file: String::new(),
+                signing_key_file: String::new(),
+            },
+            encryption_key: key("snapshot-encryption.key")?,
+            signing_pub: key("snapshot-signing.pub")?,
+            s3_env: if secrets_root.is_file(&s3_env_path) {
+                Some(secrets_root.read_text(&s3_env_path)?)
+            } else {
+                None
+            },
+            s3_env_path,
+        });
+    }
     let keys = HostSecrets::read(secrets_root, &host)?;
     Ok(RenderInput {
+        moved,
         keys,
         secrets_dir: secrets_root.host_dir(host.name()),
         secrets: secrets_root.clone(),
@@ -828,7 +935,37 @@ fn render_backup(cx: &Ctx, t: &mut HostTree) -> Result<Option<BackupConfig>, Ren
         }
         None => None,
     };
-    Ok(Some(backup_config(&cx.input.host, b, credentials_file)))
+    let mut moved = BTreeMap::new();
+    for m in &cx.input.moved {
+        let dir = moved_secrets_dir(&m.source.host);
+        let mut src = m.source.clone();
+        src.encryption_key_file = format!("{dir}/snapshot-encryption.key");
+        src.signing_key_file = format!("{dir}/snapshot-signing.key");
+        t.secret_file(
+            &src.encryption_key_file,
+            0o600,
+            "root",
+            "root",
+            m.encryption_key.clone(),
+        )?;
+        t.file(
+            &format!("{dir}/snapshot-signing.pub"),
+            0o644,
+            m.signing_pub.clone(),
+        )?;
+        if let Some(text) = &m.s3_env {
+            let path = format!("{dir}/s3.env");
+            t.secret_file(&path, 0o600, "root", "root", text.clone())?;
+            src.credentials_file = Some(path);
+        }
+        moved.insert(m.volume.clone(), src);
+    }
+    Ok(Some(backup_config(
+        &cx.input.host,
+        b,
+        credentials_file,
+        &moved,
+    )))
 }
 
 /// host.toml's [backup]: the profile's section with defaults applied, and each volume's
@@ -837,6 +974,7 @@ fn backup_config(
     host: &Host,
     b: &crate::profile::Backup,
     credentials_file: Option<String>,
+    moved: &BTreeMap<String, hostconfig::MoveSource>,
 ) -> BackupConfig {
     let p = &host.profile;
     let sdir = hostconfig::SECRETS_DIR;
@@ -862,6 +1000,7 @@ fn backup_config(
                 })
                 .map(|(cn, _)| format!("{cn}.service"))
                 .collect(),
+            from: moved.get(vn).cloned(),
         })
         .collect();
     BackupConfig {

@@ -642,6 +642,29 @@ impl Env {
         Store::connect(&self.cfg).await.expect("connect")
     }
 
+    /// For a Garage env: a new key that may only read this bucket, as an s3.env file
+    /// (what a host given `from` on another host's volume carries).
+    pub fn garage_read_only_env(&self, file: &Path) {
+        let g = garage();
+        let out = garage_cli(&g.config, &["key", "create", &unique("ro")]);
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| panic!("no {name} in `garage key create` output:\n{out}"))
+        };
+        let (id, secret) = (field("Key ID:"), field("Secret key:"));
+        garage_cli(
+            &g.config,
+            &["bucket", "allow", "--read", &self.cfg.bucket, "--key", &id],
+        );
+        std::fs::write(
+            file,
+            format!("AWS_ACCESS_KEY_ID={id}\nAWS_SECRET_ACCESS_KEY={secret}\nAWS_REGION=garage\n"),
+        )
+        .unwrap();
+    }
+
     pub fn keys(&self) -> Keys {
         Keys::load(
             &self.secrets.join("snapshot-encryption.key"),
