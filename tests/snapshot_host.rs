@@ -915,10 +915,11 @@ fn a_moved_volume_starts_from_the_other_hosts_snapshot_with_read_only_access() {
             .await;
         assert!(e.is_err(), "a read-only key wrote under vps1's prefix");
         let victim = &listed[0].key;
-        match ro.delete(victim).await {
-            Ok(DeleteOutcome::Deleted) => panic!("a read-only key deleted {victim}"),
-            _ => {}
-        }
+        let deleted = ro.delete(victim).await;
+        assert!(
+            !matches!(deleted, Ok(DeleteOutcome::Deleted)),
+            "a read-only key deleted {victim}"
+        );
         let rw = a.store().await;
         assert!(rw.exists(victim).await.unwrap(), "{victim} is gone");
     });
