@@ -195,13 +195,43 @@ fn change_one_percent(root: &Path, files: u64) {
 
 /// Every operation on one volume of `files` files; the restored tree must be equal.
 fn operations(env: &Env, work: &Path, files: u64, max: usize) -> Vec<Run> {
+    operations_on(env, work, &|src| make_tree(src, files, max), &|src| {
+        change_one_percent(src, files)
+    })
+}
+
+/// `count` sparse files of `gib` GiB each, each holding one 4 MiB extent of data at
+/// an offset of its own: a volume of count × gib GiB that fits on a small disk.
+fn make_sparse(root: &Path, count: u64, gib: u64) {
+    use std::io::{Seek, SeekFrom, Write};
+    std::fs::create_dir_all(root).unwrap();
+    for i in 0..count {
+        let mut f = std::fs::File::create(root.join(format!("disk{i:03}.img"))).unwrap();
+        f.set_len(gib << 30).unwrap();
+        let at = ((i * 7919) % (gib * 256 - 1)) << 22;
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&noise(i + 1, 4 << 20)).unwrap();
+    }
+}
+
+/// Rewrites the data of one file in a hundred.
+fn change_sparse(root: &Path, count: u64) {
+    use std::io::{Seek, SeekFrom, Write};
+    for i in (0..count).step_by(100) {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(root.join(format!("disk{i:03}.img")))
+            .unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&noise(i + 1000, 4 << 20)).unwrap();
+    }
+}
+
+fn operations_on(env: &Env, work: &Path, make: &dyn Fn(&Path), change: &dyn Fn(&Path)) -> Vec<Run> {
     let src = work.join("src");
     let t = Instant::now();
-    make_tree(&src, files, max);
-    eprintln!(
-        "{files} files written in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    make(&src);
+    eprintln!("volume written in {:.1} s", t.elapsed().as_secs_f64());
     let mut runs = vec![run(env, "full backup", "backup", &src, None)];
     // Nothing changed: nothing is read or uploaded, not even the entry list (which
     // would differ everywhere if the backup's own reads moved atimes).
@@ -212,7 +242,7 @@ fn operations(env: &Env, work: &Path, files: u64, max: usize) -> Vec<Run> {
         again.result
     );
     runs.push(again);
-    change_one_percent(&src, files);
+    change(&src);
     runs.push(run(env, "incremental backup (1 %)", "backup", &src, None));
     runs.push(run(env, "prune (forget 2)", "prune", &src, None));
     runs.push(run(env, "check --read-data", "check", &src, None));
@@ -267,6 +297,43 @@ fn scale_2m_files() {
         "{files} files (0-2 KiB each, a thousand per directory) on Garage 2.5, single node \
          on 127.0.0.1; each operation a child process, peak RSS by GNU time:\n\n\
          | operation | time | peak RSS | result |\n|---|---|---|---|\n"
+    );
+    for r in &runs {
+        table += &format!(
+            "| {} | {:.1} s | {:.1} MiB | {} |\n",
+            r.op, r.secs, r.rss_mib, r.result
+        );
+    }
+    println!("{table}");
+    if let Ok(p) = std::env::var("IMGBUILD_SCALE_OUT_TABLE") {
+        std::fs::write(p, &table).unwrap();
+    }
+    for r in &runs {
+        assert!(
+            r.rss_mib <= 256.0,
+            "{}: peak RSS {:.1} MiB",
+            r.op,
+            r.rss_mib
+        );
+    }
+}
+
+#[test]
+#[ignore = "a 100 GiB sparse volume, several minutes: run by benches/scale.sh"]
+fn scale_100g_sparse() {
+    let env = Env::garage(None);
+    let (count, gib) = (100, 1);
+    let runs = operations_on(
+        &env,
+        &env.path("w"),
+        &|src| make_sparse(src, count, gib),
+        &|src| change_sparse(src, count),
+    );
+    let mut table = format!(
+        "{count} sparse files of {gib} GiB ({} GiB in all, 4 MiB of data each: the disk here \
+         holds no 100 GB of real data) on Garage 2.5:\n\n\
+         | operation | time | peak RSS | result |\n|---|---|---|---|\n",
+        count * gib
     );
     for r in &runs {
         table += &format!(
