@@ -7,7 +7,8 @@
 //! image (pristine /var) then restores the volume at first boot before the container
 //! starts, and says so on the console. A write made after the last backup survives too:
 //! the first copy is shut down with the ACPI power button and takes a final snapshot
-//! once its containers have stopped (planned replacement loses nothing).
+//! once its containers have stopped (planned replacement loses nothing). Last, a
+//! second host whose volume says `from = "vps1:www"` boots with vps1's data.
 
 #[path = "common.rs"]
 mod common;
@@ -40,9 +41,17 @@ fn boot(
     ssh_port: u16,
     web_port: u16,
     s3_port: u16,
+    staging: bool,
 ) -> (qemu::Vm, String, Duration) {
     let _ = std::fs::remove_file(serial);
     let mut opts = RunOptions::new(image);
+    if staging {
+        // What `imgbuild run` passes: a staging copy restores but never backs up.
+        opts.credentials.push((
+            imgbuild::agent::drill_mode::STAGING_CREDENTIAL.to_string(),
+            b"1".to_vec(),
+        ));
+    }
     opts.serial = SerialTarget::File(serial.to_path_buf());
     opts.ssh_port = Some(ssh_port);
     opts.forwards = vec![(web_port, HELLO_PORT), (free_port(), APP_PORT)];
@@ -324,7 +333,7 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
     // A fresh copy of the image (the same file, pristine /var): data back before the service.
     let serial = dir.join("serial2.log");
     let (ssh_port, web) = (free_port(), free_port());
-    let (mut vm, log2, t2) = boot(&image, &serial, ssh_port, web, port);
+    let (mut vm, log2, t2) = boot(&image, &serial, ssh_port, web, port, true);
     let line = log2
         .lines()
         .find(|l| l.contains("imgbuild firstboot: restored snapshot"))
@@ -345,6 +354,22 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
         echo fb_done=$(systemctl show -p ExecMainExitTimestampMonotonic --value imgbuild-firstboot.service); \
         echo web_start=$(systemctl show -p ExecMainStartTimestampMonotonic --value web.service)");
     assert!(out.starts_with(&blob_sum), "restored blob differs:\n{out}");
+    // This copy is a staging copy: its backup refuses and writes nothing.
+    let (_, st) = ssh_status(
+        &dir,
+        ssh_port,
+        "sudo systemctl start imgbuild-backup.service && echo backup=ran; \
+         echo refused=$(sudo journalctl -u imgbuild-backup.service --no-pager | grep -c 'refused: this is a staging copy')",
+    );
+    let refused: u32 = st
+        .lines()
+        .find_map(|l| l.strip_prefix("refused="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        !st.contains("backup=ran") && refused >= 1,
+        "a staging copy backed up:\n{st}"
+    );
     let val = |k: &str| {
         out.lines()
             .find_map(|l| l.strip_prefix(&format!("{k}=")))
@@ -356,9 +381,128 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
         "the container started before the restore finished:\n{out}"
     );
     vm.kill();
-    eprintln!(
-        "restore test passed: boot 1 {:.1}s, boot 2 {:.1}s",
-        t1.as_secs_f64(),
-        t2.as_secs_f64()
+
+    // Moving the service: host vps2 (a profile of its own beside a minimal vps1 one) has
+    // `from = "vps1:www"`. Its first boot starts its own (empty) prefix and fetches the
+    // volume from vps1's newest snapshot (the final one above) before its web starts.
+    let t3 = move_to_vps2(
+        &dir,
+        &keys.admin_pub,
+        &bucket,
+        port,
+        &oci,
+        &helper,
+        &secrets,
+        &late,
     );
+    eprintln!(
+        "restore test passed: boot 1 {:.1}s, boot 2 {:.1}s, vps2 {:.1}s",
+        t1.as_secs_f64(),
+        t2.as_secs_f64(),
+        t3.as_secs_f64()
+    );
+}
+
+/// Builds and boots vps2, whose volume www comes from vps1; returns its time to ready.
+/// moto enforces no key permissions: that vps2's read-only key can change nothing on
+/// vps1's prefix is tested on Garage (tests/snapshot_host.rs); here it is the path
+/// profile → image → first boot → container.
+#[allow(clippy::too_many_arguments)]
+fn move_to_vps2(
+    dir: &Path,
+    admin_pub: &str,
+    bucket: &str,
+    port: u16,
+    oci: &Path,
+    helper: &Path,
+    secrets: &Path,
+    late: &str,
+) -> Duration {
+    let profiles = dir.join("profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    let head = |name: &str, prefix: &str, restore: &str| {
+        format!(
+            "[host]\nname = \"{name}\"\ndefault_env = \"production\"\n\n\
+             [admin]\nuser = \"admin\"\nssh_keys = [\"{}\"]\n\n\
+             [backup]\nbucket = \"{bucket}\"\nprefix = \"{prefix}\"\nendpoint = \"http://10.0.2.2:{port}\"\n\
+             region = \"us-east-1\"\nrestore = \"{restore}\"\nrestore_timeout = {RESTORE_TIMEOUT}\nkeep = {{ last = 3 }}\n\n",
+            admin_pub.trim()
+        )
+    };
+    // What vps2's build reads of vps1: its bucket settings and that www is backed up.
+    std::fs::write(
+        profiles.join("vps1.toml"),
+        head("vps1", "vps1-test", "require") + "[volumes.www]\nbackup = \"stop\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        profiles.join("vps2.toml"),
+        head("vps2", "vps2-test", "allow-empty")
+            + &format!(
+                "[volumes.www]\nbackup = \"live\"\nfrom = \"vps1:www\"\n\n\
+                 [containers.web]\nimage = \"{HELLO_REF}\"\nbake = \"{}\"\npublish = [\"{HELLO_PORT}:{HELLO_PORT}\"]\nvolumes = [\"www:/www\"]\n",
+                oci.display()
+            ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(secrets.join("vps2")).unwrap();
+    let moto_env = "AWS_ACCESS_KEY_ID=test\nAWS_SECRET_ACCESS_KEY=test\nAWS_REGION=us-east-1\n";
+    std::fs::write(secrets.join("vps2/s3.env"), moto_env).unwrap();
+    std::fs::write(secrets.join("vps2/from-vps1.s3.env"), moto_env).unwrap();
+    let overlay = dir.join("empty-overlay.toml");
+    std::fs::write(&overlay, "# nothing: vps2.toml is complete\n").unwrap();
+    let image = dir.join("vps2.raw");
+    cli_build(
+        &profiles.join("vps2.toml"),
+        &overlay,
+        secrets,
+        helper,
+        &image,
+        &[],
+    );
+
+    let serial = dir.join("serial-vps2.log");
+    let (ssh_port, web) = (free_port(), free_port());
+    let mut opts = RunOptions::new(&image);
+    opts.serial = SerialTarget::File(serial.clone());
+    opts.ssh_port = Some(ssh_port);
+    opts.forwards = vec![(web, HELLO_PORT)];
+    isolate(&mut opts, &[port]);
+    let mut vm = qemu::start(&opts).expect("start qemu");
+    let (seen, log) =
+        qemu::wait_for_serial(&mut vm, &serial, "imgbuild: vps2 ", BOOT_TIMEOUT).expect("serial");
+    let t = vm.started.elapsed();
+    let tail = &log[log.len().saturating_sub(4000)..];
+    assert!(
+        seen && log.contains("imgbuild: vps2 ready ("),
+        "vps2 not ready within {BOOT_TIMEOUT:?}:\n{tail}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("imgbuild firstboot: volume www moved from vps1:www: snapshot "))
+        .unwrap_or_else(|| panic!("no move line on vps2's console:\n{tail}"));
+    eprintln!(
+        "vps2: {:.1}s to ready; console: {}",
+        t.as_secs_f64(),
+        line.trim()
+    );
+    let body = http_get(web, "/late.txt", Duration::from_secs(10));
+    assert!(
+        body.contains(late),
+        "vps2 does not serve vps1's data: {body:?}"
+    );
+    // The image carries vps1's read keys only, never its signing key.
+    let out = ssh(
+        dir,
+        ssh_port,
+        "sudo ls /etc/imgbuild/secrets/from/vps1/; sudo stat -c %a /etc/imgbuild/secrets/from/vps1/snapshot-encryption.key",
+    );
+    assert!(
+        out.contains("snapshot-signing.pub")
+            && !out.contains("snapshot-signing.key")
+            && out.contains("600"),
+        "{out}"
+    );
+    vm.kill();
+    t
 }

@@ -53,6 +53,9 @@ pub fn backup_host(
 /// Why a final snapshot is not wanted on this shutdown, if it is not.
 pub fn final_snapshot_skip(hc: &HostConfig, paths: &HostPaths) -> Option<String> {
     let b = hc.backup.as_ref()?;
+    if super::drill_mode::staging_copy() {
+        return Some("this is a staging copy (imgbuild run): it never writes snapshots".into());
+    }
     match b.final_snapshot.when {
         FinalSnapshotWhen::Off => Some("final_snapshot = \"off\" in the profile".into()),
         FinalSnapshotWhen::Always => None,
@@ -124,6 +127,13 @@ pub fn backup_host_mode(
             "{who}: refused: this is a drill boot (imgbuild drill), not the host"
         ));
         anyhow::bail!("drill boot: backups are off");
+    }
+    if super::drill_mode::staging_copy() {
+        log(&format!(
+            "{who}: refused: this is a staging copy (imgbuild run): its snapshots must never \
+             become the host's newest"
+        ));
+        anyhow::bail!("staging copy: backups are off");
     }
     let start = Instant::now();
     let target = super::target(&hc.host, b);

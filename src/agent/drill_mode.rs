@@ -52,6 +52,17 @@ pub struct CredentialError {
 /// Where PID 1 keeps the credentials the machine was booted with (SMBIOS type 11).
 pub const SYSTEM_CREDENTIALS: &str = "/run/credentials/@system";
 
+/// `imgbuild run` boots a copy with this credential: a staging copy restores like the
+/// host but never writes snapshots (its data must never become the host's newest).
+pub const STAGING_CREDENTIAL: &str = "imgbuild.staging";
+
+/// Whether this machine is a staging copy booted by `imgbuild run`.
+pub fn staging_copy() -> bool {
+    Path::new(SYSTEM_CREDENTIALS)
+        .join(STAGING_CREDENTIAL)
+        .exists()
+}
+
 /// The drill credential, if this machine was booted with one: the unit's own
 /// (`$CREDENTIALS_DIRECTORY`, when a unit imports it) or the system's.
 pub fn from_credentials() -> Option<Result<DrillConfig, CredentialError>> {

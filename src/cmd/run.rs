@@ -24,6 +24,12 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     opts.memory_mib = args.memory;
     opts.cpus = args.cpus;
     opts.disk_size = args.disk_size.as_deref().map(parse_size).transpose()?;
+    // A staging copy restores like the host, but its backups (timer and final
+    // snapshot) refuse: its data must never become the host's newest snapshot.
+    opts.credentials.push((
+        crate::agent::drill_mode::STAGING_CREDENTIAL.to_string(),
+        b"1".to_vec(),
+    ));
     for f in &args.forwards {
         let (h, g) = f
             .split_once(':')
