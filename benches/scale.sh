@@ -6,7 +6,9 @@
 # Then a volume of 100 sparse files of 1 GiB (100 GiB, 400 MiB of data) the same way.
 # Writes the `## Snapshots at scale` section of docs/benchmarks.md.
 #
-#   bash benches/scale.sh                         # 2,000,000 files (about 20 minutes)
+# restic (Debian's) runs the same steps on the same tree and Garage, for comparison.
+#
+#   bash benches/scale.sh                         # 2,000,000 files (about 45 minutes)
 #   IMGBUILD_SCALE_FILES=500000 bash benches/scale.sh
 #
 # Not a timed test: numbers depend on the machine; CI runs the 20k/200k growth test
@@ -16,6 +18,7 @@ cd "$(dirname "$0")/.."
 command -v garage >/dev/null || [ -x "$HOME/.cargo/bin/garage" ] ||
   { echo "garage missing: run bash .ci/deps.sh --tests" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "GNU time missing: apt-get install time" >&2; exit 1; }
+command -v restic >/dev/null || { echo "restic missing: apt-get install restic" >&2; exit 1; }
 out=$(mktemp) out2=$(mktemp)
 trap 'rm -f "$out" "$out2"' EXIT
 IMGBUILD_SCALE_OUT_TABLE="$out" cargo test --release --test snapshot_scale -- --ignored \

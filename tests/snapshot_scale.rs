@@ -284,15 +284,110 @@ fn memory_does_not_grow_with_the_file_count() {
     }
 }
 
+/// restic (Debian's) on the same tree, the same steps, the same Garage: each step under
+/// GNU time, and the bytes its repository grew by.
+fn restic_operations(env: &Env, work: &Path, files: u64, max: usize) -> Vec<Run> {
+    let restic = ["/usr/bin/restic", "/usr/local/bin/restic"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("restic is not installed: apt-get install restic (benches/scale.sh checks this)");
+    let creds = std::fs::read_to_string(env.cfg.credentials_file.as_ref().unwrap()).unwrap();
+    let var = |k: &str| {
+        creds
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let repo = format!(
+        "s3:{}/{}/restic",
+        env.cfg.endpoint.as_deref().unwrap(),
+        env.cfg.bucket
+    );
+    let src = work.join("restic-src");
+    make_tree(&src, files, max);
+    let stored = || {
+        rt().block_on(async {
+            let store = env.store().await;
+            store
+                .list("restic/")
+                .await
+                .unwrap()
+                .iter()
+                .map(|o| o.size)
+                .sum::<u64>()
+        })
+    };
+    let step = |op: &'static str, args: &[&str]| -> Run {
+        let before = stored();
+        let mut c = Command::new("/usr/bin/time");
+        c.args(["-f", "SCALE-MAXRSS-KIB %M"])
+            .arg(&restic)
+            .args(["-r", &repo, "-o", "s3.region=garage", "-q"])
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID"))
+            .env("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY"))
+            .env("RESTIC_PASSWORD", "scale");
+        let t = Instant::now();
+        let o = c.output().unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{op}: {stderr}");
+        let kib: f64 = stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("SCALE-MAXRSS-KIB "))
+            .next_back()
+            .and_then(|v| v.trim().parse().ok())
+            .expect("GNU time printed no RSS");
+        let grew = stored().saturating_sub(before);
+        let result = format!(
+            "repository grew by {:.1} MiB",
+            grew as f64 / (1 << 20) as f64
+        );
+        eprintln!(
+            "restic {op}: {secs:.1} s, peak RSS {:.1} MiB; {result}",
+            kib / 1024.0
+        );
+        Run {
+            op,
+            secs,
+            rss_mib: kib / 1024.0,
+            result,
+        }
+    };
+    step("init", &["init"]);
+    let src_s = src.to_str().unwrap();
+    let mut runs = vec![step("restic: full backup", &["backup", src_s])];
+    runs.push(step("restic: backup, nothing changed", &["backup", src_s]));
+    change_one_percent(&src, files);
+    runs.push(step("restic: incremental backup (1 %)", &["backup", src_s]));
+    let out = work.join("restic-out");
+    runs.push(step(
+        "restic: restore",
+        &["restore", "latest", "--target", out.to_str().unwrap()],
+    ));
+    let restored = out.join(src.strip_prefix("/").unwrap());
+    assert_eq!(
+        content_hash(&src),
+        content_hash(&restored),
+        "restic's restore differs"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&src);
+    runs
+}
+
 #[test]
-#[ignore = "takes about 20 minutes: run by benches/scale.sh"]
+#[ignore = "takes about 40 minutes: run by benches/scale.sh"]
 fn scale_2m_files() {
     let files: u64 = std::env::var("IMGBUILD_SCALE_FILES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000_000);
     let env = Env::garage(None);
-    let runs = operations(&env, &env.path("w"), files, 2048);
+    let mut runs = operations(&env, &env.path("w"), files, 2048);
+    runs.extend(restic_operations(&env, &env.path("w"), files, 2048));
     let mut table = format!(
         "{files} files (0-2 KiB each, a thousand per directory) on Garage 2.5, single node \
          on 127.0.0.1; each operation a child process, peak RSS by GNU time:\n\n\
@@ -308,7 +403,7 @@ fn scale_2m_files() {
     if let Ok(p) = std::env::var("IMGBUILD_SCALE_OUT_TABLE") {
         std::fs::write(p, &table).unwrap();
     }
-    for r in &runs {
+    for r in runs.iter().filter(|r| !r.op.starts_with("restic")) {
         assert!(
             r.rss_mib <= 256.0,
             "{}: peak RSS {:.1} MiB",
@@ -353,4 +448,28 @@ fn scale_100g_sparse() {
             r.rss_mib
         );
     }
+}
+
+/// Paths and contents only (what any tool's restore must give back).
+fn content_hash(root: &Path) -> String {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, blake3::Hash)>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                walk(root, &p, out);
+            } else {
+                let h = blake3::hash(&std::fs::read(&p).unwrap());
+                out.push((p.strip_prefix(root).unwrap().to_path_buf(), h));
+            }
+        }
+    }
+    let mut all = Vec::new();
+    walk(root, root, &mut all);
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut h = blake3::Hasher::new();
+    for (p, c) in &all {
+        h.update(p.as_os_str().as_encoded_bytes());
+        h.update(c.as_bytes());
+    }
+    format!("{} files {}", all.len(), h.finalize().to_hex())
 }
