@@ -346,7 +346,7 @@ fn restic_operations(env: &Env, work: &Path, files: u64, max: usize) -> Vec<Run>
             grew as f64 / (1 << 20) as f64
         );
         eprintln!(
-            "restic {op}: {secs:.1} s, peak RSS {:.1} MiB; {result}",
+            "{op}: {secs:.1} s, peak RSS {:.1} MiB; {result}",
             kib / 1024.0
         );
         Run {
