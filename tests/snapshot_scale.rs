@@ -118,24 +118,18 @@ struct Run {
     result: String,
 }
 
-/// Runs one operation in a child process under GNU time.
-fn run(env: &Env, op: &'static str, mode: &str, src: &Path, out: Option<&Path>) -> Run {
-    let exe = std::env::current_exe().unwrap();
+/// Runs `program` (its arguments and environment set by `setup`) under GNU time and
+/// fails the test if it fails: its stdout, seconds and peak RSS in MiB.
+fn timed(op: &str, program: &Path, setup: impl FnOnce(&mut Command)) -> (String, f64, f64) {
     let mut c = Command::new("/usr/bin/time");
-    c.args(["-f", "SCALE-MAXRSS-KIB %M"])
-        .arg(exe)
-        .args(["--exact", "scale_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD, env.child_config(Some(src)))
-        .env("IMGBUILD_SCALE_MODE", mode);
-    if let Some(o) = out {
-        c.env("IMGBUILD_SCALE_OUT", o);
-    }
+    c.args(["-f", "SCALE-MAXRSS-KIB %M"]).arg(program);
+    setup(&mut c);
     let t = Instant::now();
     let o = c
         .output()
         .unwrap_or_else(|e| panic!("/usr/bin/time (apt-get install time): {e}"));
     let secs = t.elapsed().as_secs_f64();
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{op} failed:\n{stdout}\n{stderr}");
     let kib: f64 = stderr
@@ -144,21 +138,63 @@ fn run(env: &Env, op: &'static str, mode: &str, src: &Path, out: Option<&Path>) 
         .next_back()
         .and_then(|v| v.trim().parse().ok())
         .expect("GNU time printed no RSS");
+    (stdout, secs, kib / 1024.0)
+}
+
+impl Run {
+    fn new(op: &'static str, secs: f64, rss_mib: f64, result: String) -> Run {
+        eprintln!("{op}: {secs:.1} s, peak RSS {rss_mib:.1} MiB; {result}");
+        Run {
+            op,
+            secs,
+            rss_mib,
+            result,
+        }
+    }
+}
+
+/// Prints the runs as a markdown table under `title` (and writes it where
+/// IMGBUILD_SCALE_OUT_TABLE says); every imgbuild peak must be at most 256 MiB.
+fn report(title: &str, runs: &[Run]) {
+    let mut table =
+        format!("{title}\n\n| operation | time | peak RSS | result |\n|---|---|---|---|\n");
+    for r in runs {
+        table += &format!(
+            "| {} | {:.1} s | {:.1} MiB | {} |\n",
+            r.op, r.secs, r.rss_mib, r.result
+        );
+    }
+    println!("{table}");
+    if let Ok(p) = std::env::var("IMGBUILD_SCALE_OUT_TABLE") {
+        std::fs::write(p, &table).unwrap();
+    }
+    for r in runs.iter().filter(|r| !r.op.starts_with("restic")) {
+        assert!(
+            r.rss_mib <= 256.0,
+            "{}: peak RSS {:.1} MiB",
+            r.op,
+            r.rss_mib
+        );
+    }
+}
+
+/// Runs one operation in a child process under GNU time.
+fn run(env: &Env, op: &'static str, mode: &str, src: &Path, out: Option<&Path>) -> Run {
+    let exe = std::env::current_exe().unwrap();
+    let (stdout, secs, rss) = timed(op, &exe, |c| {
+        c.args(["--exact", "scale_child", "--nocapture", "--test-threads=1"])
+            .env(CHILD, env.child_config(Some(src)))
+            .env("IMGBUILD_SCALE_MODE", mode);
+        if let Some(o) = out {
+            c.env("IMGBUILD_SCALE_OUT", o);
+        }
+    });
     let result = stdout
         .lines()
         .find_map(|l| l.strip_prefix("result "))
         .unwrap_or("")
         .to_string();
-    eprintln!(
-        "{op}: {secs:.1} s, peak RSS {:.1} MiB; {result}",
-        kib / 1024.0
-    );
-    Run {
-        op,
-        secs,
-        rss_mib: kib / 1024.0,
-        result,
-    }
+    Run::new(op, secs, rss, result)
 }
 
 /// `files` small files (0 to `max` bytes, incompressible), a thousand to a directory.
@@ -321,40 +357,19 @@ fn restic_operations(env: &Env, work: &Path, files: u64, max: usize) -> Vec<Run>
     };
     let step = |op: &'static str, args: &[&str]| -> Run {
         let before = stored();
-        let mut c = Command::new("/usr/bin/time");
-        c.args(["-f", "SCALE-MAXRSS-KIB %M"])
-            .arg(&restic)
-            .args(["-r", &repo, "-o", "s3.region=garage", "-q"])
-            .args(args)
-            .env("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID"))
-            .env("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY"))
-            .env("RESTIC_PASSWORD", "scale");
-        let t = Instant::now();
-        let o = c.output().unwrap();
-        let secs = t.elapsed().as_secs_f64();
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{op}: {stderr}");
-        let kib: f64 = stderr
-            .lines()
-            .filter_map(|l| l.strip_prefix("SCALE-MAXRSS-KIB "))
-            .next_back()
-            .and_then(|v| v.trim().parse().ok())
-            .expect("GNU time printed no RSS");
+        let (_, secs, rss) = timed(op, &restic, |c| {
+            c.args(["-r", &repo, "-o", "s3.region=garage", "-q"])
+                .args(args)
+                .env("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID"))
+                .env("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY"))
+                .env("RESTIC_PASSWORD", "scale");
+        });
         let grew = stored().saturating_sub(before);
         let result = format!(
             "repository grew by {:.1} MiB",
             grew as f64 / (1 << 20) as f64
         );
-        eprintln!(
-            "{op}: {secs:.1} s, peak RSS {:.1} MiB; {result}",
-            kib / 1024.0
-        );
-        Run {
-            op,
-            secs,
-            rss_mib: kib / 1024.0,
-            result,
-        }
+        Run::new(op, secs, rss, result)
     };
     step("init", &["init"]);
     let src_s = src.to_str().unwrap();
@@ -388,29 +403,13 @@ fn scale_2m_files() {
     let env = Env::garage(None);
     let mut runs = operations(&env, &env.path("w"), files, 2048);
     runs.extend(restic_operations(&env, &env.path("w"), files, 2048));
-    let mut table = format!(
-        "{files} files (0-2 KiB each, a thousand per directory) on Garage 2.5, single node \
-         on 127.0.0.1; each operation a child process, peak RSS by GNU time:\n\n\
-         | operation | time | peak RSS | result |\n|---|---|---|---|\n"
+    report(
+        &format!(
+            "{files} files (0-2 KiB each, a thousand per directory) on Garage 2.5, single node \
+             on 127.0.0.1; each operation a child process, peak RSS by GNU time:"
+        ),
+        &runs,
     );
-    for r in &runs {
-        table += &format!(
-            "| {} | {:.1} s | {:.1} MiB | {} |\n",
-            r.op, r.secs, r.rss_mib, r.result
-        );
-    }
-    println!("{table}");
-    if let Ok(p) = std::env::var("IMGBUILD_SCALE_OUT_TABLE") {
-        std::fs::write(p, &table).unwrap();
-    }
-    for r in runs.iter().filter(|r| !r.op.starts_with("restic")) {
-        assert!(
-            r.rss_mib <= 256.0,
-            "{}: peak RSS {:.1} MiB",
-            r.op,
-            r.rss_mib
-        );
-    }
 }
 
 #[test]
@@ -424,30 +423,14 @@ fn scale_100g_sparse() {
         &|src| make_sparse(src, count, gib),
         &|src| change_sparse(src, count),
     );
-    let mut table = format!(
-        "{count} sparse files of {gib} GiB ({} GiB in all, 4 MiB of data each: the disk here \
-         holds no 100 GB of real data) on Garage 2.5:\n\n\
-         | operation | time | peak RSS | result |\n|---|---|---|---|\n",
-        count * gib
+    report(
+        &format!(
+            "{count} sparse files of {gib} GiB ({} GiB in all, 4 MiB of data each: the disk here \
+             holds no 100 GB of real data) on Garage 2.5:",
+            count * gib
+        ),
+        &runs,
     );
-    for r in &runs {
-        table += &format!(
-            "| {} | {:.1} s | {:.1} MiB | {} |\n",
-            r.op, r.secs, r.rss_mib, r.result
-        );
-    }
-    println!("{table}");
-    if let Ok(p) = std::env::var("IMGBUILD_SCALE_OUT_TABLE") {
-        std::fs::write(p, &table).unwrap();
-    }
-    for r in &runs {
-        assert!(
-            r.rss_mib <= 256.0,
-            "{}: peak RSS {:.1} MiB",
-            r.op,
-            r.rss_mib
-        );
-    }
 }
 
 /// Paths and contents only (what any tool's restore must give back).

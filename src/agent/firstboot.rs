@@ -407,28 +407,17 @@ async fn import_moved(b: &BackupConfig, paths: &HostPaths, have: &[String]) -> a
                 src.volume
             );
         }
-        let staging = paths.volumes.join(".imgbuild-import");
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, e))?;
-        }
-        let opts = RestoreOptions {
-            parallel: 16,
-            progress: Progress::detect(false),
-            write: WriteOptions::default(),
-            volumes: vec![src.volume.clone()],
-        };
-        let report = restore::restore(&store, &keys, &m, &staging, &opts).await?;
-        for w in &report.warnings {
-            log(&format!("imgbuild firstboot: warning: {from}: {w}"));
-        }
-        let dst = paths.volumes.join(&v.name);
-        if dst.exists() {
-            let old = staging.join(format!(".old-{}", v.name));
-            std::fs::rename(&dst, &old).map_err(|e| SnapshotError::io(&dst, e))?;
-        }
-        std::fs::rename(staging.join(&src.volume), &dst).map_err(|e| SnapshotError::io(&dst, e))?;
-        std::fs::remove_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, e))?;
-        sync_filesystem(&paths.volumes).map_err(|e| SnapshotError::io(&paths.volumes, e))?;
+        let report = restore_into_place(
+            &store,
+            &keys,
+            &m,
+            paths,
+            ".imgbuild-import",
+            vec![src.volume.clone()],
+            &[(src.volume.as_str(), v.name.as_str())],
+            &format!("{from}: "),
+        )
+        .await?;
         log(&format!(
             "imgbuild firstboot: volume {} moved from {from}: snapshot {} (taken {}, {} old), {} bytes in {:.1}s",
             v.name,
@@ -440,6 +429,50 @@ async fn import_moved(b: &BackupConfig, paths: &HostPaths, have: &[String]) -> a
         ));
     }
     Ok(())
+}
+
+/// Restores the `select`ed volumes of `m` (all when empty) into `staging` beside the
+/// volumes, then moves each whole volume (snapshot name, host name) into place:
+/// whatever was there (an empty volume podman or the image created) is moved aside
+/// first and removed after. Restored data counts only once it is on disk: the
+/// done-marker (and any service) comes after this, so a power cut now means restoring
+/// again, never half a volume.
+#[allow(clippy::too_many_arguments)]
+async fn restore_into_place(
+    store: &crate::snapshot::Store,
+    keys: &crate::snapshot::Keys,
+    m: &crate::snapshot::format::Manifest,
+    paths: &HostPaths,
+    staging: &str,
+    select: Vec<String>,
+    moves: &[(&str, &str)],
+    warn_prefix: &str,
+) -> anyhow::Result<restore::RestoreReport> {
+    let staging = paths.volumes.join(staging);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, e))?;
+    }
+    let opts = RestoreOptions {
+        parallel: 16,
+        progress: Progress::detect(false),
+        write: WriteOptions::default(),
+        volumes: select,
+    };
+    let report = restore::restore(store, keys, m, &staging, &opts).await?;
+    for w in &report.warnings {
+        log(&format!("imgbuild firstboot: warning: {warn_prefix}{w}"));
+    }
+    for (from, to) in moves {
+        let dst = paths.volumes.join(to);
+        if dst.exists() {
+            let old = staging.join(format!(".old-{to}"));
+            std::fs::rename(&dst, &old).map_err(|e| SnapshotError::io(&dst, e))?;
+        }
+        std::fs::rename(staging.join(from), &dst).map_err(|e| SnapshotError::io(&dst, e))?;
+    }
+    std::fs::remove_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, e))?;
+    sync_filesystem(&paths.volumes).map_err(|e| SnapshotError::io(&paths.volumes, e))?;
+    Ok(report)
 }
 
 /// This host's own newest snapshot (or the empty start), and the volumes it restored.
@@ -500,16 +533,6 @@ async fn restore_own(
             s.id, s.reason, m.id
         ));
     }
-    let staging = paths.volumes.join(".imgbuild-staging");
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, e))?;
-    }
-    let opts = RestoreOptions {
-        parallel: 16,
-        progress: Progress::detect(false),
-        write: WriteOptions::default(),
-        volumes: Vec::new(),
-    };
     for v in b.volumes.iter().filter(|v| v.from.is_none()) {
         if !m.volumes.iter().any(|mv| mv.name == v.name) {
             log(&format!(
@@ -518,24 +541,22 @@ async fn restore_own(
             ));
         }
     }
-    let report = restore::restore(&store, &keys, &m, &staging, &opts).await?;
-    for w in &report.warnings {
-        log(&format!("imgbuild firstboot: warning: {w}"));
-    }
-    // Move whole volumes into place; whatever was there (an empty volume podman or the
-    // image created) is moved aside first and removed after.
-    for v in &m.volumes {
-        let dst = paths.volumes.join(&v.name);
-        if dst.exists() {
-            let old = staging.join(format!(".old-{}", v.name));
-            std::fs::rename(&dst, &old).map_err(|e| SnapshotError::io(&dst, e))?;
-        }
-        std::fs::rename(staging.join(&v.name), &dst).map_err(|e| SnapshotError::io(&dst, e))?;
-    }
-    std::fs::remove_dir_all(&staging).map_err(|e| SnapshotError::io(&staging, e))?;
-    // Restored data counts only once it is on disk: the done-marker (and any service)
-    // comes after this, so a power cut now means restoring again, never half a volume.
-    sync_filesystem(&paths.volumes).map_err(|e| SnapshotError::io(&paths.volumes, e))?;
+    let all: Vec<(&str, &str)> = m
+        .volumes
+        .iter()
+        .map(|v| (v.name.as_str(), v.name.as_str()))
+        .collect();
+    let report = restore_into_place(
+        &store,
+        &keys,
+        &m,
+        paths,
+        ".imgbuild-staging",
+        Vec::new(),
+        &all,
+        "",
+    )
+    .await?;
     let age = backup::now_unix() - m.time;
     log(&format!(
         "imgbuild firstboot: restored snapshot {} (taken {}, {} old): {} volume(s), {} bytes in {:.1}s",
