@@ -29,6 +29,33 @@ fn render(
     out
 }
 
+/// `imgbuild render PROFILE` with an overlay holding `overlay_text`, into `dir/<name>`.
+fn render_overlay(
+    profile: &str,
+    name: &str,
+    overlay_text: &str,
+    dir: &std::path::Path,
+    secrets: &std::path::Path,
+) -> std::path::PathBuf {
+    let overlay = dir.join(format!("{name}.toml"));
+    std::fs::write(&overlay, overlay_text).unwrap();
+    let out = dir.join(name);
+    run_ok(
+        &[
+            "render",
+            profile,
+            "--overlay",
+            overlay.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--secrets",
+            secrets.to_str().unwrap(),
+        ],
+        &repo(),
+    );
+    out
+}
+
 #[test]
 fn nftables_ruleset_passes_nft_check() {
     require_tool(&["nft", "--version"], "nft (nftables)");
@@ -199,24 +226,9 @@ fn host_config_is_readable_by_the_helper() {
 #[test]
 fn final_snapshot_unit_stops_after_the_containers_and_before_the_network() {
     let tmp = tempfile::tempdir().unwrap();
+    let secrets = tmp.path().join("secrets");
     let render = |name: &str, overlay_text: &str| {
-        let overlay = tmp.path().join(format!("{name}.toml"));
-        std::fs::write(&overlay, overlay_text).unwrap();
-        let out = tmp.path().join(name);
-        run_ok(
-            &[
-                "render",
-                "services",
-                "--overlay",
-                overlay.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--secrets",
-                tmp.path().join("secrets").to_str().unwrap(),
-            ],
-            &repo(),
-        );
-        out
+        render_overlay("services", name, overlay_text, tmp.path(), &secrets)
     };
     let out = render("on", "[backup]\nfinal_snapshot_timeout = 300\n");
     let units = out.join("etc/systemd/system");
@@ -269,26 +281,13 @@ fn final_snapshot_unit_stops_after_the_containers_and_before_the_network() {
 #[test]
 fn check_timer_follows_the_profile_and_never_overlaps_the_backup() {
     let tmp = tempfile::tempdir().unwrap();
-    let overlay = tmp.path().join("check.toml");
-    std::fs::write(
-        &overlay,
+    let out = render_overlay(
+        "services",
+        "check",
         "[backup]\npack_size_mib = 8\nrepack_garbage_percent = 40\n\
          check_schedule = \"Wed *-*-* 02:00:00\"\ncheck_read_data = \"off\"\n",
-    )
-    .unwrap();
-    let out = tmp.path().join("tree");
-    run_ok(
-        &[
-            "render",
-            "services",
-            "--overlay",
-            overlay.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--secrets",
-            tmp.path().join("secrets").to_str().unwrap(),
-        ],
-        &repo(),
+        tmp.path(),
+        &tmp.path().join("secrets"),
     );
     let units = out.join("etc/systemd/system");
     let timer = std::fs::read_to_string(units.join("imgbuild-check.timer")).unwrap();
@@ -332,26 +331,14 @@ fn a_moved_volume_carries_the_other_hosts_read_keys_only() {
         "AWS_ACCESS_KEY_ID=ro\nAWS_SECRET_ACCESS_KEY=ro-secret\n",
     )
     .unwrap();
-    let overlay = tmp.path().join("move.toml");
-    std::fs::write(
-        &overlay,
+    let out = render_overlay(
+        "monitoring",
+        "moved",
         "[volumes.nextcloud-data]\nbackup = \"live\"\nfrom = \"services:nextcloud-data\"\n",
-    )
-    .unwrap();
-    let out = tmp.path().join("moved");
-    run_ok(
-        &[
-            "render",
-            "monitoring",
-            "--overlay",
-            overlay.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--secrets",
-            secrets.to_str().unwrap(),
-        ],
-        &repo(),
+        tmp.path(),
+        &secrets,
     );
+    let overlay = tmp.path().join("moved.toml");
     let dir = out.join("etc/imgbuild/secrets/from/vps1");
     assert_eq!(
         std::fs::read_to_string(dir.join("snapshot-encryption.key")).unwrap(),
