@@ -35,7 +35,9 @@ fn main() {
     )]);
 }
 
+/// Boots `image` (host `host`) and waits until it says it is ready.
 fn boot(
+    host: &str,
     image: &Path,
     serial: &Path,
     ssh_port: u16,
@@ -58,7 +60,8 @@ fn boot(
     isolate(&mut opts, &[s3_port]);
     let mut vm = qemu::start(&opts).expect("start qemu");
     let (seen, log) =
-        qemu::wait_for_serial(&mut vm, serial, "imgbuild: vps1 ", BOOT_TIMEOUT).expect("serial");
+        qemu::wait_for_serial(&mut vm, serial, &format!("imgbuild: {host} "), BOOT_TIMEOUT)
+            .expect("serial");
     let t = vm.started.elapsed();
     let tail: String = log
         .lines()
@@ -70,8 +73,8 @@ fn boot(
         .collect::<Vec<_>>()
         .join("\n");
     assert!(
-        seen && log.contains("imgbuild: vps1 ready ("),
-        "not ready within {BOOT_TIMEOUT:?}:\n{tail}"
+        seen && log.contains(&format!("imgbuild: {host} ready (")),
+        "{host} not ready within {BOOT_TIMEOUT:?}:\n{tail}"
     );
     (vm, log, t)
 }
@@ -333,7 +336,7 @@ fn data_written_on_one_boot_is_restored_before_services_on_a_fresh_copy() {
     // A fresh copy of the image (the same file, pristine /var): data back before the service.
     let serial = dir.join("serial2.log");
     let (ssh_port, web) = (free_port(), free_port());
-    let (mut vm, log2, t2) = boot(&image, &serial, ssh_port, web, port, true);
+    let (mut vm, log2, t2) = boot("vps1", &image, &serial, ssh_port, web, port, true);
     let line = log2
         .lines()
         .find(|l| l.contains("imgbuild firstboot: restored snapshot"))
@@ -463,20 +466,8 @@ fn move_to_vps2(
 
     let serial = dir.join("serial-vps2.log");
     let (ssh_port, web) = (free_port(), free_port());
-    let mut opts = RunOptions::new(&image);
-    opts.serial = SerialTarget::File(serial.clone());
-    opts.ssh_port = Some(ssh_port);
-    opts.forwards = vec![(web, HELLO_PORT)];
-    isolate(&mut opts, &[port]);
-    let mut vm = qemu::start(&opts).expect("start qemu");
-    let (seen, log) =
-        qemu::wait_for_serial(&mut vm, &serial, "imgbuild: vps2 ", BOOT_TIMEOUT).expect("serial");
-    let t = vm.started.elapsed();
+    let (mut vm, log, t) = boot("vps2", &image, &serial, ssh_port, web, port, false);
     let tail = &log[log.len().saturating_sub(4000)..];
-    assert!(
-        seen && log.contains("imgbuild: vps2 ready ("),
-        "vps2 not ready within {BOOT_TIMEOUT:?}:\n{tail}"
-    );
     let line = log
         .lines()
         .find(|l| l.contains("imgbuild firstboot: volume www moved from vps1:www: snapshot "))

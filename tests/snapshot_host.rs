@@ -87,6 +87,31 @@ fn host_config(
     }
 }
 
+/// The volumes `host_config` names, each with one file of `len` noise bytes.
+fn host_volumes(env: &Env, len: usize) -> std::path::PathBuf {
+    let vols = env.path("vols");
+    for (v, n) in [("pgdata", 5u64), ("app", 6), ("cache", 7)] {
+        let d = vols.join(v).join("_data");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("data.bin"), noise(n, len)).unwrap();
+    }
+    vols
+}
+
+/// An executable `systemctl` stand-in: appends its arguments to `log`, then runs
+/// `rest` (shell lines).
+fn systemctl_stub(env: &Env, log: &Path, rest: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let stub = env.path("systemctl");
+    std::fs::write(
+        &stub,
+        format!("#!/bin/sh\necho \"$@\" >> {}\n{rest}", log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    stub
+}
+
 /// A tiny HTTP server on 127.0.0.1 that records request paths (the ping target).
 fn ping_server() -> (String, Arc<Mutex<Vec<String>>>) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -112,22 +137,10 @@ fn ping_server() -> (String, Arc<Mutex<Vec<String>>>) {
 #[test]
 fn backup_timer_then_firstboot_restores_volumes_before_services() {
     let env = Env::new(false);
-    let vols = env.path("vols");
-    for (v, n) in [("pgdata", 5u64), ("app", 6), ("cache", 7)] {
-        let d = vols.join(v).join("_data");
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("data.bin"), noise(n, 1 << 20)).unwrap();
-    }
+    let vols = host_volumes(&env, 1 << 20);
     // systemctl stub: records its arguments.
     let log = env.path("systemctl.log");
-    let stub = env.path("systemctl");
-    std::fs::write(
-        &stub,
-        format!("#!/bin/sh\necho \"$@\" >> {}\n", log.display()),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stub = systemctl_stub(&env, &log, "");
     let (url, pings) = ping_server();
     let metrics = env.path("metrics");
     let hc = host_config(&env, RestorePolicy::Require, Some(url), &metrics);
@@ -637,30 +650,21 @@ fn first_boot_never_falls_back_on_a_transport_error_but_does_on_a_corrupt_manife
 fn final_snapshot_at_power_off_is_taken_without_touching_units_and_bounded_in_time() {
     use imgbuild::agent::backup_job::final_snapshot;
     use imgbuild::hostconfig::FinalSnapshotWhen;
-    use std::os::unix::fs::PermissionsExt;
     use std::time::{Duration, Instant};
     let env = Env::new(false);
-    let vols = env.path("vols");
-    for (v, n) in [("pgdata", 5u64), ("app", 6), ("cache", 7)] {
-        let d = vols.join(v).join("_data");
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("data.bin"), noise(n, 300_000)).unwrap();
-    }
-    // systemctl stub: records its arguments; `list-jobs` prints $JOBS_FILE's content,
+    let vols = host_volumes(&env, 300_000);
+    // systemctl stub: records its arguments; `list-jobs` prints the jobs file,
     // `is-active` says postgres still runs.
     let log = env.path("systemctl.log");
     let jobs = env.path("jobs");
-    let stub = env.path("systemctl");
-    std::fs::write(
-        &stub,
-        format!(
-            "#!/bin/sh\necho \"$@\" >> {}\ncase \"$1\" in\n  list-jobs) cat {} ;;\n  is-active) echo active ;;\nesac\n",
-            log.display(),
+    let stub = systemctl_stub(
+        &env,
+        &log,
+        &format!(
+            "case \"$1\" in\n  list-jobs) cat {} ;;\n  is-active) echo active ;;\nesac\n",
             jobs.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let metrics = env.path("metrics");
     let hc = host_config(&env, RestorePolicy::Require, None, &metrics);
     let paths = HostPaths {
