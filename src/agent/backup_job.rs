@@ -405,26 +405,13 @@ async fn within<T>(
 /// Logs the units that should have stopped before a final snapshot but run: their
 /// writes after the snapshot's instant are not in it.
 fn still_running(b: &crate::hostconfig::BackupConfig, systemctl: &Path, who: &str) {
-    let mut units: Vec<&String> = b.volumes.iter().flat_map(|v| &v.units).collect();
+    let mut units: Vec<String> = b.volumes.iter().flat_map(|v| v.units.clone()).collect();
     units.sort();
     units.dedup();
     if units.is_empty() {
         return;
     }
-    let Ok(out) = std::process::Command::new(systemctl)
-        .arg("is-active")
-        .args(&units)
-        .output()
-    else {
-        return;
-    };
-    let states = String::from_utf8_lossy(&out.stdout);
-    let running: Vec<&str> = units
-        .iter()
-        .zip(states.lines())
-        .filter(|(_, st)| st.trim() == "active")
-        .map(|(u, _)| u.as_str())
-        .collect();
+    let running = quiesce::active(systemctl, &units);
     if !running.is_empty() {
         log(&format!(
             "{who}: warning: still running: {} (their later writes are not in it)",

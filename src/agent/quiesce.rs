@@ -221,8 +221,8 @@ fn dependents(systemctl: &Path, unit: &str) -> Vec<String> {
 }
 
 /// The units of `units` that are running now (only those are stopped and started
-/// again: a unit that was down stays down).
-fn active(systemctl: &Path, units: &[String]) -> Vec<String> {
+/// again: a unit that was down stays down). Without an answer per unit, all of them.
+pub(crate) fn active(systemctl: &Path, units: &[String]) -> Vec<String> {
     let o = Command::new(systemctl)
         .arg("is-active")
         .args(units)
