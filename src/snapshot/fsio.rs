@@ -146,7 +146,12 @@ mod at {
     /// A directory, opened with O_NOATIME where allowed for the same reason as
     /// [`open_file`]: listing it would otherwise change the atime on its entry line.
     pub fn open_dir(dir: RawFd, name: &CStr) -> std::io::Result<OwnedFd> {
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+        open_noatime(dir, name, libc::O_RDONLY | libc::O_DIRECTORY)
+    }
+
+    /// `open` with O_NOATIME, or without it where the kernel refuses it (EPERM: only
+    /// the owner or root may).
+    fn open_noatime(dir: RawFd, name: &CStr, flags: libc::c_int) -> std::io::Result<OwnedFd> {
         match open(dir, name, flags | libc::O_NOATIME) {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(dir, name, flags),
             r => r,
@@ -160,11 +165,11 @@ mod at {
     /// every file read and none of its chunks dedup; the kernel allows it only to the
     /// owner or root, so anyone else opens without it.
     pub fn open_file(dir: RawFd, name: &CStr) -> std::io::Result<OwnedFd> {
-        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY;
-        match open(dir, name, flags | libc::O_NOATIME) {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(dir, name, flags),
-            r => r,
-        }
+        open_noatime(
+            dir,
+            name,
+            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+        )
     }
 
     pub fn stat(dir: RawFd, name: &CStr) -> std::io::Result<libc::stat> {
