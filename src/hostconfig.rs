@@ -201,6 +201,37 @@ pub struct VolumeBackup {
     /// own holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<MoveSource>,
+    /// The volume is a PostgreSQL data directory whose WAL is shipped continuously.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresWal>,
+}
+
+/// Where the spool volume is mounted in the database's container.
+pub const WAL_SPOOL_MOUNT: &str = "/imgbuild-wal";
+/// Default `[backup] archive_timeout`: PostgreSQL switches to a new WAL file at least
+/// this often while there are writes, which bounds what a crash loses.
+pub const DEFAULT_ARCHIVE_TIMEOUT: u32 = 60;
+/// Default `[backup] wal_rpo_seconds`: the monitoring host alerts when a WAL file waits
+/// longer than this to reach the bucket.
+pub const DEFAULT_WAL_RPO_SECONDS: u32 = 300;
+
+/// The podman volume a PostgreSQL volume's archiver copies finished WAL files into.
+pub fn wal_spool_volume(volume: &str) -> String {
+    format!("{volume}-wal-spool")
+}
+
+/// Continuous WAL shipping of one PostgreSQL volume (see `crate::agent::wal`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresWal {
+    /// The container running PostgreSQL on this volume (its unit is `<name>.service`).
+    pub container: String,
+    /// The data directory, relative to the volume's root ("." for the root itself).
+    pub data: String,
+    /// The podman volume the archiver copies finished WAL files into.
+    pub spool_volume: String,
+    pub archive_timeout_secs: u32,
+    pub rpo_secs: u32,
 }
 
 /// Where a moved volume comes from: the other host's bucket and prefix, read with a

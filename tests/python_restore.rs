@@ -183,6 +183,7 @@ async fn backup_with(store: &Store, keys: &Keys, root: &Path, pack_target: usize
         &[Source {
             name: "data".into(),
             root: root.to_path_buf(),
+            wal_start: None,
         }],
         &mut NoHooks,
         &opts,

@@ -37,6 +37,7 @@ fn src(name: &str, root: &Path) -> Source {
     Source {
         name: name.into(),
         root: root.to_path_buf(),
+        wal_start: None,
     }
 }
 

@@ -129,6 +129,7 @@ fn bench_child() {
                 let src = [Source {
                     name: "vol".into(),
                     root: PathBuf::from(v["src"].as_str().unwrap()),
+                    wal_start: None,
                 }];
                 let o = BackupOptions {
                     host: "bench".into(),

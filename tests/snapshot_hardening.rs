@@ -42,6 +42,7 @@ fn src(name: &str, root: &Path) -> Source {
     Source {
         name: name.into(),
         root: root.to_path_buf(),
+        wal_start: None,
     }
 }
 
@@ -291,6 +292,7 @@ fn manifest_with(entries: Vec<Entry>, chunks: Vec<format::ChunkRef>, bytes: u64)
             entries,
             chunks,
             meta: vec![],
+            wal_start: None,
         }],
     }
 }

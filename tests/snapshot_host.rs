@@ -823,6 +823,7 @@ fn a_moved_volume_starts_from_the_other_hosts_snapshot_with_read_only_access() {
             let sources = vec![Source {
                 name: "nc-data".into(),
                 root: src.clone(),
+                wal_start: None,
             }];
             let r = backup(
                 &store,

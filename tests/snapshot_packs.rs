@@ -30,6 +30,7 @@ fn src(root: &Path) -> Vec<Source> {
     vec![Source {
         name: "v".into(),
         root: root.to_path_buf(),
+        wal_start: None,
     }]
 }
 

@@ -46,6 +46,7 @@ fn scale_child() {
                 let src = [Source {
                     name: "vol".into(),
                     root: source.unwrap(),
+                    wal_start: None,
                 }];
                 let o = BackupOptions {
                     host: "test".into(),

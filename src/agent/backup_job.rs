@@ -204,9 +204,29 @@ pub fn backup_host_mode(
         let sources: Vec<Source> = b
             .volumes
             .iter()
-            .map(|v| Source {
-                name: v.name.clone(),
-                root: read_root.join(&v.name).join("_data"),
+            .map(|v| {
+                let root = read_root.join(&v.name).join("_data");
+                // Read from the same instant as the data: the redo point of the last
+                // checkpoint this copy holds is where its WAL replay starts.
+                let wal_start = v.postgres.as_ref().and_then(|pg| {
+                    let data = if pg.data == "." { root.clone() } else { root.join(&pg.data) };
+                    if !data.join("PG_VERSION").is_file() {
+                        return None;
+                    }
+                    super::wal::wal_start(&data)
+                        .map_err(|e| {
+                            log(&format!(
+                                "{who}: warning: volume {}: no WAL position recorded ({e}); a replay from this snapshot cannot use the shipped WAL",
+                                v.name
+                            ))
+                        })
+                        .ok()
+                });
+                Source {
+                    name: v.name.clone(),
+                    root,
+                    wal_start,
+                }
             })
             .collect();
         let upload = async {
@@ -257,6 +277,19 @@ pub fn backup_host_mode(
                 }
                 Mode::Final { .. } => None,
             };
+            if matches!(mode, Mode::Scheduled) && super::wal::volumes(b).next().is_some() {
+                match super::wal::retain(&store, &keys, b).await {
+                    Ok(r) => {
+                        for (v, r) in r {
+                            log(&format!(
+                                "{who}: WAL of {v}: {} file(s) no kept snapshot needs deleted, {} still locked, {} kept",
+                                r.deleted, r.refused, r.kept
+                            ));
+                        }
+                    }
+                    Err(e) => log(&format!("{who}: warning: WAL retention: {e:#}")),
+                }
+            }
             Ok(pr)
         };
         let pr = match rt.block_on(within(deadline, after)) {

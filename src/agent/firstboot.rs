@@ -567,6 +567,26 @@ async fn restore_own(
         report.bytes,
         report.seconds
     ));
+    if pinned.is_none() {
+        // A drill restores the pinned snapshot as it is; a real first boot goes on to
+        // the last WAL file shipped after it.
+        for (v, pg) in super::wal::volumes(b).filter(|(v, _)| v.from.is_none()) {
+            if let Some(mv) = m.volumes.iter().find(|mv| mv.name == v.name) {
+                super::wal::fetch_for_replay(
+                    &store,
+                    &keys,
+                    &target.host,
+                    paths,
+                    v,
+                    pg,
+                    &m.id,
+                    m.time,
+                    mv.wal_start.as_deref(),
+                )
+                .await?;
+            }
+        }
+    }
     let have = m.volumes.iter().map(|v| v.name.clone()).collect();
     Ok((
         FirstbootOutcome::Restored {

@@ -16,6 +16,7 @@ pub mod firstboot;
 pub mod metrics;
 pub mod quiesce;
 pub mod ready;
+pub mod wal;
 
 pub use backup_job::{backup_host, HostBackupResult};
 pub use check_job::{check_host, HostCheckResult};

@@ -75,6 +75,15 @@ pub enum Command {
     Firstboot(snapshot::FirstbootArgs),
     /// In the image: wait for the host's units, print the readiness line on the console
     Ready(ReadyArgs),
+    /// In the image: write a PostgreSQL volume's WAL archive settings before its container starts
+    PostgresPrepare {
+        /// The volume (marked `postgres` in the profile)
+        volume: String,
+        #[command(flatten)]
+        host: ReadyArgs,
+    },
+    /// In the image: ship PostgreSQL WAL files from the spool to the bucket as they are finished (imgbuild-wal.service)
+    WalShip(ReadyArgs),
     /// Upload an image (and its signed manifest) to s3://bucket/key for a provider's import
     Upload(UploadArgs),
     /// Encrypt (lock) or decrypt (unlock) the secrets directory with age

@@ -114,5 +114,6 @@ fn volume_source(dir: &Path, name: &str) -> anyhow::Result<Source> {
     Ok(Source {
         name: name.to_string(),
         root,
+        wal_start: None,
     })
 }

@@ -19,6 +19,7 @@ pub mod snapshots;
 pub mod summary;
 pub mod upload;
 pub mod verify;
+pub mod wal;
 
 use crate::cli::{Cli, Command};
 use crate::workstation::resolver;
@@ -41,6 +42,8 @@ pub fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
         Command::DrillRelay { port } => drill::relay(*port),
         Command::Firstboot(a) => firstboot::run(a),
         Command::Ready(a) => ready::run(a),
+        Command::PostgresPrepare { volume, host } => wal::prepare(volume, host),
+        Command::WalShip(a) => wal::ship(a),
         Command::Secrets(a) => secrets::run(a),
         Command::Upload(a) => upload::run(a),
         Command::GenDocs { out } => gendocs::run(out),

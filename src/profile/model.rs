@@ -230,6 +230,22 @@ pub struct Backup {
     /// Signed so that a negative value gets the range message.
     #[serde(default = "default_final_snapshot_timeout")]
     pub final_snapshot_timeout: i64,
+    /// Seconds after which PostgreSQL switches to a new WAL file when there were
+    /// writes (volumes with `postgres`): what an unplanned crash loses at most, plus
+    /// the time to ship. Signed so that a negative value gets the range message.
+    #[serde(default = "default_archive_timeout")]
+    pub archive_timeout: i64,
+    /// The monitoring host alerts when a finished WAL file has waited this long to
+    /// reach the bucket.
+    #[serde(default = "default_wal_rpo_seconds")]
+    pub wal_rpo_seconds: i64,
+}
+
+fn default_archive_timeout() -> i64 {
+    crate::hostconfig::DEFAULT_ARCHIVE_TIMEOUT.into()
+}
+fn default_wal_rpo_seconds() -> i64 {
+    crate::hostconfig::DEFAULT_WAL_RPO_SECONDS.into()
 }
 
 fn default_final_snapshot_timeout() -> i64 {
@@ -367,6 +383,23 @@ pub struct Volume {
     /// first boot restores it from HOST's newest snapshot of VOLUME (moving a service
     /// between hosts), read with a read-only key.
     pub from: Option<String>,
+    /// A PostgreSQL data directory: its WAL is shipped to the bucket as the archiver
+    /// completes each file, and first boot replays it after the snapshot.
+    pub postgres: Option<PostgresVolume>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresVolume {
+    /// The container that runs PostgreSQL on this volume.
+    pub container: String,
+    /// The data directory (PGDATA) relative to the volume's root; default ".".
+    #[serde(default = "default_pg_data")]
+    pub data: String,
+}
+
+fn default_pg_data() -> String {
+    ".".into()
 }
 
 impl Volume {

@@ -697,6 +697,54 @@ fn check_volumes(c: &mut Ctx, p: &Profile) {
                 _ => c.err(&at, format!("`{}` is not HOST:VOLUME", from.escape_debug()), "e.g. from = \"services:nextcloud-data\" (the profile services.toml beside this one, its volume nextcloud-data)".to_string()),
             }
         }
+        if let Some(pg) = &v.postgres {
+            check_postgres_volume(c, p, name, v, pg);
+        }
+    }
+}
+
+/// A volume whose PostgreSQL WAL is shipped: the container must exist and mount it,
+/// and the volume must be backed up (a replay starts from one of its snapshots).
+fn check_postgres_volume(
+    c: &mut Ctx,
+    p: &Profile,
+    name: &str,
+    v: &crate::profile::model::Volume,
+    pg: &crate::profile::model::PostgresVolume,
+) {
+    let at = |f: &str| [k("volumes"), k(name), k("postgres"), k(f)];
+    if p.backup.is_none() {
+        c.err(&[k("volumes"), k(name), k("postgres")], "WAL shipping needs a [backup] section (the bucket and this host's keys)", None);
+    }
+    if v.backup == BackupStrategy::None {
+        c.err(&[k("volumes"), k(name), k("postgres")], "WAL is replayed on top of a snapshot of the volume, and backup = \"none\" takes none", "set backup = \"live\" (an atomic snapshot is crash-consistent for PostgreSQL)".to_string());
+    }
+    match p.containers.get(&pg.container) {
+        None => c.err(
+            &at("container"),
+            format!("no container `{}` in this profile", pg.container.escape_debug()),
+            format!("one of: {}", p.containers.keys().cloned().collect::<Vec<_>>().join(", ")),
+        ),
+        Some(ct) => {
+            if !ct.volumes.iter().any(|m| m.split(':').next() == Some(name)) {
+                c.err(&at("container"), format!("container `{}` does not mount volume `{name}`", pg.container), format!("add \"{name}:/var/lib/postgresql/data\" to its volumes"));
+            }
+            if ct.volumes.iter().any(|m| m.split(':').nth(1) == Some(crate::hostconfig::WAL_SPOOL_MOUNT)) {
+                c.err(&at("container"), format!("{} is where imgbuild mounts the WAL spool", crate::hostconfig::WAL_SPOOL_MOUNT), "mount nothing else there".to_string());
+            }
+        }
+    }
+    let d = std::path::Path::new(&pg.data);
+    let bad = pg.data.is_empty()
+        || d.is_absolute()
+        || d.components().any(|x| matches!(x, std::path::Component::ParentDir))
+        || !no_control(&pg.data);
+    if bad {
+        c.err(&at("data"), format!("`{}` is not a directory inside the volume", pg.data.escape_debug()), "a relative path such as \"pgdata\" (PGDATA relative to where the volume is mounted), or \".\"".to_string());
+    }
+    let spool = crate::hostconfig::wal_spool_volume(name);
+    if p.volumes.contains_key(&spool) {
+        c.err(&[k("volumes"), k(&spool)], format!("`{spool}` is the name of volume {name}'s WAL spool"), "rename this volume".to_string());
     }
 }
 
@@ -1246,6 +1294,21 @@ fn check_backup(c: &mut Ctx, p: &Profile) {
                     crate::hostconfig::DEFAULT_FINAL_SNAPSHOT_TIMEOUT
                 ),
             );
+        }
+        if p.volumes.values().any(|v| v.postgres.is_some()) || b.archive_timeout != i64::from(crate::hostconfig::DEFAULT_ARCHIVE_TIMEOUT) {
+            if !(10..=3600).contains(&b.archive_timeout) {
+                c.err(
+                    &[k("backup"), k("archive_timeout")],
+                    format!("{} s is outside 10..=3600 s", b.archive_timeout),
+                    format!("omit it for {} s: an unplanned crash loses about this much plus the time to ship", crate::hostconfig::DEFAULT_ARCHIVE_TIMEOUT),
+                );
+            } else if !(b.archive_timeout..=86_400).contains(&b.wal_rpo_seconds) {
+                c.err(
+                    &[k("backup"), k("wal_rpo_seconds")],
+                    format!("{} s is outside archive_timeout ({} s)..=86400 s", b.wal_rpo_seconds, b.archive_timeout),
+                    format!("omit it for {} s; below archive_timeout it would alert on every quiet minute", crate::hostconfig::DEFAULT_WAL_RPO_SECONDS),
+                );
+            }
         }
         if b.object_lock_days == Some(0) {
             c.err(

@@ -333,6 +333,7 @@ fn env() -> Environment<'static> {
         "imgbuild-check.timer.j2",
         "imgbuild-ready.service.j2",
         "imgbuild-final-snapshot.service.j2",
+        "imgbuild-wal.service.j2",
         "tmpfiles.conf.j2",
         "prometheus.yml.j2",
         "alert-rules.yml.j2",
@@ -704,6 +705,20 @@ fn render_podman_objects(cx: &Ctx, t: &mut HostTree) -> Result<(), RenderError> 
                 context! { header, name => v, host => name, backup },
             )?,
         )?;
+        if vol.postgres.is_some() {
+            // Finished WAL files wait here for imgbuild-wal.service; never in a
+            // snapshot (they are in the bucket already, or about to be).
+            let spool = hostconfig::wal_spool_volume(v);
+            t.file(
+                &format!("{QUADLET_DIR}/{spool}.volume"),
+                0o644,
+                render_t(
+                    e,
+                    "volume.j2",
+                    context! { header, name => spool, host => name, backup => "none" },
+                )?,
+            )?;
+        }
     }
     Ok(())
 }
@@ -732,7 +747,22 @@ fn render_containers(
         if let Some(extra) = monitoring_mounts.get(cname) {
             c.volumes.extend(extra.iter().cloned());
         }
-        render_container(e, header, input, cname, &c, wg_addr.as_deref(), t)?;
+        // PostgreSQL on a volume that ships WAL: the archiver copies into the spool,
+        // and the helper writes the archive settings before every start.
+        let mut pre = Vec::new();
+        if p.backup.is_some() {
+            for (vn, v) in &p.volumes {
+                if v.postgres.as_ref().is_some_and(|pg| &pg.container == cname) {
+                    c.volumes.push(format!(
+                        "{}:{}",
+                        hostconfig::wal_spool_volume(vn),
+                        hostconfig::WAL_SPOOL_MOUNT
+                    ));
+                    pre.push(format!("{} postgres-prepare {vn}", cx.helper));
+                }
+            }
+        }
+        render_container(e, header, input, cname, &c, &pre, wg_addr.as_deref(), t)?;
         ready.insert(format!("{cname}.service"));
     }
     Ok(ready)
@@ -908,6 +938,22 @@ fn render_backup(cx: &Ctx, t: &mut HostTree) -> Result<Option<BackupConfig>, Ren
         )?;
         t.enable("imgbuild-final-snapshot.service", "multi-user.target");
     }
+    let pg: Vec<String> = cx
+        .input
+        .host
+        .profile
+        .volumes
+        .values()
+        .filter_map(|v| v.postgres.as_ref().map(|pg| format!("{}.service", pg.container)))
+        .collect();
+    if !pg.is_empty() {
+        t.file(
+            &format!("{SYSTEMD_UNIT_DIR}/imgbuild-wal.service"),
+            0o644,
+            render_t(e, "imgbuild-wal.service.j2", context! { header, helper, before => pg })?,
+        )?;
+        t.enable("imgbuild-wal.service", "multi-user.target");
+    }
     let sdir = hostconfig::SECRETS_DIR;
     let enc = keys::needed(&keys.snapshot_encryption_key, "snapshot-encryption.key")?;
     t.secret_file(
@@ -1001,6 +1047,13 @@ fn backup_config(
                 .map(|(cn, _)| format!("{cn}.service"))
                 .collect(),
             from: moved.get(vn).cloned(),
+            postgres: v.postgres.as_ref().map(|pg| hostconfig::PostgresWal {
+                container: pg.container.clone(),
+                data: pg.data.clone(),
+                spool_volume: hostconfig::wal_spool_volume(vn),
+                archive_timeout_secs: b.archive_timeout.clamp(10, 3600) as u32,
+                rpo_secs: b.wal_rpo_seconds.clamp(10, 86_400) as u32,
+            }),
         })
         .collect();
     BackupConfig {
@@ -1087,12 +1140,14 @@ fn render_host_config(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn render_container(
     e: &Environment,
     header: &str,
     input: &RenderInput,
     cname: &str,
     c: &Container,
+    exec_start_pre: &[String],
     wg_addr: Option<&str>,
     t: &mut HostTree,
 ) -> Result<(), RenderError> {
@@ -1168,7 +1223,7 @@ fn render_container(
         context! {
             header, name => cname, image, host => p.host.name, auto_update => c.auto_update,
             host_network => c.host_network, networks => c.networks, publish => c.publish, volumes, env, env_file,
-            user => c.user, read_only => c.read_only, health, exec, after => c.after, wg_bound,
+            user => c.user, read_only => c.read_only, health, exec, after => c.after, wg_bound, exec_start_pre,
             wg_interface => p.wireguard.as_ref().map(|w| w.interface.clone()),
         },
     )?;

@@ -14,14 +14,25 @@ struct BackupHost {
     host: String,
     rpo_hours: u32,
     rpo_seconds: u64,
+    /// Volumes that ship PostgreSQL WAL, and how long a finished file may wait.
+    wal_volumes: Vec<String>,
+    wal_rpo_seconds: i64,
 }
 
 impl BackupHost {
-    fn new(host: &str, rpo_hours: u32) -> BackupHost {
+    fn new(host: &Host, b: &crate::profile::Backup) -> BackupHost {
         BackupHost {
-            host: host.to_string(),
-            rpo_hours,
-            rpo_seconds: u64::from(rpo_hours) * 3600,
+            host: host.name().to_string(),
+            rpo_hours: b.rpo_hours,
+            rpo_seconds: u64::from(b.rpo_hours) * 3600,
+            wal_volumes: host
+                .profile
+                .volumes
+                .iter()
+                .filter(|(_, v)| v.postgres.is_some())
+                .map(|(n, _)| n.clone())
+                .collect(),
+            wal_rpo_seconds: b.wal_rpo_seconds,
         }
     }
 }
@@ -89,7 +100,7 @@ pub(super) fn render(
     // (host, RPO hours): each host's backups are judged against its own objective.
     let mut backup_hosts: Vec<BackupHost> = vec![];
     if let Some(b) = &host.profile.backup {
-        backup_hosts.push(BackupHost::new(name, b.rpo_hours));
+        backup_hosts.push(BackupHost::new(host, b));
     }
     for (_, other) in &input.scrape {
         targets(other, &mut node, &mut apps);
@@ -101,7 +112,7 @@ pub(super) fn render(
                 .filter_map(|c| c.domain.clone()),
         );
         if let Some(b) = &other.profile.backup {
-            backup_hosts.push(BackupHost::new(other.name(), b.rpo_hours));
+            backup_hosts.push(BackupHost::new(other, b));
         }
     }
     domains.extend(

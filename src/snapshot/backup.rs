@@ -34,6 +34,8 @@ const PRUNE_WAIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 pub struct Source {
     pub name: String,
     pub root: PathBuf,
+    /// Recorded in the manifest as the volume's `wal_start` (see `format::Volume`).
+    pub wal_start: Option<String>,
 }
 
 /// Called around each volume (stop units / run a hook, then start them again).
@@ -759,6 +761,7 @@ async fn backup_volume(
             entries: Vec::new(),
             chunks,
             meta: meta_chunks,
+            wal_start: src.wal_start.clone(),
         },
         warnings,
     ))

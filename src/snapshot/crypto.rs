@@ -18,6 +18,7 @@ pub const CTX_CHUNKER: &str = "imgbuild snapshot v1 chunker seed";
 pub const CTX_PACK_ID: &str = "imgbuild snapshot v3 pack id";
 pub const CTX_INDEX: &str = "imgbuild snapshot v3 index";
 pub const CTX_PACK_HEADER: &str = "imgbuild snapshot v3 pack header";
+pub const CTX_WAL: &str = "imgbuild snapshot v5 wal segment";
 /// Index objects: `INDEX_MAGIC | signature | host length | host | nonce | ciphertext`,
 /// signed like a v2 manifest under their own domain.
 pub const INDEX_MAGIC: &[u8; 8] = b"IMGIDX01";
@@ -56,6 +57,7 @@ pub struct Keys {
     pack_id_key: [u8; 32],
     index_key: [u8; 32],
     pack_header_key: [u8; 32],
+    wal_key: [u8; 32],
     chunker_seed: u64,
     verifying: VerifyingKey,
     /// The host these keys belong to, when the caller knows it: manifests of any
@@ -109,6 +111,7 @@ impl Keys {
             pack_id_key: blake3::derive_key(CTX_PACK_ID, &master),
             index_key: blake3::derive_key(CTX_INDEX, &master),
             pack_header_key: blake3::derive_key(CTX_PACK_HEADER, &master),
+            wal_key: blake3::derive_key(CTX_WAL, &master),
             chunker_seed: u64::from_le_bytes(seed),
             verifying,
             signing,
@@ -237,6 +240,37 @@ impl Keys {
             return Err(corrupt("content does not match its id"));
         }
         Ok(plain)
+    }
+
+    /// A shipped WAL file: `version(1) | nonce(24) | XChaCha20-Poly1305(flag(1) |
+    /// payload)` under its own key, AAD = `name` (host, volume and file name), so an
+    /// object copied under another name, volume or host fails to open. The payload is
+    /// zstd-compressed when that is smaller (a segment switched early by
+    /// archive_timeout is mostly zeros).
+    pub fn seal_wal(&self, name: &str, plain: &[u8]) -> Vec<u8> {
+        let mut body = Vec::with_capacity(plain.len() / 4 + 1);
+        match zstd::bulk::compress(plain, ZSTD_LEVEL) {
+            Ok(z) if z.len() < plain.len() => {
+                body.push(STORED_ZSTD);
+                body.extend_from_slice(&z);
+            }
+            _ => {
+                body.push(STORED_RAW);
+                body.extend_from_slice(plain);
+            }
+        }
+        seal(&self.wal_key, name.as_bytes(), body)
+    }
+
+    /// Opens a shipped WAL file sealed under `name`; `max` bounds decompression.
+    pub fn open_wal(&self, name: &str, sealed: &[u8], max: usize) -> std::result::Result<Vec<u8>, String> {
+        let body = open(&self.wal_key, name.as_bytes(), sealed).map_err(str::to_string)?;
+        let (flag, payload) = body.split_first().ok_or("empty payload")?;
+        match *flag {
+            STORED_RAW => Ok(payload.to_vec()),
+            STORED_ZSTD => zstd::bulk::decompress(payload, max).map_err(|e| format!("zstd: {e}")),
+            other => Err(format!("unknown storage flag {other}")),
+        }
     }
 
     /// `MAGIC2(8) | signature(64) | host length(1) | host | nonce(24) | ciphertext`; the

@@ -59,6 +59,9 @@ pub enum SnapshotError {
         why: String,
     },
 
+    #[error("WAL file {key}: {reason}")]
+    BadWal { key: String, reason: String },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -58,6 +58,13 @@ pub fn index_dir(prefix: &str) -> String {
 pub fn index_key(prefix: &str, id: &str) -> String {
     join(prefix, &format!("index/{id}"))
 }
+/// Shipped WAL files of one volume (`wal::ship`).
+pub fn wal_dir(prefix: &str, volume: &str) -> String {
+    join(prefix, &format!("wal/{volume}/"))
+}
+pub fn wal_root(prefix: &str) -> String {
+    join(prefix, "wal/")
+}
 pub fn locks_dir(prefix: &str) -> String {
     join(prefix, "locks/")
 }
@@ -224,6 +231,11 @@ pub struct Volume {
     /// Version 4: the chunks of the entry stream (one JSON entry per line).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub meta: Vec<ChunkRef>,
+    /// A PostgreSQL data directory's first WAL segment a replay from this snapshot
+    /// needs (the segment of its last checkpoint's redo point), when the volume ships
+    /// WAL; older segments of the volume can go once no kept snapshot needs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_start: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,7 +3,8 @@
 //!
 //! Layers, bottom up: [`crypto`] (keys, sealed objects), [`format`] (manifest, bucket
 //! layout), [`store`] (S3), [`fsio`] (volume directories ⇄ entries + data stream),
-//! then the operations [`backup`], [`restore`], [`prune`], [`check`].
+//! then the operations [`backup`], [`restore`], [`prune`], [`check`], and [`wal`] for
+//! the PostgreSQL WAL files shipped between snapshots.
 //!
 //! This is the engine both other sides stand on: the in-image agent (`crate::agent`)
 //! and the workstation verbs (`crate::cmd`, `crate::drill`). It knows nothing of
@@ -23,6 +24,7 @@ pub mod pack;
 pub mod prune;
 pub mod restore;
 pub mod store;
+pub mod wal;
 
 pub use crypto::Keys;
 pub use error::SnapshotError;
