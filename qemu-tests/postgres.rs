@@ -1,10 +1,16 @@
-//! A real database survives a live backup. Debian's PostgreSQL 17 (from the trixie
-//! archive, packed as an OCI archive and baked into the image) runs on a volume backed
-//! up `live`. In the guest: pgbench load, a writer committing sequential ids one per
-//! transaction, and CHECKPOINT every 2 s; a backup runs in the middle of it. A fresh
-//! copy of the image (pristine /var) restores that snapshot at first boot: PostgreSQL
-//! starts, `pg_amcheck --heapallindexed` is clean, the pgbench tables have their rows,
-//! and every id committed before the backup began is there, with no gap.
+//! A real database survives a live backup, and a crash loses at most about
+//! `archive_timeout` of commits. Debian's PostgreSQL 17 (from the trixie archive,
+//! packed as an OCI archive and baked into the image) runs on a volume backed up
+//! `live` and marked `postgres` (continuous WAL shipping). In the guest: pgbench load,
+//! a writer committing sequential ids one per transaction, and CHECKPOINT every 2 s; a
+//! backup runs in the middle of it. Then pgbench stops and the writer slows to two
+//! commits a second (a quiet database: WAL files are switched by archive_timeout, not
+//! by filling up) for a while, and QEMU is killed: no shutdown, no final snapshot.
+//! A fresh copy of the image (pristine /var) restores the snapshot at first boot and
+//! replays the WAL shipped after it: PostgreSQL starts, `pg_amcheck --heapallindexed`
+//! is clean, the pgbench tables have their rows, every id is there with no gap, and
+//! the newest restored commit is at most archive_timeout + SHIP_MARGIN older than the
+//! kill (the measured RPO is printed).
 //!
 //! What makes this hold is the one atomic btrfs snapshot of all volumes the backup
 //! reads (see src/agent/quiesce.rs): a copy made file by file while PostgreSQL writes
@@ -28,6 +34,14 @@ const PG_REF: &str = "localhost/postgres:17-test";
 const SCALE: u64 = 5;
 /// Load before the backup starts, so checkpoints and WAL recycling are under way.
 const LOAD_BEFORE_BACKUP: Duration = Duration::from_secs(20);
+/// The profile's archive_timeout: PostgreSQL switches WAL files at least this often.
+const ARCHIVE_TIMEOUT: u64 = 60;
+/// What shipping adds to archive_timeout: the shipper polls the spool every 2 s and
+/// uploads a 16 MiB file (compressed) to a server on the host, under TCG.
+const SHIP_MARGIN: f64 = 30.0;
+/// Quiet writing after the backup: longer than archive_timeout, so at least one WAL
+/// file is switched by the timeout and shipped, and the crash loses the rest.
+const QUIET: Duration = Duration::from_secs(150);
 
 /// Starts PostgreSQL on the volume, creating the cluster on an empty one. The
 /// container starts as root only to fix ownership of the volume (a restore writes the
@@ -208,9 +222,9 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
             &bucket,
             "vps1-pg",
             port,
-            "restore = \"allow-empty\"\nrestore_timeout = 120\n",
+            &format!("restore = \"allow-empty\"\nrestore_timeout = 120\narchive_timeout = {ARCHIVE_TIMEOUT}\n"),
         ) + &format!(
-            "[volumes.pgdata]\nbackup = \"live\"\n\n\
+            "[volumes.pgdata]\nbackup = \"live\"\npostgres = {{ container = \"db\", data = \"pgdata\" }}\n\n\
              [containers.db]\nimage = \"{PG_REF}\"\nbake = \"{}\"\nvolumes = [\"pgdata:/var/lib/postgresql/data\"]\n",
             archive.display()
         ),
@@ -241,6 +255,28 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
         std::thread::sleep(Duration::from_secs(2));
     }
     assert!(ready, "postgres did not come up in the guest");
+    // initdb ran on the empty volume after the container's ExecStartPre: the shipper
+    // turns archiving on and restarts the database once.
+    let t = Instant::now();
+    let mut archiving = String::new();
+    while t.elapsed() < Duration::from_secs(180) {
+        archiving = ssh(
+            &dir,
+            ssh_port,
+            "sudo podman exec db psql -qAt -c 'show archive_mode' 2>/dev/null || true",
+        );
+        if archiving.trim() == "on" {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    assert_eq!(
+        archiving.trim(),
+        "on",
+        "WAL archiving was not turned on:\n{}",
+        ssh(&dir, ssh_port, "sudo journalctl -u imgbuild-wal --no-pager | tail -20")
+    );
+    eprintln!("archive_mode on after {:.0}s", t.elapsed().as_secs_f64());
     let t = Instant::now();
     ssh(
         &dir,
@@ -259,7 +295,7 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
         &dir,
         ssh_port,
         "sudo podman exec -d db pgbench -n -c 4 -T 900 postgres; \
-         sudo podman exec -d db sh -c 'i=0; while :; do i=$((i+1)); echo \"insert into seq(id) values ($i);\"; done | psql -q -v ON_ERROR_STOP=1'; \
+         sudo podman exec -d db sh -c 'i=0; while :; do i=$((i+1)); echo \"insert into seq(id) values ($i);\"; if [ -f /tmp/quiet ]; then sleep 0.5; fi; done | psql -q -v ON_ERROR_STOP=1'; \
          sudo podman exec -d db sh -c 'while :; do psql -qc checkpoint; sleep 2; done'",
     );
     std::thread::sleep(LOAD_BEFORE_BACKUP);
@@ -293,7 +329,33 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
         after > before,
         "the writer was not running during the backup"
     );
+    // A quiet database: pgbench gone, two commits a second.
+    ssh(
+        &dir,
+        ssh_port,
+        "sudo podman exec db touch /tmp/quiet; \
+         sudo podman exec db psql -qAt -c \"select count(pg_terminate_backend(pid)) from pg_stat_activity where application_name = 'pgbench'\"",
+    );
+    std::thread::sleep(QUIET);
+    let wal_metrics = ssh(
+        &dir,
+        ssh_port,
+        "sudo grep -h '^imgbuild_wal_' /var/lib/imgbuild/metrics/imgbuild_wal.prom",
+    );
+    let shipped: u64 = wal_metrics
+        .lines()
+        .find(|l| l.starts_with("imgbuild_wal_shipped_files_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(shipped > 0, "no WAL file was shipped:\n{wal_metrics}");
+    let killed_at: f64 = sql(&dir, ssh_port, "select extract(epoch from clock_timestamp())")
+        .parse()
+        .unwrap();
+    let last_before_kill: u64 = sql(&dir, ssh_port, "select max(id) from seq").parse().unwrap();
+    // A crash: no shutdown, so no final snapshot and no last archiving.
     vm.kill();
+    eprintln!("killed after {QUIET:?} of quiet writing; ids committed: {last_before_kill}\n{wal_metrics}");
 
     // Boot 2: a fresh copy restores the snapshot before postgres starts.
     let serial = dir.join("serial2.log");
@@ -304,6 +366,11 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
         .lines()
         .find(|l| l.contains("imgbuild firstboot: restored snapshot"))
         .unwrap_or_else(|| panic!("no restore line on the console:\n{log}"))
+        .to_string();
+    let fetched = log
+        .lines()
+        .find(|l| l.contains("WAL file(s) shipped after snapshot"))
+        .unwrap_or_else(|| panic!("first boot fetched no WAL:\n{log}"))
         .to_string();
     let mut up = false;
     while t.elapsed() < BOOT_TIMEOUT {
@@ -324,9 +391,15 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
         ssh(&dir, ssh_port, "sudo podman logs db 2>&1 | tail -30")
     );
     eprintln!(
-        "restore: {:.1}s to postgres up; console: {}",
+        "restore: {:.1}s to postgres up; console:\n{}\n{}",
         t.elapsed().as_secs_f64(),
-        line.trim()
+        line.trim(),
+        fetched.trim()
+    );
+    assert_eq!(
+        sql(&dir, ssh_port, "select pg_is_in_recovery()"),
+        "f",
+        "PostgreSQL accepted connections before the replay ended"
     );
     let check = ssh(
         &dir,
@@ -354,17 +427,54 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
     );
     let (n, max) = seq.split_once(' ').expect("count and max");
     let (n, max): (u64, u64) = (n.parse().unwrap(), max.parse().unwrap());
+    let newest: f64 = sql(
+        &dir,
+        ssh_port,
+        "select extract(epoch from max(at)) from seq",
+    )
+    .parse()
+    .unwrap();
+    let rpo = killed_at - newest;
     eprintln!(
-        "restored ids 1..{max} ({n} rows); committed before the backup: {before}, after: {after}"
+        "restored ids 1..{max} ({n} rows); committed before the backup: {before}, after it: {after}, before the kill: {last_before_kill}\n\
+         measured RPO (kill to the newest restored commit): {rpo:.1} s at archive_timeout = {ARCHIVE_TIMEOUT} s"
     );
     assert_eq!(
         n, max,
         "a gap in the committed ids: {n} rows up to id {max}"
     );
     assert!(
-        max >= before,
-        "ids committed before the backup began are missing: restored up to {max}, {before} were committed"
+        max > after,
+        "nothing committed after the snapshot was replayed: restored up to {max}, the backup ended at {after}"
     );
-    assert!(max <= after, "restored ids that were never committed?");
+    // The writer runs on for the second between that count and the kill.
+    assert!(
+        max <= last_before_kill + 10,
+        "restored ids that were never committed?"
+    );
+    assert!(
+        rpo <= ARCHIVE_TIMEOUT as f64 + SHIP_MARGIN,
+        "the crash lost {rpo:.1} s of commits, more than archive_timeout ({ARCHIVE_TIMEOUT} s) + {SHIP_MARGIN} s"
+    );
+    // The replay's files are cleaned up and the console says how far it got.
+    let t = Instant::now();
+    let mut done = String::new();
+    while t.elapsed() < Duration::from_secs(60) {
+        done = ssh(
+            &dir,
+            ssh_port,
+            "sudo journalctl -u imgbuild-wal --no-pager -o cat | grep 'recovered to' || true; \
+             sudo test -e /var/lib/containers/storage/volumes/pgdata-wal-spool/_data/restore && echo restore-dir-left || true",
+        );
+        if done.contains("recovered to") && !done.contains("restore-dir-left") {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    assert!(
+        done.contains("recovered to") && !done.contains("restore-dir-left"),
+        "the shipper did not report the end of the replay or left its files:\n{done}"
+    );
+    eprintln!("{}", done.trim());
     vm.kill();
 }

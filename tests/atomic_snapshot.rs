@@ -75,6 +75,7 @@ fn config(env: &Env, metrics: &Path) -> HostConfig {
         hook: None,
         units: vec![],
         from: None,
+        postgres: None,
     };
     HostConfig {
         host: "services".into(),
@@ -281,6 +282,7 @@ fn bench_atomic_snapshot_downtime() {
                 vec![]
             },
             from: None,
+            postgres: None,
         })
         .collect();
     let done = env.path("state/firstboot.done");

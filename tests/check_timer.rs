@@ -46,6 +46,7 @@ fn host_config(env: &Env, metrics: &Path, read_data: &str) -> HostConfig {
                 hook: None,
                 units: vec![],
                 from: None,
+                postgres: None,
             }],
             credentials_file: Some(s("s3.env")),
             encryption_key_file: s("snapshot-encryption.key"),

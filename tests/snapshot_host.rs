@@ -50,6 +50,7 @@ fn host_config(
                     hook: None,
                     units: vec!["postgres.service".into()],
                     from: None,
+                    postgres: None,
                 },
                 VolumeBackup {
                     name: "app".into(),
@@ -60,6 +61,7 @@ fn host_config(
                     )),
                     units: vec![],
                     from: None,
+                    postgres: None,
                 },
                 VolumeBackup {
                     name: "cache".into(),
@@ -67,6 +69,7 @@ fn host_config(
                     hook: None,
                     units: vec![],
                     from: None,
+                    postgres: None,
                 },
             ],
             credentials_file: Some(env.secrets.join("s3.env").display().to_string()),
@@ -874,6 +877,7 @@ fn a_moved_volume_starts_from_the_other_hosts_snapshot_with_read_only_access() {
                     .to_string(),
                 signing_key_file: from_dir.join("snapshot-signing.key").display().to_string(),
             }),
+            postgres: None,
         },
         VolumeBackup {
             name: "own".into(),
@@ -881,6 +885,7 @@ fn a_moved_volume_starts_from_the_other_hosts_snapshot_with_read_only_access() {
             hook: None,
             units: vec![],
             from: None,
+            postgres: None,
         },
     ];
     assert!(!from_dir.join("snapshot-signing.key").exists());
@@ -970,4 +975,153 @@ fn a_moved_volume_starts_from_the_other_hosts_snapshot_with_read_only_access() {
         "{e:#}"
     );
     assert!(!paths3.firstboot_done.exists());
+}
+
+/// A synthetic PostgreSQL data directory: PG_VERSION, a control file whose last
+/// checkpoint's redo point is in segment `redo_seg` (timeline 1, 16 MiB segments), and
+/// one segment file in pg_wal (its size tells the segment size).
+fn fake_cluster(data: &Path, redo_seg: u64) {
+    std::fs::create_dir_all(data.join("global")).unwrap();
+    std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+    std::fs::write(data.join("PG_VERSION"), "17\n").unwrap();
+    let mut c = vec![0u8; 8192];
+    c[8..12].copy_from_slice(&1700u32.to_le_bytes());
+    let redo = (redo_seg << 24) | 0x28;
+    c[32..40].copy_from_slice(&(redo + 0x100).to_le_bytes());
+    c[40..48].copy_from_slice(&redo.to_le_bytes());
+    c[48..52].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(data.join("global/pg_control"), c).unwrap();
+    let seg = std::fs::File::create(data.join(format!("pg_wal/0000000100000000{redo_seg:08X}"))).unwrap();
+    seg.set_len(16 << 20).unwrap();
+}
+
+/// WAL shipping without PostgreSQL (the QEMU postgres test runs the real one): each
+/// snapshot records where its replay starts; first boot fetches what was shipped from
+/// there on, in order, stops at a file that does not open (sealed for another volume)
+/// as at a gap, and sets up the replay; prune drops what no kept snapshot needs.
+#[test]
+fn shipped_wal_is_fetched_for_replay_and_pruned_by_the_oldest_kept_snapshot() {
+    use imgbuild::hostconfig::PostgresWal;
+    use imgbuild::snapshot::store::PutOutcome;
+    use imgbuild::snapshot::wal;
+    let env = Env::new(false);
+    let mut hc = host_config(&env, RestorePolicy::Require, None, &env.path("metrics"));
+    let bc = hc.backup.as_mut().unwrap();
+    bc.keep = Retention {
+        last: 1,
+        daily: 0,
+        weekly: 0,
+        monthly: 0,
+    };
+    bc.volumes = vec![VolumeBackup {
+        name: "pgdata".into(),
+        strategy: Strategy::Live,
+        hook: None,
+        units: vec![],
+        from: None,
+        postgres: Some(PostgresWal {
+            container: "db".into(),
+            data: "pg".into(),
+            spool_volume: "pgdata-wal-spool".into(),
+            archive_timeout_secs: 60,
+            rpo_secs: 300,
+        }),
+    }];
+    let vols = env.path("vols");
+    let data = vols.join("pgdata/_data/pg");
+    fake_cluster(&data, 3);
+    std::fs::write(data.join("table"), noise(3, 5000)).unwrap();
+    let paths = HostPaths {
+        volumes: vols.clone(),
+        firstboot_done: env.path("state/firstboot.done"),
+        systemctl: "true".into(),
+    };
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    std::fs::write(&paths.firstboot_done, "{}").unwrap();
+    let r = backup_host(&hc, &paths, &Progress::quiet()).unwrap();
+    let first = r.report.as_ref().expect("backup ran").id.clone();
+    let keys = env.keys();
+    let segment = |n: u64| format!("0000000100000000{n:08X}");
+    let body = |n: u64| noise(100 + n, 64 * 1024);
+    rt().block_on(async {
+        let store = env.store().await;
+        let m = imgbuild::snapshot::restore::load_manifest(&store, &keys, &first)
+            .await
+            .unwrap();
+        assert_eq!(m.volumes[0].wal_start.as_deref(), Some(segment(3).as_str()));
+        for n in [2u64, 3, 4] {
+            let o = wal::ship(&store, &keys, "services", "pgdata", &segment(n), &body(n), 1_000 + n as i64)
+                .await
+                .unwrap();
+            assert_eq!(o, PutOutcome::Created);
+        }
+        // written once: the stored file stays
+        let o = wal::ship(&store, &keys, "services", "pgdata", &segment(4), b"other", 1)
+            .await
+            .unwrap();
+        assert_eq!(o, PutOutcome::Exists);
+        // segment 5 sealed for another volume and put where pgdata's would be
+        let planted = wal::seal(&keys, "services", "other", &segment(5), &body(5), 1_005);
+        let key = format!("{}{}", imgbuild::snapshot::format::wal_dir(&store.prefix, "pgdata"), segment(5));
+        store.put(&key, planted, false, None).await.unwrap();
+        wal::ship(&store, &keys, "services", "pgdata", &segment(6), &body(6), 1_006)
+            .await
+            .unwrap();
+        wal::ship(&store, &keys, "services", "pgdata", "00000002.history", b"1\t0/5000000\tno recovery target specified\n", 1_006)
+            .await
+            .unwrap();
+    });
+
+    // A new machine: the snapshot, then WAL 3 and 4 (2 is older than the snapshot's
+    // start, 5 does not open, so 6 cannot be used).
+    let fresh = env.path("fresh");
+    let fresh_paths = HostPaths {
+        volumes: fresh.clone(),
+        firstboot_done: env.path("fresh-state/firstboot.done"),
+        systemctl: "false".into(),
+    };
+    firstboot(&hc, &fresh_paths).unwrap();
+    let fdata = fresh.join("pgdata/_data/pg");
+    let restore = fresh.join("pgdata-wal-spool/_data/restore");
+    let mut got: Vec<String> = std::fs::read_dir(&restore)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    got.sort();
+    assert_eq!(got, [segment(3), segment(4), "00000002.history".to_string()]);
+    assert_eq!(std::fs::read(restore.join(segment(4))).unwrap(), body(4));
+    let note: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(restore.join(".imgbuild-replay.json")).unwrap()).unwrap();
+    assert_eq!(note["up_to"], 1_004);
+    assert_eq!(note["snapshot"], first.as_str());
+    assert!(fdata.join("recovery.signal").is_file());
+    let conf = std::fs::read_to_string(fdata.join("postgresql.auto.conf")).unwrap();
+    for want in [
+        "restore_command = 'cp /imgbuild-wal/restore/%f %p'",
+        "hot_standby = 'off'",
+        "archive_mode = 'on'",
+        "archive_timeout = '60s'",
+    ] {
+        assert!(conf.contains(want), "{want} missing:\n{conf}");
+    }
+
+    // The cluster moved on: the next snapshot starts at 5; with one snapshot kept,
+    // prune drops the files before 5 and keeps the history.
+    std::fs::remove_dir_all(&data).unwrap();
+    fake_cluster(&data, 5);
+    let r = backup_host(&hc, &paths, &Progress::quiet()).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    rt().block_on(async {
+        let store = env.store().await;
+        let ids = imgbuild::snapshot::restore::list_ids(&store).await.unwrap();
+        assert_eq!(ids.len(), 1, "keep last = 1: {ids:?}");
+        let left: Vec<String> = wal::list(&store, "pgdata")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        assert_eq!(left, [segment(5), segment(6), "00000002.history".to_string()]);
+    });
 }

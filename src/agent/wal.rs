@@ -479,7 +479,9 @@ async fn ship_one(store: &Store, keys: &Keys, host: &str, volume: &str, f: &Spoo
 /// ExecStartPre ran has no archive settings yet: write them and restart the database
 /// once, so archiving starts on the first day and not at the next reboot.
 fn ensure_archiving(paths: &HostPaths, v: &VolumeBackup, pg: &PostgresWal, data: &Path, spool: &Path, st: &mut VolumeState) {
-    if st.restarted || !data.join("PG_VERSION").is_file() || data.join("recovery.signal").exists() {
+    // PG_VERSION appears before initdb has written its configuration; a server that
+    // says "ready" in postmaster.pid is past initdb and out of recovery.
+    if st.restarted || !server_ready(data) || data.join("recovery.signal").exists() {
         return;
     }
     if configured(data) {
@@ -509,11 +511,19 @@ fn ensure_archiving(paths: &HostPaths, v: &VolumeBackup, pg: &PostgresWal, data:
     }
 }
 
+/// Whether a postmaster runs on `data` and accepts connections (the status line
+/// PostgreSQL keeps last in postmaster.pid).
+fn server_ready(data: &Path) -> bool {
+    std::fs::read_to_string(data.join("postmaster.pid"))
+        .map(|t| t.lines().last().map(str::trim) == Some("ready"))
+        .unwrap_or(false)
+}
+
 /// Once PostgreSQL has promoted (its recovery.signal is gone), the files first boot
 /// fetched are no longer needed; the console hears how far the replay got.
 fn finish_replay(v: &VolumeBackup, data: &Path, spool: &Path) {
     let dir = spool.join(RESTORE_DIR);
-    if !dir.is_dir() || data.join("recovery.signal").exists() || !data.join("PG_VERSION").is_file() {
+    if !dir.is_dir() || data.join("recovery.signal").exists() || !server_ready(data) {
         return;
     }
     let note: Option<serde_json::Value> = std::fs::read(dir.join(REPLAY_NOTE))
@@ -646,7 +656,11 @@ pub async fn fetch_for_replay(
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let owner = owner_of(&data);
     let (mut files, mut bytes, mut up_to) = (0u64, 0u64, 0i64);
-    for f in &need.files {
+    // Histories first: a file that does not open ends the segments, and the
+    // timelines' histories must be there whichever segment that is.
+    let mut order: Vec<&wal::Listed> = need.files.iter().collect();
+    order.sort_by_key(|f| f.kind.pos().is_some());
+    for f in order {
         if f.kind.pos().is_some_and(|p| p > last) {
             continue;
         }

@@ -113,7 +113,7 @@ pub fn open(keys: &Keys, host: &str, volume: &str, name: &str, key: &str, sealed
     };
     let mut plain = keys
         .open_wal(&aad(host, volume, name), sealed, WAL_OBJECT_MAX as usize)
-        .map_err(|r| bad(format!("{r} (bit rot, tampering, another host's or volume's file, or the wrong key)")))?;
+        .map_err(|r| bad(format!("{r}; or a file sealed for another host, volume or name")))?;
     if plain.len() < HEADER || &plain[..MAGIC.len()] != MAGIC {
         return Err(bad("no WAL header".into()));
     }

@@ -1007,6 +1007,7 @@ pub async fn backup_volume(
         &[Source {
             name: name.into(),
             root: root.to_path_buf(),
+            wal_start: None,
         }],
         &mut NoHooks,
         &BackupOptions {
