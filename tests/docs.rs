@@ -47,6 +47,7 @@ fn profile_reference_documents_every_key() {
         ("monitoring.alerts", keys::<Alerts>()),
         ("networks", keys::<Network>()),
         ("volumes", keys::<Volume>()),
+        ("volumes.postgres", keys::<PostgresVolume>()),
         ("containers.health", keys::<Health>()),
         ("containers", keys::<Container>()),
         ("files", keys::<ExtraFile>()),

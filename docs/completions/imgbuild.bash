@@ -46,6 +46,9 @@ _imgbuild() {
             imgbuild,keys)
                 cmd="imgbuild__subcmd__keys"
                 ;;
+            imgbuild,postgres-prepare)
+                cmd="imgbuild__subcmd__postgres__subcmd__prepare"
+                ;;
             imgbuild,ready)
                 cmd="imgbuild__subcmd__ready"
                 ;;
@@ -72,6 +75,9 @@ _imgbuild() {
                 ;;
             imgbuild,verify)
                 cmd="imgbuild__subcmd__verify"
+                ;;
+            imgbuild,wal-ship)
+                cmd="imgbuild__subcmd__wal__subcmd__ship"
                 ;;
             imgbuild__subcmd__help,backup)
                 cmd="imgbuild__subcmd__help__subcmd__backup"
@@ -103,6 +109,9 @@ _imgbuild() {
             imgbuild__subcmd__help,keys)
                 cmd="imgbuild__subcmd__help__subcmd__keys"
                 ;;
+            imgbuild__subcmd__help,postgres-prepare)
+                cmd="imgbuild__subcmd__help__subcmd__postgres__subcmd__prepare"
+                ;;
             imgbuild__subcmd__help,ready)
                 cmd="imgbuild__subcmd__help__subcmd__ready"
                 ;;
@@ -129,6 +138,9 @@ _imgbuild() {
                 ;;
             imgbuild__subcmd__help,verify)
                 cmd="imgbuild__subcmd__help__subcmd__verify"
+                ;;
+            imgbuild__subcmd__help,wal-ship)
+                cmd="imgbuild__subcmd__help__subcmd__wal__subcmd__ship"
                 ;;
             imgbuild__subcmd__help__subcmd__secrets,lock)
                 cmd="imgbuild__subcmd__help__subcmd__secrets__subcmd__lock"
@@ -161,7 +173,7 @@ _imgbuild() {
 
     case "${cmd}" in
         imgbuild)
-            opts="-h -V --help --version build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help"
+            opts="-h -V --help --version build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready postgres-prepare wal-ship upload secrets gen-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -437,7 +449,7 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__help)
-            opts="build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready upload secrets gen-docs help"
+            opts="build render keys init summary verify run backup snapshots restore check drill drill-relay firstboot ready postgres-prepare wal-ship upload secrets gen-docs help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -577,6 +589,20 @@ _imgbuild() {
             return 0
             ;;
         imgbuild__subcmd__help__subcmd__keys)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__help__subcmd__postgres__subcmd__prepare)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -744,6 +770,20 @@ _imgbuild() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        imgbuild__subcmd__help__subcmd__wal__subcmd__ship)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         imgbuild__subcmd__init)
             opts="-h --env --secrets --overlay --identity --bucket --prefix --endpoint --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -806,6 +846,24 @@ _imgbuild() {
                     return 0
                     ;;
                 --identity)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__postgres__subcmd__prepare)
+            opts="-h --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1196,6 +1254,24 @@ _imgbuild() {
                     return 0
                     ;;
                 --secrets)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        imgbuild__subcmd__wal__subcmd__ship)
+            opts="-h --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
