@@ -329,6 +329,33 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
         after > before,
         "the writer was not running during the backup"
     );
+    // Under pgbench the WAL files fill within seconds: they must reach the bucket.
+    let t = Instant::now();
+    loop {
+        let m = ssh(
+            &dir,
+            ssh_port,
+            "sudo grep -h '^imgbuild_wal_shipped_files_total' /var/lib/imgbuild/metrics/imgbuild_wal.prom || true",
+        );
+        if m.trim().rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no WAL file shipped under load:\n{}",
+            ssh(
+                &dir,
+                ssh_port,
+                "sudo cat /var/lib/imgbuild/metrics/imgbuild_wal.prom; sudo journalctl -u imgbuild-wal --no-pager | tail -20; \
+                 sudo podman logs db 2>&1 | grep -iE 'archiv|imgbuild' | tail -20; \
+                 sudo ls -la /var/lib/containers/storage/volumes/pgdata-wal-spool/_data /var/lib/containers/storage/volumes/pgdata/_data/pgdata | head -40; \
+                 sudo grep -v '^#' /var/lib/containers/storage/volumes/pgdata/_data/pgdata/postgresql.auto.conf; \
+                 sudo podman exec db ls -la /imgbuild-wal"
+            )
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    eprintln!("first WAL file shipped {:.0}s after the backup", t.elapsed().as_secs_f64());
     // A quiet database: pgbench gone, two commits a second.
     ssh(
         &dir,

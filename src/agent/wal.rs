@@ -27,7 +27,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-/// Where first boot puts the files a replay needs, inside the spool.
+/// Where the archiver puts finished files, inside the spool volume. Not the volume's
+/// root: podman hands an empty volume's root back to the container's user (root) when
+/// it mounts it, and PostgreSQL runs as its own.
+const ARCHIVE_DIR: &str = "archive";
+/// Where first boot puts the files a replay needs, inside the spool volume.
 const RESTORE_DIR: &str = "restore";
 /// What first boot fetched, read back when PostgreSQL has finished the replay.
 const REPLAY_NOTE: &str = ".imgbuild-replay.json";
@@ -58,7 +62,7 @@ pub fn spool_dir(paths: &HostPaths, pg: &PostgresWal) -> PathBuf {
 /// The archiver's command: copy, flush, then rename into place, so the shipper never
 /// sees half a file. A file already spooled (archived again after a crash) is success.
 pub fn archive_command() -> String {
-    let d = WAL_SPOOL_MOUNT;
+    let d = format!("{WAL_SPOOL_MOUNT}/{ARCHIVE_DIR}");
     format!(
         "test -f {d}/%f || {{ cp %p {d}/.%f.tmp && (sync {d}/.%f.tmp 2>/dev/null || sync) && mv {d}/.%f.tmp {d}/%f; }}"
     )
@@ -198,15 +202,18 @@ fn owner_of(p: &Path) -> Option<(u32, u32)> {
     std::fs::metadata(p).ok().map(|m| (m.uid(), m.gid()))
 }
 
-/// The spool must be writable by the user PostgreSQL runs as: the data directory's.
+/// The archive directory in the spool must be writable by the user PostgreSQL runs
+/// as (the data directory's owner), and the spool's root traversable by it.
 fn own_spool(spool: &Path, data: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(spool)?;
+    let archive = spool.join(ARCHIVE_DIR);
+    std::fs::create_dir_all(&archive)?;
+    std::fs::set_permissions(spool, std::fs::Permissions::from_mode(0o755))?;
     if let Some((uid, gid)) = owner_of(data) {
-        if owner_of(spool) != Some((uid, gid)) {
-            std::os::unix::fs::chown(spool, Some(uid), Some(gid))?;
+        if owner_of(&archive) != Some((uid, gid)) {
+            std::os::unix::fs::chown(&archive, Some(uid), Some(gid))?;
         }
     }
-    std::fs::set_permissions(spool, std::fs::Permissions::from_mode(0o700))
+    std::fs::set_permissions(&archive, std::fs::Permissions::from_mode(0o700))
 }
 
 fn copy_of_host() -> Option<&'static str> {
@@ -388,7 +395,7 @@ pub fn ship_forever(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<()> {
                 ensure_archiving(paths, v, pg, &data, &spool, st);
                 finish_replay(v, &data, &spool);
             }
-            let files = spooled(&spool);
+            let files = spooled(&spool.join(ARCHIVE_DIR));
             left += files.len();
             if files.is_empty() {
                 continue;
@@ -565,7 +572,7 @@ fn write_metrics(hc: &HostConfig, b: &BackupConfig, paths: &HostPaths, state: &[
     let mut errors = vec![];
     for ((v, pg), st) in volumes(b).zip(state) {
         let l = format!("host=\"{host}\",volume=\"{}\"", v.name);
-        let files = spooled(&spool_dir(paths, pg));
+        let files = spooled(&spool_dir(paths, pg).join(ARCHIVE_DIR));
         let (ready, ready_oldest) = waiting_in_pg_wal(&data_dir(paths, &v.name, pg));
         let o = files
             .iter()
