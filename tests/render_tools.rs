@@ -158,6 +158,7 @@ fn imgbuild_units_pass_systemd_analyze_verify() {
         "imgbuild-check.timer",
         "imgbuild-ready.service",
         "imgbuild-final-snapshot.service",
+        "imgbuild-wal.service",
     ]
     .iter()
     .map(|u| format!("{}/etc/systemd/system/{u}", root.display()))
