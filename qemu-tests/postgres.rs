@@ -274,7 +274,11 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
         archiving.trim(),
         "on",
         "WAL archiving was not turned on:\n{}",
-        ssh(&dir, ssh_port, "sudo journalctl -u imgbuild-wal --no-pager | tail -20")
+        ssh(
+            &dir,
+            ssh_port,
+            "sudo journalctl -u imgbuild-wal --no-pager | tail -20"
+        )
     );
     eprintln!("archive_mode on after {:.0}s", t.elapsed().as_secs_f64());
     let t = Instant::now();
@@ -337,7 +341,13 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
             ssh_port,
             "sudo grep -h '^imgbuild_wal_shipped_files_total' /var/lib/imgbuild/metrics/imgbuild_wal.prom || true",
         );
-        if m.trim().rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) > 0 {
+        if m.trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            > 0
+        {
             break;
         }
         assert!(
@@ -355,7 +365,10 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
         );
         std::thread::sleep(Duration::from_secs(5));
     }
-    eprintln!("first WAL file shipped {:.0}s after the backup", t.elapsed().as_secs_f64());
+    eprintln!(
+        "first WAL file shipped {:.0}s after the backup",
+        t.elapsed().as_secs_f64()
+    );
     // A quiet database: pgbench gone, two commits a second.
     ssh(
         &dir,
@@ -376,13 +389,21 @@ fn postgres_under_load_restores_clean_from_a_live_backup() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert!(shipped > 0, "no WAL file was shipped:\n{wal_metrics}");
-    let killed_at: f64 = sql(&dir, ssh_port, "select extract(epoch from clock_timestamp())")
+    let killed_at: f64 = sql(
+        &dir,
+        ssh_port,
+        "select extract(epoch from clock_timestamp())",
+    )
+    .parse()
+    .unwrap();
+    let last_before_kill: u64 = sql(&dir, ssh_port, "select max(id) from seq")
         .parse()
         .unwrap();
-    let last_before_kill: u64 = sql(&dir, ssh_port, "select max(id) from seq").parse().unwrap();
     // A crash: no shutdown, so no final snapshot and no last archiving.
     vm.kill();
-    eprintln!("killed after {QUIET:?} of quiet writing; ids committed: {last_before_kill}\n{wal_metrics}");
+    eprintln!(
+        "killed after {QUIET:?} of quiet writing; ids committed: {last_before_kill}\n{wal_metrics}"
+    );
 
     // Boot 2: a fresh copy restores the snapshot before postgres starts.
     let serial = dir.join("serial2.log");

@@ -991,7 +991,8 @@ fn fake_cluster(data: &Path, redo_seg: u64) {
     c[40..48].copy_from_slice(&redo.to_le_bytes());
     c[48..52].copy_from_slice(&1u32.to_le_bytes());
     std::fs::write(data.join("global/pg_control"), c).unwrap();
-    let seg = std::fs::File::create(data.join(format!("pg_wal/0000000100000000{redo_seg:08X}"))).unwrap();
+    let seg =
+        std::fs::File::create(data.join(format!("pg_wal/0000000100000000{redo_seg:08X}"))).unwrap();
     seg.set_len(16 << 20).unwrap();
 }
 
@@ -1050,26 +1051,62 @@ fn shipped_wal_is_fetched_for_replay_and_pruned_by_the_oldest_kept_snapshot() {
             .unwrap();
         assert_eq!(m.volumes[0].wal_start.as_deref(), Some(segment(3).as_str()));
         for n in [2u64, 3, 4] {
-            let o = wal::ship(&store, &keys, "services", "pgdata", &segment(n), &body(n), 1_000 + n as i64)
-                .await
-                .unwrap();
+            let o = wal::ship(
+                &store,
+                &keys,
+                "services",
+                "pgdata",
+                &segment(n),
+                &body(n),
+                1_000 + n as i64,
+            )
+            .await
+            .unwrap();
             assert_eq!(o, PutOutcome::Created);
         }
         // written once: the stored file stays
-        let o = wal::ship(&store, &keys, "services", "pgdata", &segment(4), b"other", 1)
-            .await
-            .unwrap();
+        let o = wal::ship(
+            &store,
+            &keys,
+            "services",
+            "pgdata",
+            &segment(4),
+            b"other",
+            1,
+        )
+        .await
+        .unwrap();
         assert_eq!(o, PutOutcome::Exists);
         // segment 5 sealed for another volume and put where pgdata's would be
         let planted = wal::seal(&keys, "services", "other", &segment(5), &body(5), 1_005);
-        let key = format!("{}{}", imgbuild::snapshot::format::wal_dir(&store.prefix, "pgdata"), segment(5));
+        let key = format!(
+            "{}{}",
+            imgbuild::snapshot::format::wal_dir(&store.prefix, "pgdata"),
+            segment(5)
+        );
         store.put(&key, planted, false, None).await.unwrap();
-        wal::ship(&store, &keys, "services", "pgdata", &segment(6), &body(6), 1_006)
-            .await
-            .unwrap();
-        wal::ship(&store, &keys, "services", "pgdata", "00000002.history", b"1\t0/5000000\tno recovery target specified\n", 1_006)
-            .await
-            .unwrap();
+        wal::ship(
+            &store,
+            &keys,
+            "services",
+            "pgdata",
+            &segment(6),
+            &body(6),
+            1_006,
+        )
+        .await
+        .unwrap();
+        wal::ship(
+            &store,
+            &keys,
+            "services",
+            "pgdata",
+            "00000002.history",
+            b"1\t0/5000000\tno recovery target specified\n",
+            1_006,
+        )
+        .await
+        .unwrap();
     });
 
     // A new machine: the snapshot, then WAL 3 and 4 (2 is older than the snapshot's
@@ -1089,10 +1126,14 @@ fn shipped_wal_is_fetched_for_replay_and_pruned_by_the_oldest_kept_snapshot() {
         .filter(|n| !n.starts_with('.'))
         .collect();
     got.sort();
-    assert_eq!(got, [segment(3), segment(4), "00000002.history".to_string()]);
+    assert_eq!(
+        got,
+        [segment(3), segment(4), "00000002.history".to_string()]
+    );
     assert_eq!(std::fs::read(restore.join(segment(4))).unwrap(), body(4));
     let note: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(restore.join(".imgbuild-replay.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(restore.join(".imgbuild-replay.json")).unwrap())
+            .unwrap();
     assert_eq!(note["up_to"], 1_004);
     assert_eq!(note["snapshot"], first.as_str());
     assert!(fdata.join("recovery.signal").is_file());
@@ -1105,6 +1146,28 @@ fn shipped_wal_is_fetched_for_replay_and_pruned_by_the_oldest_kept_snapshot() {
     ] {
         assert!(conf.contains(want), "{want} missing:\n{conf}");
     }
+    // While PostgreSQL still recovers, a restart keeps the recovery settings; once it
+    // has promoted (recovery.signal gone), the next start drops them and keeps archiving.
+    imgbuild::agent::wal::prepare(&hc, &fresh_paths, "pgdata").unwrap();
+    let conf = std::fs::read_to_string(fdata.join("postgresql.auto.conf")).unwrap();
+    assert!(conf.contains("restore_command"), "{conf}");
+    std::fs::remove_file(fdata.join("recovery.signal")).unwrap();
+    std::fs::write(
+        fdata.join("postgresql.auto.conf"),
+        format!("{conf}work_mem = '8MB'\n"),
+    )
+    .unwrap();
+    imgbuild::agent::wal::prepare(&hc, &fresh_paths, "pgdata").unwrap();
+    let conf = std::fs::read_to_string(fdata.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        !conf.contains("restore_command") && !conf.contains("hot_standby"),
+        "{conf}"
+    );
+    assert!(
+        conf.contains("archive_mode = 'on'") && conf.contains("work_mem = '8MB'"),
+        "{conf}"
+    );
+    assert!(fresh.join("pgdata-wal-spool/_data/archive").is_dir());
 
     // The cluster moved on: the next snapshot starts at 5; with one snapshot kept,
     // prune drops the files before 5 and keeps the history.
@@ -1122,6 +1185,43 @@ fn shipped_wal_is_fetched_for_replay_and_pruned_by_the_oldest_kept_snapshot() {
             .into_iter()
             .map(|l| l.name)
             .collect();
-        assert_eq!(left, [segment(5), segment(6), "00000002.history".to_string()]);
+        assert_eq!(
+            left,
+            [segment(5), segment(6), "00000002.history".to_string()]
+        );
+    });
+}
+
+/// Shipped WAL files are locked like packs where the bucket locks.
+#[test]
+fn shipped_wal_files_are_object_locked() {
+    use imgbuild::snapshot::wal;
+    let mut env = Env::new(true);
+    env.cfg.object_lock_days = Some(3);
+    let keys = env.keys();
+    rt().block_on(async {
+        let store = env.store().await;
+        let name = "000000010000000000000007";
+        wal::ship(&store, &keys, "services", "pgdata", name, b"wal bytes", 7)
+            .await
+            .unwrap();
+        let key = format!(
+            "{}{name}",
+            imgbuild::snapshot::format::wal_dir(&store.prefix, "pgdata")
+        );
+        let until = store
+            .retention(&key)
+            .await
+            .unwrap()
+            .expect("a retention date");
+        let now = imgbuild::snapshot::backup::now_unix();
+        assert!(
+            (now + 3 * 86_400 - 120..=now + 3 * 86_400 + 120).contains(&until),
+            "{until} vs {now}"
+        );
+        let (body, completed) = wal::fetch(&store, &keys, "services", "pgdata", name)
+            .await
+            .unwrap();
+        assert_eq!((body.as_slice(), completed), (&b"wal bytes"[..], 7));
     });
 }

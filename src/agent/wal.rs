@@ -144,7 +144,11 @@ fn conf_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 /// Rewrites `postgresql.auto.conf`: lines for `set`'s keys and `remove` go, `set` is
 /// appended. Written beside and renamed, owned like the data directory (PostgreSQL
 /// refuses to start on a file it cannot read). Returns whether anything changed.
-fn rewrite_auto_conf(data: &Path, set: &[(&str, String)], remove: &[&str]) -> std::io::Result<bool> {
+fn rewrite_auto_conf(
+    data: &Path,
+    set: &[(&str, String)],
+    remove: &[&str],
+) -> std::io::Result<bool> {
     let path = data.join("postgresql.auto.conf");
     let old = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -244,13 +248,16 @@ pub fn prepare(hc: &HostConfig, paths: &HostPaths, volume: &str) -> anyhow::Resu
         ));
         return Ok(());
     }
-    own_spool(&spool, &data).with_context(|| format!("preparing the WAL spool {}", spool.display()))?;
+    own_spool(&spool, &data)
+        .with_context(|| format!("preparing the WAL spool {}", spool.display()))?;
     let recovering = data.join("recovery.signal").exists();
     // Recovery settings of a finished replay go; a copy of the host never archives
     // (nothing would ship its spool, and its WAL is not the host's).
     let mut remove: Vec<&str> = Vec::new();
     let text = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap_or_default();
-    if !recovering && conf_value(&text, "restore_command") == Some(quote(&restore_command()).as_str()) {
+    if !recovering
+        && conf_value(&text, "restore_command") == Some(quote(&restore_command()).as_str())
+    {
         remove.extend(["restore_command", "hot_standby"]);
     }
     let set = match copy_of_host() {
@@ -436,7 +443,10 @@ pub fn ship_forever(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<()> {
                         st.errors += 1;
                         failed = true;
                         if last_error_log.elapsed() > Duration::from_secs(60) {
-                            log(&format!("imgbuild wal: {} {}: not shipped yet: {e:#}", v.name, f.name));
+                            log(&format!(
+                                "imgbuild wal: {} {}: not shipped yet: {e:#}",
+                                v.name, f.name
+                            ));
                             last_error_log = Instant::now();
                         }
                         break;
@@ -472,7 +482,13 @@ pub fn ship_forever(hc: &HostConfig, paths: &HostPaths) -> anyhow::Result<()> {
     }
 }
 
-async fn ship_one(store: &Store, keys: &Keys, host: &str, volume: &str, f: &Spooled) -> anyhow::Result<PutOutcome> {
+async fn ship_one(
+    store: &Store,
+    keys: &Keys,
+    host: &str,
+    volume: &str,
+    f: &Spooled,
+) -> anyhow::Result<PutOutcome> {
     let data = std::fs::read(&f.path).with_context(|| format!("reading {}", f.path.display()))?;
     let outcome = wal::ship(store, keys, host, volume, &f.name, &data, f.mtime).await?;
     std::fs::remove_file(&f.path).with_context(|| format!("removing {}", f.path.display()))?;
@@ -485,7 +501,14 @@ async fn ship_one(store: &Store, keys: &Keys, host: &str, volume: &str, f: &Spoo
 /// A cluster PostgreSQL created on an empty volume after its container's
 /// ExecStartPre ran has no archive settings yet: write them and restart the database
 /// once, so archiving starts on the first day and not at the next reboot.
-fn ensure_archiving(paths: &HostPaths, v: &VolumeBackup, pg: &PostgresWal, data: &Path, spool: &Path, st: &mut VolumeState) {
+fn ensure_archiving(
+    paths: &HostPaths,
+    v: &VolumeBackup,
+    pg: &PostgresWal,
+    data: &Path,
+    spool: &Path,
+    st: &mut VolumeState,
+) {
     // PG_VERSION appears before initdb has written its configuration; a server that
     // says "ready" in postmaster.pid is past initdb and out of recovery.
     if st.restarted || !server_ready(data) || data.join("recovery.signal").exists() {
@@ -493,14 +516,22 @@ fn ensure_archiving(paths: &HostPaths, v: &VolumeBackup, pg: &PostgresWal, data:
     }
     if configured(data) {
         if let Err(e) = own_spool(spool, data) {
-            log(&format!("imgbuild wal: {}: WAL spool {}: {e}", v.name, spool.display()));
+            log(&format!(
+                "imgbuild wal: {}: WAL spool {}: {e}",
+                v.name,
+                spool.display()
+            ));
         }
         return;
     }
     st.restarted = true;
-    let r = own_spool(spool, data).and_then(|_| rewrite_auto_conf(data, &archive_settings(pg), &[]));
+    let r =
+        own_spool(spool, data).and_then(|_| rewrite_auto_conf(data, &archive_settings(pg), &[]));
     if let Err(e) = r {
-        log(&format!("imgbuild wal: {}: cannot turn archiving on: {e}", v.name));
+        log(&format!(
+            "imgbuild wal: {}: cannot turn archiving on: {e}",
+            v.name
+        ));
         return;
     }
     let unit = format!("{}.service", pg.container);
@@ -547,11 +578,19 @@ fn finish_replay(v: &VolumeBackup, data: &Path, spool: &Path) {
         ));
     }
     if let Err(e) = std::fs::remove_dir_all(&dir) {
-        log(&format!("imgbuild wal: cannot remove {}: {e}", dir.display()));
+        log(&format!(
+            "imgbuild wal: cannot remove {}: {e}",
+            dir.display()
+        ));
     }
 }
 
-fn write_metrics(hc: &HostConfig, b: &BackupConfig, paths: &HostPaths, state: &[VolumeState]) -> std::io::Result<()> {
+fn write_metrics(
+    hc: &HostConfig,
+    b: &BackupConfig,
+    paths: &HostPaths,
+    state: &[VolumeState],
+) -> std::io::Result<()> {
     let dir = Path::new(&hc.metrics_dir);
     std::fs::create_dir_all(dir)?;
     let host = hc.host.replace(['\\', '"', '\n'], "_");
@@ -580,7 +619,10 @@ fn write_metrics(hc: &HostConfig, b: &BackupConfig, paths: &HostPaths, state: &[
             .chain(ready_oldest)
             .min()
             .unwrap_or(0);
-        spool_bytes.push((l.clone(), files.iter().map(|f| f.size).sum::<u64>().to_string()));
+        spool_bytes.push((
+            l.clone(),
+            files.iter().map(|f| f.size).sum::<u64>().to_string(),
+        ));
         spool_files.push((l.clone(), files.len().to_string()));
         pending.push((l.clone(), ready.to_string()));
         oldest.push((l.clone(), o.to_string()));
@@ -588,14 +630,49 @@ fn write_metrics(hc: &HostConfig, b: &BackupConfig, paths: &HostPaths, state: &[
         shipped.push((l.clone(), st.shipped.to_string()));
         errors.push((l, st.errors.to_string()));
     }
-    metric("imgbuild_wal_spool_bytes", "Bytes of finished WAL files waiting in the spool to be shipped.", "gauge", &spool_bytes);
-    metric("imgbuild_wal_spool_files", "Finished WAL files waiting in the spool.", "gauge", &spool_files);
-    metric("imgbuild_wal_archiver_pending_files", "WAL files PostgreSQL finished but has not archived into the spool yet (.ready).", "gauge", &pending);
-    metric("imgbuild_wal_oldest_unshipped_timestamp_seconds", "Completion time of the oldest finished WAL file not yet in the bucket; 0 when none waits.", "gauge", &oldest);
+    metric(
+        "imgbuild_wal_spool_bytes",
+        "Bytes of finished WAL files waiting in the spool to be shipped.",
+        "gauge",
+        &spool_bytes,
+    );
+    metric(
+        "imgbuild_wal_spool_files",
+        "Finished WAL files waiting in the spool.",
+        "gauge",
+        &spool_files,
+    );
+    metric(
+        "imgbuild_wal_archiver_pending_files",
+        "WAL files PostgreSQL finished but has not archived into the spool yet (.ready).",
+        "gauge",
+        &pending,
+    );
+    metric(
+        "imgbuild_wal_oldest_unshipped_timestamp_seconds",
+        "Completion time of the oldest finished WAL file not yet in the bucket; 0 when none waits.",
+        "gauge",
+        &oldest,
+    );
     metric("imgbuild_wal_last_shipped_timestamp_seconds", "Completion time of the newest WAL file this shipper put in the bucket; 0 before the first.", "gauge", &last);
-    metric("imgbuild_wal_shipped_files_total", "WAL files shipped since the shipper started.", "counter", &shipped);
-    metric("imgbuild_wal_ship_errors_total", "Failed attempts to ship (bucket unreachable, refused) since the shipper started.", "counter", &errors);
-    metric("imgbuild_wal_shipper_heartbeat_timestamp_seconds", "When the shipper last wrote these metrics.", "gauge", &[(format!("host=\"{host}\""), now.to_string())]);
+    metric(
+        "imgbuild_wal_shipped_files_total",
+        "WAL files shipped since the shipper started.",
+        "counter",
+        &shipped,
+    );
+    metric(
+        "imgbuild_wal_ship_errors_total",
+        "Failed attempts to ship (bucket unreachable, refused) since the shipper started.",
+        "counter",
+        &errors,
+    );
+    metric(
+        "imgbuild_wal_shipper_heartbeat_timestamp_seconds",
+        "When the shipper last wrote these metrics.",
+        "gauge",
+        &[(format!("host=\"{host}\""), now.to_string())],
+    );
     let path = dir.join("imgbuild_wal.prom");
     let tmp = dir.join(".imgbuild_wal.prom.tmp");
     std::fs::write(&tmp, t)?;
@@ -637,7 +714,10 @@ pub async fn fetch_for_replay(
         return Ok(None);
     };
     if !data.join("PG_VERSION").is_file() {
-        log(&format!("{who}: no PostgreSQL cluster in {}: no WAL replay", data.display()));
+        log(&format!(
+            "{who}: no PostgreSQL cluster in {}: no WAL replay",
+            data.display()
+        ));
         return Ok(None);
     }
     let t = Instant::now();
@@ -731,7 +811,11 @@ pub async fn fetch_for_replay(
 /// The first WAL file each snapshot still kept needs decides what goes: files before
 /// the oldest of them are deleted (after the snapshot prune). A kept snapshot that
 /// does not record its position keeps everything: nothing it may need is guessed away.
-pub async fn retain(store: &Store, keys: &Keys, b: &BackupConfig) -> anyhow::Result<Vec<(String, wal::RetainReport)>> {
+pub async fn retain(
+    store: &Store,
+    keys: &Keys,
+    b: &BackupConfig,
+) -> anyhow::Result<Vec<(String, wal::RetainReport)>> {
     let ids = crate::snapshot::restore::list_ids(store).await?;
     let mut starts: Vec<(String, Option<String>)> = Vec::new();
     for id in &ids {
@@ -776,7 +860,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("global")).unwrap();
         std::fs::create_dir_all(d.path().join("pg_wal")).unwrap();
-        std::fs::write(d.path().join("global/pg_control"), control(1700, 0x0700_1000, 0x0612_3456, 1)).unwrap();
+        std::fs::write(
+            d.path().join("global/pg_control"),
+            control(1700, 0x0700_1000, 0x0612_3456, 1),
+        )
+        .unwrap();
         assert_eq!(wal_start(d.path()).unwrap(), "000000010000000000000006");
         // 64 MiB segments, seen from a file in pg_wal
         let f = std::fs::File::create(d.path().join("pg_wal/000000010000000000000001")).unwrap();
@@ -795,7 +883,11 @@ mod tests {
     fn auto_conf_keeps_other_settings_and_replaces_ours() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("postgresql.auto.conf");
-        std::fs::write(&p, "# Do not edit this file manually!\nwork_mem = '64MB'\narchive_mode = 'off'\n").unwrap();
+        std::fs::write(
+            &p,
+            "# Do not edit this file manually!\nwork_mem = '64MB'\narchive_mode = 'off'\n",
+        )
+        .unwrap();
         let pg = PostgresWal {
             container: "db".into(),
             data: ".".into(),

@@ -714,37 +714,75 @@ fn check_postgres_volume(
 ) {
     let at = |f: &str| [k("volumes"), k(name), k("postgres"), k(f)];
     if p.backup.is_none() {
-        c.err(&[k("volumes"), k(name), k("postgres")], "WAL shipping needs a [backup] section (the bucket and this host's keys)", None);
+        c.err(
+            &[k("volumes"), k(name), k("postgres")],
+            "WAL shipping needs a [backup] section (the bucket and this host's keys)",
+            None,
+        );
     }
     if v.backup == BackupStrategy::None {
-        c.err(&[k("volumes"), k(name), k("postgres")], "WAL is replayed on top of a snapshot of the volume, and backup = \"none\" takes none", "set backup = \"live\" (an atomic snapshot is crash-consistent for PostgreSQL)".to_string());
+        c.err(
+            &[k("volumes"), k(name), k("postgres")],
+            "WAL is replayed on top of a snapshot of the volume, and backup = \"none\" takes none",
+            "set backup = \"live\" (an atomic snapshot is crash-consistent for PostgreSQL)"
+                .to_string(),
+        );
     }
     match p.containers.get(&pg.container) {
         None => c.err(
             &at("container"),
-            format!("no container `{}` in this profile", pg.container.escape_debug()),
-            format!("one of: {}", p.containers.keys().cloned().collect::<Vec<_>>().join(", ")),
+            format!(
+                "no container `{}` in this profile",
+                pg.container.escape_debug()
+            ),
+            format!(
+                "one of: {}",
+                p.containers.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
         ),
         Some(ct) => {
             if !ct.volumes.iter().any(|m| m.split(':').next() == Some(name)) {
-                c.err(&at("container"), format!("container `{}` does not mount volume `{name}`", pg.container), format!("add \"{name}:/var/lib/postgresql/data\" to its volumes"));
+                c.err(
+                    &at("container"),
+                    format!(
+                        "container `{}` does not mount volume `{name}`",
+                        pg.container
+                    ),
+                    format!("add \"{name}:/var/lib/postgresql/data\" to its volumes"),
+                );
             }
-            if ct.volumes.iter().any(|m| m.split(':').nth(1) == Some(crate::hostconfig::WAL_SPOOL_MOUNT)) {
-                c.err(&at("container"), format!("{} is where imgbuild mounts the WAL spool", crate::hostconfig::WAL_SPOOL_MOUNT), "mount nothing else there".to_string());
+            if ct
+                .volumes
+                .iter()
+                .any(|m| m.split(':').nth(1) == Some(crate::hostconfig::WAL_SPOOL_MOUNT))
+            {
+                c.err(
+                    &at("container"),
+                    format!(
+                        "{} is where imgbuild mounts the WAL spool",
+                        crate::hostconfig::WAL_SPOOL_MOUNT
+                    ),
+                    "mount nothing else there".to_string(),
+                );
             }
         }
     }
     let d = std::path::Path::new(&pg.data);
     let bad = pg.data.is_empty()
         || d.is_absolute()
-        || d.components().any(|x| matches!(x, std::path::Component::ParentDir))
+        || d.components()
+            .any(|x| matches!(x, std::path::Component::ParentDir))
         || !no_control(&pg.data);
     if bad {
         c.err(&at("data"), format!("`{}` is not a directory inside the volume", pg.data.escape_debug()), "a relative path such as \"pgdata\" (PGDATA relative to where the volume is mounted), or \".\"".to_string());
     }
     let spool = crate::hostconfig::wal_spool_volume(name);
     if p.volumes.contains_key(&spool) {
-        c.err(&[k("volumes"), k(&spool)], format!("`{spool}` is the name of volume {name}'s WAL spool"), "rename this volume".to_string());
+        c.err(
+            &[k("volumes"), k(&spool)],
+            format!("`{spool}` is the name of volume {name}'s WAL spool"),
+            "rename this volume".to_string(),
+        );
     }
 }
 
@@ -1295,7 +1333,9 @@ fn check_backup(c: &mut Ctx, p: &Profile) {
                 ),
             );
         }
-        if p.volumes.values().any(|v| v.postgres.is_some()) || b.archive_timeout != i64::from(crate::hostconfig::DEFAULT_ARCHIVE_TIMEOUT) {
+        if p.volumes.values().any(|v| v.postgres.is_some())
+            || b.archive_timeout != i64::from(crate::hostconfig::DEFAULT_ARCHIVE_TIMEOUT)
+        {
             if !(10..=3600).contains(&b.archive_timeout) {
                 c.err(
                     &[k("backup"), k("archive_timeout")],

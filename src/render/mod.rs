@@ -944,13 +944,21 @@ fn render_backup(cx: &Ctx, t: &mut HostTree) -> Result<Option<BackupConfig>, Ren
         .profile
         .volumes
         .values()
-        .filter_map(|v| v.postgres.as_ref().map(|pg| format!("{}.service", pg.container)))
+        .filter_map(|v| {
+            v.postgres
+                .as_ref()
+                .map(|pg| format!("{}.service", pg.container))
+        })
         .collect();
     if !pg.is_empty() {
         t.file(
             &format!("{SYSTEMD_UNIT_DIR}/imgbuild-wal.service"),
             0o644,
-            render_t(e, "imgbuild-wal.service.j2", context! { header, helper, before => pg })?,
+            render_t(
+                e,
+                "imgbuild-wal.service.j2",
+                context! { header, helper, before => pg },
+            )?,
         )?;
         t.enable("imgbuild-wal.service", "multi-user.target");
     }

@@ -263,7 +263,12 @@ impl Keys {
     }
 
     /// Opens a shipped WAL file sealed under `name`; `max` bounds decompression.
-    pub fn open_wal(&self, name: &str, sealed: &[u8], max: usize) -> std::result::Result<Vec<u8>, String> {
+    pub fn open_wal(
+        &self,
+        name: &str,
+        sealed: &[u8],
+        max: usize,
+    ) -> std::result::Result<Vec<u8>, String> {
         let body = open(&self.wal_key, name.as_bytes(), sealed).map_err(str::to_string)?;
         let (flag, payload) = body.split_first().ok_or("empty payload")?;
         match *flag {

@@ -32,9 +32,11 @@ pub enum WalName {
 }
 
 fn hex_u32(s: &str) -> Option<u32> {
-    (s.len() == 8 && s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)))
-        .then(|| u32::from_str_radix(s, 16).ok())
-        .flatten()
+    (s.len() == 8
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)))
+    .then(|| u32::from_str_radix(s, 16).ok())
+    .flatten()
 }
 
 impl WalName {
@@ -97,7 +99,14 @@ fn aad(host: &str, volume: &str, name: &str) -> String {
 
 /// Seals one WAL file. `completed` is when the archiver handed it over (seconds since
 /// the epoch): a replay through this file recovers what was committed until then.
-pub fn seal(keys: &Keys, host: &str, volume: &str, name: &str, data: &[u8], completed: i64) -> Vec<u8> {
+pub fn seal(
+    keys: &Keys,
+    host: &str,
+    volume: &str,
+    name: &str,
+    data: &[u8],
+    completed: i64,
+) -> Vec<u8> {
     let mut plain = Vec::with_capacity(HEADER + data.len());
     plain.extend_from_slice(MAGIC);
     plain.extend_from_slice(&completed.to_le_bytes());
@@ -106,14 +115,25 @@ pub fn seal(keys: &Keys, host: &str, volume: &str, name: &str, data: &[u8], comp
 }
 
 /// Opens a sealed WAL file: its bytes and completion time.
-pub fn open(keys: &Keys, host: &str, volume: &str, name: &str, key: &str, sealed: &[u8]) -> Result<(Vec<u8>, i64)> {
+pub fn open(
+    keys: &Keys,
+    host: &str,
+    volume: &str,
+    name: &str,
+    key: &str,
+    sealed: &[u8],
+) -> Result<(Vec<u8>, i64)> {
     let bad = |reason: String| SnapshotError::BadWal {
         key: key.to_string(),
         reason,
     };
     let mut plain = keys
         .open_wal(&aad(host, volume, name), sealed, WAL_OBJECT_MAX as usize)
-        .map_err(|r| bad(format!("{r}; or a file sealed for another host, volume or name")))?;
+        .map_err(|r| {
+            bad(format!(
+                "{r}; or a file sealed for another host, volume or name"
+            ))
+        })?;
     if plain.len() < HEADER || &plain[..MAGIC.len()] != MAGIC {
         return Err(bad("no WAL header".into()));
     }
@@ -253,7 +273,9 @@ pub async fn retain(store: &Store, volume: &str, keep_from: u64) -> Result<Retai
     for l in list(store, volume).await? {
         let pos = match l.kind {
             WalName::Segment { pos, .. } => Some(pos),
-            WalName::Partial | WalName::Backup => WalName::parse(&l.name[..24]).and_then(|n| n.pos()),
+            WalName::Partial | WalName::Backup => {
+                WalName::parse(&l.name[..24]).and_then(|n| n.pos())
+            }
             WalName::History { .. } => None,
         };
         match pos {
@@ -292,11 +314,34 @@ mod tests {
         let a = WalName::parse("000000010000000000000005").unwrap();
         assert_eq!(a, WalName::Segment { tli: 1, pos: 5 });
         let b = WalName::parse("0000000200000001000000FF").unwrap();
-        assert_eq!(b, WalName::Segment { tli: 2, pos: (1 << 32) | 0xFF });
-        assert_eq!(WalName::parse("00000002.history"), Some(WalName::History { tli: 2 }));
-        assert_eq!(WalName::parse("000000010000000000000005.partial"), Some(WalName::Partial));
-        assert_eq!(WalName::parse("000000010000000000000005.00000028.backup"), Some(WalName::Backup));
-        for bad in ["", "00000001000000000000000", "0000000100000000000000g5", "../00000001.history", "000000010000000000000005.tmp", ".000000010000000000000005", "0000000a0000000000000005"] {
+        assert_eq!(
+            b,
+            WalName::Segment {
+                tli: 2,
+                pos: (1 << 32) | 0xFF
+            }
+        );
+        assert_eq!(
+            WalName::parse("00000002.history"),
+            Some(WalName::History { tli: 2 })
+        );
+        assert_eq!(
+            WalName::parse("000000010000000000000005.partial"),
+            Some(WalName::Partial)
+        );
+        assert_eq!(
+            WalName::parse("000000010000000000000005.00000028.backup"),
+            Some(WalName::Backup)
+        );
+        for bad in [
+            "",
+            "00000001000000000000000",
+            "0000000100000000000000g5",
+            "../00000001.history",
+            "000000010000000000000005.tmp",
+            ".000000010000000000000005",
+            "0000000a0000000000000005",
+        ] {
             assert_eq!(WalName::parse(bad), None, "{bad}");
         }
     }
@@ -304,10 +349,19 @@ mod tests {
     #[test]
     fn segment_names_follow_the_lsn() {
         let mib16 = 16 << 20;
-        assert_eq!(segment_name(1, 0x0500_0028, mib16), "000000010000000000000005");
-        assert_eq!(segment_name(3, (2 << 32) | 0x0100_0000, mib16), "000000030000000200000001");
+        assert_eq!(
+            segment_name(1, 0x0500_0028, mib16),
+            "000000010000000000000005"
+        );
+        assert_eq!(
+            segment_name(3, (2 << 32) | 0x0100_0000, mib16),
+            "000000030000000200000001"
+        );
         // 1 GiB segments: four per 4 GiB
-        assert_eq!(segment_name(1, 0x1_4000_0000, 1 << 30), "000000010000000100000001");
+        assert_eq!(
+            segment_name(1, 0x1_4000_0000, 1 << 30),
+            "000000010000000100000001"
+        );
         assert_eq!(next_pos(0xFF, mib16), 1 << 32);
         assert_eq!(next_pos(0xFE, mib16), 0xFF);
         assert_eq!(next_pos(3, 1 << 30), 1 << 32);
