@@ -187,6 +187,15 @@ pub fn garage() -> &'static Garage {
             );
             std::thread::sleep(Duration::from_millis(200));
         };
+        // `node id` reads the key file and answers before the RPC server listens; the
+        // layout commands need the server (seen failing on a loaded machine).
+        while std::net::TcpStream::connect(("127.0.0.1", rpc)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "garage RPC not listening on 127.0.0.1:{rpc} within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         garage_cli(
             &config,
             &["layout", "assign", "-z", "dc1", "-c", "1G", &node],
