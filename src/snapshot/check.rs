@@ -235,14 +235,15 @@ async fn check_inner(
     let total: u64 = packs.iter().map(|&i| index.packs[i].size).sum::<u64>()
         + legacy.iter().map(|l| l.1).sum::<u64>();
     let step = progress.step("check data", Some(total));
-    // Whole packs are held while verified: as many at once as fit in 128 MiB (four
-    // default packs, one of the largest a profile allows).
+    // Whole packs are held while verified: as many at once as fit in 96 MiB (three
+    // default packs, or one of the largest a profile allows), leaving room for the
+    // chunk lists of a volume of millions of small files.
     let largest = packs
         .iter()
         .map(|&i| index.packs[i].size)
         .max()
         .unwrap_or(1);
-    let at_once = ((128u64 << 20) / largest.max(1)).clamp(1, parallel.clamp(1, 4) as u64) as usize;
+    let at_once = ((96u64 << 20) / largest.max(1)).clamp(1, parallel.clamp(1, 3) as u64) as usize;
     let index = &index;
     let results: Vec<(u64, u64, Vec<String>)> = futures_util::stream::iter(packs)
         .map(|i| async move {

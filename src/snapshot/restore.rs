@@ -3,9 +3,9 @@
 //! Every chunk is located (index, pack listing, format-1 objects) before anything is
 //! written. Chunks that lie next to each other in one pack are fetched with one ranged
 //! GET of at most [`RANGE_MAX`] bytes (ranges of several packs may be fetched together,
-//! at most that much in all); up to `parallel` (at most 8) such fetches are in flight
+//! at most that much in all); up to `parallel` (at most 4) such fetches are in flight
 //! and consumed in stream order by one writer thread, so the data in flight stays near
-//! `8 × 2 × RANGE_MAX` whatever the snapshot size.
+//! `4 × 2 × RANGE_MAX` whatever the snapshot size.
 
 use super::crypto::Keys;
 use super::error::{Result, SnapshotError};
@@ -222,9 +222,10 @@ pub struct RestoreReport {
 /// this, not the chunk layout, sets the data in flight, and the memory left for the
 /// manifest and index of a volume of millions of small-file groups.
 pub const RANGE_MAX: u64 = 4 * 1024 * 1024;
-/// Ranged GETs in flight at most, whatever `parallel` asks: with RANGE_MAX this bounds
-/// the fetched-but-unwritten data near 2 × 8 × 4 MiB.
-const RANGES_IN_FLIGHT: usize = 8;
+/// Fetches in flight at most, whatever `parallel` asks: with RANGE_MAX this bounds
+/// the fetched-but-unwritten data near 2 × 4 × 4 MiB. Four keep a link busy; more only
+/// take memory from the manifest and index of a volume of millions of small files.
+const RANGES_IN_FLIGHT: usize = 4;
 /// Chunks this close in one pack are merged, the bytes between them read and dropped:
 /// a GET costs more than that much transfer.
 const RANGE_GAP: u64 = 128 * 1024;
