@@ -142,6 +142,78 @@ fn incremental_backup_uploads_about_the_change() {
     });
 }
 
+/// A change spread over a tree of small files (every 400th file rewritten with a new
+/// size) re-uploads exactly the groups holding a changed file and the entry-list
+/// chunks holding a changed line: neither a group's end nor an entry chunk's end
+/// depends on the sizes of the files before it. (Ends that followed byte counts moved
+/// with every changed size, and the rest of the tree was uploaded again.)
+#[test]
+fn a_spread_change_uploads_only_the_groups_and_entry_chunks_it_touches() {
+    use imgbuild::snapshot::entries::MetaChunker;
+    use imgbuild::snapshot::fsio::Walker;
+    let env = Env::new(false);
+    let v = env.path("vol");
+    let (dirs, per_dir) = (8u64, 500u64);
+    for i in 0..dirs * per_dir {
+        let d = v.join(format!("d{:02}", i / per_dir));
+        std::fs::create_dir_all(&d).unwrap();
+        let len = (i * 7919 % 2049) as usize;
+        std::fs::write(d.join(format!("f{i:05}")), noise(i, len)).unwrap();
+    }
+    let changed: Vec<String> = (0..dirs * per_dir)
+        .step_by(400)
+        .map(|i| format!("d{:02}/f{i:05}", i / per_dir))
+        .collect();
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts())
+            .await
+            .unwrap();
+        for (k, c) in changed.iter().enumerate() {
+            std::fs::write(v.join(c), format!("changed {k}\n")).unwrap();
+        }
+        let second = backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts())
+            .await
+            .unwrap();
+        // What the new tree's groups and entry chunks are, and which hold a change.
+        let list: Vec<format::Entry> = Walker::new(&v).unwrap().collect();
+        let touched = |e: &format::Entry| changed.contains(&e.path.to_string());
+        let groups = backup::segments(&list, &keys);
+        let data_touched: u64 = groups
+            .iter()
+            .filter(|g| g.iter().any(touched))
+            .flat_map(|g| g.iter().map(|e| e.stream_len()))
+            .sum();
+        let mut meta = MetaChunker::new(&keys);
+        let (mut in_chunk, mut entries_touched, mut entries_total) = (false, 0u64, 0u64);
+        for e in &list {
+            in_chunk |= touched(e);
+            if let Some(c) = meta.push(e) {
+                entries_total += c.len() as u64;
+                entries_touched += if in_chunk { c.len() as u64 } else { 0 };
+                in_chunk = false;
+            }
+        }
+        if let Some(c) = meta.finish() {
+            entries_total += c.len() as u64;
+            entries_touched += if in_chunk { c.len() as u64 } else { 0 };
+        }
+        let st = &second.stats;
+        eprintln!(
+            "spread change: {} of {} data bytes, {} of {} entry-list bytes uploaded",
+            st.bytes_new, st.bytes_total, st.entry_bytes_new, st.entry_bytes
+        );
+        assert_eq!(entries_total, st.entry_bytes, "not the backup's entry list");
+        assert_eq!(st.bytes_new, data_touched, "{st:?}");
+        assert_eq!(st.entry_bytes_new, entries_touched, "{st:?}");
+        // 10 changes in 4000 files touch a small part of either.
+        assert!(data_touched * 5 < st.bytes_total, "{st:?}");
+        assert!(entries_touched * 2 < st.entry_bytes, "{st:?}");
+    });
+}
+
 /// Runs a backup in this process when the kill test asks for it (see below).
 #[test]
 fn child_backup_for_kill_test() {

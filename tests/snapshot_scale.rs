@@ -264,15 +264,35 @@ fn change_sparse(root: &Path, count: u64) {
     }
 }
 
+/// Bytes stored under the test host's prefix.
+fn stored(env: &Env) -> u64 {
+    rt().block_on(async {
+        let store = env.store().await;
+        let prefix = format!("{}/", store.prefix.trim_end_matches('/'));
+        let objects = store.list(&prefix).await.unwrap();
+        objects.iter().map(|o| o.size).sum()
+    })
+}
+
+/// A backup run, with how much the bucket grew (what restic's rows give).
+fn backup_run(env: &Env, op: &'static str, src: &Path) -> Run {
+    let before = stored(env);
+    let mut r = run(env, op, "backup", src, None);
+    let grew = stored(env).saturating_sub(before);
+    r.result += &format!(", bucket grew by {:.1} MiB", grew as f64 / (1 << 20) as f64);
+    eprintln!("{op}: bucket grew by {grew} bytes");
+    r
+}
+
 fn operations_on(env: &Env, work: &Path, make: &dyn Fn(&Path), change: &dyn Fn(&Path)) -> Vec<Run> {
     let src = work.join("src");
     let t = Instant::now();
     make(&src);
     eprintln!("volume written in {:.1} s", t.elapsed().as_secs_f64());
-    let mut runs = vec![run(env, "full backup", "backup", &src, None)];
+    let mut runs = vec![backup_run(env, "full backup", &src)];
     // Nothing changed: nothing is read or uploaded, not even the entry list (which
     // would differ everywhere if the backup's own reads moved atimes).
-    let again = run(env, "backup, nothing changed", "backup", &src, None);
+    let again = backup_run(env, "backup, nothing changed", &src);
     assert!(
         again.result.contains(" bytes_new=0 entry_bytes_new=0 "),
         "an unchanged tree uploaded something: {}",
@@ -280,7 +300,7 @@ fn operations_on(env: &Env, work: &Path, make: &dyn Fn(&Path), change: &dyn Fn(&
     );
     runs.push(again);
     change(&src);
-    runs.push(run(env, "incremental backup (1 %)", "backup", &src, None));
+    runs.push(backup_run(env, "incremental backup (1 %)", &src));
     runs.push(run(env, "prune (forget 2)", "prune", &src, None));
     runs.push(run(env, "check --read-data", "check", &src, None));
     let out = work.join("out");

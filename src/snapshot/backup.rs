@@ -123,6 +123,7 @@ pub async fn backup(
     hooks: &mut dyn VolumeHooks,
     opts: &BackupOptions,
 ) -> Result<BackupReport> {
+    super::fsio::limit_malloc_arenas();
     if !keys.can_sign() {
         return Err(SnapshotError::Other(
             "the snapshot signing key is missing: cannot write snapshots".into(),
@@ -183,7 +184,6 @@ async fn backup_locked(
     // the others are uploaded. An unreadable index only costs dedup.
     let index = Index::load(store, keys).await?;
     warnings.extend(index.problems.iter().map(|p| format!("warning: {p}")));
-    let known = Arc::new(std::sync::Mutex::new(index.known()));
     let mut packers = Packers {
         data: Packer::new(store, keys, opts.pack_target, PACK_UPLOADS, now),
         // The entry list is a small fraction of the data: smaller packs, one upload.
@@ -210,7 +210,6 @@ async fn backup_locked(
             src,
             prev_vol,
             opts,
-            &known,
             &mut packers,
             &mut uploaded,
             &mut stats,
@@ -221,6 +220,9 @@ async fn backup_locked(
         warnings.extend(w.into_iter().map(|w| format!("{}: {w}", src.name)));
         volumes.push(vol);
     }
+    // Past the volumes only Object Lock needs the previous snapshot: its chunk list
+    // is not held beside the new one while that is written.
+    let prev = prev.filter(|_| store.lock_until(now).is_some());
     let (packs, sent) = packers.finish().await?;
     stats.bytes_uploaded += sent;
     stats.packs_new = packs.len() as u64;
@@ -260,8 +262,8 @@ async fn backup_locked(
         stats: stats.clone(),
         volumes,
     };
-    let json = serde_json::to_vec(&manifest).map_err(|e| SnapshotError::Other(e.to_string()))?;
-    let sealed = keys.seal_manifest(id, &opts.host, &store.prefix, &json)?;
+    let sealed = keys.seal_manifest_value(id, &opts.host, &store.prefix, &manifest)?;
+    drop(manifest);
     let key = format::snapshot_key(&store.prefix, id);
     match store.put(&key, sealed, true, Some(now)).await? {
         PutOutcome::Created => {}
@@ -303,28 +305,43 @@ async fn backup_locked(
     })
 }
 
-/// Small files are grouped into segments of at least this many bytes.
-pub const SEGMENT_MIN: u64 = 64 * 1024;
+/// Small files are grouped: a group closes after a file whose keyed path hash selects
+/// it (one in SEGMENT_ANCHOR), once it holds SEGMENT_FILES_MIN files with data.
+/// Counting files, not bytes, is what keeps an edit local: a changed file's new size
+/// moves no other group's end. The minimum keeps groups near the mean (a pure 1-in-N
+/// anchor makes the group around a changed file twice the mean size on average).
+pub const SEGMENT_FILES_MIN: usize = 8;
+const SEGMENT_ANCHOR: u64 = 2;
 /// A group of small files is closed at the latest here (a single file may be larger).
 pub const SEGMENT_MAX: u64 = 2 * 1024 * 1024;
-/// One small file in this many (by keyed hash of its path) may close a segment.
-const SEGMENT_ANCHOR: u64 = 4;
 /// A segment holds at most this many entries, so a directory of a million empty
 /// files is not held in memory at once (only such runs are cut by it).
 pub const SEGMENT_ENTRIES_MAX: usize = 65_536;
+
+/// Picks one path in `one_in` by a keyed hash of it (`lane` takes other bits of the
+/// hash, so the entry list's cuts do not follow the segments').
+pub(crate) fn path_anchor(keys: &Keys, path: &format::Name, lane: usize, one_in: u64) -> bool {
+    let h = keys.chunk_id(&path.to_bytes().unwrap_or_default());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h[lane * 8..lane * 8 + 8]);
+    u64::from_le_bytes(b).is_multiple_of(one_in)
+}
 
 /// Splits a volume's entries, as they stream by, into segments that are chunked
 /// independently, so chunk boundaries follow file boundaries the way a per-file
 /// chunker's do: a file of at least CHUNK_MIN bytes is a segment of its own (an edit
 /// in it cannot shift the chunks of its neighbours), and small files are grouped,
 /// closing a group after a file whose path hash picks it as an anchor once the group
-/// holds SEGMENT_MIN bytes. Anchors depend on paths, not offsets, so an edited small
-/// file only changes the chunk of its own group, and groups stay large enough to keep
-/// the object count low. (Only backup uses this; the manifest lists chunks per volume.)
+/// holds SEGMENT_FILES_MIN files with data. Where groups end depends on paths and on
+/// which files hold data, never on sizes (up to the SEGMENT_MAX cap), so an edited
+/// small file changes only the chunk of its own group, and an added or removed file
+/// only its group and the next few. (Only backup uses this; the manifest lists chunks
+/// per volume.)
 pub struct Segmenter<'k> {
     keys: &'k Keys,
     cur: Vec<format::Entry>,
     bytes: u64,
+    files: usize,
 }
 
 impl<'k> Segmenter<'k> {
@@ -333,6 +350,7 @@ impl<'k> Segmenter<'k> {
             keys,
             cur: Vec::new(),
             bytes: 0,
+            files: 0,
         }
     }
 
@@ -346,20 +364,20 @@ impl<'k> Segmenter<'k> {
             }
             out.push(vec![e]);
             self.bytes = 0;
+            self.files = 0;
             return out;
         }
         self.bytes += len;
-        let anchor = len > 0 && self.bytes >= SEGMENT_MIN && {
-            let p = e.path.to_bytes().unwrap_or_default();
-            let h = self.keys.chunk_id(&p);
-            u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
-                .is_multiple_of(SEGMENT_ANCHOR)
-        };
+        self.files += usize::from(len > 0);
+        let anchor = len > 0
+            && self.files >= SEGMENT_FILES_MIN
+            && path_anchor(self.keys, &e.path, 0, SEGMENT_ANCHOR);
         self.cur.push(e);
         if (len > 0 && self.bytes >= SEGMENT_MAX) || anchor || self.cur.len() >= SEGMENT_ENTRIES_MAX
         {
             out.push(std::mem::take(&mut self.cur));
             self.bytes = 0;
+            self.files = 0;
         }
         out
     }
@@ -386,8 +404,9 @@ enum Produced {
     Chunk { id: [u8; 32], data: Vec<u8> },
     /// A chunk of the entry stream.
     Meta { id: [u8; 32], data: Vec<u8> },
-    /// A segment whose files did not change: the previous snapshot's chunks.
-    Reused(Vec<ChunkRef>),
+    /// A segment whose files did not change: the previous snapshot's chunks
+    /// `range` (indexes into its volume's chunk list).
+    Reused(std::ops::Range<usize>),
 }
 
 /// Identifies a segment's files as they were when scanned: if every file has the same
@@ -422,37 +441,41 @@ fn segment_fingerprint(entries: &[format::Entry]) -> Option<[u8; 32]> {
     Some(*h.finalize().as_bytes())
 }
 
-/// Segment fingerprint → the previous snapshot's chunks for exactly that segment.
+/// Segment fingerprint → the previous snapshot's chunks for exactly that segment (a
+/// range of its volume's chunk list: a clone of the refs per segment would cost more
+/// memory than the list itself once small files make many small segments).
 /// Segments are chunked independently, so their chunks start and end on segment
-/// boundaries; a segment where that does not hold (other chunker settings) is left
-/// out. The previous entry list is streamed, never held.
+/// boundaries; a segment where that does not hold (other chunker or grouping
+/// settings), or whose chunks are no longer in the bucket (a prune ran), is left out.
+/// The previous entry list is streamed, never held.
 async fn reusable_segments(
     store: &Store,
     keys: &Keys,
     index: &Index,
     prev: &Volume,
-) -> Result<HashMap<[u8; 32], Vec<ChunkRef>>> {
+) -> Result<Reuse> {
     let mut out = HashMap::new();
-    let mut chunk_iter = prev.chunks.iter();
+    let mut next = 0usize;
     let mut chunk_pos = 0u64;
     let mut stream_pos = 0u64;
     let mut segmenter = Segmenter::new(keys);
-    let mut take = |slice: Vec<format::Entry>, out: &mut HashMap<_, _>| -> bool {
+    let mut take = |slice: Vec<format::Entry>, out: &mut Reuse| -> bool {
         let len: u64 = slice.iter().map(|e| e.stream_len()).sum();
         let end = stream_pos + len;
-        let mut refs = Vec::new();
+        let first = next;
         let mut aligned = chunk_pos == stream_pos;
         while chunk_pos < end {
-            let Some(c) = chunk_iter.next() else {
+            let Some(c) = prev.chunks.get(next) else {
                 return false;
             };
+            next += 1;
             chunk_pos += c.1;
-            refs.push(c.clone());
+            aligned &= parse_chunk_key(&c.0).is_some_and(|id| index.contains(&id));
         }
         aligned &= chunk_pos == end;
         if aligned && len > 0 {
             if let Some(fp) = segment_fingerprint(&slice) {
-                out.insert(fp, refs);
+                out.insert(fp, first..next);
             }
         }
         stream_pos = end;
@@ -473,6 +496,8 @@ async fn reusable_segments(
     }
     Ok(out)
 }
+
+type Reuse = HashMap<[u8; 32], std::ops::Range<usize>>;
 
 /// What the producer thread found besides the chunks.
 #[derive(Default)]
@@ -505,8 +530,7 @@ impl Walked {
 fn produce(
     root: &std::path::Path,
     keys: &Keys,
-    reuse: &HashMap<[u8; 32], Vec<ChunkRef>>,
-    known: &std::sync::Mutex<HashSet<[u8; 32]>>,
+    reuse: &Reuse,
     tx: &mpsc::Sender<std::io::Result<Produced>>,
 ) -> Result<Walked> {
     let mut out = Walked::default();
@@ -515,42 +539,52 @@ fn produce(
     let mut meta = MetaChunker::new(keys);
     let send = |p: std::io::Result<Produced>| tx.blocking_send(p).is_ok();
     let mut emit = |mut seg: Vec<format::Entry>, out: &mut Walked| -> bool {
-        let reused = segment_fingerprint(&seg)
-            .and_then(|fp| reuse.get(&fp))
-            .filter(|refs| {
-                // Reuse only what is still in the bucket (a prune may have run).
-                known.lock().is_ok_and(|k| {
-                    refs.iter()
-                        .all(|r| parse_chunk_key(&r.0).is_some_and(|id| k.contains(&id)))
-                })
-            });
-        if let Some(refs) = reused {
-            if !send(Ok(Produced::Reused(refs.clone()))) {
+        let reused = segment_fingerprint(&seg).and_then(|fp| reuse.get(&fp));
+        if let Some(range) = reused {
+            if !send(Ok(Produced::Reused(range.clone()))) {
                 return false;
             }
         } else {
             let report = Arc::new(std::sync::Mutex::new(fsio::ReadReport::default()));
             let shared = Arc::new(seg);
             let n = shared.len();
-            let reader = fsio::StreamReader::new(root, shared.clone(), 0..n, report.clone());
-            let cdc = StreamCDC::with_level_and_seed(
-                reader,
-                CHUNK_MIN,
-                CHUNK_AVG,
-                CHUNK_MAX,
-                Normalization::Level1,
-                keys.chunker_seed(),
-            );
-            for c in cdc {
-                let msg = c
-                    .map(|c| Produced::Chunk {
-                        id: keys.chunk_id(&c.data),
-                        data: c.data,
-                    })
-                    .map_err(std::io::Error::from);
+            let mut reader = fsio::StreamReader::new(root, shared.clone(), 0..n, report.clone());
+            let len: u64 = shared.iter().map(|e| e.stream_len()).sum();
+            if len <= u64::from(CHUNK_MIN) {
+                // FastCDC gives a stream this short back as one chunk; its streaming
+                // chunker would first allocate and zero a CHUNK_MAX buffer, for each
+                // of hundreds of thousands of small-file groups.
+                use std::io::Read;
+                let mut data = Vec::with_capacity(len as usize);
+                let msg = reader.read_to_end(&mut data).map(|_| Produced::Chunk {
+                    id: keys.chunk_id(&data),
+                    data,
+                });
                 let failed = msg.is_err();
-                if !send(msg) || failed {
+                let empty = matches!(&msg, Ok(Produced::Chunk { data, .. }) if data.is_empty());
+                if !empty && (!send(msg) || failed) {
                     return false;
+                }
+            } else {
+                let cdc = StreamCDC::with_level_and_seed(
+                    reader,
+                    CHUNK_MIN,
+                    CHUNK_AVG,
+                    CHUNK_MAX,
+                    Normalization::Level1,
+                    keys.chunker_seed(),
+                );
+                for c in cdc {
+                    let msg = c
+                        .map(|c| Produced::Chunk {
+                            id: keys.chunk_id(&c.data),
+                            data: c.data,
+                        })
+                        .map_err(std::io::Error::from);
+                    let failed = msg.is_err();
+                    if !send(msg) || failed {
+                        return false;
+                    }
                 }
             }
             seg = Arc::try_unwrap(shared).unwrap_or_else(|a| (*a).clone());
@@ -573,7 +607,7 @@ fn produce(
         for e in &seg {
             out.stream_bytes += e.stream_len();
             out.files += u64::from(e.kind == format::Kind::File);
-            for data in meta.push(e) {
+            if let Some(data) = meta.push(e) {
                 let id = keys.chunk_id(&data);
                 if !send(Ok(Produced::Meta { id, data })) {
                     return false;
@@ -597,11 +631,9 @@ fn produce(
         }
     }
     if go {
-        for data in meta.finish() {
+        if let Some(data) = meta.finish() {
             let id = keys.chunk_id(&data);
-            if !send(Ok(Produced::Meta { id, data })) {
-                break;
-            }
+            send(Ok(Produced::Meta { id, data }));
         }
     }
     out.skipped += walker.skipped;
@@ -628,7 +660,6 @@ async fn backup_volume(
     src: &Source,
     prev: Option<&Volume>,
     opts: &BackupOptions,
-    known: &Arc<std::sync::Mutex<HashSet<[u8; 32]>>>,
     packers: &mut Packers,
     uploaded: &mut HashSet<[u8; 32]>,
     stats: &mut Stats,
@@ -653,8 +684,7 @@ async fn backup_volume(
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Produced>>(4);
     let k2 = keys.clone();
     let root = src.root.clone();
-    let known2 = known.clone();
-    let producer = tokio::task::spawn_blocking(move || produce(&root, &k2, &reuse, &known2, &tx));
+    let producer = tokio::task::spawn_blocking(move || produce(&root, &k2, &reuse, &tx));
 
     // Sealing (zstd + AEAD) runs on the blocking pool, `parallel` chunks at once.
     // Sealed chunks go into the pack in stream order (oldest task first), so a restore
@@ -672,12 +702,12 @@ async fn backup_volume(
         let (id, data, meta) = match msg {
             Ok(Produced::Chunk { id, data }) => (id, data, false),
             Ok(Produced::Meta { id, data }) => (id, data, true),
-            Ok(Produced::Reused(refs)) => {
-                for r in refs {
+            Ok(Produced::Reused(range)) => {
+                for r in prev.map_or(&[][..], |p| &p.chunks[range]) {
                     stream_bytes += r.1;
                     step.inc(r.1);
                     stats.chunks_total += 1;
-                    chunks.push(r);
+                    chunks.push(r.clone());
                 }
                 continue;
             }
@@ -696,11 +726,11 @@ async fn backup_volume(
             chunks.push(ChunkRef(hex::encode(id), len));
             stats.chunks_total += 1;
         }
-        let is_new = known.lock().map(|mut k| k.insert(id)).unwrap_or(true);
-        if !is_new {
+        // The index the backup started from, and what it uploaded since: no second
+        // set of every chunk id in the bucket.
+        if index.contains(&id) || !uploaded.insert(id) {
             continue;
         }
-        uploaded.insert(id);
         if meta {
             stats.entry_bytes_new += len;
         } else {

@@ -108,6 +108,7 @@ pub async fn check(
     parallel: usize,
     progress: &Progress,
 ) -> Result<CheckReport> {
+    super::fsio::limit_malloc_arenas();
     let read = read.into();
     let before = store.requests();
     let mut report = check_inner(store, keys, read, parallel, progress).await?;
@@ -123,23 +124,29 @@ async fn check_inner(
     progress: &Progress,
 ) -> Result<CheckReport> {
     let mut report = CheckReport::default();
-    // chunk id → (length, first snapshot needing it)
-    let mut needed: BTreeMap<[u8; 32], (u64, String)> = BTreeMap::new();
-    let mut add = |m: &super::Manifest, id: &str, report: &mut CheckReport| {
-        for v in &m.volumes {
+    // chunk id → (length, first snapshot needing it: an index into `names`); a
+    // volume of small files has hundreds of thousands of chunks, so no string each.
+    let mut needed: BTreeMap<[u8; 32], (u64, u32)> = BTreeMap::new();
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |m: &mut super::Manifest, id: &str, report: &mut CheckReport| {
+        let n = names.len() as u32;
+        names.push(id.to_string());
+        for v in &mut m.volumes {
             for c in v.chunks.iter().chain(&v.meta) {
                 match hex::decode(&c.0)
                     .ok()
                     .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 {
                     Some(cid) => {
-                        needed.entry(cid).or_insert((c.1, id.to_string()));
+                        needed.entry(cid).or_insert((c.1, n));
                     }
                     None => report
                         .problems
                         .push(format!("snapshot {id}: bad chunk id {}", c.0)),
                 }
             }
+            // Only the entry lists are read again below.
+            v.chunks = Vec::new();
         }
     };
     // Manifests are small (entry lists live in chunks since version 4).
@@ -147,8 +154,8 @@ async fn check_inner(
     for id in list_ids(store).await? {
         report.snapshots += 1;
         match load_manifest(store, keys, &id).await {
-            Ok(m) => {
-                add(&m, &id, &mut report);
+            Ok(mut m) => {
+                add(&mut m, &id, &mut report);
                 manifests.push(m);
             }
             Err(e) => report.problems.push(format!("snapshot {id}: {e}")),
@@ -162,9 +169,9 @@ async fn check_inner(
             super::format::rfc3339(h.locked_until),
             h.id
         ));
-        if let Ok(m) = load_manifest(store, keys, &h.id).await {
+        if let Ok(mut m) = load_manifest(store, keys, &h.id).await {
             report.snapshots += 1;
-            add(&m, &h.id, &mut report);
+            add(&mut m, &h.id, &mut report);
             manifests.push(m);
         }
     }
@@ -180,10 +187,12 @@ async fn check_inner(
         index.read_unindexed(store, keys).await?;
         report.problems.append(&mut index.problems);
     }
-    let known = index.known();
-    report.chunks_in_bucket = known.len() as u64;
-    report.chunks_unreferenced = known.iter().filter(|c| !needed.contains_key(*c)).count() as u64;
+    let (in_bucket, unreferenced) = index.count_ids(|c| needed.contains_key(c));
+    report.chunks_in_bucket = in_bucket;
+    report.chunks_unreferenced = unreferenced;
+    let names = &names;
     for (c, (_, snap)) in &needed {
+        let snap = &names[*snap as usize];
         if !index.contains(c) {
             report.problems.push(format!(
                 "snapshot {snap}: chunk {} is missing: {}",
@@ -221,19 +230,20 @@ async fn check_inner(
         .iter()
         .filter(|(c, _)| matches!(index.locate(c), Some(Location::Object { .. })))
         .filter(|_| read.picks())
-        .map(|(c, (len, snap))| (*c, *len, snap.clone()))
+        .map(|(c, (len, snap))| (*c, *len, names[*snap as usize].clone()))
         .collect();
     let total: u64 = packs.iter().map(|&i| index.packs[i].size).sum::<u64>()
         + legacy.iter().map(|l| l.1).sum::<u64>();
     let step = progress.step("check data", Some(total));
-    // Whole packs are held while verified: as many at once as fit in 128 MiB (four
-    // default packs, one of the largest a profile allows).
+    // Whole packs are held while verified: as many at once as fit in 96 MiB (three
+    // default packs, or one of the largest a profile allows), leaving room for the
+    // chunk lists of a volume of millions of small files.
     let largest = packs
         .iter()
         .map(|&i| index.packs[i].size)
         .max()
         .unwrap_or(1);
-    let at_once = ((128u64 << 20) / largest.max(1)).clamp(1, parallel.clamp(1, 4) as u64) as usize;
+    let at_once = ((96u64 << 20) / largest.max(1)).clamp(1, parallel.clamp(1, 3) as u64) as usize;
     let index = &index;
     let results: Vec<(u64, u64, Vec<String>)> = futures_util::stream::iter(packs)
         .map(|i| async move {

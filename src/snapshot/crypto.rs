@@ -290,6 +290,34 @@ impl Keys {
         prefix: &str,
         json: &[u8],
     ) -> Result<Vec<u8>> {
+        let z = zstd::bulk::compress(json, ZSTD_LEVEL)
+            .map_err(|e| SnapshotError::Other(format!("zstd: {e}")))?;
+        self.seal_manifest_zstd(snapshot_id, host, prefix, z)
+    }
+
+    /// [`Self::seal_manifest`] of `value` as JSON, compressed as it serializes: a
+    /// manifest listing a million chunks is 80 MB of JSON, never held whole.
+    pub fn seal_manifest_value(
+        &self,
+        snapshot_id: &str,
+        host: &str,
+        prefix: &str,
+        value: &impl serde::Serialize,
+    ) -> Result<Vec<u8>> {
+        let zerr = |e: std::io::Error| SnapshotError::Other(format!("zstd: {e}"));
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL).map_err(zerr)?;
+        serde_json::to_writer(&mut enc, value).map_err(|e| SnapshotError::Other(e.to_string()))?;
+        let z = enc.finish().map_err(zerr)?;
+        self.seal_manifest_zstd(snapshot_id, host, prefix, z)
+    }
+
+    fn seal_manifest_zstd(
+        &self,
+        snapshot_id: &str,
+        host: &str,
+        prefix: &str,
+        z: Vec<u8>,
+    ) -> Result<Vec<u8>> {
         let signing = self
             .signing
             .as_ref()
@@ -299,8 +327,6 @@ impl Keys {
                 "host name {host:?} cannot name a snapshot (1 to {MAX_HOST_LEN} bytes)"
             )));
         }
-        let z = zstd::bulk::compress(json, ZSTD_LEVEL)
-            .map_err(|e| SnapshotError::Other(format!("zstd: {e}")))?;
         let sealed = seal(&self.manifest_key, snapshot_id.as_bytes(), z);
         // seal() starts with the version byte; the manifest has its own magic instead.
         let nonce_and_ct = &sealed[1..];
@@ -344,6 +370,22 @@ impl Keys {
         prefix: &str,
         bytes: &[u8],
     ) -> Result<(Vec<u8>, Option<String>)> {
+        let (z, host) = self.open_manifest_zstd(snapshot_id, prefix, bytes)?;
+        let json = zstd::stream::decode_all(&z[..]).map_err(|e| SnapshotError::BadManifest {
+            id: snapshot_id.to_string(),
+            reason: format!("zstd: {e}"),
+        })?;
+        Ok((json, host))
+    }
+
+    /// [`Self::open_manifest`] up to the zstd frame, for a reader that parses the JSON
+    /// as it decompresses (a manifest listing a million chunks is 80 MB of JSON).
+    pub fn open_manifest_zstd(
+        &self,
+        snapshot_id: &str,
+        prefix: &str,
+        bytes: &[u8],
+    ) -> Result<(Vec<u8>, Option<String>)> {
         let signed = self.verify_manifest(snapshot_id, prefix, bytes)?;
         let mut sealed = Vec::with_capacity(bytes.len() - signed.body_at + 1);
         sealed.push(FORMAT_VERSION);
@@ -353,11 +395,7 @@ impl Keys {
                 id: snapshot_id.to_string(),
             }
         })?;
-        let json = zstd::stream::decode_all(&z[..]).map_err(|e| SnapshotError::BadManifest {
-            id: snapshot_id.to_string(),
-            reason: format!("zstd: {e}"),
-        })?;
-        Ok((json, signed.host))
+        Ok((z, signed.host))
     }
 
     /// Checks a manifest object's signature (v1: id only; v2: id, host and prefix).

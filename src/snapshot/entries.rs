@@ -21,13 +21,16 @@ use super::format::{safe_relative, ChunkRef, Entry, Kind, Volume};
 use super::pack::Index;
 use super::restore::{self, Fetch};
 use super::store::Store;
-use fastcdc::v2020::{FastCDC, Normalization};
 use std::collections::{HashSet, VecDeque};
 
-/// Chunker bounds for entry streams: smaller than file data's, because one changed
-/// file rewrites the chunk holding its line and a smaller chunk costs less upload.
-pub const META_MIN: u32 = 64 * 1024;
-pub const META_AVG: u32 = 256 * 1024;
+/// Where entry-list chunks end: after a line whose keyed path hash picks it (one in
+/// META_ANCHOR) once the chunk holds META_LINES_MIN lines, or at META_MAX bytes.
+/// A byte-content-defined cut (as for file data) puts each changed line in a chunk of
+/// hundreds of lines, and a change spread over the tree then touches every chunk;
+/// cutting on paths keeps every chunk without a changed line byte-identical, however
+/// the changed lines' lengths moved. Only the writer cares: readers take any cuts.
+pub const META_LINES_MIN: usize = 64;
+const META_ANCHOR: u64 = 32;
 pub const META_MAX: u32 = 1024 * 1024;
 
 /// Largest ranged GET for entry chunks: they compress about tenfold, and every fetched
@@ -36,55 +39,39 @@ const META_RANGE_MAX: u64 = 1024 * 1024;
 /// Entry fetches in flight ahead of the reader.
 const META_PREFETCH: usize = 2;
 
-/// Cuts the entry stream into chunks as lines are pushed, holding at most two
-/// chunks' worth of bytes. Cuts are where a one-shot chunking of the whole stream
-/// would put them: a content-defined cut depends only on the bytes since the last one.
+/// Cuts the entry stream into chunks as lines are pushed, holding at most one chunk.
 pub struct MetaChunker {
     buf: Vec<u8>,
-    seed: u64,
+    lines: usize,
+    keys: Keys,
 }
 
 impl MetaChunker {
     pub fn new(keys: &Keys) -> MetaChunker {
         MetaChunker {
             buf: Vec::new(),
-            seed: keys.chunker_seed(),
+            lines: 0,
+            keys: keys.clone(),
         }
     }
 
-    /// Appends one entry; returns the chunks that are final.
-    pub fn push(&mut self, e: &Entry) -> Vec<Vec<u8>> {
+    /// Appends one entry; returns the chunk it closes, if any.
+    pub fn push(&mut self, e: &Entry) -> Option<Vec<u8>> {
         encode(e, &mut self.buf);
-        if self.buf.len() < 2 * META_MAX as usize {
-            return Vec::new();
+        self.lines += 1;
+        let cut = self.buf.len() >= META_MAX as usize
+            || (self.lines >= META_LINES_MIN
+                && super::backup::path_anchor(&self.keys, &e.path, 1, META_ANCHOR));
+        if !cut {
+            return None;
         }
-        self.cut(false)
+        self.lines = 0;
+        Some(std::mem::take(&mut self.buf))
     }
 
-    /// The remaining chunks.
-    pub fn finish(mut self) -> Vec<Vec<u8>> {
-        self.cut(true)
-    }
-
-    fn cut(&mut self, all: bool) -> Vec<Vec<u8>> {
-        let cuts: Vec<(usize, usize)> = FastCDC::with_level_and_seed(
-            &self.buf,
-            META_MIN,
-            META_AVG,
-            META_MAX,
-            Normalization::Level1,
-            self.seed,
-        )
-        .map(|c| (c.offset, c.length))
-        .collect();
-        let keep = if all { cuts.len() } else { cuts.len() - 1 };
-        let out: Vec<Vec<u8>> = cuts[..keep]
-            .iter()
-            .map(|&(o, l)| self.buf[o..o + l].to_vec())
-            .collect();
-        let used: usize = cuts[..keep].iter().map(|c| c.1).sum();
-        self.buf.drain(..used);
-        out
+    /// The last chunk.
+    pub fn finish(self) -> Option<Vec<u8>> {
+        (!self.buf.is_empty()).then_some(self.buf)
     }
 }
 

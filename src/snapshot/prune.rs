@@ -191,6 +191,7 @@ pub async fn prune(
     keep: &Retention,
     opts: &PruneOptions,
 ) -> Result<PruneReport> {
+    super::fsio::limit_malloc_arenas();
     let requests_before = store.requests();
     let mut report = prune_inner(store, keys, keep, opts).await?;
     report.requests = store.requests().since(&requests_before);

@@ -2,9 +2,10 @@
 //!
 //! Every chunk is located (index, pack listing, format-1 objects) before anything is
 //! written. Chunks that lie next to each other in one pack are fetched with one ranged
-//! GET of at most [`RANGE_MAX`] bytes; up to `parallel` (at most 8) such requests are
-//! in flight and consumed in stream order by one writer thread, so the peak stays near
-//! `8 × 2 × RANGE_MAX` whatever the snapshot size.
+//! GET of at most [`RANGE_MAX`] bytes (ranges of several packs may be fetched together,
+//! at most that much in all); up to `parallel` (at most 4) such fetches are in flight
+//! and consumed in stream order by one writer thread, so the data in flight stays near
+//! `4 × 2 × RANGE_MAX` whatever the snapshot size.
 
 use super::crypto::Keys;
 use super::error::{Result, SnapshotError};
@@ -82,11 +83,21 @@ pub async fn load_manifest(store: &Store, keys: &Keys, id: &str) -> Result<Manif
                 .await?
         }
     };
-    let (json, signed_host) = keys.open_manifest(id, &store.prefix, &bytes)?;
-    let m: Manifest = serde_json::from_slice(&json).map_err(|e| SnapshotError::BadManifest {
+    let (z, signed_host) = keys.open_manifest_zstd(id, &store.prefix, &bytes)?;
+    drop(bytes);
+    // Parsed as it decompresses: the JSON is never held whole beside what it parses to.
+    let bad = |reason: String| SnapshotError::BadManifest {
         id: id.to_string(),
-        reason: e.to_string(),
+        reason,
+    };
+    let json = zstd::stream::read::Decoder::new(&z[..]).map_err(|e| bad(format!("zstd: {e}")))?;
+    let m: Manifest = serde_json::from_reader(std::io::BufReader::new(json)).map_err(|e| {
+        bad(match e.io_error_kind() {
+            Some(_) => format!("zstd: {e}"),
+            None => e.to_string(),
+        })
     })?;
+    drop(z);
     if let Some(h) = signed_host.filter(|h| *h != m.host) {
         return Err(SnapshotError::BadManifest {
             id: id.to_string(),
@@ -205,12 +216,16 @@ pub struct RestoreReport {
     pub requests: super::store::Requests,
 }
 
-/// Largest ranged GET: adjacent chunks of one pack are merged up to this size (a
-/// quarter of a default pack: four requests per pack).
-pub const RANGE_MAX: u64 = 8 * 1024 * 1024;
-/// Ranged GETs in flight at most, whatever `parallel` asks: with RANGE_MAX this bounds
-/// the fetched-but-unwritten data near 2 × 8 × 8 MiB.
-const RANGES_IN_FLIGHT: usize = 8;
+/// Largest ranged GET: adjacent chunks of one pack are merged up to this size (an
+/// eighth of a default pack). Also the most one gathered fetch holds: the plan keeps
+/// ranges full even where an incremental snapshot interleaves old and new packs, so
+/// this, not the chunk layout, sets the data in flight, and the memory left for the
+/// manifest and index of a volume of millions of small-file groups.
+pub const RANGE_MAX: u64 = 4 * 1024 * 1024;
+/// Fetches in flight at most, whatever `parallel` asks: with RANGE_MAX this bounds
+/// the fetched-but-unwritten data near 2 × 4 × 4 MiB. Four keep a link busy; more only
+/// take memory from the manifest and index of a volume of millions of small files.
+const RANGES_IN_FLIGHT: usize = 4;
 /// Chunks this close in one pack are merged, the bytes between them read and dropped:
 /// a GET costs more than that much transfer.
 const RANGE_GAP: u64 = 128 * 1024;
@@ -227,6 +242,14 @@ pub enum Fetch {
         len: u64,
         blobs: Vec<Blob>,
     },
+    /// Several ranges (each a `Range`) fetched together, their chunks given back in
+    /// stream order: `order[i]` = (range, blob in it) of the i-th chunk. An incremental
+    /// snapshot interleaves chunks it reuses from old packs with the few new ones it
+    /// wrote; fetched range by range in stream order, that costs two GETs per change.
+    Gather {
+        ranges: Vec<Fetch>,
+        order: Vec<(u32, u32)>,
+    },
 }
 
 fn parse_id(c: &ChunkRef) -> Result<[u8; 32]> {
@@ -239,11 +262,92 @@ fn parse_id(c: &ChunkRef) -> Result<[u8; 32]> {
         })
 }
 
-/// The requests that fetch `chunks` in order, each range at most `range_max` bytes
+/// Ranges one gathered fetch may hold.
+const GATHER_RANGES: usize = 16;
+
+/// The fetches being gathered: ranges of packs, and which blob of which range each
+/// chunk (in stream order) is.
+#[derive(Default)]
+struct Window {
+    ranges: Vec<(usize, u64, u64, Vec<Blob>)>,
+    order: Vec<(u32, u32)>,
+    bytes: u64,
+}
+
+impl Window {
+    /// Adds a chunk of pack `pack` if the window can take it.
+    fn add(&mut self, pack: usize, blob: Blob, range_max: u64) -> bool {
+        for (r, (p, start, len, blobs)) in self.ranges.iter_mut().enumerate() {
+            if *p != pack {
+                continue;
+            }
+            // The same chunk twice (equal files): fetched once.
+            if let Some(j) = blobs.iter().position(|b| b.offset == blob.offset) {
+                self.order.push((r as u32, j as u32));
+                return true;
+            }
+            let end = *start + *len;
+            let off = u64::from(blob.offset);
+            if off >= end
+                && off - end <= RANGE_GAP
+                && blob.end() - *start <= range_max
+                && self.bytes + (blob.end() - end) <= range_max
+            {
+                self.bytes += blob.end() - end;
+                *len = blob.end() - *start;
+                self.order.push((r as u32, blobs.len() as u32));
+                blobs.push(blob);
+                return true;
+            }
+        }
+        let sealed = u64::from(blob.sealed);
+        if !self.ranges.is_empty()
+            && (self.ranges.len() >= GATHER_RANGES || self.bytes + sealed > range_max)
+        {
+            return false;
+        }
+        self.bytes += sealed;
+        self.order.push((self.ranges.len() as u32, 0));
+        self.ranges
+            .push((pack, u64::from(blob.offset), sealed, vec![blob]));
+        true
+    }
+
+    fn flush(&mut self, index: &Index, out: &mut Vec<Fetch>) {
+        let w = std::mem::take(self);
+        let mut ranges: Vec<Fetch> = w
+            .ranges
+            .into_iter()
+            .map(|(pack, start, len, blobs)| Fetch::Range {
+                key: index.packs[pack].key.clone(),
+                start,
+                len,
+                blobs,
+            })
+            .collect();
+        let in_order = w
+            .order
+            .iter()
+            .enumerate()
+            .all(|(i, &(r, b))| r == 0 && b as usize == i);
+        match ranges.len() {
+            0 => {}
+            1 if in_order => out.extend(ranges.pop()),
+            _ => out.push(Fetch::Gather {
+                ranges,
+                order: w.order,
+            }),
+        }
+    }
+}
+
+/// The requests that fetch `chunks` in order, at most `range_max` bytes each
 /// unless one chunk is larger; fails, naming the chunk and its pack, when any chunk
-/// has no place.
+/// has no place. Chunks close to each other in one pack share a ranged GET, and
+/// ranges of several packs (at most `range_max` together) share one fetch.
 pub fn plan(index: &Index, chunks: &[ChunkRef], range_max: u64) -> Result<Vec<Fetch>> {
     let mut out: Vec<Fetch> = Vec::new();
+    let mut window = Window::default();
     for c in chunks {
         let id = parse_id(c)?;
         match index.locate(&id) {
@@ -253,7 +357,10 @@ pub fn plan(index: &Index, chunks: &[ChunkRef], range_max: u64) -> Result<Vec<Fe
                     key: index.why_missing(&id),
                 })
             }
-            Some(Location::Object { .. }) => out.push(Fetch::Object(c.clone())),
+            Some(Location::Object { .. }) => {
+                window.flush(index, &mut out);
+                out.push(Fetch::Object(c.clone()));
+            }
             Some(Location::Pack { pack, blob }) => {
                 if u64::from(blob.plain) != c.1 {
                     return Err(SnapshotError::CorruptChunk {
@@ -264,35 +371,14 @@ pub fn plan(index: &Index, chunks: &[ChunkRef], range_max: u64) -> Result<Vec<Fe
                         ),
                     });
                 }
-                let key = &index.packs[pack].key;
-                if let Some(Fetch::Range {
-                    key: k,
-                    start,
-                    len,
-                    blobs,
-                }) = out.last_mut()
-                {
-                    let end = *start + *len;
-                    let off = u64::from(blob.offset);
-                    if k == key
-                        && off >= end
-                        && off - end <= RANGE_GAP
-                        && blob.end() - *start <= range_max
-                    {
-                        *len = blob.end() - *start;
-                        blobs.push(blob);
-                        continue;
-                    }
+                if !window.add(pack, blob, range_max) {
+                    window.flush(index, &mut out);
+                    window.add(pack, blob, range_max);
                 }
-                out.push(Fetch::Range {
-                    key: key.clone(),
-                    start: u64::from(blob.offset),
-                    len: u64::from(blob.sealed),
-                    blobs: vec![blob],
-                });
             }
         }
     }
+    window.flush(index, &mut out);
     Ok(out)
 }
 
@@ -335,6 +421,7 @@ pub async fn fetch(store: &Store, keys: &Keys, f: &Fetch) -> Result<Vec<Vec<u8>>
             len,
             blobs,
         } => (key, *start, *len, blobs),
+        Fetch::Gather { ranges, order } => return gather(store, keys, ranges, order).await,
     };
     let mut attempt = 0;
     let bytes = loop {
@@ -381,6 +468,41 @@ pub async fn fetch(store: &Store, keys: &Keys, f: &Fetch) -> Result<Vec<Vec<u8>>
     .map_err(|e| SnapshotError::Other(format!("verify task: {e}")))?
 }
 
+async fn gather(
+    store: &Store,
+    keys: &Keys,
+    ranges: &[Fetch],
+    order: &[(u32, u32)],
+) -> Result<Vec<Vec<u8>>> {
+    // One range after the other: the fetches around this one already keep `parallel`
+    // GETs busy, and more at once only hold more buffers.
+    let mut fetched = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        fetched.push(Box::pin(fetch(store, keys, r)).await?);
+    }
+    let mut uses: Vec<Vec<u32>> = fetched.iter().map(|c| vec![0; c.len()]).collect();
+    for &(r, b) in order {
+        uses[r as usize][b as usize] += 1;
+    }
+    let mut fetched: Vec<Vec<Option<Vec<u8>>>> = fetched
+        .into_iter()
+        .map(|c| c.into_iter().map(Some).collect())
+        .collect();
+    let mut out = Vec::with_capacity(order.len());
+    for &(r, b) in order {
+        let (r, b) = (r as usize, b as usize);
+        uses[r][b] -= 1;
+        let slot = &mut fetched[r][b];
+        let data = if uses[r][b] == 0 {
+            slot.take()
+        } else {
+            slot.clone()
+        };
+        out.push(data.ok_or_else(|| SnapshotError::Other("gathered chunk used twice".into()))?);
+    }
+    Ok(out)
+}
+
 /// Restores every volume of `m` as `<into>/<volume>/_data` (podman's layout).
 /// `into/<volume>` must not exist.
 pub async fn restore(
@@ -390,6 +512,7 @@ pub async fn restore(
     into: &Path,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
+    super::fsio::limit_malloc_arenas();
     let start = Instant::now();
     let requests_before = store.requests();
     let mut bytes = 0;
