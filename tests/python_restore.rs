@@ -529,7 +529,7 @@ async fn publish_list(
         let hid = hex::encode(id);
         let key = format::chunk_key(&store.prefix, &hid);
         put(store, &key, keys.seal_chunk(&id, piece)).await;
-        meta.push(format::ChunkRef(hid, piece.len() as u64));
+        meta.push(format::ChunkRef::whole(hid, piece.len() as u64));
         start = end;
     }
     let mut m = m.clone();

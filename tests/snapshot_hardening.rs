@@ -332,7 +332,7 @@ fn a_forged_manifest_writes_nothing_outside_the_target() {
         ];
         let m = manifest_with(
             entries.clone(),
-            vec![format::ChunkRef(hid, payload.len() as u64)],
+            vec![format::ChunkRef::whole(hid, payload.len() as u64)],
             payload.len() as u64,
         );
         let json = serde_json::to_vec(&m).unwrap();
@@ -422,7 +422,7 @@ fn a_forged_entry_stream_is_refused_before_anything_is_written() {
                     )
                     .await
                     .unwrap();
-                format::ChunkRef(hid, data.len() as u64)
+                format::ChunkRef::whole(hid, data.len() as u64)
             }
         };
         let data_ref = put_chunk(payload.clone()).await;

@@ -407,47 +407,146 @@ enum Produced {
     /// A segment whose files did not change: the previous snapshot's chunks
     /// `range` (indexes into its volume's chunk list).
     Reused(std::ops::Range<usize>),
+    /// Unchanged files of a segment that changed: bytes `start..start+len` of what
+    /// the previous snapshot's chunks `range` hold (which may be slices themselves).
+    Slice {
+        range: std::ops::Range<usize>,
+        start: u64,
+        len: u64,
+    },
 }
 
-/// Identifies a segment's files as they were when scanned: if every file has the same
-/// path, size, extents, mtime, ctime and inode, its bytes are assumed unchanged (the
-/// rule restic and most backup tools use).
-fn segment_fingerprint(entries: &[format::Entry]) -> Option<[u8; 32]> {
+/// Identifies one entry as it was when scanned: if a file has the same path, size,
+/// extents, mtime, ctime and inode, its bytes are assumed unchanged (the rule restic
+/// and most backup tools use). 0 = cannot be compared (no change information, or
+/// zeros stored in place of the data): such a file is always read.
+fn entry_fingerprint(e: &format::Entry) -> u64 {
+    if e.kind == format::Kind::File && (e.ino == 0 || e.skipped.is_some()) {
+        return 0;
+    }
     let mut h = blake3::Hasher::new();
-    for e in entries {
-        if e.kind == format::Kind::File && (e.ino == 0 || e.skipped.is_some()) {
-            // no change information, or zeros in place of the data: always read
-            return None;
+    h.update(&e.path.to_bytes().unwrap_or_default());
+    h.update(&[0, e.kind as u8]);
+    if e.kind == format::Kind::File {
+        for v in [
+            e.size,
+            e.mtime as u64,
+            e.mtime_ns.into(),
+            e.ctime as u64,
+            e.ctime_ns.into(),
+            e.ino,
+        ] {
+            h.update(&v.to_le_bytes());
         }
-        h.update(&e.path.to_bytes().unwrap_or_default());
-        h.update(&[0]);
-        if e.kind == format::Kind::File {
-            for v in [
-                e.size,
-                e.mtime as u64,
-                e.mtime_ns.into(),
-                e.ctime as u64,
-                e.ctime_ns.into(),
-                e.ino,
-            ] {
-                h.update(&v.to_le_bytes());
-            }
-            for x in e.data_extents() {
-                h.update(&x[0].to_le_bytes());
-                h.update(&x[1].to_le_bytes());
-            }
+        for x in e.data_extents() {
+            h.update(&x[0].to_le_bytes());
+            h.update(&x[1].to_le_bytes());
         }
     }
-    Some(*h.finalize().as_bytes())
+    let b = h.finalize();
+    u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or_default()).max(1)
 }
 
-/// Segment fingerprint → the previous snapshot's chunks for exactly that segment (a
-/// range of its volume's chunk list: a clone of the refs per segment would cost more
-/// memory than the list itself once small files make many small segments).
-/// Segments are chunked independently, so their chunks start and end on segment
-/// boundaries; a segment where that does not hold (other chunker or grouping
-/// settings), or whose chunks are no longer in the bucket (a prune ran), is left out.
-/// The previous entry list is streamed, never held.
+/// Names a segment by its paths alone, so a segment where some files changed is
+/// found again (where groups end depends on paths, not contents).
+fn segment_key(entries: &[format::Entry]) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    for e in entries {
+        h.update(&e.path.to_bytes().unwrap_or_default());
+        h.update(&[0]);
+    }
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    k
+}
+
+/// A segment of the previous snapshot: its chunks (a range of its volume's chunk
+/// list: a clone of the refs per segment would cost more memory than the list itself
+/// once small files make many small segments), and each entry's fingerprint and
+/// stream length, so an unchanged file is found even when its neighbours changed.
+struct PrevSegment {
+    range: std::ops::Range<usize>,
+    fps: Box<[u64]>,
+    /// Empty when the segment cannot be sliced: a stream length past u32 (a big file
+    /// is a segment of its own and has nothing to keep when it changed), or a chunk
+    /// that is a format-1 object.
+    lens: Box<[u32]>,
+}
+
+/// A changed small-file group is rewritten whole past this many pieces of the old
+/// chunks or new reads, so slices do not fragment the stream night after night: a
+/// group that changed again is read and chunked afresh.
+const SLICE_PIECES_MAX: usize = 5;
+const SLICE_RANGE_MAX: usize = 4;
+
+/// How a segment is stored.
+enum SegmentPlan {
+    /// Unchanged: the previous chunks.
+    Reuse(std::ops::Range<usize>),
+    /// Some files changed: unchanged runs as slices of the previous chunks, the
+    /// others read.
+    Patch(std::ops::Range<usize>, Vec<Piece>),
+    /// Read and chunk everything.
+    Read,
+}
+
+enum Piece {
+    Old { start: u64, len: u64 },
+    New(std::ops::Range<usize>),
+}
+
+fn plan_segment(seg: &[format::Entry], reuse: &Reuse) -> SegmentPlan {
+    let Some(prev) = reuse.get(&segment_key(seg)) else {
+        return SegmentPlan::Read;
+    };
+    if prev.fps.len() != seg.len() {
+        return SegmentPlan::Read;
+    }
+    let same: Vec<bool> = seg
+        .iter()
+        .zip(prev.fps.iter())
+        .map(|(e, &fp)| fp != 0 && entry_fingerprint(e) == fp)
+        .collect();
+    if same.iter().all(|&s| s) {
+        return SegmentPlan::Reuse(prev.range.clone());
+    }
+    if prev.lens.len() != seg.len() || prev.range.len() > SLICE_RANGE_MAX {
+        return SegmentPlan::Read;
+    }
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut old_pos = 0u64;
+    let mut kept = 0u64;
+    for (i, e) in seg.iter().enumerate() {
+        let old_len = u64::from(prev.lens[i]);
+        if same[i] && old_len != e.stream_len() {
+            return SegmentPlan::Read;
+        }
+        match (same[i], pieces.last_mut()) {
+            (_, _) if same[i] && old_len == 0 => {}
+            (true, Some(Piece::Old { start, len })) if *start + *len == old_pos => *len += old_len,
+            (true, _) => pieces.push(Piece::Old {
+                start: old_pos,
+                len: old_len,
+            }),
+            (false, Some(Piece::New(r))) => r.end = i + 1,
+            (false, _) => pieces.push(Piece::New(i..i + 1)),
+        }
+        if same[i] {
+            kept += old_len;
+        }
+        old_pos += old_len;
+    }
+    if pieces.len() > SLICE_PIECES_MAX || kept == 0 {
+        return SegmentPlan::Read;
+    }
+    SegmentPlan::Patch(prev.range.clone(), pieces)
+}
+
+/// The previous snapshot's segments by [`segment_key`]. Segments are chunked
+/// independently, so their chunks start and end on segment boundaries; a segment
+/// where that does not hold (other chunker or grouping settings), or whose chunks
+/// are no longer in the bucket (a prune ran), is left out. The previous entry list
+/// is streamed, never held.
 async fn reusable_segments(
     store: &Store,
     keys: &Keys,
@@ -464,19 +563,34 @@ async fn reusable_segments(
         let end = stream_pos + len;
         let first = next;
         let mut aligned = chunk_pos == stream_pos;
+        let mut packed = true;
         while chunk_pos < end {
             let Some(c) = prev.chunks.get(next) else {
                 return false;
             };
             next += 1;
             chunk_pos += c.1;
-            aligned &= parse_chunk_key(&c.0).is_some_and(|id| index.contains(&id));
+            let id = parse_chunk_key(&c.0);
+            aligned &= id.is_some_and(|id| index.contains(&id));
+            packed &= id.is_some_and(|id| index.packed(&id));
         }
         aligned &= chunk_pos == end;
         if aligned && len > 0 {
-            if let Some(fp) = segment_fingerprint(&slice) {
-                out.insert(fp, first..next);
-            }
+            let lens: Option<Box<[u32]>> = slice
+                .iter()
+                .map(|e| u32::try_from(e.stream_len()).ok())
+                .collect();
+            let lens = lens
+                .filter(|_| packed && slice.len() > 1)
+                .unwrap_or_default();
+            out.insert(
+                segment_key(&slice),
+                PrevSegment {
+                    range: first..next,
+                    fps: slice.iter().map(entry_fingerprint).collect(),
+                    lens,
+                },
+            );
         }
         stream_pos = end;
         true
@@ -497,7 +611,7 @@ async fn reusable_segments(
     Ok(out)
 }
 
-type Reuse = HashMap<[u8; 32], std::ops::Range<usize>>;
+type Reuse = HashMap<[u8; 16], PrevSegment>;
 
 /// What the producer thread found besides the chunks.
 #[derive(Default)]
@@ -524,6 +638,55 @@ impl Walked {
     }
 }
 
+/// Reads `entries[range]` and sends its chunks; false when the receiver is gone or
+/// the read failed (the error was sent).
+fn read_chunks(
+    root: &std::path::Path,
+    keys: &Keys,
+    entries: &Arc<Vec<format::Entry>>,
+    range: std::ops::Range<usize>,
+    report: &Arc<std::sync::Mutex<fsio::ReadReport>>,
+    send: &dyn Fn(std::io::Result<Produced>) -> bool,
+) -> bool {
+    let len: u64 = entries[range.clone()].iter().map(|e| e.stream_len()).sum();
+    let mut reader = fsio::StreamReader::new(root, entries.clone(), range, report.clone());
+    if len <= u64::from(CHUNK_MIN) {
+        // FastCDC gives a stream this short back as one chunk; its streaming
+        // chunker would first allocate and zero a CHUNK_MAX buffer, for each
+        // of hundreds of thousands of small-file groups.
+        use std::io::Read;
+        let mut data = Vec::with_capacity(len as usize);
+        let msg = reader.read_to_end(&mut data).map(|_| Produced::Chunk {
+            id: keys.chunk_id(&data),
+            data,
+        });
+        let failed = msg.is_err();
+        let empty = matches!(&msg, Ok(Produced::Chunk { data, .. }) if data.is_empty());
+        return empty || (send(msg) && !failed);
+    }
+    let cdc = StreamCDC::with_level_and_seed(
+        reader,
+        CHUNK_MIN,
+        CHUNK_AVG,
+        CHUNK_MAX,
+        Normalization::Level1,
+        keys.chunker_seed(),
+    );
+    for c in cdc {
+        let msg = c
+            .map(|c| Produced::Chunk {
+                id: keys.chunk_id(&c.data),
+                data: c.data,
+            })
+            .map_err(std::io::Error::from);
+        let failed = msg.is_err();
+        if !send(msg) || failed {
+            return false;
+        }
+    }
+    true
+}
+
 /// The producer: walks the volume, reads each segment that changed and chunks it,
 /// then appends the segment's entries (now marked where a file could not be read) to
 /// the entry stream. Runs on a blocking thread; stops when the receiver is gone.
@@ -539,53 +702,28 @@ fn produce(
     let mut meta = MetaChunker::new(keys);
     let send = |p: std::io::Result<Produced>| tx.blocking_send(p).is_ok();
     let mut emit = |mut seg: Vec<format::Entry>, out: &mut Walked| -> bool {
-        let reused = segment_fingerprint(&seg).and_then(|fp| reuse.get(&fp));
-        if let Some(range) = reused {
-            if !send(Ok(Produced::Reused(range.clone()))) {
+        let plan = plan_segment(&seg, reuse);
+        if let SegmentPlan::Reuse(range) = plan {
+            if !send(Ok(Produced::Reused(range))) {
                 return false;
             }
         } else {
             let report = Arc::new(std::sync::Mutex::new(fsio::ReadReport::default()));
             let shared = Arc::new(seg);
             let n = shared.len();
-            let mut reader = fsio::StreamReader::new(root, shared.clone(), 0..n, report.clone());
-            let len: u64 = shared.iter().map(|e| e.stream_len()).sum();
-            if len <= u64::from(CHUNK_MIN) {
-                // FastCDC gives a stream this short back as one chunk; its streaming
-                // chunker would first allocate and zero a CHUNK_MAX buffer, for each
-                // of hundreds of thousands of small-file groups.
-                use std::io::Read;
-                let mut data = Vec::with_capacity(len as usize);
-                let msg = reader.read_to_end(&mut data).map(|_| Produced::Chunk {
-                    id: keys.chunk_id(&data),
-                    data,
-                });
-                let failed = msg.is_err();
-                let empty = matches!(&msg, Ok(Produced::Chunk { data, .. }) if data.is_empty());
-                if !empty && (!send(msg) || failed) {
-                    return false;
-                }
-            } else {
-                let cdc = StreamCDC::with_level_and_seed(
-                    reader,
-                    CHUNK_MIN,
-                    CHUNK_AVG,
-                    CHUNK_MAX,
-                    Normalization::Level1,
-                    keys.chunker_seed(),
-                );
-                for c in cdc {
-                    let msg = c
-                        .map(|c| Produced::Chunk {
-                            id: keys.chunk_id(&c.data),
-                            data: c.data,
-                        })
-                        .map_err(std::io::Error::from);
-                    let failed = msg.is_err();
-                    if !send(msg) || failed {
-                        return false;
-                    }
-                }
+            let ok = match plan {
+                SegmentPlan::Patch(range, pieces) => pieces.into_iter().all(|p| match p {
+                    Piece::Old { start, len } => send(Ok(Produced::Slice {
+                        range: range.clone(),
+                        start,
+                        len,
+                    })),
+                    Piece::New(r) => read_chunks(root, keys, &shared, r, &report, &send),
+                }),
+                _ => read_chunks(root, keys, &shared, 0..n, &report, &send),
+            };
+            if !ok {
+                return false;
             }
             seg = Arc::try_unwrap(shared).unwrap_or_else(|a| (*a).clone());
             let read = std::mem::take(&mut *report.lock().unwrap_or_else(|p| p.into_inner()));
@@ -642,6 +780,29 @@ fn produce(
     scan_warnings.append(&mut out.warnings);
     out.warnings = scan_warnings;
     Ok(out)
+}
+
+/// The pieces of `old` (a segment's chunk list, whole chunks or slices) that hold
+/// bytes `start..start+len` of their concatenation: whole chunks where a chunk lies
+/// entirely inside, slices of the underlying chunk otherwise (never a slice of a
+/// slice).
+fn slice_refs(old: &[ChunkRef], start: u64, len: u64, out: &mut Vec<ChunkRef>) {
+    let end = start + len;
+    let mut pos = 0u64;
+    for r in old {
+        let (a, b) = (pos, pos + r.1);
+        pos = b;
+        if b <= start || a >= end {
+            continue;
+        }
+        let (from, to) = (start.max(a), end.min(b));
+        if from == a && to == b {
+            out.push(r.clone());
+        } else {
+            let base = r.2.unwrap_or(0);
+            out.push(ChunkRef(r.0.clone(), to - from, Some(base + from - a)));
+        }
+    }
 }
 
 /// A sealed chunk on its way into a pack: which stream it belongs to.
@@ -711,6 +872,16 @@ async fn backup_volume(
                 }
                 continue;
             }
+            Ok(Produced::Slice { range, start, len }) => {
+                let old = prev.map_or(&[][..], |p| &p.chunks[range]);
+                let before = chunks.len();
+                slice_refs(old, start, len, &mut chunks);
+                stream_bytes += len;
+                step.inc(len);
+                stats.chunks_total += (chunks.len() - before) as u64;
+                stats.bytes_sliced += len;
+                continue;
+            }
             Err(e) => {
                 failure = Some(SnapshotError::io(&src.root, e));
                 break;
@@ -723,7 +894,7 @@ async fn backup_volume(
         } else {
             stream_bytes += len;
             step.inc(len);
-            chunks.push(ChunkRef(hex::encode(id), len));
+            chunks.push(ChunkRef::whole(hex::encode(id), len));
             stats.chunks_total += 1;
         }
         // The index the backup started from, and what it uploaded since: no second

@@ -127,6 +127,9 @@ async fn check_inner(
     // chunk id → (length, first snapshot needing it: an index into `names`); a
     // volume of small files has hundreds of thousands of chunks, so no string each.
     let mut needed: BTreeMap<[u8; 32], (u64, u32)> = BTreeMap::new();
+    // Sliced chunks (few: only changed small-file groups): the furthest end any
+    // slice needs, checked against the chunk's length once the index is loaded.
+    let mut slice_ends: BTreeMap<[u8; 32], (u64, u32)> = BTreeMap::new();
     let mut names: Vec<String> = Vec::new();
     let mut add = |m: &mut super::Manifest, id: &str, report: &mut CheckReport| {
         let n = names.len() as u32;
@@ -137,9 +140,20 @@ async fn check_inner(
                     .ok()
                     .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 {
-                    Some(cid) => {
-                        needed.entry(cid).or_insert((c.1, n));
-                    }
+                    Some(cid) => match c.2 {
+                        None => {
+                            let e = needed.entry(cid).or_insert((c.1, n));
+                            e.0 = c.1;
+                        }
+                        Some(off) => {
+                            needed.entry(cid).or_insert((0, n));
+                            let end = off.saturating_add(c.1);
+                            let e = slice_ends.entry(cid).or_insert((end, n));
+                            if end > e.0 {
+                                *e = (end, n);
+                            }
+                        }
+                    },
                     None => report
                         .problems
                         .push(format!("snapshot {id}: bad chunk id {}", c.0)),
@@ -199,6 +213,23 @@ async fn check_inner(
                 hex::encode(c),
                 index.why_missing(c)
             ));
+        }
+    }
+    for (c, (end, snap)) in &slice_ends {
+        let snap = &names[*snap as usize];
+        match index.locate(c) {
+            Some(Location::Pack { blob, .. }) if u64::from(blob.plain) < *end => {
+                report.problems.push(format!(
+                    "snapshot {snap}: chunk {} holds {} bytes, a slice needs {end}",
+                    hex::encode(c),
+                    blob.plain
+                ))
+            }
+            Some(Location::Object { .. }) => report.problems.push(format!(
+                "snapshot {snap}: chunk {} is a format-1 object, which is never sliced",
+                hex::encode(c)
+            )),
+            _ => {}
         }
     }
     if read == ReadData::None {
@@ -284,7 +315,7 @@ async fn check_inner(
     }
     let results: Vec<(String, u64, Result<Vec<u8>>)> = futures_util::stream::iter(legacy)
         .map(|(c, len, snap)| async move {
-            let r = fetch_chunk(store, keys, &ChunkRef(hex::encode(c), len)).await;
+            let r = fetch_chunk(store, keys, &ChunkRef::whole(hex::encode(c), len)).await;
             (snap, len, r.map(|_| Vec::new()))
         })
         .buffer_unordered(parallel.max(1))

@@ -369,5 +369,5 @@ pub async fn check_volume(
 
 /// The chunks of an entry stream, for the manifest (ids and lengths).
 pub fn chunk_ref(id: &[u8; 32], len: usize) -> ChunkRef {
-    ChunkRef(hex::encode(id), len as u64)
+    ChunkRef::whole(hex::encode(id), len as u64)
 }

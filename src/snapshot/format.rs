@@ -2,9 +2,11 @@
 //!
 //! Every volume is one byte stream: the data extents of its regular files,
 //! concatenated in entry order, cut into content-defined chunks. A file therefore
-//! owns the next `sum(extent lengths)` bytes of the stream; nothing in the manifest
-//! points into chunks by offset, which keeps it small and lets restore write files
-//! front to back while chunks arrive. See docs/snapshot-format.md.
+//! owns the next `sum(extent lengths)` bytes of the stream, and restore writes files
+//! front to back while chunks arrive. A stream piece is a whole chunk or, from
+//! version 5, a slice of one (an incremental backup keeps the unchanged files of a
+//! small-file group as slices of the group's old chunk and uploads only the changed
+//! files). See docs/snapshot-format.md.
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -17,8 +19,10 @@ use std::os::unix::ffi::OsStrExt;
 /// but its chunks live in packs (see `pack`), which older readers cannot find: they
 /// refuse the version instead of reporting missing chunks. 4 moves each volume's
 /// entry list out of the manifest into chunks of its own (see `entries`), so the
-/// manifest stays small whatever the file count. 1 to 3 still restore.
-pub const MANIFEST_VERSION: u32 = 4;
+/// manifest stays small whatever the file count. 5 lets a chunk list name a slice of a
+/// chunk (`[id, length, offset]`), which older readers would take for a whole chunk
+/// of the wrong length. 1 to 4 still restore.
+pub const MANIFEST_VERSION: u32 = 5;
 
 /// Largest sealed manifest any reader accepts. A manifest entry compresses to well
 /// under 100 bytes, so this holds tens of millions of files; it exists so a planted
@@ -215,9 +219,55 @@ impl Entry {
     }
 }
 
-/// One chunk of a volume stream: id (hex of the keyed BLAKE3) and plaintext length.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChunkRef(pub String, pub u64);
+/// One piece of a volume stream: chunk id (hex of the keyed BLAKE3) and plaintext
+/// length, and for a slice (version 5) the offset of the piece in the chunk's
+/// plaintext. JSON: `[id, length]` for a whole chunk, `[id, length, offset]` for a
+/// slice, whose length is then the slice's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRef(pub String, pub u64, pub Option<u64>);
+
+impl ChunkRef {
+    /// A whole chunk.
+    pub fn whole(id: String, len: u64) -> Self {
+        ChunkRef(id, len, None)
+    }
+}
+
+impl Serialize for ChunkRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut t = s.serialize_tuple(if self.2.is_some() { 3 } else { 2 })?;
+        t.serialize_element(&self.0)?;
+        t.serialize_element(&self.1)?;
+        if let Some(off) = self.2 {
+            t.serialize_element(&off)?;
+        }
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ChunkRef;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("[chunk id, length] or [chunk id, length, offset]")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<ChunkRef, A::Error> {
+                use serde::de::Error;
+                let id: String = a.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                let len: u64 = a.next_element()?.ok_or_else(|| A::Error::invalid_length(1, &self))?;
+                let off: Option<u64> = a.next_element()?;
+                if a.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(A::Error::invalid_length(4, &self));
+                }
+                Ok(ChunkRef(id, len, off))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {
@@ -257,6 +307,10 @@ pub struct Stats {
     /// Pack objects this snapshot uploaded.
     #[serde(default)]
     pub packs_new: u64,
+    /// Bytes of unchanged files kept as slices of older chunks (version 5): files
+    /// whose small-file group changed elsewhere.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_sliced: u64,
     pub files: u64,
     pub duration_ms: u64,
     /// Files left out: vanished or replaced between scan and read, unreadable, or
@@ -323,6 +377,22 @@ impl Manifest {
                 if c.0.len() != 64 || hex::decode(&c.0).is_err() {
                     return Err(format!("volume {}: bad chunk id {:?}", v.name, c.0));
                 }
+            }
+            // Slices exist from version 5, in the data stream only; a slice's end is
+            // checked against the chunk's real length when the chunk is located.
+            for c in v.chunks.iter().filter(|c| c.2.is_some()) {
+                if self.version < 5 {
+                    return Err(format!(
+                        "volume {}: version {} has no chunk slices",
+                        v.name, self.version
+                    ));
+                }
+                if c.1 == 0 || c.2.unwrap_or(0).checked_add(c.1).is_none() {
+                    return Err(format!("volume {}: bad slice of chunk {}", v.name, c.0));
+                }
+            }
+            if v.meta.iter().any(|c| c.2.is_some()) {
+                return Err(format!("volume {}: entry chunks are never sliced", v.name));
             }
             // Version 4 lists entries only in `meta` (checked as they stream, before
             // restore writes anything); older versions hold them here.

@@ -573,6 +573,11 @@ impl Index {
             .unwrap_or_else(|| "no index, pack or chunk object holds it".into())
     }
 
+    /// Whether the chunk lies in a pack (and so can be sliced by a ranged read).
+    pub fn packed(&self, id: &[u8; 32]) -> bool {
+        self.chunks.contains_key(id)
+    }
+
     pub fn contains(&self, id: &[u8; 32]) -> bool {
         self.chunks.contains_key(id) || self.legacy.contains_key(id)
     }

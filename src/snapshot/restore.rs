@@ -357,12 +357,31 @@ pub fn plan(index: &Index, chunks: &[ChunkRef], range_max: u64) -> Result<Vec<Fe
                     key: index.why_missing(&id),
                 })
             }
+            Some(Location::Object { .. }) if c.2.is_some() => {
+                // Backups slice only packed chunks: a format-1 object's length is
+                // known from the manifest alone, which a slice does not give.
+                return Err(SnapshotError::CorruptChunk {
+                    id: c.0.clone(),
+                    reason: "the manifest names a slice of a format-1 chunk object".into(),
+                });
+            }
             Some(Location::Object { .. }) => {
                 window.flush(index, &mut out);
                 out.push(Fetch::Object(c.clone()));
             }
             Some(Location::Pack { pack, blob }) => {
-                if u64::from(blob.plain) != c.1 {
+                if let Some(off) = c.2 {
+                    if off.saturating_add(c.1) > u64::from(blob.plain) {
+                        return Err(SnapshotError::CorruptChunk {
+                            id: c.0.clone(),
+                            reason: format!(
+                                "the manifest slices bytes {off}..{} of it, the index gives it {}",
+                                off.saturating_add(c.1),
+                                blob.plain
+                            ),
+                        });
+                    }
+                } else if u64::from(blob.plain) != c.1 {
                     return Err(SnapshotError::CorruptChunk {
                         id: c.0.clone(),
                         reason: format!(
@@ -720,6 +739,8 @@ async fn restore_volume(
             .map(|f| fetch(store, keys, f))
             .buffered(opts.parallel.clamp(1, RANGES_IN_FLIGHT));
         let mut failure = None;
+        // The plan gives every piece's chunk in stream order; slices keep their part.
+        let mut pieces = v.chunks.iter();
         'fetching: while let Some(r) = fetches.next().await {
             while let Ok(n) = prx.try_recv() {
                 step.inc(n);
@@ -727,6 +748,25 @@ async fn restore_volume(
             match r {
                 Ok(chunks) => {
                     for data in chunks {
+                        let data = match pieces.next() {
+                            Some(ChunkRef(id, len, Some(off))) => {
+                                let (off, len) = (*off as usize, *len as usize);
+                                match data.get(off..off.saturating_add(len)) {
+                                    Some(part) => part.to_vec(),
+                                    None => {
+                                        failure = Some(SnapshotError::CorruptChunk {
+                                            id: id.clone(),
+                                            reason: format!(
+                                                "{} bytes, the manifest slices past them",
+                                                data.len()
+                                            ),
+                                        });
+                                        break 'fetching;
+                                    }
+                                }
+                            }
+                            _ => data,
+                        };
                         if tx.send(data).await.is_err() {
                             break 'fetching; // the writer failed; its error is reported below
                         }
