@@ -6,9 +6,11 @@
 # Then a volume of 100 sparse files of 1 GiB (100 GiB, 400 MiB of data) the same way.
 # Writes the `## Snapshots at scale` section of docs/benchmarks.md.
 #
-# restic (Debian's) runs the same steps on the same tree and Garage, for comparison.
+# restic (Debian's) and rustic (crates.io rustic-rs) run the same steps on the same
+# tree and Garage, for comparison.
 #
-#   bash benches/scale.sh                         # 2,000,000 files (about 45 minutes)
+#   bash benches/scale.sh                         # 2,000,000 files (about an hour)
+#   INSTALL=1 bash benches/scale.sh               # first install restic and rustic
 #   IMGBUILD_SCALE_FILES=500000 bash benches/scale.sh
 #
 # Not a timed test: numbers depend on the machine; CI runs the 20k/200k growth test
@@ -18,7 +20,13 @@ cd "$(dirname "$0")/.."
 command -v garage >/dev/null || [ -x "$HOME/.cargo/bin/garage" ] ||
   { echo "garage missing: run bash .ci/deps.sh --tests" >&2; exit 1; }
 [ -x /usr/bin/time ] || { echo "GNU time missing: apt-get install time" >&2; exit 1; }
+if [ "${INSTALL:-0}" = 1 ]; then
+  command -v restic >/dev/null || { apt-get update -q && apt-get install -y -q restic; }
+  command -v rustic >/dev/null || [ -x "$HOME/.cargo/bin/rustic" ] || cargo install rustic-rs --locked
+fi
 command -v restic >/dev/null || { echo "restic missing: apt-get install restic" >&2; exit 1; }
+command -v rustic >/dev/null || [ -x "$HOME/.cargo/bin/rustic" ] ||
+  { echo "rustic missing: cargo install rustic-rs --locked" >&2; exit 1; }
 out=$(mktemp) out2=$(mktemp)
 trap 'rm -f "$out" "$out2"' EXIT
 IMGBUILD_SCALE_OUT_TABLE="$out" cargo test --release --test snapshot_scale -- --ignored \

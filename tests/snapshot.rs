@@ -174,7 +174,11 @@ fn a_spread_change_uploads_only_the_changed_files_and_entry_chunks() {
             async move {
                 let out = env.path(&format!("out{n}"));
                 restore_id(store, env, &id, &out).await.unwrap();
-                assert_eq!(tree_hash(v), tree_hash(&out.join("v/_data")), "snapshot {n}");
+                assert_eq!(
+                    tree_hash(v),
+                    tree_hash(&out.join("v/_data")),
+                    "snapshot {n}"
+                );
                 std::fs::remove_dir_all(&out).unwrap();
             }
         };
@@ -225,7 +229,9 @@ fn a_spread_change_uploads_only_the_changed_files_and_entry_chunks() {
         assert_eq!(st.bytes_sliced, group_bytes - written, "{st:?}");
         assert_eq!(st.entry_bytes_new, entries_touched, "{st:?}");
         assert!(entries_touched * 2 < st.entry_bytes, "{st:?}");
-        let m = restore::load_manifest(&store, &keys, &second.id).await.unwrap();
+        let m = restore::load_manifest(&store, &keys, &second.id)
+            .await
+            .unwrap();
         assert_eq!(m.version, 5);
         let slices = m.volumes[0].chunks.iter().filter(|c| c.2.is_some()).count();
         assert!(slices >= changed.len(), "{slices} slices");

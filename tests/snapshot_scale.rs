@@ -169,7 +169,10 @@ fn report(title: &str, runs: &[Run]) {
     if let Ok(p) = std::env::var("IMGBUILD_SCALE_OUT_TABLE") {
         std::fs::write(p, &table).unwrap();
     }
-    for r in runs.iter().filter(|r| !r.op.starts_with("restic")) {
+    for r in runs
+        .iter()
+        .filter(|r| !r.op.starts_with("restic") && !r.op.starts_with("rustic"))
+    {
         assert!(
             r.rss_mib <= 256.0,
             "{}: peak RSS {:.1} MiB",
@@ -341,14 +344,43 @@ fn memory_does_not_grow_with_the_file_count() {
     }
 }
 
-/// restic (Debian's) on the same tree, the same steps, the same Garage: each step under
-/// GNU time, and the bytes its repository grew by.
-fn restic_operations(env: &Env, work: &Path, files: u64, max: usize) -> Vec<Run> {
-    let restic = ["/usr/bin/restic", "/usr/local/bin/restic"]
-        .iter()
-        .map(PathBuf::from)
+/// A peer tool measured beside imgbuild.
+#[derive(Clone, Copy, PartialEq)]
+enum Peer {
+    /// restic from Debian's archive.
+    Restic,
+    /// rustic-rs from crates.io (`cargo install rustic-rs --locked`).
+    Rustic,
+}
+
+fn find_peer(peer: Peer) -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let (candidates, hint) = match peer {
+        Peer::Restic => (
+            vec![
+                PathBuf::from("/usr/bin/restic"),
+                "/usr/local/bin/restic".into(),
+            ],
+            "apt-get install restic",
+        ),
+        Peer::Rustic => (
+            vec![
+                PathBuf::from(&home).join(".cargo/bin/rustic"),
+                "/usr/local/bin/rustic".into(),
+            ],
+            "cargo install rustic-rs --locked",
+        ),
+    };
+    candidates
+        .into_iter()
         .find(|p| p.is_file())
-        .expect("restic is not installed: apt-get install restic (benches/scale.sh checks this)");
+        .unwrap_or_else(|| panic!("not installed: {hint} (benches/scale.sh INSTALL=1 does this)"))
+}
+
+/// A peer (restic, rustic) on the same tree, the same steps, the same Garage: each
+/// step under GNU time, and the bytes its repository grew by.
+fn peer_operations(env: &Env, work: &Path, files: u64, max: usize, peer: Peer) -> Vec<Run> {
+    let exe = find_peer(peer);
     let creds = std::fs::read_to_string(env.cfg.credentials_file.as_ref().unwrap()).unwrap();
     let var = |k: &str| {
         creds
@@ -357,18 +389,37 @@ fn restic_operations(env: &Env, work: &Path, files: u64, max: usize) -> Vec<Run>
             .unwrap_or_default()
             .to_string()
     };
-    let repo = format!(
-        "s3:{}/{}/restic",
-        env.cfg.endpoint.as_deref().unwrap(),
-        env.cfg.bucket
-    );
-    let src = work.join("restic-src");
+    let endpoint = env.cfg.endpoint.clone().unwrap();
+    let (name, dir) = match peer {
+        Peer::Restic => ("restic", "restic"),
+        Peer::Rustic => ("rustic", "rustic"),
+    };
+    let repo = format!("s3:{endpoint}/{}/{dir}", env.cfg.bucket);
+    // rustic takes its S3 settings from a profile file (`-P <path without .toml>`).
+    let profile = work.join("rustic-scale");
+    if peer == Peer::Rustic {
+        std::fs::create_dir_all(work).unwrap();
+        std::fs::write(
+            profile.with_extension("toml"),
+            format!(
+                "[repository]\nrepository = \"opendal:s3\"\npassword = \"scale\"\n\
+                 [repository.options]\nendpoint = \"{endpoint}\"\nbucket = \"{}\"\n\
+                 root = \"/{dir}\"\nregion = \"garage\"\naccess_key_id = \"{}\"\n\
+                 secret_access_key = \"{}\"\n",
+                env.cfg.bucket,
+                var("AWS_ACCESS_KEY_ID"),
+                var("AWS_SECRET_ACCESS_KEY")
+            ),
+        )
+        .unwrap();
+    }
+    let src = work.join(format!("{name}-src"));
     make_tree(&src, files, max);
     let stored = || {
         rt().block_on(async {
             let store = env.store().await;
             store
-                .list("restic/")
+                .list(&format!("{dir}/"))
                 .await
                 .unwrap()
                 .iter()
@@ -376,38 +427,61 @@ fn restic_operations(env: &Env, work: &Path, files: u64, max: usize) -> Vec<Run>
                 .sum::<u64>()
         })
     };
-    let step = |op: &'static str, args: &[&str]| -> Run {
+    let step = |op: String, args: &[&str]| -> Run {
         let before = stored();
-        let (_, secs, rss) = timed(op, &restic, |c| {
-            c.args(["-r", &repo, "-o", "s3.region=garage", "-q"])
-                .args(args)
-                .env("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID"))
-                .env("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY"))
-                .env("RESTIC_PASSWORD", "scale");
+        let (_, secs, rss) = timed(&op, &exe, |c| {
+            match peer {
+                Peer::Restic => c
+                    .args(["-r", &repo, "-o", "s3.region=garage", "-q"])
+                    .env("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID"))
+                    .env("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY"))
+                    .env("RESTIC_PASSWORD", "scale"),
+                Peer::Rustic => c.args(["-P", profile.to_str().unwrap(), "--no-progress"]),
+            };
+            c.args(args);
         });
         let grew = stored().saturating_sub(before);
         let result = format!(
             "repository grew by {:.1} MiB",
             grew as f64 / (1 << 20) as f64
         );
-        Run::new(op, secs, rss, result)
+        Run::new(Box::leak(op.into_boxed_str()), secs, rss, result)
     };
-    step("init", &["init"]);
+    step(format!("{name}: init"), &["init"]);
     let src_s = src.to_str().unwrap();
-    let mut runs = vec![step("restic: full backup", &["backup", src_s])];
-    runs.push(step("restic: backup, nothing changed", &["backup", src_s]));
-    change_one_percent(&src, files);
-    runs.push(step("restic: incremental backup (1 %)", &["backup", src_s]));
-    let out = work.join("restic-out");
+    let mut runs = vec![step(format!("{name}: full backup"), &["backup", src_s])];
     runs.push(step(
-        "restic: restore",
-        &["restore", "latest", "--target", out.to_str().unwrap()],
+        format!("{name}: backup, nothing changed"),
+        &["backup", src_s],
     ));
-    let restored = out.join(src.strip_prefix("/").unwrap());
+    change_one_percent(&src, files);
+    runs.push(step(
+        format!("{name}: incremental backup (1 %)"),
+        &["backup", src_s],
+    ));
+    let out = work.join(format!("{name}-out"));
+    let out_s = out.to_str().unwrap();
+    let (restore_args, restored) = match peer {
+        Peer::Restic => (
+            vec!["restore", "latest", "--target", out_s],
+            out.join(src.strip_prefix("/").unwrap()),
+        ),
+        Peer::Rustic => (
+            vec!["restore", "latest", out_s],
+            out.join(src.strip_prefix("/").unwrap()),
+        ),
+    };
+    runs.push(step(format!("{name}: restore"), &restore_args));
+    // rustic may restore the tree at the target itself rather than below its path.
+    let restored = if restored.is_dir() {
+        restored
+    } else {
+        out.clone()
+    };
     assert_eq!(
         content_hash(&src),
         content_hash(&restored),
-        "restic's restore differs"
+        "{name}'s restore differs"
     );
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&src);
@@ -423,7 +497,20 @@ fn scale_2m_files() {
         .unwrap_or(2_000_000);
     let env = Env::garage(None);
     let mut runs = operations(&env, &env.path("w"), files, 2048);
-    runs.extend(restic_operations(&env, &env.path("w"), files, 2048));
+    runs.extend(peer_operations(
+        &env,
+        &env.path("w"),
+        files,
+        2048,
+        Peer::Restic,
+    ));
+    runs.extend(peer_operations(
+        &env,
+        &env.path("w"),
+        files,
+        2048,
+        Peer::Rustic,
+    ));
     report(
         &format!(
             "{files} files (0-2 KiB each, a thousand per directory) on Garage 2.5, single node \

@@ -33,9 +33,12 @@ pub const META_LINES_MIN: usize = 64;
 const META_ANCHOR: u64 = 32;
 pub const META_MAX: u32 = 1024 * 1024;
 
-/// Largest ranged GET for entry chunks: they compress about tenfold, and every fetched
-/// range is held decompressed until its entries are consumed.
+/// Largest ranged GET for entry chunks, and the most plaintext one may hold: they
+/// compress tenfold and more (twentyfold for a directory of similar names), and every
+/// fetched range is held decompressed until its entries are consumed. Bounded by
+/// sealed bytes alone, one fetch held 20 MiB of entries.
 const META_RANGE_MAX: u64 = 1024 * 1024;
+const META_PLAIN_MAX: u64 = 4 * 1024 * 1024;
 /// Entry fetches in flight ahead of the reader.
 const META_PREFETCH: usize = 2;
 
@@ -143,7 +146,7 @@ impl EntryReader {
         let plan = if v.meta.is_empty() {
             Vec::new()
         } else {
-            restore::plan(index, &v.meta, META_RANGE_MAX)?
+            restore::plan_bounded(index, &v.meta, META_RANGE_MAX, META_PLAIN_MAX)?
         };
         Ok(EntryReader {
             inline: v.entries.clone().into_iter(),

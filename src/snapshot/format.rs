@@ -254,10 +254,17 @@ impl<'de> Deserialize<'de> for ChunkRef {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("[chunk id, length] or [chunk id, length, offset]")
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<ChunkRef, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<ChunkRef, A::Error> {
                 use serde::de::Error;
-                let id: String = a.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
-                let len: u64 = a.next_element()?.ok_or_else(|| A::Error::invalid_length(1, &self))?;
+                let id: String = a
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                let len: u64 = a
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(1, &self))?;
                 let off: Option<u64> = a.next_element()?;
                 if a.next_element::<serde::de::IgnoredAny>()?.is_some() {
                     return Err(A::Error::invalid_length(4, &self));

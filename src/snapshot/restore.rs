@@ -272,11 +272,26 @@ struct Window {
     ranges: Vec<(usize, u64, u64, Vec<Blob>)>,
     order: Vec<(u32, u32)>,
     bytes: u64,
+    /// Plaintext bytes the fetch will hold once opened, and the most it may.
+    plain: u64,
+    plain_max: u64,
 }
 
 impl Window {
+    fn new(plain_max: u64) -> Self {
+        Window {
+            plain_max,
+            ..Window::default()
+        }
+    }
+
     /// Adds a chunk of pack `pack` if the window can take it.
     fn add(&mut self, pack: usize, blob: Blob, range_max: u64) -> bool {
+        let plain = u64::from(blob.plain);
+        if !self.order.is_empty() && self.plain + plain > self.plain_max {
+            return false;
+        }
+        self.plain += plain;
         for (r, (p, start, len, blobs)) in self.ranges.iter_mut().enumerate() {
             if *p != pack {
                 continue;
@@ -314,7 +329,7 @@ impl Window {
     }
 
     fn flush(&mut self, index: &Index, out: &mut Vec<Fetch>) {
-        let w = std::mem::take(self);
+        let w = std::mem::replace(self, Window::new(self.plain_max));
         let mut ranges: Vec<Fetch> = w
             .ranges
             .into_iter()
@@ -346,8 +361,20 @@ impl Window {
 /// has no place. Chunks close to each other in one pack share a ranged GET, and
 /// ranges of several packs (at most `range_max` together) share one fetch.
 pub fn plan(index: &Index, chunks: &[ChunkRef], range_max: u64) -> Result<Vec<Fetch>> {
+    plan_bounded(index, chunks, range_max, u64::MAX)
+}
+
+/// As [`plan`], each fetch also holding at most `plain_max` bytes once its chunks are
+/// opened (unless one chunk is larger): entry chunks compress tenfold and more, so a
+/// range's sealed size says little about the memory its entries take.
+pub fn plan_bounded(
+    index: &Index,
+    chunks: &[ChunkRef],
+    range_max: u64,
+    plain_max: u64,
+) -> Result<Vec<Fetch>> {
     let mut out: Vec<Fetch> = Vec::new();
-    let mut window = Window::default();
+    let mut window = Window::new(plain_max);
     for c in chunks {
         let id = parse_id(c)?;
         match index.locate(&id) {
