@@ -230,6 +230,8 @@ fn the_documented_script_restores_a_packed_bucket() {
     let lines_first = tree_lines(&vol);
     std::fs::write(vol.join("new.bin"), noise(9, 5 << 20)).unwrap();
     std::fs::write(vol.join("small/f0001.txt"), b"changed\n").unwrap();
+    // An existing file in a group of others: the group keeps them as slices.
+    std::fs::write(vol.join("small/a/f0004.txt"), b"changed too\n").unwrap();
     let second = rt.block_on(backup_with(&store, &keys, &vol, PACK_TARGET_MIN));
     let lines_second = tree_lines(&vol);
 
@@ -487,7 +489,7 @@ fn the_documented_script_restores_a_format1_bucket() {
     });
     let o = run_script(&env, &s, &prefix, &env.path("out-v4"), None);
     assert_restored(&o, &env.path("out-v4"), "data", &lines_new);
-    assert!(stderr(&o).contains("JSON version 4"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("JSON version 5"), "{}", stderr(&o));
 
     // A chunk object with its tag flipped: refused.
     let m2 = rt
@@ -578,7 +580,7 @@ fn the_documented_script_checks_version4_entry_lists() {
     let m = rt
         .block_on(restore::load_manifest(&store, &keys, &id))
         .unwrap();
-    assert_eq!((m.version, m.volumes[0].meta.len()), (4, 1));
+    assert_eq!((m.version, m.volumes[0].meta.len()), (5, 1));
     let list = rt.block_on(entry_list(&store, &keys, &m.volumes[0]));
     let paths: Vec<Vec<u8>> = list.iter().map(|e| e.path.to_bytes().unwrap()).collect();
     let expected: [&[u8]; 9] = [
@@ -604,7 +606,7 @@ fn the_documented_script_checks_version4_entry_lists() {
     // The snapshot as written, then the same list cut into three chunks mid-line.
     let o = run_script(&env, &s, &prefix, &env.path("out"), None);
     assert_restored(&o, &env.path("out"), "data", &lines);
-    assert!(stderr(&o).contains("JSON version 4"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("JSON version 5"), "{}", stderr(&o));
     let bytes = encode(&list);
     let cuts = [bytes.len() / 3, bytes.len() / 3 + 7];
     assert!(cuts.iter().all(|&c| bytes[c - 1] != b'\n'), "cuts mid-line");
