@@ -305,10 +305,10 @@ async fn backup_locked(
     })
 }
 
-/// Small files are grouped: a group closes after a file whose keyed path hash selects
-/// it (one in SEGMENT_ANCHOR), once it holds SEGMENT_FILES_MIN files with data.
-/// Counting files, not bytes, is what keeps an edit local: a changed file's new size
-/// moves no other group's end. The minimum keeps groups near the mean (a pure 1-in-N
+/// Small files are grouped: a group closes after an entry whose keyed path hash
+/// selects it (one in SEGMENT_ANCHOR), once it holds SEGMENT_FILES_MIN entries.
+/// Counting entries, not bytes, is what keeps an edit local: a changed file's new size
+/// moves no other group's end (nor does a file that was empty and now holds data). The minimum keeps groups near the mean (a pure 1-in-N
 /// anchor makes the group around a changed file twice the mean size on average).
 pub const SEGMENT_FILES_MIN: usize = 8;
 const SEGMENT_ANCHOR: u64 = 2;
@@ -332,8 +332,8 @@ pub(crate) fn path_anchor(keys: &Keys, path: &format::Name, lane: usize, one_in:
 /// chunker's do: a file of at least CHUNK_MIN bytes is a segment of its own (an edit
 /// in it cannot shift the chunks of its neighbours), and small files are grouped,
 /// closing a group after a file whose path hash picks it as an anchor once the group
-/// holds SEGMENT_FILES_MIN files with data. Where groups end depends on paths and on
-/// which files hold data, never on sizes (up to the SEGMENT_MAX cap), so an edited
+/// holds SEGMENT_FILES_MIN entries. Where groups end depends on paths only, never on
+/// sizes (up to the SEGMENT_MAX cap, and but for a file growing past CHUNK_MIN), so an edited
 /// small file changes only the chunk of its own group, and an added or removed file
 /// only its group and the next few. (Only backup uses this; the manifest lists chunks
 /// per volume.)
@@ -368,10 +368,11 @@ impl<'k> Segmenter<'k> {
             return out;
         }
         self.bytes += len;
-        self.files += usize::from(len > 0);
-        let anchor = len > 0
-            && self.files >= SEGMENT_FILES_MIN
-            && path_anchor(self.keys, &e.path, 0, SEGMENT_ANCHOR);
+        // Every entry counts, empty or not: a file that was empty and now holds data
+        // (or the reverse) must not move where its group ends.
+        self.files += 1;
+        let anchor =
+            self.files >= SEGMENT_FILES_MIN && path_anchor(self.keys, &e.path, 0, SEGMENT_ANCHOR);
         self.cur.push(e);
         if (len > 0 && self.bytes >= SEGMENT_MAX) || anchor || self.cur.len() >= SEGMENT_ENTRIES_MAX
         {
