@@ -9,7 +9,8 @@
 # restic (Debian's) and rustic (crates.io rustic-rs) run the same steps on the same
 # tree and Garage, for comparison.
 #
-#   bash benches/scale.sh                         # 2,000,000 files (about an hour)
+#   bash benches/scale.sh                         # 2,000,000 files (about an hour,
+#                                                 # about 30 GB of free disk)
 #   INSTALL=1 bash benches/scale.sh               # first install restic and rustic
 #   IMGBUILD_SCALE_FILES=500000 bash benches/scale.sh
 #
