@@ -582,8 +582,8 @@ impl Index {
         self.chunks.contains_key(id) || self.legacy.contains_key(id)
     }
 
-    /// How many chunk ids have a place, and how many of those `referenced` rejects
-    /// (the counts of [`Self::known`] without a second set of every id).
+    /// How many chunk ids have a place (in a pack or a format-1 object), and how many
+    /// of those `referenced` rejects, without a second set of every id.
     pub fn count_ids(&self, referenced: impl Fn(&[u8; 32]) -> bool) -> (u64, u64) {
         let ids = self.chunks.keys().chain(
             self.legacy
@@ -591,15 +591,6 @@ impl Index {
                 .filter(|id| !self.chunks.contains_key(*id)),
         );
         ids.fold((0, 0), |(n, u), id| (n + 1, u + u64::from(!referenced(id))))
-    }
-
-    /// Every chunk id with a place (for dedup).
-    pub fn known(&self) -> std::collections::HashSet<[u8; 32]> {
-        self.chunks
-            .keys()
-            .chain(self.legacy.keys())
-            .copied()
-            .collect()
     }
 
     /// The object holding a chunk (pack or format-1 object), with the prefix.
