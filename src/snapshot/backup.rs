@@ -419,15 +419,16 @@ enum Produced {
 
 /// Identifies one entry as it was when scanned: if a file has the same path, size,
 /// extents, mtime, ctime and inode, its bytes are assumed unchanged (the rule restic
-/// and most backup tools use). 0 = cannot be compared (no change information, or
-/// zeros stored in place of the data): such a file is always read.
+/// and most backup tools use). The path is not hashed here: fingerprints are only
+/// compared position by position within segments whose [`segment_key`] (their paths,
+/// in order) matched. 0 = cannot be compared (no change information, or zeros stored
+/// in place of the data): such a file is always read.
 fn entry_fingerprint(e: &format::Entry) -> u64 {
     if e.kind == format::Kind::File && (e.ino == 0 || e.skipped.is_some()) {
         return 0;
     }
     let mut h = blake3::Hasher::new();
-    h.update(&e.path.to_bytes().unwrap_or_default());
-    h.update(&[0, e.kind as u8]);
+    h.update(&[e.kind as u8]);
     if e.kind == format::Kind::File {
         for v in [
             e.size,
