@@ -13,6 +13,7 @@
 #                                                 # about 30 GB of free disk)
 #   INSTALL=1 bash benches/scale.sh               # first install restic and rustic
 #   IMGBUILD_SCALE_FILES=500000 bash benches/scale.sh
+#   IMGBUILD_SCALE_PEERS=0 bash benches/scale.sh  # imgbuild alone (still needs both installed)
 #
 # Not a timed test: numbers depend on the machine; CI runs the 20k/200k growth test
 # (tests/snapshot_scale.rs) instead.

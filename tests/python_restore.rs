@@ -256,7 +256,7 @@ fn the_documented_script_restores_a_packed_bucket() {
     assert!(v.meta.len() >= 2, "entry chunks: {:?}", v.meta);
     // The writer cuts the entry stream after lines (lines cut anywhere, as earlier
     // writers did, are read by the version-4 test below).
-    let meta: Vec<Vec<u8>> = rt.block_on(async {
+    let meta: Vec<bytes::Bytes> = rt.block_on(async {
         let ix = Index::load(&store, &keys).await.unwrap();
         let mut out = Vec::new();
         for f in restore::plan(&ix, &v.meta, u64::MAX).unwrap() {

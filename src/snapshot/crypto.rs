@@ -6,7 +6,7 @@
 //! byte layouts are in docs/snapshot-format.md; change them only with a new version.
 
 use super::error::{Result, SnapshotError};
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use std::path::Path;
@@ -217,18 +217,50 @@ impl Keys {
     /// Opens and verifies a chunk: AEAD tag, then the keyed hash of the plaintext
     /// against the id it was asked for. `expected_len` bounds decompression.
     pub fn open_chunk(&self, id: &[u8; 32], sealed: &[u8], expected_len: usize) -> Result<Vec<u8>> {
+        let mut buf = sealed.to_vec();
+        Ok(
+            match self.open_chunk_in_place(id, &mut buf, expected_len)? {
+                Opened::Within(r) => {
+                    buf.truncate(r.end);
+                    buf.drain(..r.start);
+                    buf
+                }
+                Opened::Owned(v) => v,
+            },
+        )
+    }
+
+    /// As [`Keys::open_chunk`], decrypting in `sealed`'s own buffer: a stored-raw
+    /// chunk's plaintext is then a range of it, and a restore hands it on without
+    /// copying it.
+    pub fn open_chunk_in_place(
+        &self,
+        id: &[u8; 32],
+        sealed: &mut [u8],
+        expected_len: usize,
+    ) -> Result<Opened> {
         let hid = hex::encode(id);
         let corrupt = |reason: &str| SnapshotError::CorruptChunk {
             id: hid.clone(),
             reason: reason.to_string(),
         };
-        let body = open(&self.data_key, id, sealed).map_err(&corrupt)?;
-        let (flag, payload) = body.split_first().ok_or_else(|| corrupt("empty payload"))?;
-        let plain = match *flag {
-            STORED_RAW => payload.to_vec(),
-            STORED_ZSTD => zstd::bulk::decompress(payload, expected_len)
-                .map_err(|e| corrupt(&format!("zstd: {e}")))?,
+        let body = open_in_place(&self.data_key, id, sealed).map_err(&corrupt)?;
+        let flag = *sealed
+            .get(body.start)
+            .filter(|_| !body.is_empty())
+            .ok_or_else(|| corrupt("empty payload"))?;
+        let payload = body.start + 1..body.end;
+        let opened = match flag {
+            STORED_RAW => Opened::Within(payload),
+            STORED_ZSTD => Opened::Owned(
+                zstd::bulk::decompress(&sealed[payload], expected_len)
+                    .map_err(|e| corrupt(&format!("zstd: {e}")))?,
+            ),
             other => return Err(corrupt(&format!("unknown storage flag {other}"))),
+        };
+        let plain = match &opened {
+            Opened::Within(r) => &sealed[r.clone()],
+            Opened::Owned(v) => &v[..],
         };
         if plain.len() != expected_len {
             return Err(corrupt(&format!(
@@ -236,10 +268,10 @@ impl Keys {
                 plain.len()
             )));
         }
-        if &self.chunk_id(&plain) != id {
+        if &self.chunk_id(plain) != id {
             return Err(corrupt("content does not match its id"));
         }
-        Ok(plain)
+        Ok(opened)
     }
 
     /// A shipped WAL file: `version(1) | nonce(24) | XChaCha20-Poly1305(flag(1) |
@@ -641,6 +673,35 @@ fn seal(key: &[u8; 32], aad: &[u8], plain: Vec<u8>) -> Vec<u8> {
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&ct);
     out
+}
+
+/// A chunk's plaintext: a range of the buffer it was decrypted in, or a buffer of
+/// its own (decompressed).
+pub enum Opened {
+    Within(std::ops::Range<usize>),
+    Owned(Vec<u8>),
+}
+
+/// Decrypts `sealed` (`version | nonce | ciphertext | tag`) where it lies; returns
+/// the plaintext's range in it.
+fn open_in_place(
+    key: &[u8; 32],
+    aad: &[u8],
+    sealed: &mut [u8],
+) -> std::result::Result<std::ops::Range<usize>, &'static str> {
+    if sealed.len() < 1 + NONCE_LEN + TAG_LEN {
+        return Err("too short");
+    }
+    if sealed[0] != FORMAT_VERSION {
+        return Err("unknown format version");
+    }
+    let end = sealed.len() - TAG_LEN;
+    let nonce = *XNonce::from_slice(&sealed[1..1 + NONCE_LEN]);
+    let tag = *chacha20poly1305::Tag::from_slice(&sealed[end..]);
+    XChaCha20Poly1305::new(key.into())
+        .decrypt_in_place_detached(&nonce, aad, &mut sealed[1 + NONCE_LEN..end], &tag)
+        .map_err(|_| "authentication tag does not verify (bit rot, tampering or wrong key)")?;
+    Ok(1 + NONCE_LEN..end)
 }
 
 fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> std::result::Result<Vec<u8>, &'static str> {

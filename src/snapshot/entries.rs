@@ -131,8 +131,8 @@ impl LineSplitter {
 pub struct EntryReader {
     inline: std::vec::IntoIter<Entry>,
     plan: VecDeque<Fetch>,
-    inflight: VecDeque<tokio::task::JoinHandle<Result<Vec<Vec<u8>>>>>,
-    ready: VecDeque<Vec<u8>>,
+    inflight: VecDeque<tokio::task::JoinHandle<Result<Vec<bytes::Bytes>>>>,
+    ready: VecDeque<bytes::Bytes>,
     lines: LineSplitter,
     store: Store,
     keys: Keys,

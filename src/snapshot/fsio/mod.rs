@@ -9,7 +9,7 @@ use base64::Engine;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -133,6 +133,26 @@ mod at {
                 dir,
                 name.as_ptr(),
                 flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            )
+        };
+        if fd < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            // SAFETY: fd was just returned by openat.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        }
+    }
+
+    /// A new regular file for writing, mode 0600 until its own is set: refused if
+    /// the name exists in any form (O_EXCL), symlinks included.
+    pub fn create(dir: RawFd, name: &CStr) -> std::io::Result<OwnedFd> {
+        // SAFETY: valid C string; O_CREAT takes the mode as the variadic argument.
+        let fd = unsafe {
+            libc::openat(
+                dir,
+                name.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                0o600 as libc::c_uint,
             )
         };
         if fd < 0 {
@@ -757,331 +777,8 @@ impl Read for StreamReader {
     }
 }
 
-/// Options for writing a volume back.
-#[derive(Debug, Clone, Copy)]
-pub struct WriteOptions {
-    /// chown to the stored uid/gid (needs root; off for unprivileged restores).
-    pub owners: bool,
-}
-
-impl Default for WriteOptions {
-    fn default() -> Self {
-        // SAFETY: geteuid has no preconditions.
-        WriteOptions {
-            owners: unsafe { libc::geteuid() } == 0,
-        }
-    }
-}
-
-/// Parent directories for the writer, opened from the root one component at a time
-/// with O_NOFOLLOW: whatever a manifest (or a process racing the restore) puts in the
-/// tree, a name is only ever created inside the directory we opened.
-struct Dirs {
-    root: PathBuf,
-    last: Option<(Vec<u8>, std::os::fd::OwnedFd)>,
-}
-
-impl Dirs {
-    /// (parent fd, last component) for `rel`.
-    fn parent<'a>(&mut self, rel: &'a [u8]) -> Result<(std::os::fd::RawFd, &'a [u8])> {
-        use std::os::fd::AsRawFd;
-        let (parent, name) = match rel.iter().rposition(|b| *b == b'/') {
-            Some(k) => (&rel[..k], &rel[k + 1..]),
-            None => (&rel[..0], rel),
-        };
-        if let Some((p, fd)) = &self.last {
-            if p == parent {
-                return Ok((fd.as_raw_fd(), name));
-            }
-        }
-        self.last = None;
-        let err = |e: std::io::Error| SnapshotError::io(join_rel(&self.root, parent), e);
-        let mut fd = open_root(&self.root).map_err(err)?;
-        for comp in parent.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
-            fd = at::open_dir(fd.as_raw_fd(), &cname(comp).map_err(err)?).map_err(err)?;
-        }
-        let raw = fd.as_raw_fd();
-        self.last = Some((parent.to_vec(), fd));
-        Ok((raw, name))
-    }
-}
-
-fn check_rc(r: libc::c_int, p: &Path) -> Result<()> {
-    if r != 0 {
-        Err(last_os_error(p))
-    } else {
-        Ok(())
-    }
-}
-
-/// Writes `entries` (in stream order: a depth-first walk) under `root`, which must
-/// not exist yet, taking file data from `data` in entry order. A directory's metadata
-/// is applied once the walk has left it, so its times and a read-only mode survive
-/// the writing of its contents; everything else gets its metadata as soon as it is
-/// written. Memory stays proportional to the tree's depth. Every name is created
-/// relative to its opened parent without following symlinks, so even a manifest that
-/// slipped past validation cannot write outside `root`.
-pub fn write_volume(
-    root: &Path,
-    entries: &mut dyn Iterator<Item = Entry>,
-    data: &mut dyn BufRead,
-    opts: WriteOptions,
-    mut progress: impl FnMut(u64),
-) -> Result<Vec<String>> {
-    let mut warnings = Vec::new();
-    let mut dirs = Dirs {
-        root: root.to_path_buf(),
-        last: None,
-    };
-    let mut meta_dirs = Dirs {
-        root: root.to_path_buf(),
-        last: None,
-    };
-    let mut absent: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
-    // Directories written whose metadata waits for the walk to leave them.
-    let mut open: Vec<(Vec<u8>, Entry)> = Vec::new();
-    for e in entries {
-        let rel = e.path.to_bytes().unwrap_or_default();
-        while let Some((d, _)) = open.last() {
-            if d.is_empty() || (rel.starts_with(d) && rel.get(d.len()) == Some(&b'/')) {
-                break;
-            }
-            if let Some((d, de)) = open.pop() {
-                apply_metadata(&mut meta_dirs, root, &d, &de, opts, &mut warnings)?;
-            }
-        }
-        let p = join_rel(root, &rel);
-        if rel.is_empty() {
-            if e.kind != Kind::Dir {
-                return Err(SnapshotError::Other(format!(
-                    "{}: the volume root is not a directory in the manifest",
-                    root.display()
-                )));
-            }
-            std::fs::create_dir_all(&p).map_err(|err| SnapshotError::io(&p, err))?;
-            open.push((rel, e));
-            continue;
-        }
-        if let Some(why) = &e.skipped {
-            // Its bytes are zeros standing in for a file the backup could not read.
-            let mut sink = std::io::sink();
-            for [_, len] in e.data_extents() {
-                copy_exact(data, &mut sink, len, &p, &mut progress)?;
-            }
-            warnings.push(format!("{}: not in the snapshot ({why})", p.display()));
-            absent.insert(rel);
-            continue;
-        }
-        let (dir, name) = dirs.parent(&rel)?;
-        let c = cname(name).map_err(|err| SnapshotError::io(&p, err))?;
-        match e.kind {
-            Kind::Dir => {
-                // SAFETY: valid C string relative to an open directory fd.
-                check_rc(unsafe { libc::mkdirat(dir, c.as_ptr(), 0o700) }, &p)?;
-                open.push((rel, e));
-                continue;
-            }
-            Kind::File => {
-                let fd = at::open(dir, &c, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL)
-                    .map_err(|err| SnapshotError::io(&p, err))?;
-                let mut f = File::from(fd);
-                for [off, len] in e.data_extents() {
-                    if off > 0 {
-                        f.seek(SeekFrom::Start(off))
-                            .map_err(|err| SnapshotError::io(&p, err))?;
-                    }
-                    copy_exact(data, &mut f, len, &p, &mut progress)?;
-                }
-                // Trailing holes (and empty extents lists) need the length set explicitly.
-                f.set_len(e.size)
-                    .map_err(|err| SnapshotError::io(&p, err))?;
-            }
-            Kind::Symlink => {
-                let t = e
-                    .target
-                    .as_ref()
-                    .and_then(|t| t.to_bytes())
-                    .unwrap_or_default();
-                let ct = cname(&t).map_err(|err| SnapshotError::io(&p, err))?;
-                // SAFETY: valid C strings relative to an open directory fd.
-                check_rc(unsafe { libc::symlinkat(ct.as_ptr(), dir, c.as_ptr()) }, &p)?;
-            }
-            Kind::Hardlink => {
-                let t = e
-                    .target
-                    .as_ref()
-                    .and_then(|t| t.to_bytes())
-                    .unwrap_or_default();
-                if absent.contains(&t) {
-                    warnings.push(format!(
-                        "{}: not restored: it is a further name of a file the backup skipped",
-                        p.display()
-                    ));
-                    absent.insert(rel);
-                    continue;
-                }
-                // The link source is opened the same careful way as the destination;
-                // linkat without AT_SYMLINK_FOLLOW never follows a symlink there.
-                let mut src_dirs = Dirs {
-                    root: root.to_path_buf(),
-                    last: None,
-                };
-                let (sdir, sname) = src_dirs.parent(&t)?;
-                let cs = cname(sname).map_err(|err| SnapshotError::io(&p, err))?;
-                // SAFETY: valid C strings relative to open directory fds.
-                check_rc(
-                    unsafe { libc::linkat(sdir, cs.as_ptr(), dir, c.as_ptr(), 0) },
-                    &p,
-                )?;
-            }
-            Kind::Fifo | Kind::Char | Kind::Block => {
-                let fmt = match e.kind {
-                    Kind::Fifo => libc::S_IFIFO,
-                    Kind::Char => libc::S_IFCHR,
-                    _ => libc::S_IFBLK,
-                };
-                // SAFETY: valid C string relative to an open directory fd.
-                if unsafe { libc::mknodat(dir, c.as_ptr(), fmt | 0o600, e.rdev as libc::dev_t) }
-                    != 0
-                {
-                    warnings.push(format!(
-                        "{}: mknod: {}",
-                        p.display(),
-                        std::io::Error::last_os_error()
-                    ));
-                    absent.insert(rel);
-                    continue;
-                }
-            }
-        }
-        if e.kind != Kind::Hardlink {
-            apply_metadata(&mut dirs, root, &rel, &e, opts, &mut warnings)?;
-        }
-    }
-    while let Some((d, de)) = open.pop() {
-        apply_metadata(&mut meta_dirs, root, &d, &de, opts, &mut warnings)?;
-    }
-    Ok(warnings)
-}
-
-fn copy_exact(
-    data: &mut dyn BufRead,
-    out: &mut dyn Write,
-    mut len: u64,
-    p: &Path,
-    progress: &mut impl FnMut(u64),
-) -> Result<()> {
-    while len > 0 {
-        let buf = data.fill_buf().map_err(|e| SnapshotError::io(p, e))?;
-        if buf.is_empty() {
-            return Err(SnapshotError::Other(format!(
-                "{}: the chunk stream ended {len} bytes early",
-                p.display()
-            )));
-        }
-        let n = (buf.len() as u64).min(len) as usize;
-        out.write_all(&buf[..n])
-            .map_err(|e| SnapshotError::io(p, e))?;
-        data.consume(n);
-        len -= n as u64;
-        progress(n as u64);
-    }
-    Ok(())
-}
-
-fn apply_metadata(
-    dirs: &mut Dirs,
-    root: &Path,
-    rel: &[u8],
-    e: &Entry,
-    opts: WriteOptions,
-    warnings: &mut Vec<String>,
-) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let p = join_rel(root, rel);
-    // The root has no parent inside the volume: it is addressed through its own fd.
-    let rootfd;
-    let (dir, c) = if rel.is_empty() {
-        rootfd = open_root(root).map_err(|err| SnapshotError::io(&p, err))?;
-        (rootfd.as_raw_fd(), CString::from(c"."))
-    } else {
-        let (dir, name) = dirs.parent(rel)?;
-        (dir, cname(name).map_err(|err| SnapshotError::io(&p, err))?)
-    };
-    let flags = if rel.is_empty() {
-        0
-    } else {
-        libc::AT_SYMLINK_NOFOLLOW
-    };
-    if opts.owners {
-        // SAFETY: valid C string relative to an open directory fd.
-        check_rc(
-            unsafe { libc::fchownat(dir, c.as_ptr(), e.uid, e.gid, flags) },
-            &p,
-        )?;
-    }
-    if e.kind != Kind::Symlink {
-        // chown clears setuid/setgid, so the mode comes after it. fchmodat cannot
-        // refuse to follow a symlink, but the name was just created by us as this
-        // kind and is not a symlink; the stat check makes sure it still is not.
-        let st = at::stat(dir, &c).map_err(|err| SnapshotError::io(&p, err))?;
-        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
-            return Err(SnapshotError::Other(format!(
-                "{}: became a symlink during the restore; refused",
-                p.display()
-            )));
-        }
-        // SAFETY: as above.
-        check_rc(
-            unsafe { libc::fchmodat(dir, c.as_ptr(), e.mode as libc::mode_t, 0) },
-            &p,
-        )?;
-    }
-    let proc = if rel.is_empty() {
-        root.as_os_str().as_bytes().to_vec()
-    } else {
-        at::proc_path(dir, c.as_bytes())
-    };
-    let cp = cname(&proc).map_err(|err| SnapshotError::io(&p, err))?;
-    for (name, val) in &e.xattrs {
-        let Ok(v) = base64::engine::general_purpose::STANDARD.decode(val) else {
-            warnings.push(format!("{}: xattr {name}: bad base64", p.display()));
-            continue;
-        };
-        let Ok(cn) = CString::new(name.as_bytes()) else {
-            continue;
-        };
-        // Capabilities must come after chown (which clears them); they do.
-        // SAFETY: valid C strings and buffer.
-        let r = unsafe { libc::lsetxattr(cp.as_ptr(), cn.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-        if r != 0 {
-            warnings.push(format!(
-                "{}: xattr {name}: {}",
-                p.display(),
-                std::io::Error::last_os_error()
-            ));
-        }
-    }
-    let times = [
-        libc::timespec {
-            tv_sec: e.atime as libc::time_t,
-            tv_nsec: e.atime_ns as _,
-        },
-        libc::timespec {
-            tv_sec: e.mtime as libc::time_t,
-            tv_nsec: e.mtime_ns as _,
-        },
-    ];
-    // SAFETY: valid C string and a two-element timespec array.
-    if unsafe { libc::utimensat(dir, c.as_ptr(), times.as_ptr(), flags) } != 0 {
-        warnings.push(format!(
-            "{}: times: {}",
-            p.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
-}
+mod write;
+pub use write::{write_volume, DataSource, WriteOptions};
 
 /// Caps glibc's malloc arenas at two. Backup, restore and check move hundreds of
 /// thousands of small chunk buffers between the async workers and the blocking pool,
