@@ -113,10 +113,30 @@ fn garage_cli(config: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A directory for a test server's data. The servers live in statics, which are never
+/// dropped, so their directories are not removed when the test process ends: each
+/// lives under `<tmp>/imgbuild-test-servers/<pid>-…`, and those of processes that are
+/// gone are removed here first (a 2 GB Garage per process otherwise piles up).
+pub fn server_dir() -> tempfile::TempDir {
+    let base = std::env::temp_dir().join("imgbuild-test-servers");
+    std::fs::create_dir_all(&base).unwrap();
+    for e in std::fs::read_dir(&base).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    tempfile::Builder::new()
+        .prefix(&format!("{}-", std::process::id()))
+        .tempdir_in(&base)
+        .unwrap()
+}
+
 pub fn garage() -> &'static Garage {
     static G: OnceLock<Garage> = OnceLock::new();
     G.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = server_dir();
         let (rpc, s3) = (free_port(), free_port());
         let mut secret = [0u8; 32];
         getrandom::getrandom(&mut secret).unwrap();
@@ -242,7 +262,7 @@ pub struct LoggedServer<T> {
 pub fn garage_logged() -> &'static LoggedServer<Garage> {
     static G: OnceLock<LoggedServer<Garage>> = OnceLock::new();
     G.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = server_dir();
         let log = dir.path().join("garage.log");
         LoggedServer {
             server: spawn_garage(Some(&log)),
@@ -257,7 +277,7 @@ pub fn garage_logged() -> &'static LoggedServer<Garage> {
 pub fn moto_logged() -> &'static LoggedServer<Moto> {
     static M: OnceLock<LoggedServer<Moto>> = OnceLock::new();
     M.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = server_dir();
         let log = dir.path().join("moto.log");
         let port = free_port();
         let mut cmd = Command::new("moto_server");
@@ -379,7 +399,7 @@ pub fn log_len(log: &Path) -> u64 {
 /// Starts a single-node Garage on 127.0.0.1, its output to `log` if given.
 fn spawn_garage(log: Option<&Path>) -> Garage {
     let log = log.map(Path::to_path_buf);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = server_dir();
     let (rpc, s3) = (free_port(), free_port());
     let mut secret = [0u8; 32];
     getrandom::getrandom(&mut secret).unwrap();
