@@ -55,27 +55,36 @@ counts. moto's request recorder (`/moto-api/recorder/*`, present in 5.2) was not
 it writes every request body to a file, which would slow the server during the
 measurement.
 
-What the numbers say (run of 2026-12-04). imgbuild's full backup is 1.7-2.1× as fast as
-restic's and 1.3× rustic's; its incremental is 3.2-5.4× restic's and 2.0-2.4× rustic's
-(unchanged files are not read at all). For the 1 % change it stores 0.85-1.10× restic's
-bytes and 1.08-1.12× rustic's: a changed small file now costs its own bytes, its group's
-other files being kept as slices of the old chunk (manifest version 5).
+What the numbers say (run of 2026-12-04, second). imgbuild's full backup is 1.7-2.1×
+as fast as restic's and 1.2-1.3× rustic's; its incremental is 3.4-5.5× restic's and
+1.8-3.1× rustic's (unchanged files are not read at all). For the 1 % change it stores
+0.97-1.06× restic's bytes and 0.95-1.18× rustic's: a changed small file costs its own
+bytes, its group's other files being kept as slices of the old chunk (manifest
+version 5); what remains is the content-defined chunks around the 4 MiB rewritten
+inside one file, whose edges fall by each repository's chunker seed, so each tool's
+figure moves by a few hundred KiB from run to run and server to server.
 
-Restore is the target not met: 1.37× restic's throughput on Garage and 1.12× on moto
-(issue 13 asks 2×), 1.07× and 0.74× rustic's, and 0.32× (Garage) and 0.67× (moto) the
-raw parallel ranged GET of the same packs (issue 13 asks 0.8×). A profile of the
-restore (perf, Garage) shows why more requests in flight do not help: the one writer
-thread is busy for about half of the restore's wall time, 40 % of all samples, in the
-kernel creating inodes (ext4's search past recently deleted inodes, since the benchmark
-deleted the previous trees just before) and copying data into the page cache, while
-decryption (chacha20, poly1305), hashing and zstd together take about 20 %. A run with
-8 GETs in flight instead of 4 restored in the same 2.1 s. Writing files from more
-than one thread is the next step; on these 2 cores the server competes for the same
-CPU. restic runs with its defaults (5 connections), rustic with its own, imgbuild with
-up to 4 ranged GETs in flight. Peak RSS is GNU time's `%M` around each process,
-imgbuild's included (its backups and restore run as child processes of the test).
-rustic 0.11.4 was built from crates.io (`cargo install rustic-rs --locked`, 24 minutes
-here).
+Restore is the target not met: 1.60× restic's throughput on Garage and 0.99× on moto
+(issue 13 asks 2×), 1.06× and 0.78× rustic's, and 0.40× (Garage) and 0.60× (moto) the
+raw parallel ranged GET of the same packs (issue 13 asks 0.8×). Since the run before
+(1.37× on Garage), the restore writes files from four writer threads while one walks
+the entries and creates the names, decrypts each chunk in the buffer it was fetched
+into and hands it to the writers without copying, and keeps up to 16 ranged GETs in
+flight within 64 MiB (on Garage, 2 in flight took 2.5 s, 4 took 2.2 s, 8 took 2.0 s,
+16 took 1.8-1.9 s). What is left is CPU on a machine of 2 cores that the server
+shares: per restore of these 402 MiB, imgbuild's process uses 1.6-1.8 s of CPU
+(getrusage), Garage about 0.6 s, and the wall time is 1.7-1.9 s, so both cores are
+mostly busy. In a profile the largest parts are ext4 allocating inodes (its search past
+recently deleted ones, since the benchmark deletes the previous trees just before;
+about 15 % of imgbuild's samples), XChaCha20-Poly1305 (about 12 %), the keyed BLAKE3
+check of every chunk (3 %) and zstd (3 %); the number of writer threads (1, 2 or 4)
+made no measurable difference once names are created by one thread (creating them
+from several only has them spin on the directory's lock). moto, single-threaded
+Python, needs 1.4 s of one core to serve the raw GET alone. restic runs with its
+defaults (5 connections), rustic with its own. Peak RSS is GNU time's `%M` around each
+process, imgbuild's included (its backups and restore run as child processes of the
+test). rustic 0.11.4 was built from crates.io (`cargo install rustic-rs --locked`, 24
+minutes here).
 """
 section = ("## Snapshots\n\n"
            f"Measured {datetime.date.today()} by `bash benches/snapshot.sh` "
