@@ -782,7 +782,7 @@ impl fsio::DataSource for ChunkStream {
     }
 }
 
-/// Entries arriving in batches from the entry reader, for the writer thread.
+/// Entries arriving in batches from the entry reader, for the walk.
 struct EntryBatches {
     rx: mpsc::Receiver<Vec<format::Entry>>,
     cur: std::vec::IntoIter<format::Entry>,
