@@ -222,7 +222,7 @@ fn format_1_bucket_restores_dedups_and_prunes() {
         // and groups end where the host's keyed path hash says, so the bytes of that
         // would vary from run to run.
         let len = std::fs::metadata(v.join("f40")).unwrap().len();
-        assert!(len >= 256 << 10 && len < 1 << 20, "f40: {len} bytes");
+        assert!((256 << 10..1 << 20).contains(&len), "f40: {len} bytes");
         std::fs::write(v.join("f40"), noise(777, len as usize)).unwrap();
         let r2 = backup_of(&store, &keys, &v, pack::PACK_TARGET).await;
         assert!(
