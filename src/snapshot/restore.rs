@@ -6,7 +6,8 @@
 //! at most that much in all). Up to 16 such fetches are in flight, holding at most
 //! [`FETCH_MEMORY`] together; each is decrypted and verified in its own buffer and
 //! handed on, in stream order, as views of it to the writer (`fsio::write_volume`),
-//! whose threads hold at most 32 MiB more. So the data in flight stays under 100 MiB
+//! whose threads hold at most 16 MiB more (a view handed on pins at most 4× its size;
+//! smaller parts are copied). So the data in flight stays near 130 MiB at worst,
 //! whatever the snapshot size.
 
 use super::crypto::{Keys, Opened};
@@ -547,7 +548,12 @@ pub async fn fetch(store: &Store, keys: &Keys, f: &Fetch) -> Result<Vec<Bytes>> 
         Ok(opened
             .into_iter()
             .map(|(at, r)| match r {
-                Opened::Within(r) => whole.slice(at + r.start..at + r.end),
+                // A view keeps the whole range alive: only a chunk that is a good
+                // part of it is handed on as one, so a view pins at most 4× itself.
+                Opened::Within(r) if r.len() * 4 >= whole.len() => {
+                    whole.slice(at + r.start..at + r.end)
+                }
+                Opened::Within(r) => Bytes::copy_from_slice(&whole[at + r.start..at + r.end]),
                 Opened::Owned(v) => Bytes::from(v),
             })
             .collect())
@@ -774,9 +780,14 @@ impl fsio::DataSource for ChunkStream {
         if self.fill_buf()?.is_empty() {
             return Ok(Bytes::new());
         }
-        // A view of the fetched range: the writer gets the bytes without a copy.
         let n = (self.cur.len() - self.pos).min(max);
-        let out = self.cur.slice(self.pos..self.pos + n);
+        // A whole chunk goes on as it is; a part of one (a small file of a group) is
+        // copied, since a view of it would keep the whole chunk alive in the queue.
+        let out = if self.pos == 0 && n == self.cur.len() {
+            self.cur.clone()
+        } else {
+            Bytes::copy_from_slice(&self.cur[self.pos..self.pos + n])
+        };
         self.pos += n;
         Ok(out)
     }
@@ -882,7 +893,8 @@ async fn restore_volume(
                             Some(ChunkRef(id, len, Some(off))) => {
                                 let (off, len) = (*off as usize, *len as usize);
                                 match off.checked_add(len).filter(|end| *end <= data.len()) {
-                                    Some(end) => data.slice(off..end),
+                                    // Copied: a slice is a small part of its chunk.
+                                    Some(end) => Bytes::copy_from_slice(&data[off..end]),
                                     None => {
                                         failure = Some(SnapshotError::CorruptChunk {
                                             id: id.clone(),

@@ -48,9 +48,10 @@ const SMALL_FILE: u64 = 1 << 20;
 const PIECE_MAX: usize = 4 << 20;
 /// Data taken from the stream but not yet written, at most (one job may exceed it
 /// alone): with the fetches in flight this bounds the restore's buffers.
-const BYTES_IN_FLIGHT: usize = 32 << 20;
-/// Jobs queued at most, so a tree of empty files does not queue its entry list.
-const JOBS_IN_FLIGHT: usize = 1024;
+const BYTES_IN_FLIGHT: usize = 16 << 20;
+/// Jobs queued at most. Each small-file job holds its open file, so this also bounds
+/// the fds the restore holds (the default soft limit is 1024).
+const JOBS_IN_FLIGHT: usize = 128;
 /// Directories whose metadata waits for the writers: applying it needs a drain, so
 /// they are applied in batches.
 const DIRS_PENDING: usize = 256;
@@ -255,11 +256,7 @@ impl Pool {
             shared: shared.clone(),
             threads: Vec::new(),
         };
-        for i in 0..std::env::var("PROBE_WRITERS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(WRITERS)
-        {
+        for i in 0..WRITERS {
             let (rx, shared) = (rx.clone(), shared.clone());
             let t = std::thread::Builder::new()
                 .name(format!("restore-writer-{i}"))
