@@ -689,28 +689,18 @@ fn open_in_place(
     aad: &[u8],
     sealed: &mut [u8],
 ) -> std::result::Result<std::ops::Range<usize>, &'static str> {
-    if sealed.len() < 1 + NONCE_LEN + TAG_LEN {
-        return Err("too short");
-    }
-    if sealed[0] != FORMAT_VERSION {
-        return Err("unknown format version");
-    }
+    check_sealed(sealed)?;
     let end = sealed.len() - TAG_LEN;
     let nonce = *XNonce::from_slice(&sealed[1..1 + NONCE_LEN]);
     let tag = *chacha20poly1305::Tag::from_slice(&sealed[end..]);
     XChaCha20Poly1305::new(key.into())
         .decrypt_in_place_detached(&nonce, aad, &mut sealed[1 + NONCE_LEN..end], &tag)
-        .map_err(|_| "authentication tag does not verify (bit rot, tampering or wrong key)")?;
+        .map_err(|_| TAG_FAILED)?;
     Ok(1 + NONCE_LEN..end)
 }
 
 fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> std::result::Result<Vec<u8>, &'static str> {
-    if sealed.len() < 1 + NONCE_LEN + TAG_LEN {
-        return Err("too short");
-    }
-    if sealed[0] != FORMAT_VERSION {
-        return Err("unknown format version");
-    }
+    check_sealed(sealed)?;
     let cipher = XChaCha20Poly1305::new(key.into());
     cipher
         .decrypt(
@@ -720,7 +710,20 @@ fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> std::result::Result<Vec<u8
                 aad,
             },
         )
-        .map_err(|_| "authentication tag does not verify (bit rot, tampering or wrong key)")
+        .map_err(|_| TAG_FAILED)
+}
+
+const TAG_FAILED: &str = "authentication tag does not verify (bit rot, tampering or wrong key)";
+
+/// The checks before decrypting `version | nonce | ciphertext | tag`.
+fn check_sealed(sealed: &[u8]) -> std::result::Result<(), &'static str> {
+    if sealed.len() < 1 + NONCE_LEN + TAG_LEN {
+        return Err("too short");
+    }
+    if sealed[0] != FORMAT_VERSION {
+        return Err("unknown format version");
+    }
+    Ok(())
 }
 
 /// Jitter for retries; not for keys.
