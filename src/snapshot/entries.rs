@@ -298,11 +298,7 @@ impl EntryCheck {
         }
         match e.kind {
             Kind::Hardlink => {
-                let t = e
-                    .target
-                    .as_ref()
-                    .and_then(|t| t.to_bytes())
-                    .unwrap_or_default();
+                let t = e.target_bytes();
                 if t.is_empty() || !safe_relative(&t) {
                     return Err(format!("volume {v}: bad hard link {}", e.path));
                 }

@@ -214,6 +214,13 @@ impl Entry {
             _ => Vec::new(),
         }
     }
+    /// The symlink target or hard-link source as bytes (empty when absent).
+    pub fn target_bytes(&self) -> Vec<u8> {
+        self.target
+            .as_ref()
+            .and_then(|t| t.to_bytes())
+            .unwrap_or_default()
+    }
     pub fn stream_len(&self) -> u64 {
         self.data_extents().iter().map(|e| e[1]).sum()
     }

@@ -1,11 +1,11 @@
 //! Writing a volume back: the entries in stream order, the file data from one stream.
 //!
-//! One thread walks the entries and creates directories, symlinks and special files;
-//! regular files are created, filled and given their metadata by a few writer
-//! threads. A restore of many small files is otherwise bound by one thread creating
-//! inodes and copying into the page cache, with the fetches and decryption waiting on
-//! it. The walk waits for the writers (drains) before anything that depends on a file
-//! being complete: a hard link to it, and the metadata of the directories it is in.
+//! One thread walks the entries and creates every name; regular files are filled and
+//! given their metadata by a few writer threads. A restore of many small files is
+//! otherwise bound by one thread copying into the page cache and setting metadata, with
+//! the fetches and decryption waiting on it. The walk waits for the writers (drains)
+//! before anything that depends on a file being complete: a hard link to it, and the
+//! metadata of the directories it is in.
 
 use super::{at, cname, join_rel, last_os_error, open_root};
 use crate::snapshot::error::{Result, SnapshotError};
@@ -25,7 +25,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 /// File data for the writer, in stream order.
 pub trait DataSource: BufRead {
     /// The next bytes of the stream, at most `max` and at least one unless it has
-    /// ended. A source that holds its data in `Bytes` hands out views of it rather
+    /// ended. A source that holds its data in `Bytes` may hand out views of it rather
     /// than copies.
     fn take(&mut self, max: usize) -> std::io::Result<Bytes> {
         let buf = self.fill_buf()?;
@@ -77,25 +77,19 @@ impl Default for WriteOptions {
 /// tree, a name is only ever created inside the directory we opened.
 struct Dirs {
     root: PathBuf,
-    last: Option<(Vec<u8>, Arc<OwnedFd>)>,
+    last: Option<(Vec<u8>, OwnedFd)>,
 }
 
 impl Dirs {
     /// (parent fd, last component) for `rel`.
     fn parent<'a>(&mut self, rel: &'a [u8]) -> Result<(RawFd, &'a [u8])> {
-        let (fd, name) = self.parent_fd(rel)?;
-        Ok((fd.as_raw_fd(), name))
-    }
-
-    /// As `parent`, with the directory fd shared, for a job on a writer thread.
-    fn parent_fd<'a>(&mut self, rel: &'a [u8]) -> Result<(Arc<OwnedFd>, &'a [u8])> {
         let (parent, name) = match rel.iter().rposition(|b| *b == b'/') {
             Some(k) => (&rel[..k], &rel[k + 1..]),
             None => (&rel[..0], rel),
         };
         if let Some((p, fd)) = &self.last {
             if p == parent {
-                return Ok((fd.clone(), name));
+                return Ok((fd.as_raw_fd(), name));
             }
         }
         self.last = None;
@@ -104,9 +98,9 @@ impl Dirs {
         for comp in parent.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
             fd = at::open_dir(fd.as_raw_fd(), &cname(comp).map_err(err)?).map_err(err)?;
         }
-        let fd = Arc::new(fd);
-        self.last = Some((parent.to_vec(), fd.clone()));
-        Ok((fd, name))
+        let raw = fd.as_raw_fd();
+        self.last = Some((parent.to_vec(), fd));
+        Ok((raw, name))
     }
 }
 
@@ -168,6 +162,13 @@ enum Job {
 }
 
 impl Job {
+    fn path(&self) -> &Path {
+        match self {
+            Job::Whole { path, .. } => path,
+            Job::Piece { file, .. } => &file.path,
+        }
+    }
+
     fn bytes(&self) -> usize {
         match self {
             Job::Whole { pieces, .. } => pieces.iter().map(|(_, d)| d.len()).sum(),
@@ -176,6 +177,10 @@ impl Job {
     }
 
     fn run(self, opts: WriteOptions, warnings: &mut Vec<String>) -> Result<()> {
+        #[cfg(test)]
+        if self.path().ends_with(tests::PANICS) {
+            panic!("a test's file");
+        }
         match self {
             Job::Whole {
                 file,
@@ -328,12 +333,28 @@ fn writer(rx: &Mutex<mpsc::Receiver<Job>>, shared: &Shared) {
         };
         let Ok(job) = job else { return };
         let n = job.bytes();
+        let path = job.path().to_path_buf();
         // The job (and with it perhaps the last reference to a large file, which
         // finishes it) is gone before the walk can see it counted as done.
         let r = if shared.failed.load(Ordering::Relaxed) {
             Ok(())
         } else {
-            job.run(shared.opts, &mut warnings)
+            // A panic must still count the job as done and fail the walk: otherwise
+            // the walk waits for it forever.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                job.run(shared.opts, &mut warnings)
+            }))
+            .unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(SnapshotError::Other(format!(
+                    "{}: the writer failed: {why}",
+                    path.display()
+                )))
+            })
         };
         let mut st = shared.lock();
         st.jobs -= 1;
@@ -419,27 +440,33 @@ fn set_xattrs(
     }
 }
 
-/// Takes `len` bytes of the stream, in buffers of at most `max`.
-fn take_exact(
+/// Takes `e`'s data from the stream, extent by extent, in buffers of at most
+/// [`PIECE_MAX`], each with its offset in the file.
+fn take_extents(
     data: &mut dyn DataSource,
-    len: u64,
-    max: usize,
+    e: &Entry,
     p: &Path,
-    mut each: impl FnMut(Bytes) -> Result<()>,
+    progress: &mut impl FnMut(u64),
+    mut each: impl FnMut(u64, Bytes) -> Result<()>,
 ) -> Result<()> {
-    let mut left = len;
-    while left > 0 {
-        let b = data
-            .take((left.min(max as u64)) as usize)
-            .map_err(|e| SnapshotError::io(p, e))?;
-        if b.is_empty() {
-            return Err(SnapshotError::Other(format!(
-                "{}: the chunk stream ended {left} bytes early",
-                p.display()
-            )));
+    for [off, len] in e.data_extents() {
+        let mut at = off;
+        while at < off + len {
+            let b = data
+                .take((off + len - at).min(PIECE_MAX as u64) as usize)
+                .map_err(|err| SnapshotError::io(p, err))?;
+            if b.is_empty() {
+                return Err(SnapshotError::Other(format!(
+                    "{}: the chunk stream ended {} bytes early",
+                    p.display(),
+                    off + len - at
+                )));
+            }
+            progress(b.len() as u64);
+            let n = b.len() as u64;
+            each(at, b)?;
+            at += n;
         }
-        left -= b.len() as u64;
-        each(b)?;
     }
     Ok(())
 }
@@ -507,19 +534,13 @@ pub fn write_volume(
         }
         if let Some(why) = &e.skipped {
             // Its bytes are zeros standing in for a file the backup could not read.
-            for [_, len] in e.data_extents() {
-                take_exact(data, len, PIECE_MAX, &p, |b| {
-                    progress(b.len() as u64);
-                    Ok(())
-                })?;
-            }
+            take_extents(data, &e, &p, &mut progress, |_, _| Ok(()))?;
             warnings.push(format!("{}: not in the snapshot ({why})", p.display()));
             absent.insert(rel);
             continue;
         }
-        let (dir, name) = dirs.parent_fd(&rel)?;
+        let (dir_fd, name) = dirs.parent(&rel)?;
         let c = cname(name).map_err(|err| SnapshotError::io(&p, err))?;
-        let dir_fd = dir.as_raw_fd();
         match e.kind {
             Kind::Dir => {
                 // SAFETY: valid C string relative to an open directory fd.
@@ -529,16 +550,10 @@ pub fn write_volume(
             }
             Kind::File if e.stream_len() <= SMALL_FILE => {
                 let mut pieces = Vec::new();
-                for [off, len] in e.data_extents() {
-                    let mut at = off;
-                    take_exact(data, len, PIECE_MAX, &p, |b| {
-                        progress(b.len() as u64);
-                        let n = b.len() as u64;
-                        pieces.push((at, b));
-                        at += n;
-                        Ok(())
-                    })?;
-                }
+                take_extents(data, &e, &p, &mut progress, |at, b| {
+                    pieces.push((at, b));
+                    Ok(())
+                })?;
                 // Created here, not on a writer: creating names in one directory
                 // from several threads only has them spin on its lock.
                 let f = at::create(dir_fd, &c).map_err(|err| SnapshotError::io(&p, err))?;
@@ -552,7 +567,6 @@ pub fn write_volume(
             }
             Kind::File => {
                 let f = at::create(dir_fd, &c).map_err(|err| SnapshotError::io(&p, err))?;
-                let extents = e.data_extents();
                 let large = Arc::new(Large {
                     file: File::from(f),
                     path: p.clone(),
@@ -560,30 +574,19 @@ pub fn write_volume(
                     complete: AtomicBool::new(false),
                     shared: pool.shared.clone(),
                 });
-                for [off, len] in extents {
-                    let mut at = off;
-                    take_exact(data, len, PIECE_MAX, &p, |b| {
-                        progress(b.len() as u64);
-                        let n = b.len() as u64;
-                        pool.submit(Job::Piece {
-                            file: large.clone(),
-                            offset: at,
-                            data: b,
-                        })?;
-                        at += n;
-                        Ok(())
-                    })?;
-                }
+                take_extents(data, &large.entry, &p, &mut progress, |at, b| {
+                    pool.submit(Job::Piece {
+                        file: large.clone(),
+                        offset: at,
+                        data: b,
+                    })
+                })?;
                 // The last reference, here or on a writer, finishes the file.
                 large.complete.store(true, Ordering::Relaxed);
                 continue;
             }
             Kind::Symlink => {
-                let t = e
-                    .target
-                    .as_ref()
-                    .and_then(|t| t.to_bytes())
-                    .unwrap_or_default();
+                let t = e.target_bytes();
                 let ct = cname(&t).map_err(|err| SnapshotError::io(&p, err))?;
                 // SAFETY: valid C strings relative to an open directory fd.
                 check_rc(
@@ -592,11 +595,7 @@ pub fn write_volume(
                 )?;
             }
             Kind::Hardlink => {
-                let t = e
-                    .target
-                    .as_ref()
-                    .and_then(|t| t.to_bytes())
-                    .unwrap_or_default();
+                let t = e.target_bytes();
                 if absent.contains(&t) {
                     warnings.push(format!(
                         "{}: not restored: it is a further name of a file the backup skipped",
@@ -781,6 +780,30 @@ mod tests {
         let (entries, data) = failing(100, 3000);
         let e = write(&root, entries, data).unwrap_err().to_string();
         assert!(e.contains("/v/bad"), "{e}");
+    }
+
+    /// A file name whose job panics on the writer.
+    pub(super) const PANICS: &str = "panics-on-a-writer";
+
+    #[test]
+    fn a_writer_that_panics_fails_the_walk_instead_of_hanging_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("v");
+        let (mut entries, mut data) = failing(0, 0);
+        entries.truncate(1);
+        entries.push(entry(PANICS, Kind::File, 10, None));
+        data.extend_from_slice(b"0123456789");
+        for i in 0..3000 {
+            entries.push(entry(&format!("f{i:05}"), Kind::File, 10, None));
+            data.extend_from_slice(b"0123456789");
+        }
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(write(&root, entries, data).map_err(|e| e.to_string())));
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the walk hung after a writer panicked");
+        let e = r.unwrap_err();
+        assert!(e.contains(PANICS) && e.contains("a test's file"), "{e}");
     }
 
     #[test]
