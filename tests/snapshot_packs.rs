@@ -159,6 +159,63 @@ fn packs_cut_objects_and_restore_merges_ranged_reads() {
     });
 }
 
+/// Plaintext of every blob a fetch opens.
+fn fetch_plain(f: &restore::Fetch) -> (u64, usize) {
+    match f {
+        restore::Fetch::Range { blobs, .. } => {
+            (blobs.iter().map(|b| u64::from(b.plain)).sum(), blobs.len())
+        }
+        restore::Fetch::Gather { ranges, .. } => ranges
+            .iter()
+            .map(fetch_plain)
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+        restore::Fetch::Object(c) => (c.1, 1),
+    }
+}
+
+#[test]
+fn well_compressed_data_is_fetched_in_bounded_plaintext() {
+    let env = Env::new(false);
+    let v = env.path("vol");
+    // 30 MiB of logs that compress to a few hundred KiB: a range of a few MiB of them
+    // would open to all 30.
+    for i in 0..600u64 {
+        let dir = v.join(format!("logs/{:02}", i % 12));
+        std::fs::create_dir_all(&dir).unwrap();
+        let line = format!(
+            "2026-12-04T10:00:00Z host{} service=app status=200\n",
+            i % 7
+        );
+        std::fs::write(
+            dir.join(format!("{i}.log")),
+            line.repeat(50 * 1024 / line.len()),
+        )
+        .unwrap();
+    }
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        let r = backup_of(&store, &keys, &v, pack::PACK_TARGET).await;
+        let m = restore::load_manifest(&store, &keys, &r.id).await.unwrap();
+        let (_, plans) = restore::plan_all(&store, &keys, &[&m.volumes[0]])
+            .await
+            .unwrap();
+        let total: u64 = plans[0].iter().map(|f| fetch_plain(f).0).sum();
+        assert!(total >= 28 << 20, "{total} bytes planned");
+        for f in &plans[0] {
+            let (plain, blobs) = fetch_plain(f);
+            assert!(
+                plain <= restore::DATA_PLAIN_MAX || blobs == 1,
+                "a fetch of {blobs} chunks opens to {plain} bytes"
+            );
+        }
+        let out = env.path("out");
+        restore_to(&store, &env, &r.id, &out).await;
+        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+    });
+}
+
 #[test]
 fn format_1_bucket_restores_dedups_and_prunes() {
     let env = Env::new(false);
