@@ -4,8 +4,9 @@
 //! given their metadata by a few writer threads. A restore of many small files is
 //! otherwise bound by one thread copying into the page cache and setting metadata, with
 //! the fetches and decryption waiting on it. The walk waits for the writers (drains)
-//! before anything that depends on a file being complete: a hard link to it, and the
-//! metadata of the directories it is in.
+//! only before the metadata of directories it has left: a read-only mode or a time
+//! set while a file in them is still being written would not hold. A hard link needs
+//! no wait: its name goes to the inode the walk already created.
 
 use super::{at, cname, join_rel, last_os_error, open_root};
 use crate::snapshot::error::{Result, SnapshotError};
@@ -604,8 +605,9 @@ pub fn write_volume(
                     absent.insert(rel);
                     continue;
                 }
-                // The file linked to may still be on a writer.
-                pool.drain()?;
+                // No drain: the walk created the file's name, and whatever a writer
+                // still does to it (data, length, owner, mode, times) is to the inode
+                // both names share.
                 // The link source is opened the same careful way as the destination;
                 // linkat without AT_SYMLINK_FOLLOW never follows a symlink there.
                 let mut src_dirs = Dirs {
