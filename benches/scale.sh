@@ -14,6 +14,9 @@
 #   INSTALL=1 bash benches/scale.sh               # first install restic and rustic
 #   IMGBUILD_SCALE_FILES=500000 bash benches/scale.sh
 #   IMGBUILD_SCALE_PEERS=0 bash benches/scale.sh  # imgbuild alone (still needs both installed)
+#   IMGBUILD_SCALE_PEERS=restic bash benches/scale.sh  # imgbuild and one peer (or =rustic)
+#   SAVE=dir bash benches/scale.sh       # also keep the measured tables in dir
+#   MEASURED=dir bash benches/scale.sh   # only rewrite the section from a saved run
 #
 # Not a timed test: numbers depend on the machine; CI runs the 20k/200k growth test
 # (tests/snapshot_scale.rs) instead.
@@ -29,12 +32,17 @@ fi
 command -v restic >/dev/null || { echo "restic missing: apt-get install restic" >&2; exit 1; }
 command -v rustic >/dev/null || [ -x "$HOME/.cargo/bin/rustic" ] ||
   { echo "rustic missing: cargo install rustic-rs --locked" >&2; exit 1; }
-out=$(mktemp) out2=$(mktemp)
-trap 'rm -f "$out" "$out2"' EXIT
-IMGBUILD_SCALE_OUT_TABLE="$out" cargo test --release --test snapshot_scale -- --ignored \
-  --nocapture --exact scale_2m_files
-IMGBUILD_SCALE_OUT_TABLE="$out2" cargo test --release --test snapshot_scale -- --ignored \
-  --nocapture --exact scale_100g_sparse
+if [ -n "${MEASURED:-}" ]; then
+  out=$MEASURED/2m.md out2=$MEASURED/100g.md
+else
+  out=$(mktemp) out2=$(mktemp)
+  trap 'rm -f "$out" "$out2"' EXIT
+  IMGBUILD_SCALE_OUT_TABLE="$out" cargo test --release --test snapshot_scale -- --ignored \
+    --nocapture --exact scale_2m_files
+  IMGBUILD_SCALE_OUT_TABLE="$out2" cargo test --release --test snapshot_scale -- --ignored \
+    --nocapture --exact scale_100g_sparse
+  if [ -n "${SAVE:-}" ]; then mkdir -p "$SAVE" && cp "$out" "$SAVE/2m.md" && cp "$out2" "$SAVE/100g.md"; fi
+fi
 
 python3 - docs/benchmarks.md "$out" "$out2" <<'PY'
 import re, sys, datetime, pathlib

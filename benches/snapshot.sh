@@ -55,36 +55,43 @@ counts. moto's request recorder (`/moto-api/recorder/*`, present in 5.2) was not
 it writes every request body to a file, which would slow the server during the
 measurement.
 
-What the numbers say (run of 2026-12-04, second). imgbuild's full backup is 1.7-2.1×
-as fast as restic's and 1.2-1.3× rustic's; its incremental is 3.4-5.5× restic's and
-1.8-3.1× rustic's (unchanged files are not read at all). For the 1 % change it stores
-0.97-1.06× restic's bytes and 0.95-1.18× rustic's: a changed small file costs its own
-bytes, its group's other files being kept as slices of the old chunk (manifest
-version 5); what remains is the content-defined chunks around the 4 MiB rewritten
-inside one file, whose edges fall by each repository's chunker seed, so each tool's
-figure moves by a few hundred KiB from run to run and server to server.
+What the numbers say (run of 2026-12-04, third; the machine was slower in this run
+than in the one before: every tool's full backup took 10-35 % longer). imgbuild's
+full backup is 1.5-1.9× as fast as restic's and 1.2-1.4× rustic's; its incremental is
+2.7-5.1× restic's and 2.1-3.1× rustic's (unchanged files are not read at all). For the
+1 % change it stores 1.04-1.11× restic's bytes and 1.00-1.07× rustic's (0.97-1.06× and
+0.95-1.18× in the run before): a changed small file costs its own bytes, its group's
+other files being kept as slices of the old chunk (manifest version 5); what remains
+is the content-defined chunks around the 4 MiB rewritten inside one file, whose edges
+fall by each repository's chunker seed, so each tool's figure moves by a few hundred
+KiB from run to run and server to server.
 
-Restore is the target not met: 1.60× restic's throughput on Garage and 0.99× on moto
-(issue 13 asks 2×), 1.06× and 0.78× rustic's, and 0.40× (Garage) and 0.60× (moto) the
-raw parallel ranged GET of the same packs (issue 13 asks 0.8×). Since the run before
-(1.37× on Garage), the restore writes files from four writer threads while one walks
-the entries and creates the names, decrypts each chunk in the buffer it was fetched
-into and hands it to the writers without copying, and keeps up to 16 ranged GETs in
-flight within 64 MiB (on Garage, 2 in flight took 2.5 s, 4 took 2.2 s, 8 took 2.0 s,
-16 took 1.8-1.9 s). What is left is CPU on a machine of 2 cores that the server
-shares: per restore of these 402 MiB, imgbuild's process uses 1.6-1.8 s of CPU
-(getrusage), Garage about 0.6 s, and the wall time is 1.7-1.9 s, so both cores are
-mostly busy. In a profile the largest parts are ext4 allocating inodes (its search past
-recently deleted ones, since the benchmark deletes the previous trees just before;
-about 15 % of imgbuild's samples), XChaCha20-Poly1305 (about 12 %), the keyed BLAKE3
-check of every chunk (3 %) and zstd (3 %); the number of writer threads (1, 2 or 4)
-made no measurable difference once names are created by one thread (creating them
-from several only has them spin on the directory's lock). moto, single-threaded
-Python, needs 1.4 s of one core to serve the raw GET alone. restic runs with its
-defaults (5 connections), rustic with its own. Peak RSS is GNU time's `%M` around each
-process, imgbuild's included (its backups and restore run as child processes of the
-test). rustic 0.11.4 was built from crates.io (`cargo install rustic-rs --locked`, 24
-minutes here).
+Restore is the target not met: 1.44× restic's throughput on Garage and 1.09× on moto
+(issue 13 asks 2×; 1.60× and 0.99× in the run before), 1.23× and 0.74× rustic's, and
+0.40× (Garage) and 0.60× (moto) the raw parallel ranged GET of the same packs (issue
+13 asks 0.8×). The restore writes files from four writer threads while one walks the
+entries and creates the names, decrypts each chunk in the buffer it was fetched into,
+and keeps up to 16 ranged GETs in flight within 64 MiB. Since the run before, a data
+fetch opens to at most 8 MiB: a timeline of the fetches showed one range of the
+compressed logs opening to 60 MiB, taking the whole 64 MiB on its own and
+decompressing on one task, so the last 0.4 s of the restore ran one fetch at a time;
+the restore's peak RSS fell from 168 to 110 MiB.
+
+What is left is CPU on 2 cores that the server shares. Measured in process (repeated
+restores of this set on Garage, none deleted in between): 1.0-1.3 s of imgbuild's CPU
+per restore for a wall time of 1.2-1.4 s; of imgbuild's CPU, XChaCha20-Poly1305 takes
+28 %, the kernel copying into the page cache 10 %, the keyed BLAKE3 check of every chunk
+7 %, zstd 5 %, copying the response bodies 4 %. The raw GET does none of that. The
+spread between runs is large on this machine: the same build's CPU per restore ranged
+from 1.0 to 2.5 s within one process. The root filesystem here is ext4 without a
+journal, and only then does ext4 check, for every inode it allocates, whether the inode
+was freed in the last 5-30 s (`recently_deleted`): restores made right after deleting
+earlier restores spent 26 % of their CPU there. moto, single-threaded Python, needs
+1.4-1.6 s of one core to serve the raw GET alone. restic runs with its defaults (5
+connections), rustic with its own. Peak RSS is GNU time's `%M` around each process,
+imgbuild's included (its backups and restore run as child processes of the test).
+rustic 0.11.4 was built from crates.io (`cargo install rustic-rs --locked`, 24 minutes
+here).
 """
 section = ("## Snapshots\n\n"
            f"Measured {datetime.date.today()} by `bash benches/snapshot.sh` "

@@ -497,9 +497,11 @@ fn scale_2m_files() {
         .unwrap_or(2_000_000);
     let env = Env::garage(None);
     let mut runs = operations(&env, &env.path("w"), files, 2048);
-    // IMGBUILD_SCALE_PEERS=0 measures imgbuild alone (an hour less).
-    if std::env::var("IMGBUILD_SCALE_PEERS").as_deref() != Ok("0") {
-        for peer in [Peer::Restic, Peer::Rustic] {
+    // IMGBUILD_SCALE_PEERS=0 measures imgbuild alone (an hour less); =rustic or
+    // =restic one peer; unset, both.
+    let only = std::env::var("IMGBUILD_SCALE_PEERS").unwrap_or_default();
+    for (peer, name) in [(Peer::Restic, "restic"), (Peer::Rustic, "rustic")] {
+        if only.is_empty() || only.split(',').any(|p| p.trim() == name) {
             runs.extend(peer_operations(&env, &env.path("w"), files, 2048, peer));
         }
     }
