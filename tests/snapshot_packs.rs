@@ -198,18 +198,65 @@ fn well_compressed_data_is_fetched_in_bounded_plaintext() {
         let keys = env.keys();
         let r = backup_of(&store, &keys, &v, pack::PACK_TARGET).await;
         let m = restore::load_manifest(&store, &keys, &r.id).await.unwrap();
-        let (_, plans) = restore::plan_all(&store, &keys, &[&m.volumes[0]])
+        let (index, plans) = restore::plan_all(&store, &keys, &[&m.volumes[0]])
             .await
             .unwrap();
         let total: u64 = plans[0].iter().map(|f| fetch_plain(f).0).sum();
         assert!(total >= 28 << 20, "{total} bytes planned");
+        // Planned by sealed size alone, some fetch would open to more.
+        let unbounded = restore::plan(&index, &m.volumes[0].chunks, restore::RANGE_MAX).unwrap();
+        assert!(unbounded
+            .iter()
+            .any(|f| fetch_plain(f).0 > restore::DATA_PLAIN_MAX));
+        // No chunk is larger than the bound, so it holds for every fetch.
         for f in &plans[0] {
             let (plain, blobs) = fetch_plain(f);
             assert!(
-                plain <= restore::DATA_PLAIN_MAX || blobs == 1,
+                plain <= restore::DATA_PLAIN_MAX,
                 "a fetch of {blobs} chunks opens to {plain} bytes"
             );
         }
+        let out = env.path("out");
+        restore_to(&store, &env, &r.id, &out).await;
+        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+    });
+}
+
+/// Sealed bytes a fetch reads.
+fn fetch_sealed(f: &restore::Fetch) -> u64 {
+    match f {
+        restore::Fetch::Range { len, .. } => *len,
+        restore::Fetch::Gather { ranges, .. } => ranges.iter().map(fetch_sealed).sum(),
+        restore::Fetch::Object(c) => c.1,
+    }
+}
+
+#[test]
+fn a_chunk_used_many_times_is_fetched_once() {
+    let env = Env::new(false);
+    let v = env.path("vol");
+    std::fs::create_dir_all(&v).unwrap();
+    // 40 equal files of 1 MiB: 40 MiB to write, 1 MiB to fetch. The copies must not
+    // count against the fetch's plaintext bound, or the chunk is read again and again.
+    let one = noise(77, 1 << 20);
+    for i in 0..40 {
+        std::fs::write(v.join(format!("copy{i:02}")), &one).unwrap();
+    }
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        let r = backup_of(&store, &keys, &v, pack::PACK_TARGET).await;
+        let m = restore::load_manifest(&store, &keys, &r.id).await.unwrap();
+        let (_, plans) = restore::plan_all(&store, &keys, &[&m.volumes[0]])
+            .await
+            .unwrap();
+        let read: u64 = plans[0].iter().map(fetch_sealed).sum();
+        assert!(
+            read < 2 << 20,
+            "{read} bytes read in {} fetches for 1 MiB of distinct data",
+            plans[0].len()
+        );
         let out = env.path("out");
         restore_to(&store, &env, &r.id, &out).await;
         assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));

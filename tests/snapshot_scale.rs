@@ -497,11 +497,19 @@ fn scale_2m_files() {
         .unwrap_or(2_000_000);
     let env = Env::garage(None);
     let mut runs = operations(&env, &env.path("w"), files, 2048);
-    // IMGBUILD_SCALE_PEERS=0 measures imgbuild alone (an hour less); =rustic or
-    // =restic one peer; unset, both.
+    // IMGBUILD_SCALE_PEERS=0 measures imgbuild alone (an hour less); a list such as
+    // "rustic" or "restic,rustic" names the peers; unset, both.
     let only = std::env::var("IMGBUILD_SCALE_PEERS").unwrap_or_default();
+    let named: Vec<&str> = only
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && *p != "0")
+        .collect();
+    if let Some(bad) = named.iter().find(|p| !["restic", "rustic"].contains(p)) {
+        panic!("IMGBUILD_SCALE_PEERS: unknown peer {bad:?} (restic, rustic, or 0 for none)");
+    }
     for (peer, name) in [(Peer::Restic, "restic"), (Peer::Rustic, "rustic")] {
-        if only.is_empty() || only.split(',').any(|p| p.trim() == name) {
+        if only.is_empty() || named.contains(&name) {
             runs.extend(peer_operations(&env, &env.path("w"), files, 2048, peer));
         }
     }

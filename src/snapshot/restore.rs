@@ -320,19 +320,24 @@ impl Window {
 
     /// Adds a chunk of pack `pack` if the window can take it.
     fn add(&mut self, pack: usize, blob: Blob, range_max: u64) -> bool {
+        // The same chunk twice (equal files): fetched and opened once, so it takes
+        // no more of the window.
+        for (r, (p, _, _, blobs)) in self.ranges.iter().enumerate() {
+            if *p != pack {
+                continue;
+            }
+            if let Some(j) = blobs.iter().position(|b| b.offset == blob.offset) {
+                self.order.push((r as u32, j as u32));
+                return true;
+            }
+        }
         let plain = u64::from(blob.plain);
         if !self.order.is_empty() && self.plain + plain > self.plain_max {
             return false;
         }
-        self.plain += plain;
         for (r, (p, start, len, blobs)) in self.ranges.iter_mut().enumerate() {
             if *p != pack {
                 continue;
-            }
-            // The same chunk twice (equal files): fetched once.
-            if let Some(j) = blobs.iter().position(|b| b.offset == blob.offset) {
-                self.order.push((r as u32, j as u32));
-                return true;
             }
             let end = *start + *len;
             let off = u64::from(blob.offset);
@@ -342,6 +347,7 @@ impl Window {
                 && self.bytes + (blob.end() - end) <= range_max
             {
                 self.bytes += blob.end() - end;
+                self.plain += plain;
                 *len = blob.end() - *start;
                 self.order.push((r as u32, blobs.len() as u32));
                 blobs.push(blob);
@@ -355,6 +361,7 @@ impl Window {
             return false;
         }
         self.bytes += sealed;
+        self.plain += plain;
         self.order.push((self.ranges.len() as u32, 0));
         self.ranges
             .push((pack, u64::from(blob.offset), sealed, vec![blob]));

@@ -4,9 +4,10 @@
 //! given their metadata by a few writer threads. A restore of many small files is
 //! otherwise bound by one thread copying into the page cache and setting metadata, with
 //! the fetches and decryption waiting on it. The walk waits for the writers (drains)
-//! only before the metadata of directories it has left: a read-only mode or a time
-//! set while a file in them is still being written would not hold. A hard link needs
-//! no wait: its name goes to the inode the walk already created.
+//! only at the end: a writer works on an open file, which needs nothing of its
+//! directory (neither its permission, so a read-only mode may come first, nor its
+//! times, which a write does not change), and a hard link goes to the inode the walk
+//! already created.
 
 use super::{at, cname, join_rel, last_os_error, open_root};
 use crate::snapshot::error::{Result, SnapshotError};
@@ -53,9 +54,6 @@ const BYTES_IN_FLIGHT: usize = 16 << 20;
 /// Jobs queued at most. Each small-file job holds its open file, so this also bounds
 /// the fds the restore holds (the default soft limit is 1024).
 const JOBS_IN_FLIGHT: usize = 128;
-/// Directories whose metadata waits for the writers: applying it needs a drain, so
-/// they are applied in batches.
-const DIRS_PENDING: usize = 256;
 
 /// Options for writing a volume back.
 #[derive(Debug, Clone, Copy)]
@@ -217,7 +215,12 @@ struct Large {
 
 impl Drop for Large {
     fn drop(&mut self) {
-        if !self.complete.load(Ordering::Relaxed) || self.shared.failed.load(Ordering::Relaxed) {
+        // A piece that panicked drops the file while unwinding: it is not complete,
+        // and a second panic in finishing it would abort the process.
+        if !self.complete.load(Ordering::Relaxed)
+            || self.shared.failed.load(Ordering::Relaxed)
+            || std::thread::panicking()
+        {
             return;
         }
         let mut warnings = Vec::new();
@@ -474,9 +477,9 @@ fn take_extents(
 
 /// Writes `entries` (in stream order: a depth-first walk) under `root`, which must
 /// not exist yet, taking file data from `data` in entry order. A directory's metadata
-/// is applied once the walk has left it and every file in it is complete, so its
-/// times and a read-only mode survive the writing of its contents; everything else
-/// gets its metadata as soon as it is written. Memory stays proportional to the
+/// is applied once the walk has left it, so its times and a read-only mode survive
+/// the creation of its contents; a file gets its metadata on the writer that
+/// completes it, everything else as soon as it is made. Memory stays proportional to the
 /// tree's depth and the data in flight. Every name is created relative to its opened
 /// parent without following symlinks, so even a manifest that slipped past
 /// validation cannot write outside `root`.
@@ -500,26 +503,18 @@ pub fn write_volume(
     let mut absent: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
     // Directories being written, whose metadata waits for the walk to leave them.
     let mut open: Vec<(Vec<u8>, Entry)> = Vec::new();
-    // Directories the walk has left, whose metadata waits for their files' writers.
-    let mut left: Vec<(Vec<u8>, Entry)> = Vec::new();
-    let mut apply_left =
-        |left: &mut Vec<(Vec<u8>, Entry)>, warnings: &mut Vec<String>| -> Result<()> {
-            pool.drain()?;
-            for (d, de) in left.drain(..) {
-                apply_metadata(&mut meta_dirs, root, &d, &de, opts, warnings)?;
-            }
-            Ok(())
-        };
     for e in entries {
         let rel = e.path.to_bytes().unwrap_or_default();
         while let Some((d, _)) = open.last() {
             if d.is_empty() || (rel.starts_with(d) && rel.get(d.len()) == Some(&b'/')) {
                 break;
             }
-            left.extend(open.pop());
-        }
-        if left.len() >= DIRS_PENDING {
-            apply_left(&mut left, &mut warnings)?;
+            // Left for good: the walk creates nothing more in it, and what the
+            // writers still do there goes through open files, which neither needs the
+            // directory's permission nor changes its times. So no drain.
+            if let Some((d, de)) = open.pop() {
+                apply_metadata(&mut meta_dirs, root, &d, &de, opts, &mut warnings)?;
+            }
         }
         let p = join_rel(root, &rel);
         if rel.is_empty() {
@@ -645,8 +640,11 @@ pub fn write_volume(
         }
         apply_metadata(&mut dirs, root, &rel, &e, opts, &mut warnings)?;
     }
-    left.extend(open.drain(..).rev());
-    apply_left(&mut left, &mut warnings)?;
+    // A writer's failure is reported before anything more is changed.
+    pool.drain()?;
+    for (d, de) in open.drain(..).rev() {
+        apply_metadata(&mut meta_dirs, root, &d, &de, opts, &mut warnings)?;
+    }
     warnings.extend(pool.warnings());
     Ok(warnings)
 }
@@ -789,23 +787,31 @@ mod tests {
 
     #[test]
     fn a_writer_that_panics_fails_the_walk_instead_of_hanging_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("v");
-        let (mut entries, mut data) = failing(0, 0);
-        entries.truncate(1);
-        entries.push(entry(PANICS, Kind::File, 10, None));
-        data.extend_from_slice(b"0123456789");
-        for i in 0..3000 {
-            entries.push(entry(&format!("f{i:05}"), Kind::File, 10, None));
-            data.extend_from_slice(b"0123456789");
+        // A small file (one job) and a large one (pieces, finished by the last to let
+        // go of it); the files after it make the walk wait in a hand-out, not only
+        // in the final drain.
+        for size in [10, 3 * PIECE_MAX as u64 + 5] {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("v");
+            let mut entries = vec![
+                entry("", Kind::Dir, 0, None),
+                entry(PANICS, Kind::File, size, None),
+            ];
+            let mut data = vec![7u8; size as usize];
+            for i in 0..3000 {
+                entries.push(entry(&format!("f{i:05}"), Kind::File, 10, None));
+                data.extend_from_slice(b"0123456789");
+            }
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                tx.send(write(&root, entries, data).map_err(|e| e.to_string()))
+            });
+            let r = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("the walk hung after a writer panicked ({size} bytes)"));
+            let e = r.unwrap_err();
+            assert!(e.contains(PANICS) && e.contains("a test's file"), "{e}");
         }
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || tx.send(write(&root, entries, data).map_err(|e| e.to_string())));
-        let r = rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the walk hung after a writer panicked");
-        let e = r.unwrap_err();
-        assert!(e.contains(PANICS) && e.contains("a test's file"), "{e}");
     }
 
     #[test]
