@@ -159,18 +159,42 @@ fn packs_cut_objects_and_restore_merges_ranged_reads() {
     });
 }
 
-/// Plaintext of every blob a fetch opens.
-fn fetch_plain(f: &restore::Fetch) -> (u64, usize) {
+/// What a fetch opens to (plaintext), reads (sealed bytes) and holds (chunks).
+fn fetch_size(f: &restore::Fetch) -> (u64, u64, usize) {
     match f {
-        restore::Fetch::Range { blobs, .. } => {
-            (blobs.iter().map(|b| u64::from(b.plain)).sum(), blobs.len())
-        }
+        restore::Fetch::Range { blobs, len, .. } => (
+            blobs.iter().map(|b| u64::from(b.plain)).sum(),
+            *len,
+            blobs.len(),
+        ),
         restore::Fetch::Gather { ranges, .. } => ranges
             .iter()
-            .map(fetch_plain)
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
-        restore::Fetch::Object(c) => (c.1, 1),
+            .map(fetch_size)
+            .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2)),
+        restore::Fetch::Object(c) => (c.1, c.1, 1),
     }
+}
+
+/// Backs `v` up, hands the restore's plan of its data (with the index and the
+/// chunks it plans) to `check`, then restores the snapshot and compares the tree.
+fn plan_and_restore(
+    env: &Env,
+    v: &Path,
+    check: impl FnOnce(&Index, &[format::ChunkRef], &[restore::Fetch]),
+) {
+    rt().block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        let r = backup_of(&store, &keys, v, pack::PACK_TARGET).await;
+        let m = restore::load_manifest(&store, &keys, &r.id).await.unwrap();
+        let (index, plans) = restore::plan_all(&store, &keys, &[&m.volumes[0]])
+            .await
+            .unwrap();
+        check(&index, &m.volumes[0].chunks, &plans[0]);
+        let out = env.path("out");
+        restore_to(&store, env, &r.id, &out).await;
+        assert_eq!(tree_hash(v), tree_hash(&out.join("v/_data")));
+    });
 }
 
 #[test]
@@ -192,43 +216,23 @@ fn well_compressed_data_is_fetched_in_bounded_plaintext() {
         )
         .unwrap();
     }
-    let rt = rt();
-    rt.block_on(async {
-        let store = env.store().await;
-        let keys = env.keys();
-        let r = backup_of(&store, &keys, &v, pack::PACK_TARGET).await;
-        let m = restore::load_manifest(&store, &keys, &r.id).await.unwrap();
-        let (index, plans) = restore::plan_all(&store, &keys, &[&m.volumes[0]])
-            .await
-            .unwrap();
-        let total: u64 = plans[0].iter().map(|f| fetch_plain(f).0).sum();
+    plan_and_restore(&env, &v, |index, chunks, plan| {
+        let total: u64 = plan.iter().map(|f| fetch_size(f).0).sum();
         assert!(total >= 28 << 20, "{total} bytes planned");
         // Planned by sealed size alone, some fetch would open to more.
-        let unbounded = restore::plan(&index, &m.volumes[0].chunks, restore::RANGE_MAX).unwrap();
+        let unbounded = restore::plan(index, chunks, restore::RANGE_MAX).unwrap();
         assert!(unbounded
             .iter()
-            .any(|f| fetch_plain(f).0 > restore::DATA_PLAIN_MAX));
+            .any(|f| fetch_size(f).0 > restore::DATA_PLAIN_MAX));
         // No chunk is larger than the bound, so it holds for every fetch.
-        for f in &plans[0] {
-            let (plain, blobs) = fetch_plain(f);
+        for f in plan {
+            let (plain, _, blobs) = fetch_size(f);
             assert!(
                 plain <= restore::DATA_PLAIN_MAX,
                 "a fetch of {blobs} chunks opens to {plain} bytes"
             );
         }
-        let out = env.path("out");
-        restore_to(&store, &env, &r.id, &out).await;
-        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
     });
-}
-
-/// Sealed bytes a fetch reads.
-fn fetch_sealed(f: &restore::Fetch) -> u64 {
-    match f {
-        restore::Fetch::Range { len, .. } => *len,
-        restore::Fetch::Gather { ranges, .. } => ranges.iter().map(fetch_sealed).sum(),
-        restore::Fetch::Object(c) => c.1,
-    }
 }
 
 #[test]
@@ -242,24 +246,13 @@ fn a_chunk_used_many_times_is_fetched_once() {
     for i in 0..40 {
         std::fs::write(v.join(format!("copy{i:02}")), &one).unwrap();
     }
-    let rt = rt();
-    rt.block_on(async {
-        let store = env.store().await;
-        let keys = env.keys();
-        let r = backup_of(&store, &keys, &v, pack::PACK_TARGET).await;
-        let m = restore::load_manifest(&store, &keys, &r.id).await.unwrap();
-        let (_, plans) = restore::plan_all(&store, &keys, &[&m.volumes[0]])
-            .await
-            .unwrap();
-        let read: u64 = plans[0].iter().map(fetch_sealed).sum();
+    plan_and_restore(&env, &v, |_, _, plan| {
+        let read: u64 = plan.iter().map(|f| fetch_size(f).1).sum();
         assert!(
             read < 2 << 20,
             "{read} bytes read in {} fetches for 1 MiB of distinct data",
-            plans[0].len()
+            plan.len()
         );
-        let out = env.path("out");
-        restore_to(&store, &env, &r.id, &out).await;
-        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
     });
 }
 

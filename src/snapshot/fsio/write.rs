@@ -479,9 +479,9 @@ fn take_extents(
 /// not exist yet, taking file data from `data` in entry order. A directory's metadata
 /// is applied once the walk has left it, so its times and a read-only mode survive
 /// the creation of its contents; a file gets its metadata on the writer that
-/// completes it, everything else as soon as it is made. Memory stays proportional to the
-/// tree's depth and the data in flight. Every name is created relative to its opened
-/// parent without following symlinks, so even a manifest that slipped past
+/// completes it, everything else as soon as it is made. Memory stays proportional to
+/// the tree's depth and the data in flight. Every name is created relative to its
+/// opened parent without following symlinks, so even a manifest that slipped past
 /// validation cannot write outside `root`.
 pub fn write_volume(
     root: &Path,
