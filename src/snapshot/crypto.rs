@@ -6,8 +6,7 @@
 //! byte layouts are in docs/snapshot-format.md; change them only with a new version.
 
 use super::error::{Result, SnapshotError};
-use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use std::path::Path;
 
@@ -199,19 +198,7 @@ impl Keys {
     /// `version(1) | nonce(24) | XChaCha20-Poly1305(flag(1) | payload)`, AAD = chunk id,
     /// so a chunk stored under another chunk's name fails to open.
     pub fn seal_chunk(&self, id: &[u8; 32], plain: &[u8]) -> Vec<u8> {
-        let mut body = Vec::with_capacity(plain.len() / 2 + 1);
-        match zstd::bulk::compress(plain, ZSTD_LEVEL) {
-            Ok(z) if z.len() < plain.len() => {
-                body.push(STORED_ZSTD);
-                body.extend_from_slice(&z);
-            }
-            // Incompressible (media, already compressed dumps): store as is.
-            _ => {
-                body.push(STORED_RAW);
-                body.extend_from_slice(plain);
-            }
-        }
-        seal(&self.data_key, id, body)
+        seal_buf(&self.data_key, id, flagged_body(plain))
     }
 
     /// Opens and verifies a chunk: AEAD tag, then the keyed hash of the plaintext
@@ -280,18 +267,7 @@ impl Keys {
     /// zstd-compressed when that is smaller (a segment switched early by
     /// archive_timeout is mostly zeros).
     pub fn seal_wal(&self, name: &str, plain: &[u8]) -> Vec<u8> {
-        let mut body = Vec::with_capacity(plain.len() / 4 + 1);
-        match zstd::bulk::compress(plain, ZSTD_LEVEL) {
-            Ok(z) if z.len() < plain.len() => {
-                body.push(STORED_ZSTD);
-                body.extend_from_slice(&z);
-            }
-            _ => {
-                body.push(STORED_RAW);
-                body.extend_from_slice(plain);
-            }
-        }
-        seal(&self.wal_key, name.as_bytes(), body)
+        seal_buf(&self.wal_key, name.as_bytes(), flagged_body(plain))
     }
 
     /// Opens a shipped WAL file sealed under `name`; `max` bounds decompression.
@@ -359,7 +335,7 @@ impl Keys {
                 "host name {host:?} cannot name a snapshot (1 to {MAX_HOST_LEN} bytes)"
             )));
         }
-        let sealed = seal(&self.manifest_key, snapshot_id.as_bytes(), z);
+        let sealed = seal(&self.manifest_key, snapshot_id.as_bytes(), &z);
         // seal() starts with the version byte; the manifest has its own magic instead.
         let nonce_and_ct = &sealed[1..];
         let sig = signing.sign(&sign_message_v2(prefix, host, snapshot_id, nonce_and_ct));
@@ -383,7 +359,7 @@ impl Keys {
             .ok_or_else(|| SnapshotError::Other("no signing key: cannot write snapshots".into()))?;
         let z = zstd::bulk::compress(json, ZSTD_LEVEL)
             .map_err(|e| SnapshotError::Other(format!("zstd: {e}")))?;
-        let sealed = seal(&self.manifest_key, snapshot_id.as_bytes(), z);
+        let sealed = seal(&self.manifest_key, snapshot_id.as_bytes(), &z);
         let nonce_and_ct = &sealed[1..];
         let sig = signing.sign(&sign_message(snapshot_id, nonce_and_ct));
         let mut out = Vec::with_capacity(8 + 64 + nonce_and_ct.len());
@@ -493,7 +469,7 @@ impl Keys {
     /// The table at the end of a pack (which chunk lies where), sealed so that the
     /// index can be rebuilt from the packs alone.
     pub fn seal_pack_header(&self, table: Vec<u8>) -> Vec<u8> {
-        seal(&self.pack_header_key, PACK_HEADER_AAD, table)
+        seal(&self.pack_header_key, PACK_HEADER_AAD, &table)
     }
 
     pub fn open_pack_header(&self, sealed: &[u8]) -> std::result::Result<Vec<u8>, &'static str> {
@@ -518,7 +494,7 @@ impl Keys {
                 "host name {host:?} cannot name an index (1 to {MAX_HOST_LEN} bytes)"
             )));
         }
-        let sealed = seal(&self.index_key, index_id.as_bytes(), table.to_vec());
+        let sealed = seal(&self.index_key, index_id.as_bytes(), table);
         let nonce_and_ct = &sealed[1..];
         let sig = signing.sign(&signed_message(
             SIGN_DOMAIN_INDEX,
@@ -661,18 +637,67 @@ fn random_nonce() -> [u8; NONCE_LEN] {
     n
 }
 
-fn seal(key: &[u8; 32], aad: &[u8], plain: Vec<u8>) -> Vec<u8> {
-    let cipher = XChaCha20Poly1305::new(key.into());
-    let nonce = random_nonce();
-    // Encryption with a valid key and nonce cannot fail for in-memory buffers.
-    let ct = cipher
-        .encrypt(XNonce::from_slice(&nonce), Payload { msg: &plain, aad })
-        .unwrap_or_default();
-    let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
-    out.push(FORMAT_VERSION);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
+/// Version byte and nonce: what a sealed object carries before its ciphertext.
+const SEALED_HEADER: usize = 1 + NONCE_LEN;
+
+/// XChaCha20-Poly1305 (draft-irtf-cfrg-xchacha) as HChaCha20 over the first 16 nonce
+/// bytes, then the RFC 8439 AEAD under that subkey with the last 8. Built from
+/// aws-lc's ChaCha20-Poly1305 because its assembly (AVX2/AVX-512) opens about 1.7x
+/// as fast as the portable crate here, and the restore spends a quarter of its CPU
+/// there; the bytes are the same (a test checks them against the reference crate).
+fn xchacha_key(key: &[u8; 32], nonce: &[u8; NONCE_LEN]) -> (LessSafeKey, Nonce) {
+    use chacha20::cipher::consts::U10;
+    let sub = chacha20::hchacha::<U10>(key.into(), nonce[..16].into());
+    let mut n12 = [0u8; 12];
+    n12[4..].copy_from_slice(&nonce[16..]);
+    // A 32-byte key always fits ChaCha20-Poly1305's key length.
+    let k = UnboundKey::new(&CHACHA20_POLY1305, sub.as_slice()).expect("32-byte key");
+    (LessSafeKey::new(k), Nonce::assume_unique_for_key(n12))
+}
+
+/// An empty sealed object with room for `plain_len` bytes of plaintext: push the
+/// plaintext, then [`seal_buf`] encrypts it where it lies.
+fn sealed_buf(plain_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SEALED_HEADER + plain_len + TAG_LEN);
+    out.resize(SEALED_HEADER, 0);
     out
+}
+
+/// Seals `buf` (from [`sealed_buf`], plaintext after the header) in place:
+/// `version | nonce | ciphertext | tag`.
+fn seal_buf(key: &[u8; 32], aad: &[u8], mut buf: Vec<u8>) -> Vec<u8> {
+    let nonce = random_nonce();
+    buf[0] = FORMAT_VERSION;
+    buf[1..SEALED_HEADER].copy_from_slice(&nonce);
+    let (k, n) = xchacha_key(key, &nonce);
+    // Fails only for a message over 256 GiB; chunks, packs' headers and manifests
+    // are far below that, and a silently empty ciphertext would be a lost object.
+    let tag = k
+        .seal_in_place_separate_tag(n, Aad::from(aad), &mut buf[SEALED_HEADER..])
+        .expect("plaintext within ChaCha20-Poly1305's length limit");
+    buf.extend_from_slice(tag.as_ref());
+    buf
+}
+
+/// `flag | payload` in a [`sealed_buf`]: zstd when that is smaller, else the bytes as
+/// they are (media, already compressed dumps), so nothing grows by more than the flag.
+fn flagged_body(plain: &[u8]) -> Vec<u8> {
+    // Compressed first, so that the buffer (held until its pack is sent) is no larger
+    // than what it will hold.
+    let (flag, payload) = match zstd::bulk::compress(plain, ZSTD_LEVEL) {
+        Ok(z) if z.len() < plain.len() => (STORED_ZSTD, std::borrow::Cow::Owned(z)),
+        _ => (STORED_RAW, std::borrow::Cow::Borrowed(plain)),
+    };
+    let mut buf = sealed_buf(1 + payload.len());
+    buf.push(flag);
+    buf.extend_from_slice(&payload);
+    buf
+}
+
+fn seal(key: &[u8; 32], aad: &[u8], plain: &[u8]) -> Vec<u8> {
+    let mut buf = sealed_buf(plain.len());
+    buf.extend_from_slice(plain);
+    seal_buf(key, aad, buf)
 }
 
 /// A chunk's plaintext: a range of the buffer it was decrypted in, or a buffer of
@@ -690,27 +715,21 @@ fn open_in_place(
     sealed: &mut [u8],
 ) -> std::result::Result<std::ops::Range<usize>, &'static str> {
     check_sealed(sealed)?;
-    let end = sealed.len() - TAG_LEN;
-    let nonce = *XNonce::from_slice(&sealed[1..1 + NONCE_LEN]);
-    let tag = *chacha20poly1305::Tag::from_slice(&sealed[end..]);
-    XChaCha20Poly1305::new(key.into())
-        .decrypt_in_place_detached(&nonce, aad, &mut sealed[1 + NONCE_LEN..end], &tag)
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&sealed[1..SEALED_HEADER]);
+    let (k, n) = xchacha_key(key, &nonce);
+    let plain = k
+        .open_in_place(n, Aad::from(aad), &mut sealed[SEALED_HEADER..])
         .map_err(|_| TAG_FAILED)?;
-    Ok(1 + NONCE_LEN..end)
+    Ok(SEALED_HEADER..SEALED_HEADER + plain.len())
 }
 
 fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> std::result::Result<Vec<u8>, &'static str> {
-    check_sealed(sealed)?;
-    let cipher = XChaCha20Poly1305::new(key.into());
-    cipher
-        .decrypt(
-            XNonce::from_slice(&sealed[1..1 + NONCE_LEN]),
-            Payload {
-                msg: &sealed[1 + NONCE_LEN..],
-                aad,
-            },
-        )
-        .map_err(|_| TAG_FAILED)
+    let mut buf = sealed.to_vec();
+    let r = open_in_place(key, aad, &mut buf)?;
+    buf.truncate(r.end);
+    buf.drain(..r.start);
+    Ok(buf)
 }
 
 const TAG_FAILED: &str = "authentication tag does not verify (bit rot, tampering or wrong key)";
@@ -746,6 +765,63 @@ mod tests {
     fn keys() -> Keys {
         let sk = SigningKey::from_bytes(&[7u8; 32]);
         Keys::from_bytes([1u8; 32], Some([7u8; 32]), sk.verifying_key().to_bytes()).unwrap()
+    }
+
+    /// The sealed bytes are XChaCha20-Poly1305's, whichever library makes them: ours
+    /// open with the reference crate and the reference crate's open with ours, across
+    /// the lengths where ChaCha20's block and Poly1305's padding change.
+    #[test]
+    fn sealed_objects_are_the_reference_xchacha20poly1305() {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+        let key = blake3::derive_key("imgbuild test", b"reference");
+        let reference = XChaCha20Poly1305::new((&key).into());
+        for len in [
+            0usize,
+            1,
+            15,
+            16,
+            17,
+            63,
+            64,
+            65,
+            255,
+            256,
+            4097,
+            (1 << 20) + 7,
+        ] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let aad = format!("aad {len}");
+            let sealed = seal(&key, aad.as_bytes(), &plain);
+            assert_eq!(sealed.len(), SEALED_HEADER + len + TAG_LEN);
+            assert_eq!(sealed[0], FORMAT_VERSION);
+            let opened = reference
+                .decrypt(
+                    XNonce::from_slice(&sealed[1..SEALED_HEADER]),
+                    Payload {
+                        msg: &sealed[SEALED_HEADER..],
+                        aad: aad.as_bytes(),
+                    },
+                )
+                .unwrap_or_else(|_| panic!("reference refused our {len}-byte object"));
+            assert_eq!(opened, plain);
+
+            let nonce = random_nonce();
+            let ct = reference
+                .encrypt(
+                    XNonce::from_slice(&nonce),
+                    Payload {
+                        msg: &plain,
+                        aad: aad.as_bytes(),
+                    },
+                )
+                .unwrap();
+            let mut theirs = vec![FORMAT_VERSION];
+            theirs.extend_from_slice(&nonce);
+            theirs.extend_from_slice(&ct);
+            assert_eq!(open(&key, aad.as_bytes(), &theirs).unwrap(), plain);
+            assert!(open(&key, b"other aad", &theirs).is_err());
+        }
     }
 
     #[test]
