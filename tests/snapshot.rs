@@ -159,6 +159,72 @@ fn incremental_backup_uploads_about_the_change() {
     });
 }
 
+/// A repository whose snapshots were chunked with the first releases' 1 MiB average
+/// keeps it (another average would store every changed file again in full, once); a
+/// new one chunks with the current, smaller average. The chunk count of a 48 MiB
+/// incompressible file tells the two apart.
+#[test]
+fn a_repository_keeps_the_chunk_average_it_began_with() {
+    let env = Env::new(false);
+    let v = env.path("vol");
+    std::fs::create_dir_all(&v).unwrap();
+    std::fs::write(v.join("big.bin"), noise(31, 48 << 20)).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts())
+            .await
+            .unwrap();
+        let m = restore::latest_manifest(&store, &keys)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.chunker.avg, backup::CHUNK_AVG);
+        let fresh = m.volumes[0].chunks.len();
+
+        // The snapshot as the first releases wrote it: the same, chunked at 1 MiB.
+        let mut old = m.clone();
+        old.chunker.avg = backup::CHUNK_AVG_1MIB;
+        let sealed = keys
+            .seal_manifest_value(&old.id, "test", &store.prefix, &old)
+            .unwrap();
+        store
+            .client()
+            .put_object()
+            .bucket(&store.bucket)
+            .key(format::snapshot_key(&store.prefix, &old.id))
+            .body(sealed.into())
+            .send()
+            .await
+            .unwrap();
+
+        std::fs::write(v.join("big.bin"), noise(32, 48 << 20)).unwrap();
+        let second = backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts())
+            .await
+            .unwrap();
+        let m2 = restore::latest_manifest(&store, &keys)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m2.id, second.id);
+        assert_eq!(
+            m2.chunker.avg,
+            backup::CHUNK_AVG_1MIB,
+            "the average was not kept"
+        );
+        let carried = m2.volumes[0].chunks.len();
+        eprintln!("48 MiB in {fresh} chunks at the current average, {carried} at 1 MiB");
+        assert!(
+            carried * 3 < fresh * 2,
+            "chunked at 1 MiB it should be far fewer chunks: {carried} against {fresh}"
+        );
+        let out = env.path("out");
+        restore_id(&store, &env, &second.id, &out).await.unwrap();
+        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+    });
+}
+
 /// A change spread over a tree of small files (every 400th file rewritten with a new
 /// size) uploads only the changed files and the entry-list chunks holding a changed
 /// line: a group's end and an entry chunk's end do not depend on the sizes of the

@@ -5,7 +5,7 @@
 use super::crypto::Keys;
 use super::entries::{self, EntryReader, MetaChunker};
 use super::error::{Result, SnapshotError};
-use super::format::{self, ChunkRef, Chunker, Manifest, Stats, Volume, MANIFEST_VERSION};
+use super::format::{self, ChunkRef, Manifest, Stats, Volume, MANIFEST_VERSION};
 use super::fsio;
 use super::pack::{self, Index, Packer};
 use super::store::{PutOutcome, Requests, Store};
@@ -17,11 +17,40 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
-/// Chunk sizes: restic's average (1 MiB) keeps the object count, and so per-request
-/// overhead, low; the 256 KiB minimum bounds the cost of small edits.
+/// Chunk sizes. Packs made the object count independent of the chunk size, so the
+/// average is half restic's: an edit inside a large file (a database page, a rewritten
+/// block) costs the chunks around it, and those are half as long. What a smaller chunk
+/// costs is the index held in memory, about 90 bytes a chunk (180 MB for 1 TB). The
+/// 256 KiB minimum is also where small files start to be grouped.
 pub const CHUNK_MIN: u32 = 256 * 1024;
-pub const CHUNK_AVG: u32 = 1024 * 1024;
+pub const CHUNK_AVG: u32 = 512 * 1024;
 pub const CHUNK_MAX: u32 = 4 * 1024 * 1024;
+/// The average the first releases chunked with. A repository whose snapshots were
+/// chunked with it keeps it: with another average every changed file would be stored
+/// again in full, once.
+pub const CHUNK_AVG_1MIB: u32 = 1024 * 1024;
+
+/// The chunker a backup uses: the newest snapshot's, when it is one this release
+/// writes, else the current default.
+pub fn chunker_for(prev: Option<&format::Manifest>) -> format::Chunker {
+    let avg = prev
+        .map(|m| &m.chunker)
+        .filter(|c| {
+            c.algorithm == CHUNKER_ALGORITHM
+                && c.min == CHUNK_MIN
+                && c.max == CHUNK_MAX
+                && [CHUNK_AVG, CHUNK_AVG_1MIB].contains(&c.avg)
+        })
+        .map_or(CHUNK_AVG, |c| c.avg);
+    format::Chunker {
+        algorithm: CHUNKER_ALGORITHM.into(),
+        min: CHUNK_MIN,
+        avg,
+        max: CHUNK_MAX,
+    }
+}
+
+const CHUNKER_ALGORITHM: &str = "fastcdc-2020";
 use super::lock::LockKind;
 /// Locks older than this belong to a backup that died; prune ignores them.
 pub use super::lock::LOCK_STALE_SECS;
@@ -195,6 +224,7 @@ async fn backup_locked(
         .await
         .ok()
         .flatten();
+    let chunker = chunker_for(prev.as_ref());
     let mut volumes = Vec::new();
     let mut stats = Stats::default();
     let mut uploaded: HashSet<[u8; 32]> = HashSet::new();
@@ -209,6 +239,7 @@ async fn backup_locked(
             &index,
             src,
             prev_vol,
+            chunker.avg,
             opts,
             &mut packers,
             &mut uploaded,
@@ -252,12 +283,7 @@ async fn backup_locked(
         host: opts.host.clone(),
         time: now,
         tool: format!("imgbuild {}", env!("CARGO_PKG_VERSION")),
-        chunker: Chunker {
-            algorithm: "fastcdc-2020".into(),
-            min: CHUNK_MIN,
-            avg: CHUNK_AVG,
-            max: CHUNK_MAX,
-        },
+        chunker,
         locked_until,
         stats: stats.clone(),
         volumes,
@@ -645,6 +671,7 @@ impl Walked {
 fn read_chunks(
     root: &std::path::Path,
     keys: &Keys,
+    chunk_avg: u32,
     entries: &Arc<Vec<format::Entry>>,
     range: std::ops::Range<usize>,
     report: &Arc<std::sync::Mutex<fsio::ReadReport>>,
@@ -669,7 +696,7 @@ fn read_chunks(
     let cdc = StreamCDC::with_level_and_seed(
         reader,
         CHUNK_MIN,
-        CHUNK_AVG,
+        chunk_avg,
         CHUNK_MAX,
         Normalization::Level1,
         keys.chunker_seed(),
@@ -696,6 +723,7 @@ fn produce(
     root: &std::path::Path,
     keys: &Keys,
     reuse: &Reuse,
+    chunk_avg: u32,
     tx: &mpsc::Sender<std::io::Result<Produced>>,
 ) -> Result<Walked> {
     let mut out = Walked::default();
@@ -720,9 +748,9 @@ fn produce(
                         start,
                         len,
                     })),
-                    Piece::New(r) => read_chunks(root, keys, &shared, r, &report, &send),
+                    Piece::New(r) => read_chunks(root, keys, chunk_avg, &shared, r, &report, &send),
                 }),
-                _ => read_chunks(root, keys, &shared, 0..n, &report, &send),
+                _ => read_chunks(root, keys, chunk_avg, &shared, 0..n, &report, &send),
             };
             if !ok {
                 return false;
@@ -822,6 +850,7 @@ async fn backup_volume(
     index: &Index,
     src: &Source,
     prev: Option<&Volume>,
+    chunk_avg: u32,
     opts: &BackupOptions,
     packers: &mut Packers,
     uploaded: &mut HashSet<[u8; 32]>,
@@ -847,7 +876,7 @@ async fn backup_volume(
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Produced>>(4);
     let k2 = keys.clone();
     let root = src.root.clone();
-    let producer = tokio::task::spawn_blocking(move || produce(&root, &k2, &reuse, &tx));
+    let producer = tokio::task::spawn_blocking(move || produce(&root, &k2, &reuse, chunk_avg, &tx));
 
     // Sealing (zstd + AEAD) runs on the blocking pool, `parallel` chunks at once.
     // Sealed chunks go into the pack in stream order (oldest task first), so a restore
