@@ -561,8 +561,9 @@ pub async fn fetch(store: &Store, keys: &Keys, f: &Fetch) -> Result<Vec<Bytes>> 
             .into_iter()
             .map(|(at, r)| match r {
                 // A view keeps the whole range alive: only a chunk that is a good
-                // part of it is handed on as one, so a view pins at most 4× itself.
-                Opened::Within(r) if r.len() * 4 >= whole.len() => {
+                // part of it is handed on as one, so a view pins at most 8× itself
+                // (a chunk of the average 512 KiB in a range of 4 MiB is one).
+                Opened::Within(r) if r.len() * 8 >= whole.len() => {
                     whole.slice(at + r.start..at + r.end)
                 }
                 Opened::Within(r) => Bytes::copy_from_slice(&whole[at + r.start..at + r.end]),
