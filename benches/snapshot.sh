@@ -26,7 +26,11 @@ else
   command -v garage >/dev/null || [ -x "$HOME/.cargo/bin/garage" ] ||
     { echo "garage missing: run bash .ci/deps.sh --tests" >&2; exit 1; }
   out=$(mktemp)
-  trap 'rm -f "$out"' EXIT
+  # The restores behind a VPS's link limit the loopback (tc tbf, root only); a run
+  # killed in the middle would leave it limited.
+  unlimit() { tc qdisc show dev lo 2>/dev/null | grep -q tbf && tc qdisc del dev lo root || true; }
+  unlimit
+  trap 'rm -f "$out"; unlimit' EXIT
   IMGBUILD_BENCH_OUT="$out" cargo test --release --test snapshot_bench -- --ignored --nocapture \
     bench_snapshots_vs_restic_rustic
   if [ -n "${SAVE:-}" ]; then cp "$out" "$SAVE"; fi

@@ -29,6 +29,8 @@ const PARALLEL: usize = 16;
 struct Measured {
     secs: f64,
     max_rss_kib: u64,
+    /// User + system CPU seconds of the process and its children.
+    cpu: f64,
     ok: bool,
     stdout: String,
     stderr: String,
@@ -44,7 +46,7 @@ fn measured(cmd: &mut Command) -> Measured {
     let mut wrapped = Command::new("/usr/bin/time");
     wrapped
         .arg("-f")
-        .arg("IMGBUILD-MAXRSS-KIB %M")
+        .arg("IMGBUILD-MAXRSS-KIB %M\nIMGBUILD-CPU %U %S")
         .arg(cmd.get_program())
         .args(cmd.get_args())
         .stdout(out.reopen().unwrap())
@@ -67,12 +69,88 @@ fn measured(cmd: &mut Command) -> Measured {
         .filter_map(|v| v.trim().parse().ok())
         .next_back()
         .unwrap_or(0);
+    let cpu = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("IMGBUILD-CPU "))
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|t| t.parse::<f64>().ok())
+                .sum()
+        })
+        .next_back()
+        .unwrap_or(0.0);
     Measured {
         secs,
         max_rss_kib,
+        cpu,
         ok: status.success(),
         stdout: std::fs::read_to_string(out.path()).unwrap_or_default(),
         stderr,
+    }
+}
+
+/// CPU seconds (user + system) used so far by the server whose output goes to `log`:
+/// on 2 cores a restore's time is shared with the server that answers it.
+fn server_cpu(log: &Path) -> f64 {
+    // SAFETY: sysconf only reads a constant.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut total = 0.0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let p = e.path();
+        let writes_log = ["1", "2"]
+            .iter()
+            .any(|fd| std::fs::read_link(p.join("fd").join(fd)).is_ok_and(|t| t == log));
+        if !writes_log {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(p.join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        // After the command name: state, ppid, ..., utime (12th), stime (13th).
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
+            .sum();
+        total += ticks / ticks_per_s;
+    }
+    total
+}
+
+/// The link a VPS restores over: the restores are measured again with the loopback
+/// limited to it, where the link, not the CPU, is what bounds a restore.
+const LINK_RATE: &str = "1gbit";
+
+/// The loopback limited to `rate` by a token bucket (`tc qdisc ... tbf`) while this
+/// lives. Needs root; the limit is removed on drop, panics included (benches/snapshot.sh
+/// also removes one a killed run left behind).
+struct LinkLimit;
+
+impl LinkLimit {
+    fn apply(rate: &str) -> Result<LinkLimit, String> {
+        let out = Command::new("tc")
+            .args(["qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate])
+            .args(["burst", "256kb", "latency", "20ms"])
+            .output()
+            .map_err(|e| format!("tc: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "tc qdisc add dev lo root tbf: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(LinkLimit)
+    }
+}
+
+impl Drop for LinkLimit {
+    fn drop(&mut self) {
+        let _ = Command::new("tc")
+            .args(["qdisc", "del", "dev", "lo", "root"])
+            .status();
     }
 }
 
@@ -351,6 +429,8 @@ struct ToolRow {
     restore_s: f64,
     restore_rss_kib: u64,
     restore_reqs: Reqs,
+    /// CPU seconds of the restoring tool, and of the server while it restored.
+    restore_cpu: (f64, f64),
 }
 
 struct Tools {
@@ -502,7 +582,9 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
 
     // --- restores
     let out = work.join("ib-restore");
+    let s0 = server_cpu(log);
     let (ib_restore, ib_restore_srv) = child("restore", &out);
+    let ib_restore_scpu = server_cpu(log) - s0;
     assert!(
         ib_restore.ok,
         "imgbuild restore failed: {}",
@@ -514,7 +596,9 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
         "restore differs"
     );
     std::fs::remove_dir_all(&out).unwrap();
+    let s0 = server_cpu(log);
     let (raw, raw_srv) = child("raw", &out);
+    let raw_scpu = server_cpu(log) - s0;
     assert!(raw.ok, "raw GET: {}", raw.stderr);
     let raw_bytes: u64 = out_field(&raw.stdout, "bytes")
         .and_then(|b| b.parse().ok())
@@ -537,6 +621,7 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
             own: own_reqs(&ib_restore),
             server: ib_restore_srv,
         },
+        restore_cpu: (ib_restore.cpu, ib_restore_scpu),
     }];
 
     if let (Some(r), Some((full, full_srv, objects, stored))) = (&tools.restic, restic_full) {
@@ -544,10 +629,12 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
         let (m, _) = run_tool(r, restic_args(&["backup", data.to_str().unwrap()]));
         let incr_stored = list_stats("restic/").1 - before;
         let rout = work.join("restic-restore");
+        let s0 = server_cpu(log);
         let (rr, rr_srv) = run_tool(
             r,
             restic_args(&["restore", "latest", "--target", rout.to_str().unwrap()]),
         );
+        let rr_scpu = server_cpu(log) - s0;
         if m.ok && rr.ok {
             rows.push(ToolRow {
                 name: "restic 0.14 (Debian)".into(),
@@ -567,6 +654,7 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
                     own: None,
                     server: rr_srv,
                 },
+                restore_cpu: (rr.cpu, rr_scpu),
             });
         } else {
             eprintln!("restic failed on {title}: {}{}", m.stderr, rr.stderr);
@@ -581,10 +669,12 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
         let (m, _) = run_tool(r, rustic_args(&["backup", data.to_str().unwrap()]));
         let incr_stored = list_stats("rustic/").1 - before;
         let rout = work.join("rustic-restore");
+        let s0 = server_cpu(log);
         let (rr, rr_srv) = run_tool(
             r,
             rustic_args(&["restore", "latest", rout.to_str().unwrap()]),
         );
+        let rr_scpu = server_cpu(log) - s0;
         if m.ok && rr.ok {
             rows.push(ToolRow {
                 name: "rustic (crates.io)".into(),
@@ -604,6 +694,7 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
                     own: None,
                     server: rr_srv,
                 },
+                restore_cpu: (rr.cpu, rr_scpu),
             });
         } else {
             eprintln!("rustic failed on {title}: {}{}", m.stderr, rr.stderr);
@@ -612,6 +703,49 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
             ));
         }
         std::fs::remove_dir_all(&rout).ok();
+    }
+    // --- the restores again, behind a VPS's link (Garage only: moto's own CPU, not
+    // the link, bounds what it serves)
+    let mut link_rows: Vec<(String, f64)> = Vec::new();
+    if title.starts_with("Garage") {
+        match LinkLimit::apply(LINK_RATE) {
+            Ok(_limit) => {
+                let out = work.join("ib-restore-link");
+                let (m, _) = child("restore", &out);
+                assert!(m.ok, "imgbuild restore behind the link: {}", m.stderr);
+                assert_eq!(tree_hash(&data), tree_hash(&out.join("vol/_data")));
+                std::fs::remove_dir_all(&out).unwrap();
+                link_rows.push(("imgbuild".into(), m.secs));
+                let (m, _) = child("raw", &out);
+                assert!(m.ok, "raw GET behind the link: {}", m.stderr);
+                link_rows.push(("raw parallel ranged GET".into(), m.secs));
+                let peers = [
+                    (&tools.restic, "restic 0.14 (Debian)", true),
+                    (&tools.rustic, "rustic (crates.io)", false),
+                ];
+                for (tool, name, is_restic) in peers {
+                    let Some(t) = tool else { continue };
+                    let rout = work.join("peer-restore-link");
+                    let args = if is_restic {
+                        restic_args(&["restore", "latest", "--target", rout.to_str().unwrap()])
+                    } else {
+                        rustic_args(&["restore", "latest", rout.to_str().unwrap()])
+                    };
+                    let (m, _) = run_tool(t, args);
+                    if m.ok {
+                        link_rows.push((name.into(), m.secs));
+                    } else {
+                        notes.push(format!(
+                            "{name}'s restore behind the link failed on {title}."
+                        ));
+                    }
+                    std::fs::remove_dir_all(&rout).ok();
+                }
+            }
+            Err(e) => notes.push(format!(
+                "The restores behind a {LINK_RATE} link were not measured: {e} (needs root)."
+            )),
+        }
     }
     std::fs::remove_dir_all(&data).ok();
 
@@ -645,6 +779,20 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
         mib(raw_bytes),
         mib(logical) / raw.secs,
         raw.max_rss_kib as f64 / 1024.0
+    ));
+    md.push_str(
+        "| restore | time | CPU of the tool | CPU of the server meanwhile |\n\
+         |---|---|---|---|\n",
+    );
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {:.2} s | {:.2} s | {:.2} s |\n",
+            r.name, r.restore_s, r.restore_cpu.0, r.restore_cpu.1
+        ));
+    }
+    md.push_str(&format!(
+        "| raw parallel ranged GET | {:.2} s | {:.2} s | {:.2} s |\n\n",
+        raw.secs, raw.cpu, raw_scpu
     ));
     md.push_str(
         "| tool | objects after the full backup | objects per GB of data | stored by the full backup | requests per full backup | requests per restore |\n\
@@ -686,6 +834,23 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
         ));
     }
     md.push_str(".\n");
+    if let Some((_, ib_s)) = link_rows.first() {
+        md.push_str(&format!(
+            "\nThe restores again with the loopback limited to {LINK_RATE}/s (a VPS's link; \
+             `tc qdisc ... tbf`):\n\n| restore behind the link | time | MiB/s | imgbuild's throughput against it |\n|---|---|---|---|\n"
+        ));
+        for (name, secs) in &link_rows {
+            md.push_str(&format!(
+                "| {name} | {secs:.2} s | {:.0} | {} |\n",
+                mib(logical) / secs,
+                if name == "imgbuild" {
+                    String::new()
+                } else {
+                    format!("{:.2}×", secs / ib_s)
+                }
+            ));
+        }
+    }
     for n in notes {
         md.push_str(&format!("\n{n}\n"));
     }
