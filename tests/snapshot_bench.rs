@@ -123,6 +123,7 @@ fn server_cpu(log: &Path) -> f64 {
 /// The link a VPS restores over: the restores are measured again with the loopback
 /// limited to it, where the link, not the CPU, is what bounds a restore.
 const LINK_RATE: &str = "1gbit";
+const LINK_NAME: &str = "1 Gbit/s";
 
 /// The loopback limited to `rate` by a token bucket (`tc qdisc ... tbf`) while this
 /// lives. Needs root; the limit is removed on drop, panics included (benches/snapshot.sh
@@ -743,7 +744,7 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
                 }
             }
             Err(e) => notes.push(format!(
-                "The restores behind a {LINK_RATE} link were not measured: {e} (needs root)."
+                "The restores behind a {LINK_NAME} link were not measured: {e} (needs root)."
             )),
         }
     }
@@ -836,7 +837,7 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
     md.push_str(".\n");
     if let Some((_, ib_s)) = link_rows.first() {
         md.push_str(&format!(
-            "\nThe restores again with the loopback limited to {LINK_RATE}/s (a VPS's link; \
+            "\nThe restores again with the loopback limited to {LINK_NAME} (a VPS's link; \
              `tc qdisc ... tbf`):\n\n| restore behind the link | time | MiB/s | imgbuild's throughput against it |\n|---|---|---|---|\n"
         ));
         for (name, secs) in &link_rows {

@@ -642,7 +642,7 @@ const SEALED_HEADER: usize = 1 + NONCE_LEN;
 
 /// XChaCha20-Poly1305 (draft-irtf-cfrg-xchacha) as HChaCha20 over the first 16 nonce
 /// bytes, then the RFC 8439 AEAD under that subkey with the last 8. Built from
-/// aws-lc's ChaCha20-Poly1305 because its assembly (AVX2/AVX-512) opens about 1.7x
+/// aws-lc's ChaCha20-Poly1305 because its assembly (AVX2 here) opens about 1.7x
 /// as fast as the portable crate here, and the restore spends a quarter of its CPU
 /// there; the bytes are the same (a test checks them against the reference crate).
 fn xchacha_key(key: &[u8; 32], nonce: &[u8; NONCE_LEN]) -> (LessSafeKey, Nonce) {
