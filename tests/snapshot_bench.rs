@@ -92,9 +92,11 @@ fn measured(cmd: &mut Command) -> Measured {
 /// CPU seconds (user + system) used so far by the server whose output goes to `log`:
 /// on 2 cores a restore's time is shared with the server that answers it.
 fn server_cpu(log: &Path) -> f64 {
+    let log = log.canonicalize().unwrap_or_else(|_| log.to_path_buf());
     // SAFETY: sysconf only reads a constant.
     let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let mut total = 0.0;
+    let mut found = false;
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let p = e.path();
         let writes_log = ["1", "2"]
@@ -116,6 +118,13 @@ fn server_cpu(log: &Path) -> f64 {
             .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
             .sum();
         total += ticks / ticks_per_s;
+        found = true;
+    }
+    if !found {
+        eprintln!(
+            "no process writes {}: its server CPU shows as 0",
+            log.display()
+        );
     }
     total
 }
@@ -126,8 +135,9 @@ const LINK_RATE: &str = "1gbit";
 const LINK_NAME: &str = "1 Gbit/s";
 
 /// The loopback limited to `rate` by a token bucket (`tc qdisc ... tbf`) while this
-/// lives. Needs root; the limit is removed on drop, panics included (benches/snapshot.sh
-/// also removes one a killed run left behind).
+/// lives: all of `lo`, not only the server's port, so the benchmark runs alone. Needs
+/// root; the limit is removed on drop, panics included, and benches/snapshot.sh also
+/// removes one that a killed run left behind.
 struct LinkLimit;
 
 impl LinkLimit {
@@ -149,9 +159,13 @@ impl LinkLimit {
 
 impl Drop for LinkLimit {
     fn drop(&mut self) {
-        let _ = Command::new("tc")
+        let removed = Command::new("tc")
             .args(["qdisc", "del", "dev", "lo", "root"])
-            .status();
+            .status()
+            .is_ok_and(|s| s.success());
+        if !removed {
+            eprintln!("the loopback may still be limited: run `tc qdisc del dev lo root`");
+        }
     }
 }
 

@@ -219,11 +219,20 @@ async fn backup_locked(
         meta: Packer::new(store, keys, opts.pack_target / 4, 1, now),
     };
     // The newest readable snapshot lets unchanged files be skipped without reading
-    // them; any problem with it just means reading everything.
-    let prev = super::restore::latest_manifest(store, keys)
-        .await
-        .ok()
-        .flatten();
+    // them; any problem with it just means reading everything. It also names the
+    // chunk average: without it the default is used, and in a repository begun at
+    // 1 MiB that stores the data again, so say so.
+    let prev = match super::restore::latest_manifest(store, keys).await {
+        Ok(m) => m,
+        Err(e) => {
+            warnings.push(format!(
+                "warning: no earlier snapshot could be read ({e}): every file is read \
+                 again and chunked at the default average of {} KiB",
+                CHUNK_AVG >> 10
+            ));
+            None
+        }
+    };
     let chunker = chunker_for(prev.as_ref());
     let mut volumes = Vec::new();
     let mut stats = Stats::default();
