@@ -59,9 +59,9 @@ counts. moto's request recorder (`/moto-api/recorder/*`, present in 5.2) was not
 it writes every request body to a file, which would slow the server during the
 measurement.
 
-What the numbers say (run of 2026-12-04, the last of five that day with this code's
-parts; the figures of the other four are given as ranges). Since the runs before, a
-new repository chunks at an average of 512 KiB instead of 1 MiB, XChaCha20-Poly1305 is
+What the numbers say (run of 2026-12-04, one of six that day with this code's parts;
+the figures of the other five are given as ranges). Since the runs before, a new
+repository chunks at an average of 512 KiB instead of 1 MiB, XChaCha20-Poly1305 is
 aws-lc's assembly instead of the portable crate (1583 against 915 MiB/s to open, the
 same bytes), and zstd keeps one decompression context per thread. imgbuild's full
 backup is 1.5-2.5× as fast as restic's and 1.2-1.4× rustic's; its incremental is
@@ -70,9 +70,9 @@ backup is 1.5-2.5× as fast as restic's and 1.2-1.4× rustic's; its incremental 
 The restore keeps up to 16 ranged GETs of at most 4 MiB in flight within 64 MiB, opens
 each chunk in the buffer it was fetched into, and writes the files from four writer
 threads while one walks the entries. Restore on Garage: 2.13× restic's throughput in
-this run (1.63-2.02× in the other four), 1.41× rustic's. The second table shows why:
-imgbuild used 0.85-1.14 s of CPU per restore, restic 2.4-2.8 s and rustic 1.9-2.0 s
-(three runs), while the server spent 0.8-0.9 s on imgbuild's restore and 0.6-0.8 s on
+this run (1.63-2.02× in the other five), 1.41× rustic's. The second table shows why:
+imgbuild used 0.85-1.14 s of CPU per restore, restic 2.4-2.8 s and rustic 1.9-2.1 s
+(four runs), while the server spent 0.8-1.0 s on imgbuild's restore and 0.6-0.8 s on
 the others'. On moto it is 1.06× restic's (1.15-1.47× in the other runs): there the
 server's CPU decides, and moto spends 2.6 s on imgbuild's 119 ranged GETs of 4 MiB
 against 0.3 s on restic's 22 GETs of whole packs: 15-20 ms a request, whatever its
@@ -86,8 +86,8 @@ what the raw GET does not do, opening and checking every chunk and writing the f
 measures CPU, not how well a restore keeps a link busy. The restores were therefore
 measured again with the loopback limited to 1 Gbit/s (a VPS's link; `tc qdisc add dev
 lo root tbf rate 1gbit burst 256kb latency 20ms`, removed after): imgbuild's restore
-then ran at 0.84× the raw GET (0.77× in the run before) and 1.14× restic's speed
-(1.01× in the run before; rustic 0.95× and 0.94×). In one process, repeated restores
+then ran at 0.84× the raw GET (0.77× and 0.93× in two other runs) and 1.14× restic's
+speed (1.01× and 1.16×; against rustic 0.94-1.04×). In one process, repeated restores
 behind the same link took 2.9-3.5 s against the 2.6 s the link needs for the 309 MiB,
 whatever the fetch memory (64 or 128 MiB) and the GETs in flight (4 to 32). A timeline
 of the fetches shows them completing in bursts: fetches that started together share
