@@ -173,9 +173,7 @@ fn a_repository_keeps_the_chunk_average_it_began_with() {
     rt.block_on(async {
         let store = env.store().await;
         let keys = env.keys();
-        backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts())
-            .await
-            .unwrap();
+        backup_volume(&store, &keys, "v", &v, "test").await;
         let m = restore::latest_manifest(&store, &keys)
             .await
             .unwrap()
@@ -200,9 +198,7 @@ fn a_repository_keeps_the_chunk_average_it_began_with() {
             .unwrap();
 
         std::fs::write(v.join("big.bin"), noise(32, 48 << 20)).unwrap();
-        let second = backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts())
-            .await
-            .unwrap();
+        let second = backup_volume(&store, &keys, "v", &v, "test").await;
         let m2 = restore::latest_manifest(&store, &keys)
             .await
             .unwrap()
