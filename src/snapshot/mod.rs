@@ -2,7 +2,7 @@
 //! restore, retention.
 //!
 //! Layers, bottom up: [`crypto`] (keys, sealed objects), [`format`] (manifest, bucket
-//! layout), [`store`] (S3), [`fsio`] (volume directories ⇄ entries + data stream),
+//! layout), [`store`] (S3, over the client in `http`), [`fsio`] (volume directories ⇄ entries + data stream),
 //! then the operations [`backup`], [`restore`], [`prune`], [`check`], and [`wal`] for
 //! the PostgreSQL WAL files shipped between snapshots.
 //!
@@ -18,6 +18,7 @@ pub mod entries;
 pub mod error;
 pub mod format;
 pub mod fsio;
+mod http;
 pub mod lock;
 pub mod marker;
 pub mod pack;

@@ -274,6 +274,8 @@ fn parse_env_file(path: &Path) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Store {
     pub async fn connect(cfg: &StoreConfig) -> Result<Store> {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
@@ -310,7 +312,9 @@ impl Store {
             .or_else(|| std::env::var_os("AWS_ENDPOINT_URL"))
             .is_some();
         let counters = std::sync::Arc::new(Counters::default());
+        let http = super::http::client(CONNECT_TIMEOUT).map_err(SnapshotError::Other)?;
         let mut b = aws_sdk_s3::config::Builder::from(&shared)
+            .http_client(http)
             .interceptor(CountRequests(counters.clone()))
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
@@ -322,7 +326,7 @@ impl Store {
             )
             .timeout_config(
                 aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(10))
+                    .connect_timeout(CONNECT_TIMEOUT)
                     .operation_attempt_timeout(Duration::from_secs(300))
                     .build(),
             );
