@@ -159,12 +159,12 @@ fn incremental_backup_uploads_about_the_change() {
     });
 }
 
-/// A repository whose snapshots were chunked with the first releases' 1 MiB average
-/// keeps it (another average would store every changed file again in full, once); a
-/// new one chunks with the current, smaller average. The chunk count of a 48 MiB
-/// incompressible file tells the two apart.
+/// A repository whose snapshots were chunked with an earlier release's sizes (1 MiB
+/// average, then 512 KiB) keeps them (other sizes would store every changed file again
+/// in full, once); a new one chunks with the current, smaller sizes. The chunk count
+/// of a 48 MiB incompressible file tells them apart.
 #[test]
-fn a_repository_keeps_the_chunk_average_it_began_with() {
+fn a_repository_keeps_the_chunk_sizes_it_began_with() {
     let env = Env::new(false);
     let v = env.path("vol");
     std::fs::create_dir_all(&v).unwrap();
@@ -174,50 +174,59 @@ fn a_repository_keeps_the_chunk_average_it_began_with() {
         let store = env.store().await;
         let keys = env.keys();
         backup_volume(&store, &keys, "v", &v, "test").await;
-        let m = restore::latest_manifest(&store, &keys)
+        let mut m = restore::latest_manifest(&store, &keys)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(m.chunker.avg, backup::CHUNK_AVG);
-        let fresh = m.volumes[0].chunks.len();
-
-        // The snapshot as the first releases wrote it: the same, chunked at 1 MiB.
-        let mut old = m.clone();
-        old.chunker.avg = backup::CHUNK_AVG_1MIB;
-        let sealed = keys
-            .seal_manifest_value(&old.id, "test", &store.prefix, &old)
-            .unwrap();
-        store
-            .client()
-            .put_object()
-            .bucket(&store.bucket)
-            .key(format::snapshot_key(&store.prefix, &old.id))
-            .body(sealed.into())
-            .send()
-            .await
-            .unwrap();
-
-        std::fs::write(v.join("big.bin"), noise(32, 48 << 20)).unwrap();
-        let second = backup_volume(&store, &keys, "v", &v, "test").await;
-        let m2 = restore::latest_manifest(&store, &keys)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(m2.id, second.id);
         assert_eq!(
-            m2.chunker.avg,
-            backup::CHUNK_AVG_1MIB,
-            "the average was not kept"
+            (m.chunker.min, m.chunker.avg, m.chunker.max),
+            (backup::CHUNK_MIN, backup::CHUNK_AVG, backup::CHUNK_MAX)
         );
-        let carried = m2.volumes[0].chunks.len();
-        eprintln!("48 MiB in {fresh} chunks at the current average, {carried} at 1 MiB");
-        assert!(
-            carried * 3 < fresh * 2,
-            "chunked at 1 MiB it should be far fewer chunks: {carried} against {fresh}"
-        );
-        let out = env.path("out");
-        restore_id(&store, &env, &second.id, &out).await.unwrap();
-        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+        let mut counts = vec![m.volumes[0].chunks.len()];
+        for (i, old) in backup::CHUNK_SIZES_KEPT.iter().enumerate() {
+            // The newest snapshot as that release wrote it: the same, with its sizes.
+            let mut as_old = m.clone();
+            as_old.chunker.min = old.min;
+            as_old.chunker.avg = old.avg;
+            as_old.chunker.max = old.max;
+            let sealed = keys
+                .seal_manifest_value(&as_old.id, "test", &store.prefix, &as_old)
+                .unwrap();
+            store
+                .client()
+                .put_object()
+                .bucket(&store.bucket)
+                .key(format::snapshot_key(&store.prefix, &as_old.id))
+                .body(sealed.into())
+                .send()
+                .await
+                .unwrap();
+
+            std::fs::write(v.join("big.bin"), noise(32 + i as u64, 48 << 20)).unwrap();
+            let next = backup_volume(&store, &keys, "v", &v, "test").await;
+            m = restore::latest_manifest(&store, &keys)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(m.id, next.id);
+            assert_eq!(
+                (m.chunker.min, m.chunker.avg, m.chunker.max),
+                (old.min, old.avg, old.max),
+                "the sizes were not kept"
+            );
+            counts.push(m.volumes[0].chunks.len());
+            let out = env.path(&format!("out{i}"));
+            restore_id(&store, &env, &next.id, &out).await.unwrap();
+            assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
+        }
+        eprintln!("48 MiB in {counts:?} chunks (current sizes, then each kept one)");
+        // Each larger average gives far fewer chunks: the sizes were really used.
+        for w in counts.windows(2) {
+            assert!(
+                w[1] * 3 < w[0] * 2,
+                "a larger average should give far fewer chunks: {counts:?}"
+            );
+        }
     });
 }
 

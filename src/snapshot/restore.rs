@@ -6,8 +6,8 @@
 //! at most that much in all). Up to 16 such fetches are in flight, holding at most
 //! [`FETCH_MEMORY`] together; each is decrypted and verified in its own buffer and
 //! handed on, in stream order, as views of it to the writer (`fsio::write_volume`),
-//! whose threads hold at most 16 MiB more (a view handed on pins at most 4× its size;
-//! smaller parts are copied). So the data in flight stays near 130 MiB at worst,
+//! whose threads hold at most 16 MiB more (views pin their range, at most twice their
+//! size; see [`fetch`]). So the data in flight stays near 130 MiB at worst,
 //! whatever the snapshot size.
 
 use super::crypto::{Keys, Opened};
@@ -557,15 +557,22 @@ pub async fn fetch(store: &Store, keys: &Keys, f: &Fetch) -> Result<Vec<Bytes>> 
             opened.push((at, r));
         }
         let whole = Bytes::from(bytes);
+        // A view keeps the whole range alive. The chunks stored raw are handed on as
+        // views when together they are at least half the range, so views pin at most
+        // twice their size; in a range that is mostly compressed chunks (whose
+        // plaintext lives in buffers of its own) they are copied out instead.
+        let raw: usize = opened
+            .iter()
+            .map(|(_, r)| match r {
+                Opened::Within(r) => r.len(),
+                Opened::Owned(_) => 0,
+            })
+            .sum();
+        let views = raw * 2 >= whole.len();
         Ok(opened
             .into_iter()
             .map(|(at, r)| match r {
-                // A view keeps the whole range alive: only a chunk that is a good
-                // part of it is handed on as one, so a view pins at most 8× itself
-                // (a chunk of the average 512 KiB in a range of 4 MiB is one).
-                Opened::Within(r) if r.len() * 8 >= whole.len() => {
-                    whole.slice(at + r.start..at + r.end)
-                }
+                Opened::Within(r) if views => whole.slice(at + r.start..at + r.end),
                 Opened::Within(r) => Bytes::copy_from_slice(&whole[at + r.start..at + r.end]),
                 Opened::Owned(v) => Bytes::from(v),
             })
