@@ -26,7 +26,7 @@ fi
 
 need=()
 for pkg in nftables systemd e2fsprogs btrfs-progs libarchive13 dosfstools mtools busybox-static openssh-client \
-           python3-pip python3-venv curl ca-certificates zstd time; do
+           python3-pip python3-venv curl ca-certificates openssl zstd time; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done
 bp_need=()
