@@ -213,7 +213,10 @@ fn a_small_get_is_not_held_back_by_a_delayed_ack() {
     let times = rt.block_on(async {
         let store = env.store().await;
         let key = format!("{}/small", store.prefix);
-        store.put(&key, noise(3, 40_000), false, None).await.unwrap();
+        store
+            .put(&key, noise(3, 40_000), false, None)
+            .await
+            .unwrap();
         let mut times = Vec::new();
         for _ in 0..15 {
             let t = Instant::now();
