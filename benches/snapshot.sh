@@ -59,52 +59,55 @@ counts. moto's request recorder (`/moto-api/recorder/*`, present in 5.2) was not
 it writes every request body to a file, which would slow the server during the
 measurement.
 
-What the numbers say (run of 2026-12-04, one of six that day with this code's parts;
-the figures of the other five are given as ranges). Since the runs before, a new
-repository chunks at an average of 512 KiB instead of 1 MiB, XChaCha20-Poly1305 is
-aws-lc's assembly instead of the portable crate (1583 against 915 MiB/s to open, the
-same bytes), and zstd keeps one decompression context per thread. imgbuild's full
-backup is 1.5-2.5× as fast as restic's and 1.2-1.4× rustic's; its incremental is
-3.6-8.7× restic's and 2.1-4.3× rustic's (unchanged files are not read at all).
+What the numbers say (run of 2026-12-04, the last of three that day with this code;
+the figures of the other two are given as ranges). Since the runs before:
+- The S3 client acknowledges every read at once (`TCP_QUICKACK`, src/snapshot/http.rs).
+  Garage leaves Nagle's algorithm on: it writes a response's headers, then holds a body
+  tail shorter than a segment until the headers are acknowledged, and Linux delays that
+  acknowledgement by 40 ms on a connection that looks interactive. A 30 kB manifest GET
+  took 43 ms instead of 2, and one restore of this set sat through about 38 such stalls
+  (counted in a packet capture), three of them before the first data GET. restic and
+  rustic still wait them out.
+- A new repository chunks at a 128 KiB minimum and 256 KiB average (was 256/512 KiB).
+
+imgbuild's full backup is 2.1× as fast as restic's on Garage in all three runs
+(1.6-1.7× on moto) and 1.1-1.3× rustic's; its incremental 8.5-9.9× restic's and
+3.8-5.1× rustic's (unchanged files are not read at all; 0.10-0.12 s).
 
 The restore keeps up to 16 ranged GETs of at most 4 MiB in flight within 64 MiB, opens
 each chunk in the buffer it was fetched into, and writes the files from four writer
-threads while one walks the entries. Restore on Garage: 2.13× restic's throughput in
-this run (1.63-2.02× in the other five), 1.41× rustic's. The second table shows why:
-imgbuild used 0.85-1.14 s of CPU per restore, restic 2.4-2.8 s and rustic 1.9-2.1 s
-(four runs), while the server spent 0.8-1.0 s on imgbuild's restore and 0.6-0.8 s on
-the others'. On moto it is 1.06× restic's (1.15-1.47× in the other runs): there the
-server's CPU decides, and moto spends 2.6 s on imgbuild's 119 ranged GETs of 4 MiB
-against 0.3 s on restic's 22 GETs of whole packs: 15-20 ms a request, whatever its
-size.
+threads while one walks the entries. Restore on Garage: 2.71× restic's throughput in
+this run (2.38× and 2.57× in the other two), 2.22× rustic's (1.43-1.64×). The second
+table shows where the time goes: imgbuild used 0.75-1.05 s of CPU per restore, restic
+2.3-2.8 s and rustic 1.3-2.4 s, while the server spent 0.77-0.91 s on imgbuild's
+restore and 0.59-0.76 s on the others'. On moto it is 1.72× restic's (1.52× and 1.70×): there the
+server's CPU decides, and moto spends 15-20 ms on a request, whatever its size, so
+imgbuild's 112-115 ranged GETs cost it more than restic's 21-22 GETs of whole packs.
 
-Against the raw parallel ranged GET of the same packs: 0.53× on Garage and 0.60× on
-moto (issue 13 asks 0.8×). On 127.0.0.1 the raw GET is bounded by CPU, its own 0.3 s
-and the server's 0.7 s, on the 2 cores the restore has to share too; the restore adds
-what the raw GET does not do, opening and checking every chunk and writing the files:
-0.85-1.14 s of CPU against the raw GET's 0.3 s. No link is involved, so this ratio
-measures CPU, not how well a restore keeps a link busy. The restores were therefore
-measured again with the loopback limited to 1 Gbit/s (a VPS's link; `tc qdisc add dev
-lo root tbf rate 1gbit burst 256kb latency 20ms`, removed after): imgbuild's restore
-then ran at 0.84× the raw GET (0.77× and 0.93× in two other runs) and 1.14× restic's
-speed (1.01× and 1.16×; against rustic 0.94-1.04×). In one process, repeated restores
-behind the same link took 2.9-3.5 s against the 2.6 s the link needs for the 309 MiB,
-whatever the fetch memory (64 or 128 MiB) and the GETs in flight (4 to 32). A timeline
-of the fetches shows them completing in bursts: fetches that started together share
-the link and finish together, and the link idles while they are opened and written and
-the next ones start.
+Against the raw parallel ranged GET of the same packs: 0.58× on Garage (0.52× and
+0.57×) and 0.82× on moto (0.67× and 0.80×); issue 13 asks 0.8×. On 127.0.0.1 the raw
+GET is bounded by CPU, its own 0.26-0.29 s and the server's 0.6-0.7 s, on the 2 cores
+the restore has to share too; the restore adds what the raw GET does not do, opening
+and checking every chunk and writing the files, 0.75-1.05 s of CPU. No link is
+involved, so this ratio measures CPU, not how well a restore keeps a link busy. The
+restores were therefore measured again with the loopback limited to 1 Gbit/s (a VPS's
+link; `tc qdisc add dev lo root tbf rate 1gbit burst 256kb latency 20ms`, removed
+after): imgbuild's restore then ran at 0.79× the raw GET (0.88× and 0.97× in the other
+runs; 0.77-0.93× in the runs before the acknowledgement change), 1.29-1.40× restic's
+speed and 0.96-1.23× rustic's.
 
-For the 1 % change imgbuild stored 1.04× restic's bytes on Garage and 0.88× on moto
-(0.82-1.17× in the other runs with 512 KiB chunks). What decides it is where the chunk
-edges fall around the 4 MiB rewritten inside a 6 MiB file, which each repository's
-random chunker seed sets. A simulation of that edit over 20,000 seeds (boundaries as
-random points at the rates the chunkers' hash tests give, FastCDC's two-level
-normalization included) puts the expected cost of the media file at 5.55 MiB with the
-1 MiB average and 4.96 MiB with 512 KiB. Four repositories with fresh seeds each,
-backed up with imgbuild (moto) and restic (a local repository) from the same data,
-stored 5.33/4.68/5.65/5.55 MiB against restic's 5.54/5.17/5.62/4.83: on average the
-same. A smaller average still would make imgbuild's figure reliably lower, at the
-price of the index: about 90 bytes of memory a chunk, 180 MB for 1 TB at 512 KiB.
+For the 1 % change (4 MiB rewritten inside a 6 MiB file, plus 20 log appends) imgbuild
+stored 1.02× restic's bytes on Garage and 0.92× on moto in this run; 0.70-0.87× in
+the other two. What decides it is where the chunk edges fall around the rewrite, which
+each repository's random chunker seed sets, for restic too. A simulation of that edit
+over 4,000 seeds per chunker (boundaries as random points at the rates the chunkers'
+hash tests give, FastCDC's two-level normalization included) puts the expected cost of
+the media file at 4.53 MiB with 128/256 KiB chunks, 4.97 MiB with 256/512 KiB and
+5.44 MiB with restic's chunker; imgbuild stores no more than restic for 93 % of seed
+pairs (77 % with 256/512 KiB). So a run where restic draws lucky edges, as this one,
+still comes out above 1×. The smaller chunks cost index memory, about 90 bytes a chunk
+(360 MB for 1 TB of distinct data), and a repository begun with larger chunks keeps
+them (docs/snapshot-format.md).
 
 Why the same build's restore sometimes takes 1.5-2× its usual CPU on this machine:
 within one process, restores 0-4 of this set used 0.8-1.1 s of CPU each and every
