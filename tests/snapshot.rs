@@ -214,7 +214,14 @@ fn a_repository_keeps_the_chunk_sizes_it_began_with() {
                 (old.min, old.avg, old.max),
                 "the sizes were not kept"
             );
-            counts.push(m.volumes[0].chunks.len());
+            // The minimum was used too, not only the average.
+            let chunks = &m.volumes[0].chunks;
+            let short = chunks[..chunks.len() - 1]
+                .iter()
+                .filter(|c| c.1 < u64::from(old.min))
+                .count();
+            assert_eq!(short, 0, "chunks under the kept minimum of {}", old.min);
+            counts.push(chunks.len());
             let out = env.path(&format!("out{i}"));
             restore_id(&store, &env, &next.id, &out).await.unwrap();
             assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
@@ -363,6 +370,49 @@ fn a_spread_change_uploads_only_the_changed_files_and_entry_chunks() {
             .await
             .unwrap();
         assert!(c.ok(), "{:?}", c.problems);
+    });
+}
+
+/// Files just under the size that makes a file a segment of its own (256 KiB) group
+/// into segments of 1-2 MiB, several chunks long. A change to one of them uploads that
+/// file alone, the rest of its group kept as slices of the old chunks (with a fixed
+/// limit of four chunks per patched group, such groups were read and chunked afresh,
+/// uploading the chunks around each change too).
+#[test]
+fn a_change_in_a_group_of_large_small_files_uploads_only_that_file() {
+    let env = Env::new(false);
+    let v = env.path("vol");
+    std::fs::create_dir_all(&v).unwrap();
+    let n = 120u64;
+    let len = |i: u64| (150 << 10) + (i * 7919 % (100 << 10)) as usize;
+    for i in 0..n {
+        std::fs::write(v.join(format!("f{i:03}")), noise(100 + i, len(i))).unwrap();
+    }
+    let rt = rt();
+    rt.block_on(async {
+        let store = env.store().await;
+        let keys = env.keys();
+        backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts())
+            .await
+            .unwrap();
+        let mut written = 0u64;
+        for i in (0..n).step_by(20) {
+            written += len(i) as u64;
+            std::fs::write(v.join(format!("f{i:03}")), noise(500 + i, len(i))).unwrap();
+        }
+        let second = backup::backup(&store, &keys, &[src("v", &v)], &mut NoHooks, &opts())
+            .await
+            .unwrap();
+        let st = &second.stats;
+        eprintln!(
+            "{} of {} bytes uploaded ({written} changed), {} kept as slices",
+            st.bytes_new, st.bytes_total, st.bytes_sliced
+        );
+        assert_eq!(st.bytes_new, written, "{st:?}");
+        assert!(st.bytes_sliced > 0, "{st:?}");
+        let out = env.path("out");
+        restore_id(&store, &env, &second.id, &out).await.unwrap();
+        assert_eq!(tree_hash(&v), tree_hash(&out.join("v/_data")));
     });
 }
 

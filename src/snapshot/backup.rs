@@ -551,7 +551,15 @@ struct PrevSegment {
 /// chunks or new reads, so slices do not fragment the stream night after night: a
 /// group that changed again is read and chunked afresh.
 const SLICE_PIECES_MAX: usize = 5;
-const SLICE_RANGE_MAX: usize = 4;
+
+/// How many chunks a group's previous chunks may span and still be patched: as many
+/// as chunking the group afresh can give (its bytes over the chunk minimum), plus four
+/// pieces of earlier patches. Past that, slices have fragmented it and it is read
+/// whole. (A fixed four, right for groups of one or two chunks, refused every group
+/// several chunks long, which smaller chunks make common.)
+fn slice_range_max(prev_bytes: u64, sizes: ChunkSizes) -> usize {
+    4 + (prev_bytes / u64::from(sizes.min.max(1))) as usize
+}
 
 /// How a segment is stored.
 enum SegmentPlan {
@@ -569,7 +577,7 @@ enum Piece {
     New(std::ops::Range<usize>),
 }
 
-fn plan_segment(seg: &[format::Entry], reuse: &Reuse) -> SegmentPlan {
+fn plan_segment(seg: &[format::Entry], reuse: &Reuse, sizes: ChunkSizes) -> SegmentPlan {
     let Some(prev) = reuse.get(&segment_key(seg)) else {
         return SegmentPlan::Read;
     };
@@ -584,7 +592,11 @@ fn plan_segment(seg: &[format::Entry], reuse: &Reuse) -> SegmentPlan {
     if same.iter().all(|&s| s) {
         return SegmentPlan::Reuse(prev.range.clone());
     }
-    if prev.lens.len() != seg.len() || prev.range.len() > SLICE_RANGE_MAX {
+    if prev.lens.len() != seg.len() {
+        return SegmentPlan::Read;
+    }
+    let prev_bytes = prev.lens.iter().map(|&l| u64::from(l)).sum();
+    if prev.range.len() > slice_range_max(prev_bytes, sizes) {
         return SegmentPlan::Read;
     }
     let mut pieces: Vec<Piece> = Vec::new();
@@ -778,7 +790,7 @@ fn produce(
     let mut meta = MetaChunker::new(keys);
     let send = |p: std::io::Result<Produced>| tx.blocking_send(p).is_ok();
     let mut emit = |mut seg: Vec<format::Entry>, out: &mut Walked| -> bool {
-        let plan = plan_segment(&seg, reuse);
+        let plan = plan_segment(&seg, reuse, sizes);
         if let SegmentPlan::Reuse(range) = plan {
             if !send(Ok(Produced::Reused(range))) {
                 return false;

@@ -313,8 +313,11 @@ impl Store {
             .is_some();
         let counters = std::sync::Arc::new(Counters::default());
         let http = super::http::client(CONNECT_TIMEOUT).map_err(SnapshotError::Other)?;
-        let mut b = aws_sdk_s3::config::Builder::from(&shared)
-            .http_client(http)
+        let mut b = aws_sdk_s3::config::Builder::from(&shared);
+        if let Some(http) = http {
+            b = b.http_client(http);
+        }
+        let mut b = b
             .interceptor(CountRequests(counters.clone()))
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
