@@ -6,8 +6,12 @@
 //! at most that much in all). Up to 16 such fetches are in flight, holding at most
 //! [`FETCH_MEMORY`] together; each is decrypted and verified in its own buffer and
 //! handed on, in stream order, as views of it to the writer (`fsio::write_volume`),
-//! whose threads hold at most 16 MiB more (views pin their range, at most twice their
-//! size; see [`fetch`]). So the data in flight stays near 130 MiB at worst,
+//! whose threads hold at most 16 MiB more. A view keeps its whole range alive, and a
+//! range is handed on as views only when they are at least half of it (see [`fetch`]),
+//! so a range whose views are all still queued pins at most twice them. The writer
+//! queues them in stream order; only ranges some of whose views are already written
+//! (at the queue's oldest end, and those of jobs a slow thread still holds) pin more
+//! than that, each at most [`RANGE_MAX`]. So the data in flight stays near 130 MiB,
 //! whatever the snapshot size.
 
 use super::crypto::{Keys, Opened};
