@@ -59,8 +59,8 @@ counts. moto's request recorder (`/moto-api/recorder/*`, present in 5.2) was not
 it writes every request body to a file, which would slow the server during the
 measurement.
 
-What the numbers say (run of 2026-12-04, the last of three that day with this code;
-the figures of the other two are given as ranges). Since the runs before:
+What the numbers say (run of 2026-12-04, the last of five that day with this code;
+the figures of the other four are given as ranges). Since the runs before:
 - The S3 client acknowledges every read at once (`TCP_QUICKACK`, src/snapshot/http.rs).
   Garage leaves Nagle's algorithm on: it writes a response's headers, then holds a body
   tail shorter than a segment until the headers are acknowledged, and Linux delays that
@@ -69,45 +69,52 @@ the figures of the other two are given as ranges). Since the runs before:
   (counted in a packet capture), three of them before the first data GET. restic and
   rustic still wait them out.
 - A new repository chunks at a 128 KiB minimum and 256 KiB average (was 256/512 KiB).
+- In this run only, finished restores are moved aside instead of deleted before the next
+  one (see below).
 
-imgbuild's full backup is 2.1× as fast as restic's on Garage in all three runs
-(1.6-1.7× on moto) and 1.1-1.3× rustic's; its incremental 8.5-9.9× restic's and
-3.8-5.1× rustic's (unchanged files are not read at all; 0.10-0.12 s).
+imgbuild's full backup is 2.1-2.2× as fast as restic's on Garage (1.6-1.8× on moto) and
+1.1-1.4× rustic's; its incremental 7.7-9.9× restic's and 3.6-6.5× rustic's (unchanged
+files are not read at all; 0.10-0.12 s).
 
 The restore keeps up to 16 ranged GETs of at most 4 MiB in flight within 64 MiB, opens
 each chunk in the buffer it was fetched into, and writes the files from four writer
-threads while one walks the entries. Restore on Garage: 2.71× restic's throughput in
-this run (2.38× and 2.57× in the other two), 2.22× rustic's (1.43-1.64×). The second
-table shows where the time goes: imgbuild used 0.75-1.05 s of CPU per restore, restic
-2.3-2.8 s and rustic 1.3-2.4 s, while the server spent 0.77-0.91 s on imgbuild's
-restore and 0.59-0.76 s on the others'. On moto it is 1.72× restic's (1.52× and 1.70×): there the
-server's CPU decides, and moto spends 15-20 ms on a request, whatever its size, so
-imgbuild's 112-115 ranged GETs cost it more than restic's 21-22 GETs of whole packs.
+threads while one walks the entries. Restore on Garage: 1.91× restic's throughput in
+this run, 2.38-2.90× in the other four; 1.10× rustic's (1.43-2.22×). The second table
+shows where the time goes: imgbuild used 0.74-1.05 s of CPU per restore in the other
+runs and 1.30 s in this one, restic 2.3-2.8 s and rustic 1.3-2.4 s, while the server
+spent 0.73-0.91 s on imgbuild's restore and 0.55-0.76 s on the others'. On moto it is
+1.49× restic's (1.37-1.72×): there the server's CPU decides, and moto spends 15-20 ms
+on a request, whatever its size, so imgbuild's ~115 ranged GETs cost it more than
+restic's 21-22 GETs of whole packs.
 
-Against the raw parallel ranged GET of the same packs: 0.58× on Garage (0.52× and
-0.57×) and 0.82× on moto (0.67× and 0.80×); issue 13 asks 0.8×. On 127.0.0.1 the raw
-GET is bounded by CPU, its own 0.26-0.29 s and the server's 0.6-0.7 s, on the 2 cores
-the restore has to share too; the restore adds what the raw GET does not do, opening
-and checking every chunk and writing the files, 0.75-1.05 s of CPU. No link is
+Against the raw parallel ranged GET of the same packs: 0.40× on Garage in this run
+(0.52-0.62× in the others) and 0.74× on moto (0.67-0.82×); issue 13 asks 0.8×. On
+127.0.0.1 the raw GET is bounded by CPU, its own 0.25-0.29 s and the server's
+0.6-0.7 s, on the 2 cores the restore has to share too; the restore adds what the raw
+GET does not do, opening and checking every chunk and writing the files. No link is
 involved, so this ratio measures CPU, not how well a restore keeps a link busy. The
 restores were therefore measured again with the loopback limited to 1 Gbit/s (a VPS's
 link; `tc qdisc add dev lo root tbf rate 1gbit burst 256kb latency 20ms`, removed
-after): imgbuild's restore then ran at 0.79× the raw GET (0.88× and 0.97× in the other
-runs; 0.77-0.93× in the runs before the acknowledgement change), 1.29-1.40× restic's
-speed and 0.96-1.23× rustic's.
+after): imgbuild's restore ran at 0.96× the raw GET in this run, 0.69-0.97× in the
+others, and at 1.34× restic's and 1.43× rustic's speed (0.91-1.40× and 0.86-1.23×).
+Part of that spread was the benchmark's own doing: until this run every restore came
+right after the previous one's output was deleted, and on this machine (ext4 without a
+journal, a VM that hands freed memory back to its host) a restore right after deleting
+402 MiB of files took 3.4-3.6 s behind the link instead of 2.7-2.8 s, in one process,
+six restores each way. Only the tools that write files paid it, never the raw GET. The
+restored trees are now moved aside and deleted with the work directory at the end.
 
 For the 1 % change (4 MiB rewritten inside a 6 MiB file, plus 20 log appends) imgbuild
-stored 1.02× restic's bytes on Garage and 0.92× on moto in this run; 0.70-0.87× in
-the other two. What decides it is where the chunk edges fall around the rewrite, which
-each repository's random chunker seed sets, for restic too. A simulation of that edit
-over 4,000 seeds per chunker (boundaries as random points at the rates the chunkers'
-hash tests give, FastCDC's two-level normalization included) puts the expected cost of
-the media file at 4.53 MiB with 128/256 KiB chunks, 4.97 MiB with 256/512 KiB and
-5.44 MiB with restic's chunker; imgbuild stores no more than restic for 93 % of seed
-pairs (77 % with 256/512 KiB). So a run where restic draws lucky edges, as this one,
-still comes out above 1×. The smaller chunks cost index memory, about 90 bytes a chunk
-(360 MB for 1 TB of distinct data), and a repository begun with larger chunks keeps
-them (docs/snapshot-format.md).
+stored 0.84× restic's bytes on Garage and 0.72× on moto in this run, 0.70-1.03× in
+the other eight comparisons (two of the ten above 1×). What decides it is where the
+chunk edges fall around the rewrite, which each repository's random chunker seed sets,
+for restic too. A simulation of that edit over 4,000 seeds per chunker (boundaries as
+random points at the rates the chunkers' hash tests give, FastCDC's two-level
+normalization included) puts the expected cost of the media file at 4.53 MiB with
+128/256 KiB chunks, 4.97 MiB with 256/512 KiB and 5.44 MiB with restic's chunker;
+imgbuild stores no more than restic for 93 % of seed pairs (77 % with 256/512 KiB). The
+smaller chunks cost index memory, about 90 bytes a chunk (360 MB for 1 TB of distinct
+data), and a repository begun with larger chunks keeps them (docs/snapshot-format.md).
 
 Why the same build's restore sometimes takes 1.5-2× its usual CPU on this machine:
 within one process, restores 0-4 of this set used 0.8-1.1 s of CPU each and every
