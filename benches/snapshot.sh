@@ -59,54 +59,54 @@ counts. moto's request recorder (`/moto-api/recorder/*`, present in 5.2) was not
 it writes every request body to a file, which would slow the server during the
 measurement.
 
-What the numbers say (run of 2026-12-04, the last of five that day with this code;
-the figures of the other four are given as ranges). Since the runs before:
+What the numbers say (run of 2026-12-04, the last of six that day with this code;
+the figures of the other five are given as ranges). Since the runs before:
 - The S3 client acknowledges every read at once (`TCP_QUICKACK`, src/snapshot/http.rs).
   Garage leaves Nagle's algorithm on: it writes a response's headers, then holds a body
   tail shorter than a segment until the headers are acknowledged, and Linux delays that
   acknowledgement by 40 ms on a connection that looks interactive. A 30 kB manifest GET
   took 43 ms instead of 2, and one restore of this set sat through about 38 such stalls
-  (counted in a packet capture), three of them before the first data GET. restic and
-  rustic still wait them out.
+  (counted in a packet capture). restic and rustic still wait them out.
 - A new repository chunks at a 128 KiB minimum and 256 KiB average (was 256/512 KiB).
-- In this run only, finished restores are moved aside instead of deleted before the next
-  one (see below).
+- In this run and the one before, finished restores are moved aside instead of deleted
+  before the next one (see below).
 
-imgbuild's full backup is 2.1-2.2× as fast as restic's on Garage (1.6-1.8× on moto) and
-1.1-1.4× rustic's; its incremental 7.7-9.9× restic's and 3.6-6.5× rustic's (unchanged
+imgbuild's full backup is 2.0-2.2× as fast as restic's on Garage (1.6-1.8× on moto) and
+1.1-1.5× rustic's; its incremental 7.7-9.9× restic's and 3.6-7.4× rustic's (unchanged
 files are not read at all; 0.10-0.12 s).
 
 The restore keeps up to 16 ranged GETs of at most 4 MiB in flight within 64 MiB, opens
 each chunk in the buffer it was fetched into, and writes the files from four writer
-threads while one walks the entries. Restore on Garage: 1.91× restic's throughput in
-this run, 2.38-2.90× in the other four; 1.10× rustic's (1.43-2.22×). The second table
-shows where the time goes: imgbuild used 0.74-1.05 s of CPU per restore in the other
-runs and 1.30 s in this one, restic 2.3-2.8 s and rustic 1.3-2.4 s, while the server
-spent 0.73-0.91 s on imgbuild's restore and 0.55-0.76 s on the others'. On moto it is
-1.49× restic's (1.37-1.72×): there the server's CPU decides, and moto spends 15-20 ms
-on a request, whatever its size, so imgbuild's ~115 ranged GETs cost it more than
-restic's 21-22 GETs of whole packs.
+threads while one walks the entries. Restore on Garage: 2.44× restic's throughput in
+this run; 1.91-2.90× in the other five, at least 2× in four of them; 1.87× rustic's
+(1.10-2.22×). The second table shows where the time goes: imgbuild used 0.74-1.05 s of
+CPU per restore (1.30 s in the one slow run), restic 2.2-2.8 s and rustic 1.3-2.4 s,
+while the server spent 0.73-0.91 s on imgbuild's restore and 0.55-0.76 s on the
+others'. On moto it is 1.41× restic's (1.37-1.72×): there the server's CPU decides, and
+moto spends 15-20 ms on a request, whatever its size, so imgbuild's ~115 ranged GETs
+cost it more than restic's 21-22 GETs of whole packs.
 
-Against the raw parallel ranged GET of the same packs: 0.40× on Garage in this run
-(0.52-0.62× in the others) and 0.74× on moto (0.67-0.82×); issue 13 asks 0.8×. On
+Against the raw parallel ranged GET of the same packs: 0.61× on Garage in this run
+(0.40-0.62× in the others) and 0.75× on moto (0.67-0.82×); issue 13 asks 0.8×. On
 127.0.0.1 the raw GET is bounded by CPU, its own 0.25-0.29 s and the server's
 0.6-0.7 s, on the 2 cores the restore has to share too; the restore adds what the raw
 GET does not do, opening and checking every chunk and writing the files. No link is
 involved, so this ratio measures CPU, not how well a restore keeps a link busy. The
 restores were therefore measured again with the loopback limited to 1 Gbit/s (a VPS's
 link; `tc qdisc add dev lo root tbf rate 1gbit burst 256kb latency 20ms`, removed
-after): imgbuild's restore ran at 0.96× the raw GET in this run, 0.69-0.97× in the
-others, and at 1.34× restic's and 1.43× rustic's speed (0.91-1.40× and 0.86-1.23×).
-Part of that spread was the benchmark's own doing: until this run every restore came
-right after the previous one's output was deleted, and on this machine (ext4 without a
-journal, a VM that hands freed memory back to its host) a restore right after deleting
-402 MiB of files took 3.4-3.6 s behind the link instead of 2.7-2.8 s, in one process,
-six restores each way. Only the tools that write files paid it, never the raw GET. The
-restored trees are now moved aside and deleted with the work directory at the end.
+after): imgbuild's restore ran at 0.89× the raw GET in this run (0.69-0.97× in the
+others) and at 1.24× restic's and 1.11× rustic's speed (0.91-1.40× and 0.86-1.43×).
+Part of that spread was the benchmark's own doing: until the run before this one every
+restore came right after the previous one's output was deleted, and on this machine
+(ext4 without a journal, a VM that hands freed memory back to its host) a restore right
+after deleting 402 MiB of files took 3.4-3.6 s behind the link instead of 2.7-2.8 s, in
+one process, six restores each way. Only the tools that write files paid it, never the
+raw GET. The restored trees are now moved aside and deleted with the work directory at
+the end; the two runs made so gave 0.96× and 0.89×.
 
 For the 1 % change (4 MiB rewritten inside a 6 MiB file, plus 20 log appends) imgbuild
-stored 0.84× restic's bytes on Garage and 0.72× on moto in this run, 0.70-1.03× in
-the other eight comparisons (two of the ten above 1×). What decides it is where the
+stored 0.83× restic's bytes on Garage and 0.71× on moto in this run, 0.70-1.03× in
+the other ten comparisons (two of the twelve above 1×). What decides it is where the
 chunk edges fall around the rewrite, which each repository's random chunker seed sets,
 for restic too. A simulation of that edit over 4,000 seeds per chunker (boundaries as
 random points at the rates the chunkers' hash tests give, FastCDC's two-level
