@@ -51,6 +51,16 @@ pub struct ChunkSizes {
     pub max: u32,
 }
 
+impl From<&format::Chunker> for ChunkSizes {
+    fn from(c: &format::Chunker) -> ChunkSizes {
+        ChunkSizes {
+            min: c.min,
+            avg: c.avg,
+            max: c.max,
+        }
+    }
+}
+
 pub const CHUNK_SIZES: ChunkSizes = ChunkSizes {
     min: CHUNK_MIN,
     avg: CHUNK_AVG,
@@ -63,11 +73,7 @@ pub fn chunker_for(prev: Option<&format::Manifest>) -> format::Chunker {
     let sizes = prev
         .map(|m| &m.chunker)
         .filter(|c| c.algorithm == CHUNKER_ALGORITHM)
-        .map(|c| ChunkSizes {
-            min: c.min,
-            avg: c.avg,
-            max: c.max,
-        })
+        .map(ChunkSizes::from)
         .filter(|s| CHUNK_SIZES_KEPT.contains(s))
         .unwrap_or(CHUNK_SIZES);
     format::Chunker {
@@ -277,11 +283,7 @@ async fn backup_locked(
             &index,
             src,
             prev_vol,
-            ChunkSizes {
-                min: chunker.min,
-                avg: chunker.avg,
-                max: chunker.max,
-            },
+            ChunkSizes::from(&chunker),
             opts,
             &mut packers,
             &mut uploaded,
