@@ -238,22 +238,14 @@ fn a_small_get_is_not_held_back_by_a_delayed_ack() {
         // The control: the SDK's own client, which does not acknowledge at once,
         // against the same server and object. Without the stall showing here, the
         // check above would prove nothing.
-        let creds = std::fs::read_to_string(env.cfg.credentials_file.as_ref().unwrap()).unwrap();
-        let var = |k: &str| {
-            creds
-                .lines()
-                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
-                .unwrap()
-                .to_string()
-        };
         let sdk = aws_sdk_s3::Client::from_conf(
             aws_sdk_s3::Config::builder()
                 .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
                 .endpoint_url(env.cfg.endpoint.as_deref().unwrap())
-                .region(aws_sdk_s3::config::Region::new("garage"))
+                .region(aws_sdk_s3::config::Region::new(env.s3_var("AWS_REGION")))
                 .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                    var("AWS_ACCESS_KEY_ID"),
-                    var("AWS_SECRET_ACCESS_KEY"),
+                    env.s3_var("AWS_ACCESS_KEY_ID"),
+                    env.s3_var("AWS_SECRET_ACCESS_KEY"),
                     None,
                     None,
                     "test",

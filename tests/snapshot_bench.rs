@@ -462,10 +462,10 @@ struct Tools {
 /// work directory at the end.
 fn retire(work: &Path, p: &Path) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let dir = work.join("retired");
-    std::fs::create_dir_all(&dir).unwrap();
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if p.exists() {
+        let dir = work.join("retired");
+        std::fs::create_dir_all(&dir).unwrap();
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         std::fs::rename(p, dir.join(n.to_string())).unwrap();
     }
 }
@@ -479,18 +479,10 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
     eprintln!("{title}: dataset {:.0} MiB", mib(logical));
     let rt = rt();
     let store = rt.block_on(env.store());
-    let s3env = std::fs::read_to_string(env.secrets.join("s3.env")).unwrap();
-    let var = |k: &str| {
-        s3env
-            .lines()
-            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
-            .unwrap()
-            .to_string()
-    };
     let (access, secret, region) = (
-        var("AWS_ACCESS_KEY_ID"),
-        var("AWS_SECRET_ACCESS_KEY"),
-        var("AWS_REGION"),
+        env.s3_var("AWS_ACCESS_KEY_ID"),
+        env.s3_var("AWS_SECRET_ACCESS_KEY"),
+        env.s3_var("AWS_REGION"),
     );
     let counts = || log_len(log);
     let server_diff = |before: &u64| {

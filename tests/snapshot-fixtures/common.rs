@@ -694,6 +694,16 @@ impl Env {
         .unwrap();
     }
 
+    /// A variable of this env's `s3.env` (what a host's credentials file holds).
+    pub fn s3_var(&self, name: &str) -> String {
+        let file = self.secrets.join("s3.env");
+        let text = std::fs::read_to_string(&file).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {}", file.display()))
+            .to_string()
+    }
+
     pub fn keys(&self) -> Keys {
         Keys::load(
             &self.secrets.join("snapshot-encryption.key"),
