@@ -67,10 +67,10 @@ if ! python3 -c 'import jsonschema, moto, flask, flask_cors' 2>/dev/null; then
 fi
 # The by-hand restore script of docs/snapshot-format.md, which tests/python_restore.rs
 # runs against real buckets: its crypto, hashing and zstd libraries, and boto3.
-if [ "${1:-}" = "--tests" ] && ! python3 -c 'import boto3, blake3, nacl, zstandard' 2>/dev/null; then
+if [ "${1:-}" = "--tests" ] && ! python3 -c 'import boto3, blake3, nacl, zstandard, cryptography' 2>/dev/null; then
   pip_flags=()
   python3 -m pip install --help 2>/dev/null | grep -q -- --break-system-packages && pip_flags+=(--break-system-packages)
-  python3 -m pip install -q "${pip_flags[@]}" 'pynacl==1.6.2' 'blake3==1.0.11' 'zstandard==0.25.0' boto3
+  python3 -m pip install -q "${pip_flags[@]}" 'pynacl==1.6.2' 'blake3==1.0.11' 'zstandard==0.25.0' 'cryptography==48.0.0' boto3
 fi
 # Garage 2.5, the S3 server self-hosters run, for the compatibility tests (round trip,
 # Object Lock check, kill -9). Only the tests need it, and it takes ~15-20 min to

@@ -8,7 +8,7 @@
 //! refuse tampered manifests, corrupt chunks and version-4 entry lists that break the
 //! documented rules.
 //!
-//! Its Python libraries (pynacl, blake3, zstandard, boto3) come from `.ci/deps.sh
+//! Its Python libraries (pynacl, cryptography, blake3, zstandard, boto3) come from `.ci/deps.sh
 //! --tests`; when they are missing the test installs them into a venv under the
 //! target directory.
 
@@ -31,9 +31,10 @@ const PY_PACKAGES: &[&str] = &[
     "pynacl==1.6.2",
     "blake3==1.0.11",
     "zstandard==0.25.0",
+    "cryptography==48.0.0",
     "boto3",
 ];
-const PY_IMPORTS: &str = "import boto3, blake3, nacl, zstandard";
+const PY_IMPORTS: &str = "import boto3, blake3, nacl, zstandard, cryptography";
 
 fn has_modules(py: &Path) -> bool {
     Command::new(py)
@@ -406,7 +407,7 @@ fn the_documented_script_restores_a_format1_bucket() {
                 put(
                     &old,
                     &format::chunk_key(&old.prefix, &hex::encode(cid)),
-                    keys.seal_chunk(&cid, &plain),
+                    keys.seal_chunk_v1(&cid, &plain),
                 )
                 .await;
             }

@@ -609,6 +609,35 @@ fn the_signature_binds_host_and_prefix() {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("not vps2"), "{e}");
+
+        // A manifest of a newer version than this build reads is not damage to pass
+        // over: restoring the snapshot before it would bring back older data.
+        let mut newer = m.clone();
+        newer.version = format::MANIFEST_VERSION + 1;
+        newer.id = format::new_snapshot_id(1_960_000_000_000);
+        let sealed = keys
+            .seal_manifest(
+                &newer.id,
+                &newer.host,
+                &store.prefix,
+                &serde_json::to_vec(&newer).unwrap(),
+            )
+            .unwrap();
+        store
+            .put(
+                &format::snapshot_key(&store.prefix, &newer.id),
+                sealed,
+                false,
+                None,
+            )
+            .await
+            .unwrap();
+        let e = restore::newest_manifest(&store, &keys).await.unwrap_err();
+        assert!(
+            matches!(e, SnapshotError::NewerManifest { version, .. } if version == format::MANIFEST_VERSION + 1),
+            "{e}"
+        );
+        assert!(e.to_string().contains("upgrade imgbuild"), "{e}");
     });
 }
 

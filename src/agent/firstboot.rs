@@ -287,6 +287,7 @@ fn is_final(e: &anyhow::Error) -> bool {
                     | SnapshotError::BadSignature { .. }
                     | SnapshotError::WrongKey { .. }
                     | SnapshotError::BadManifest { .. }
+                    | SnapshotError::NewerManifest { .. }
                     | SnapshotError::NoSuchSnapshot(_)
                     | SnapshotError::KeyFile { .. }
                     | SnapshotError::BadMarker { .. }

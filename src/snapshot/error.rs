@@ -32,6 +32,13 @@ pub enum SnapshotError {
     #[error("manifest {id} is malformed: {reason}")]
     BadManifest { id: String, reason: String },
 
+    #[error("manifest {id} is version {version}, newer than the {supported} this imgbuild reads: upgrade imgbuild to restore it (older snapshots are not used in its place)")]
+    NewerManifest {
+        id: String,
+        version: u32,
+        supported: u32,
+    },
+
     #[error("snapshot {0} not found")]
     NoSuchSnapshot(String),
 

@@ -107,6 +107,15 @@ pub async fn load_manifest(store: &Store, keys: &Keys, id: &str) -> Result<Manif
         })
     })?;
     drop(z);
+    // Signed by this host's key, so written by a newer imgbuild, not damaged: it must
+    // stop a restore rather than let it pass to an older snapshot (see is_integrity).
+    if m.version > format::MANIFEST_VERSION {
+        return Err(SnapshotError::NewerManifest {
+            id: id.to_string(),
+            version: m.version,
+            supported: format::MANIFEST_VERSION,
+        });
+    }
     if let Some(h) = signed_host.filter(|h| *h != m.host) {
         return Err(SnapshotError::BadManifest {
             id: id.to_string(),
