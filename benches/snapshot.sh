@@ -59,54 +59,59 @@ counts. moto's request recorder (`/moto-api/recorder/*`, present in 5.2) was not
 it writes every request body to a file, which would slow the server during the
 measurement.
 
-What the numbers say (run of 2026-12-04, the last of six that day with this code;
-the figures of the other five are given as ranges). Since the runs before:
-- The S3 client acknowledges every read at once (`TCP_QUICKACK`, src/snapshot/http.rs).
-  Garage leaves Nagle's algorithm on: it writes a response's headers, then holds a body
-  tail shorter than a segment until the headers are acknowledged, and Linux delays that
-  acknowledgement by 40 ms on a connection that looks interactive. A 30 kB manifest GET
-  took 43 ms instead of 2, and one restore of this set sat through about 38 such stalls
-  (counted in a packet capture). restic and rustic still wait them out.
-- A new repository chunks at a 128 KiB minimum and 256 KiB average (was 256/512 KiB).
-- In this run and the one before, finished restores are moved aside instead of deleted
-  before the next one (see below).
+What the numbers say (run of 2026-12-05 with this code; the six runs of 2026-12-04,
+before its last two changes, are given as ranges). Since those runs:
+- Chunks are sealed with AES-256-GCM (a key per chunk derived with BLAKE3 from half of
+  its random nonce; docs/snapshot-format.md). With AES-NI it opens at 7.8 GB/s here
+  against 2.2 GB/s for XChaCha20-Poly1305, which stays for chunks written before.
+- Files over 1 MiB are restored with `O_DIRECT` from a few reused aligned buffers
+  (src/snapshot/fsio/direct.rs). A restore reads nothing back, and on this machine the
+  kernel's copy into fresh page-cache pages was the largest part of its CPU (see the
+  last paragraph): in one process, five restores of this set went from 0.88-1.47 s
+  (0.82-1.90 s of CPU) to 0.72-0.86 s (0.51-0.83 s of CPU). Files of 1 MiB or less
+  still go through the page cache.
+- Earlier that day: the S3 client acknowledges every read at once (`TCP_QUICKACK`,
+  src/snapshot/http.rs). Garage leaves Nagle's algorithm on: it writes a response's
+  headers, then holds a body tail shorter than a segment until the headers are
+  acknowledged, and Linux delays that acknowledgement by 40 ms on a connection that
+  looks interactive. restic and rustic still wait those stalls out. A new repository
+  chunks at a 128 KiB minimum and 256 KiB average, and the benchmark moves finished
+  restores aside instead of deleting them before the next one (see below).
 
-imgbuild's full backup is 2.0-2.2× as fast as restic's on Garage (1.6-1.8× on moto) and
-1.1-1.5× rustic's; its incremental 7.7-9.9× restic's and 3.6-7.4× rustic's (unchanged
-files are not read at all; 0.10-0.12 s).
+imgbuild's full backup is 2.0× as fast as restic's on Garage here (1.9-2.2× before) and
+1.3× rustic's; its incremental 8.6× restic's and 7.4× rustic's (unchanged files are
+not read at all; 0.10 s).
 
 The restore keeps up to 16 ranged GETs of at most 4 MiB in flight within 64 MiB, opens
 each chunk in the buffer it was fetched into, and writes the files from four writer
-threads while one walks the entries. Restore on Garage: 2.44× restic's throughput in
-this run; 1.91-2.90× in the other five, at least 2× in four of them; 1.87× rustic's
-(1.10-2.22×). The second table shows where the time goes: imgbuild used 0.74-1.05 s of
-CPU per restore (1.30 s in the one slow run), restic 2.2-2.8 s and rustic 1.3-2.4 s,
-while the server spent 0.73-0.91 s on imgbuild's restore and 0.55-0.76 s on the
-others'. On moto it is 1.41× restic's (1.37-1.72×): there the server's CPU decides, and
-moto spends 15-20 ms on a request, whatever its size, so imgbuild's ~115 ranged GETs
-cost it more than restic's 21-22 GETs of whole packs.
+threads while one walks the entries. Restore on Garage: 3.54× restic's throughput
+(1.91-2.90× in the six runs before, at least 2× in five) and 3.21× rustic's. It used
+0.56 s of CPU (0.74-1.30 s before), restic 2.84 s and rustic 3.42 s. On moto it is
+1.76× restic's (1.37-1.72× before): there the server's CPU decides, and moto spends
+15-20 ms on a request, whatever its size, so imgbuild's ~115 ranged GETs cost it more
+than restic's 21-22 GETs of whole packs.
 
-Against the raw parallel ranged GET of the same packs: 0.61× on Garage in this run
-(0.40-0.62× in the others) and 0.75× on moto (0.67-0.82×); issue 13 asks 0.8×. On
-127.0.0.1 the raw GET is bounded by CPU, its own 0.25-0.29 s and the server's
-0.6-0.7 s, on the 2 cores the restore has to share too; the restore adds what the raw
-GET does not do, opening and checking every chunk and writing the files. No link is
-involved, so this ratio measures CPU, not how well a restore keeps a link busy. The
-restores were therefore measured again with the loopback limited to 1 Gbit/s (a VPS's
-link; `tc qdisc add dev lo root tbf rate 1gbit burst 256kb latency 20ms`, removed
-after): imgbuild's restore ran at 0.89× the raw GET in this run (0.69-0.97× in the
-others) and at 1.24× restic's and 1.11× rustic's speed (0.91-1.40× and 0.86-1.43×).
-Part of that spread was the benchmark's own doing: until the run before this one every
-restore came right after the previous one's output was deleted, and on this machine
-(ext4 without a journal, a VM that hands freed memory back to its host) a restore right
-after deleting 402 MiB of files took 3.4-3.6 s behind the link instead of 2.7-2.8 s, in
-one process, six restores each way. Only the tools that write files paid it, never the
-raw GET. The restored trees are now moved aside and deleted with the work directory at
-the end; the two runs made so gave 0.96× and 0.89×.
+Against the raw parallel ranged GET of the same packs: 0.78× on Garage (0.40-0.62×
+before) and 1.15× on moto (0.67-0.82× before; the raw GET's own time on moto varies
+most, 1.0-1.5 s, as moto serves its 89 GETs of 4 MiB). Issue 13 asks 0.8×. On
+127.0.0.1 the raw GET is bounded by CPU, its own and the server's, on the 2 cores the
+restore has to share too; the restore adds what the raw GET does not do, opening and
+checking every chunk and writing the files. No link is involved, so this ratio
+measures CPU, not how well a restore keeps a link busy. The restores were therefore
+measured again with the loopback limited to 1 Gbit/s (a VPS's link; `tc qdisc add dev
+lo root tbf rate 1gbit burst 256kb latency 20ms`, removed after): imgbuild's restore ran
+at 0.91× the raw GET (0.69-0.97× before), and faster than restic and rustic (ratios in
+the table). Part of the spread before was the benchmark's own doing: until the fifth
+of those runs every restore came right after the previous one's output was deleted,
+and on this machine (ext4 without a journal, a VM that hands freed memory back to its
+host) a restore right after deleting 402 MiB of files took 3.4-3.6 s behind the link
+instead of 2.7-2.8 s, in one process, six restores each way. Only the tools that write
+files paid it, never the raw GET. The restored trees are now moved aside and deleted
+with the work directory at the end.
 
 For the 1 % change (4 MiB rewritten inside a 6 MiB file, plus 20 log appends) imgbuild
-stored 0.83× restic's bytes on Garage and 0.71× on moto in this run, 0.70-1.03× in
-the other ten comparisons (two of the twelve above 1×). What decides it is where the
+stored 0.78× restic's bytes on Garage and 0.76× on moto in this run, 0.70-1.03× in
+the twelve comparisons before (two of them above 1×). What decides it is where the
 chunk edges fall around the rewrite, which each repository's random chunker seed sets,
 for restic too. A simulation of that edit over 4,000 seeds per chunker (boundaries as
 random points at the rates the chunkers' hash tests give, FastCDC's two-level
@@ -124,7 +129,8 @@ machine is a VM whose balloon device has negotiated free page reporting
 (`VIRTIO_BALLOON_F_REPORTING`): memory the guest frees goes back to the host and
 faults in again on first use, which is the likely cause, so a run's speed depends on
 how much fresh memory the page cache is taking. Every tool's restore pays it; which
-one pays most depends on the order. The root filesystem is also ext4 without a
+one pays most depends on the order. imgbuild now pays it only for files of 1 MiB or
+less (those go through the page cache; the rest with `O_DIRECT`, see above). The root filesystem is also ext4 without a
 journal, and only then does ext4 check, for every inode it allocates, whether the
 inode was freed in the last 5-30 s (`recently_deleted`): restores made right after
 deleting earlier ones spent 26 % of their CPU there. restic runs with its defaults (5

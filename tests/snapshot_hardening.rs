@@ -362,7 +362,10 @@ fn a_forged_manifest_writes_nothing_outside_the_target() {
             &target,
             &mut entries.clone().into_iter(),
             &mut data,
-            WriteOptions { owners: false },
+            WriteOptions {
+                owners: false,
+                direct: true,
+            },
             |_| {},
         );
         assert!(r.is_err(), "the writer followed the symlink");

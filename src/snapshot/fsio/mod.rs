@@ -777,6 +777,7 @@ impl Read for StreamReader {
     }
 }
 
+mod direct;
 mod write;
 pub use write::{write_volume, DataSource, WriteOptions};
 

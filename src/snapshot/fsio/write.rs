@@ -9,7 +9,7 @@
 //! times, which a write does not change), and a hard link goes to the inode the walk
 //! already created.
 
-use super::{at, cname, join_rel, last_os_error, open_root};
+use super::{at, cname, direct, join_rel, last_os_error, open_root};
 use crate::snapshot::error::{Result, SnapshotError};
 use crate::snapshot::format::{Entry, Kind};
 use base64::Engine;
@@ -60,6 +60,9 @@ const JOBS_IN_FLIGHT: usize = 128;
 pub struct WriteOptions {
     /// chown to the stored uid/gid (needs root; off for unprivileged restores).
     pub owners: bool,
+    /// Write files larger than [`SMALL_FILE`] with `O_DIRECT` where the filesystem
+    /// allows it (see `direct`); off only to compare or to test the other path.
+    pub direct: bool,
 }
 
 impl Default for WriteOptions {
@@ -67,6 +70,7 @@ impl Default for WriteOptions {
         // SAFETY: geteuid has no preconditions.
         WriteOptions {
             owners: unsafe { libc::geteuid() } == 0,
+            direct: true,
         }
     }
 }
@@ -128,6 +132,8 @@ struct Shared {
     /// Set with `error`: writers skip what is still queued.
     failed: AtomicBool,
     opts: WriteOptions,
+    /// Aligned buffers for direct I/O, reused.
+    buffers: direct::Buffers,
 }
 
 impl Shared {
@@ -158,13 +164,19 @@ enum Job {
         offset: u64,
         data: Bytes,
     },
+    /// Part of a larger file open for direct I/O, gathered into an aligned buffer.
+    Direct {
+        file: Arc<Large>,
+        offset: u64,
+        data: direct::Buf,
+    },
 }
 
 impl Job {
     fn path(&self) -> &Path {
         match self {
             Job::Whole { path, .. } => path,
-            Job::Piece { file, .. } => &file.path,
+            Job::Piece { file, .. } | Job::Direct { file, .. } => &file.path,
         }
     }
 
@@ -172,6 +184,7 @@ impl Job {
         match self {
             Job::Whole { pieces, .. } => pieces.iter().map(|(_, d)| d.len()).sum(),
             Job::Piece { data, .. } => data.len(),
+            Job::Direct { data, .. } => data.len(),
         }
     }
 
@@ -197,6 +210,15 @@ impl Job {
                 .file
                 .write_all_at(&data, offset)
                 .map_err(|e| SnapshotError::io(&file.path, e)),
+            Job::Direct {
+                file,
+                offset,
+                mut data,
+            } => {
+                let r = direct::write(&file.file, offset, &mut data);
+                file.shared.buffers.put(data);
+                r.map_err(|e| SnapshotError::io(&file.path, e))
+            }
         }
     }
 }
@@ -257,6 +279,7 @@ impl Pool {
             done: Condvar::new(),
             failed: AtomicBool::new(false),
             opts,
+            buffers: direct::Buffers::default(),
         });
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -562,21 +585,38 @@ pub fn write_volume(
                 continue;
             }
             Kind::File => {
-                let f = at::create(dir_fd, &c).map_err(|err| SnapshotError::io(&p, err))?;
+                let f =
+                    File::from(at::create(dir_fd, &c).map_err(|err| SnapshotError::io(&p, err))?);
+                let is_direct = opts.direct && direct::enable(&f);
                 let large = Arc::new(Large {
-                    file: File::from(f),
+                    file: f,
                     path: p.clone(),
                     entry: e,
                     complete: AtomicBool::new(false),
                     shared: pool.shared.clone(),
                 });
-                take_extents(data, &large.entry, &p, &mut progress, |at, b| {
-                    pool.submit(Job::Piece {
-                        file: large.clone(),
-                        offset: at,
-                        data: b,
-                    })
-                })?;
+                if is_direct {
+                    let mut gather = direct::Aligner::new(PIECE_MAX);
+                    let mut submit = |offset, data| {
+                        pool.submit(Job::Direct {
+                            file: large.clone(),
+                            offset,
+                            data,
+                        })
+                    };
+                    take_extents(data, &large.entry, &p, &mut progress, |at, b| {
+                        gather.push(&pool.shared.buffers, at, &b, &mut submit)
+                    })?;
+                    gather.flush(&mut submit)?;
+                } else {
+                    take_extents(data, &large.entry, &p, &mut progress, |at, b| {
+                        pool.submit(Job::Piece {
+                            file: large.clone(),
+                            offset: at,
+                            data: b,
+                        })
+                    })?;
+                }
                 // The last reference, here or on a writer, finishes the file.
                 large.complete.store(true, Ordering::Relaxed);
                 continue;
@@ -764,11 +804,23 @@ mod tests {
     }
 
     fn write(root: &Path, entries: Vec<Entry>, data: Vec<u8>) -> Result<Vec<String>> {
+        write_with(root, entries, data, true)
+    }
+
+    fn write_with(
+        root: &Path,
+        entries: Vec<Entry>,
+        data: Vec<u8>,
+        direct: bool,
+    ) -> Result<Vec<String>> {
         write_volume(
             root,
             &mut entries.into_iter(),
             &mut std::io::Cursor::new(data),
-            WriteOptions { owners: false },
+            WriteOptions {
+                owners: false,
+                direct,
+            },
             |_| {},
         )
     }
@@ -827,6 +879,14 @@ mod tests {
 
     #[test]
     fn pieces_and_holes_land_at_their_offsets_and_directories_keep_their_metadata() {
+        // Large files go through direct I/O where the filesystem has it, and through
+        // ordinary writes otherwise: both must give the same tree.
+        for direct in [true, false] {
+            pieces_and_holes(direct);
+        }
+    }
+
+    fn pieces_and_holes(direct: bool) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("v");
         let mut ro = entry("ro", Kind::Dir, 0, None);
@@ -836,7 +896,8 @@ mod tests {
         let mut data = Vec::new();
         let mut expect = Vec::new();
         for i in 0..400u64 {
-            // Every 50th file holds two islands of several pieces between holes.
+            // Every 50th file holds two islands of several pieces between holes,
+            // at offsets and of lengths that are not multiples of a block.
             let (size, extents, body) = if i % 50 == 0 {
                 let n = PIECE_MAX as u64 + 1000 + i;
                 let mut body = vec![0u8; (3 * n) as usize];
@@ -861,11 +922,11 @@ mod tests {
         let mut link = entry("ro/link", Kind::Hardlink, 0, None);
         link.target = Some(Name::from_bytes(b"ro/f0399"));
         entries.push(link);
-        let warnings = write(&root, entries, data).unwrap();
+        let warnings = write_with(&root, entries, data, direct).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         for (name, full) in &expect {
             let got = std::fs::read(root.join(name)).unwrap();
-            assert!(got == *full, "{name} differs");
+            assert!(got == *full, "{name} differs (direct {direct})");
             let md = std::fs::metadata(root.join(name)).unwrap();
             use std::os::unix::fs::MetadataExt;
             assert_eq!(
