@@ -59,8 +59,9 @@ counts. moto's request recorder (`/moto-api/recorder/*`, present in 5.2) was not
 it writes every request body to a file, which would slow the server during the
 measurement.
 
-What the numbers say (run of 2026-12-05 with this code; the six runs of 2026-12-04,
-before its last two changes, are given as ranges). Since those runs:
+What the numbers say (the first of three runs of 2026-12-05 with this code; the other
+two are given as ranges, and the six runs of 2026-12-04, before its last two changes,
+as "before"). Since those runs:
 - Chunks are sealed with AES-256-GCM (a key per chunk derived with BLAKE3 from half of
   its random nonce; docs/snapshot-format.md). With AES-NI it opens at 7.8 GB/s here
   against 2.2 GB/s for XChaCha20-Poly1305, which stays for chunks written before.
@@ -78,30 +79,36 @@ before its last two changes, are given as ranges). Since those runs:
   chunks at a 128 KiB minimum and 256 KiB average, and the benchmark moves finished
   restores aside instead of deleting them before the next one (see below).
 
-imgbuild's full backup is 2.0× as fast as restic's on Garage here (1.9-2.2× before) and
-1.3× rustic's; its incremental 8.6× restic's and 7.4× rustic's (unchanged files are
-not read at all; 0.10 s).
+imgbuild's full backup is 2.0× as fast as restic's on Garage here (1.9-2.0× in the other
+two runs) and 1.3× rustic's; its incremental 8.6× restic's (8.3-9.6×) and 7.4×
+rustic's (unchanged files are not read at all; 0.10-0.11 s).
 
 The restore keeps up to 16 ranged GETs of at most 4 MiB in flight within 64 MiB, opens
 each chunk in the buffer it was fetched into, and writes the files from four writer
 threads while one walks the entries. Restore on Garage: 3.54× restic's throughput
-(1.91-2.90× in the six runs before, at least 2× in five) and 3.21× rustic's. It used
-0.56 s of CPU (0.74-1.30 s before), restic 2.84 s and rustic 3.42 s. On moto it is
-1.76× restic's (1.37-1.72× before): there the server's CPU decides, and moto spends
+(3.23× and 2.14× in the other two runs; 1.91-2.90× in the six runs before) and 3.21×
+rustic's (3.14×, 1.34×). It used 0.56 s of CPU (0.61 s and 0.93 s; 0.74-1.30 s
+before), restic 2.84 s and rustic 3.42 s. On moto it is 1.76× restic's (1.81×, 1.70×;
+1.37-1.72× before): there the server's CPU decides, and moto spends
 15-20 ms on a request, whatever its size, so imgbuild's ~115 ranged GETs cost it more
 than restic's 21-22 GETs of whole packs.
 
-Against the raw parallel ranged GET of the same packs: 0.78× on Garage (0.40-0.62×
-before) and 1.15× on moto (0.67-0.82× before; the raw GET's own time on moto varies
-most, 1.0-1.5 s, as moto serves its 89 GETs of 4 MiB). Issue 13 asks 0.8×. On
+Against the raw parallel ranged GET of the same packs: 0.78× on Garage (0.68× and
+0.44× in the other two runs; 0.40-0.62× before) and 1.15× on moto (1.18×, 0.85×;
+0.67-0.82× before; the raw GET's own time on moto varies most, 1.0-1.5 s, as moto
+serves its 89 GETs of 4 MiB). Issue 13 asks 0.8×. In the 0.44× run imgbuild's restore
+took 1.13 s and 0.93 s of CPU against 0.71-0.77 s and 0.56-0.61 s in the other two,
+with the same code and data: the machine's memory effect described at the end still
+reaches the files of 1 MiB or less (a quarter of this set), which are written through
+the page cache. On
 127.0.0.1 the raw GET is bounded by CPU, its own and the server's, on the 2 cores the
 restore has to share too; the restore adds what the raw GET does not do, opening and
 checking every chunk and writing the files. No link is involved, so this ratio
 measures CPU, not how well a restore keeps a link busy. The restores were therefore
 measured again with the loopback limited to 1 Gbit/s (a VPS's link; `tc qdisc add dev
 lo root tbf rate 1gbit burst 256kb latency 20ms`, removed after): imgbuild's restore ran
-at 0.91× the raw GET (0.69-0.97× before), and faster than restic and rustic (ratios in
-the table). Part of the spread before was the benchmark's own doing: until the fifth
+at 0.91× the raw GET (0.95× and 0.87× in the other two runs; 0.69-0.97× before), and
+faster than restic and rustic (ratios in the table). Part of the spread before was the benchmark's own doing: until the fifth
 of those runs every restore came right after the previous one's output was deleted,
 and on this machine (ext4 without a journal, a VM that hands freed memory back to its
 host) a restore right after deleting 402 MiB of files took 3.4-3.6 s behind the link
@@ -110,8 +117,9 @@ files paid it, never the raw GET. The restored trees are now moved aside and del
 with the work directory at the end.
 
 For the 1 % change (4 MiB rewritten inside a 6 MiB file, plus 20 log appends) imgbuild
-stored 0.78× restic's bytes on Garage and 0.76× on moto in this run, 0.70-1.03× in
-the twelve comparisons before (two of them above 1×). What decides it is where the
+stored 0.78× restic's bytes on Garage and 0.76× on moto in this run, 0.94× and 0.83×,
+then 1.17× and 0.81× in the other two, and 0.70-1.03× in the twelve comparisons
+before (two of them above 1×): three of the eighteen above 1×. What decides it is where the
 chunk edges fall around the rewrite, which each repository's random chunker seed sets,
 for restic too. A simulation of that edit over 4,000 seeds per chunker (boundaries as
 random points at the rates the chunkers' hash tests give, FastCDC's two-level
