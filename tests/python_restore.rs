@@ -8,9 +8,9 @@
 //! refuse tampered manifests, corrupt chunks and version-4 entry lists that break the
 //! documented rules.
 //!
-//! Its Python libraries (pynacl, cryptography, blake3, zstandard, boto3) come from `.ci/deps.sh
-//! --tests`; when they are missing the test installs them into a venv under the
-//! target directory.
+//! Its Python libraries (pynacl, cryptography, blake3, zstandard, boto3) come from
+//! `.ci/deps.sh --tests`; when they are missing the test installs them into a venv
+//! under the target directory.
 
 #[path = "snapshot-fixtures/common.rs"]
 mod common;

@@ -335,19 +335,7 @@ fn a_forged_manifest_writes_nothing_outside_the_target() {
             vec![format::ChunkRef::whole(hid, payload.len() as u64)],
             payload.len() as u64,
         );
-        let json = serde_json::to_vec(&m).unwrap();
-        let sealed = keys
-            .seal_manifest(&m.id, "test", &store.prefix, &json)
-            .unwrap();
-        store
-            .put(
-                &format::snapshot_key(&store.prefix, &m.id),
-                sealed,
-                false,
-                None,
-            )
-            .await
-            .unwrap();
+        put_manifest(&store, &keys, &m, "test").await;
         let e = restore::load_manifest(&store, &keys, &m.id)
             .await
             .unwrap_err();
@@ -446,19 +434,7 @@ fn a_forged_entry_stream_is_refused_before_anything_is_written() {
         let mut m = manifest_with(vec![], vec![data_ref], payload.len() as u64);
         m.version = format::MANIFEST_VERSION;
         m.volumes[0].meta = vec![meta_ref];
-        let json = serde_json::to_vec(&m).unwrap();
-        let sealed = keys
-            .seal_manifest(&m.id, "test", &store.prefix, &json)
-            .unwrap();
-        store
-            .put(
-                &format::snapshot_key(&store.prefix, &m.id),
-                sealed,
-                false,
-                None,
-            )
-            .await
-            .unwrap();
+        put_manifest(&store, &keys, &m, "test").await;
         let m = restore::load_manifest(&store, &keys, &m.id).await.unwrap();
         let target = env.path("target");
         let e = restore::restore(&store, &keys, &m, &target, &ropts())
@@ -618,23 +594,7 @@ fn the_signature_binds_host_and_prefix() {
         let mut newer = m.clone();
         newer.version = format::MANIFEST_VERSION + 1;
         newer.id = format::new_snapshot_id(1_960_000_000_000);
-        let sealed = keys
-            .seal_manifest(
-                &newer.id,
-                &newer.host,
-                &store.prefix,
-                &serde_json::to_vec(&newer).unwrap(),
-            )
-            .unwrap();
-        store
-            .put(
-                &format::snapshot_key(&store.prefix, &newer.id),
-                sealed,
-                false,
-                None,
-            )
-            .await
-            .unwrap();
+        put_manifest(&store, &keys, &newer, &newer.host).await;
         let e = restore::newest_manifest(&store, &keys).await.unwrap_err();
         assert!(
             matches!(e, SnapshotError::NewerManifest { version, .. } if version == format::MANIFEST_VERSION + 1),

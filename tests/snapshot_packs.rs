@@ -292,23 +292,8 @@ fn format_1_bucket_restores_dedups_and_prunes() {
         for k in &ix.objects {
             store.delete(k).await.unwrap();
         }
-        let sealed = keys
-            .seal_manifest(
-                &r.id,
-                "test",
-                &store.prefix,
-                &serde_json::to_vec(&m).unwrap(),
-            )
-            .unwrap();
-        store
-            .put(
-                &format::snapshot_key(&store.prefix, &r.id),
-                sealed,
-                false,
-                None,
-            )
-            .await
-            .unwrap();
+        // The manifest was loaded from `r.id`: it keeps that id.
+        put_manifest(&store, &keys, &m, "test").await;
         assert_eq!(packs::pack_count(&store).await, 0);
         let legacy = store
             .list(&format::chunks_dir(&store.prefix))

@@ -207,13 +207,7 @@ impl Keys {
     /// `version(2) | nonce(24) | AES-256-GCM(flag(1) | payload)` (see [`aes_key`]), AAD =
     /// chunk id, so a chunk stored under another chunk's name fails to open.
     pub fn seal_chunk(&self, id: &[u8; 32], plain: &[u8]) -> Vec<u8> {
-        seal_buf_as(
-            CHUNK_VERSION_AES,
-            aes_key,
-            &self.data_aes_key,
-            id,
-            flagged_body(plain),
-        )
+        seal_buf_as(&AES, &self.data_aes_key, id, flagged_body(plain))
     }
 
     /// A chunk as releases before [`CHUNK_VERSION_AES`] sealed it (XChaCha20-Poly1305
@@ -253,13 +247,11 @@ impl Keys {
             id: hid.clone(),
             reason: reason.to_string(),
         };
-        let body = match sealed.first() {
-            Some(&CHUNK_VERSION_AES) => {
-                open_in_place_as(CHUNK_VERSION_AES, aes_key, &self.data_aes_key, id, sealed)
-            }
-            _ => open_in_place(&self.data_key, id, sealed),
-        }
-        .map_err(&corrupt)?;
+        let (sealing, key) = match sealed.first() {
+            Some(&CHUNK_VERSION_AES) => (&AES, &self.data_aes_key),
+            _ => (&XCHACHA, &self.data_key),
+        };
+        let body = open_in_place_as(sealing, key, id, sealed).map_err(&corrupt)?;
         let flag = *sealed
             .get(body.start)
             .filter(|_| !body.is_empty())
@@ -697,7 +689,21 @@ fn aes_key(key: &[u8; 32], nonce: &[u8; NONCE_LEN]) -> (LessSafeKey, Nonce) {
     (LessSafeKey::new(k), Nonce::assume_unique_for_key(n12))
 }
 
-type Cipher = fn(&[u8; 32], &[u8; NONCE_LEN]) -> (LessSafeKey, Nonce);
+/// A version byte and the cipher it stands for, kept together so that neither is
+/// ever paired with the other's.
+struct Sealing {
+    version: u8,
+    cipher: fn(&[u8; 32], &[u8; NONCE_LEN]) -> (LessSafeKey, Nonce),
+}
+
+const XCHACHA: Sealing = Sealing {
+    version: FORMAT_VERSION,
+    cipher: xchacha_key,
+};
+const AES: Sealing = Sealing {
+    version: CHUNK_VERSION_AES,
+    cipher: aes_key,
+};
 
 /// An empty sealed object with room for `plain_len` bytes of plaintext: push the
 /// plaintext, then [`seal_buf`] encrypts it where it lies.
@@ -710,21 +716,15 @@ fn sealed_buf(plain_len: usize) -> Vec<u8> {
 /// Seals `buf` (from [`sealed_buf`], plaintext after the header) in place:
 /// `version | nonce | ciphertext | tag`.
 fn seal_buf(key: &[u8; 32], aad: &[u8], buf: Vec<u8>) -> Vec<u8> {
-    seal_buf_as(FORMAT_VERSION, xchacha_key, key, aad, buf)
+    seal_buf_as(&XCHACHA, key, aad, buf)
 }
 
-/// [`seal_buf`] with another version byte and the cipher it stands for.
-fn seal_buf_as(
-    version: u8,
-    cipher: Cipher,
-    key: &[u8; 32],
-    aad: &[u8],
-    mut buf: Vec<u8>,
-) -> Vec<u8> {
+/// [`seal_buf`] with another [`Sealing`].
+fn seal_buf_as(sealing: &Sealing, key: &[u8; 32], aad: &[u8], mut buf: Vec<u8>) -> Vec<u8> {
     let nonce = random_nonce();
-    buf[0] = version;
+    buf[0] = sealing.version;
     buf[1..SEALED_HEADER].copy_from_slice(&nonce);
-    let (k, n) = cipher(key, &nonce);
+    let (k, n) = (sealing.cipher)(key, &nonce);
     // Fails only for a message over 256 GiB; chunks, packs' headers and manifests
     // are far below that, and a silently empty ciphertext would be a lost object.
     let tag = k
@@ -787,21 +787,20 @@ fn open_in_place(
     aad: &[u8],
     sealed: &mut [u8],
 ) -> std::result::Result<std::ops::Range<usize>, &'static str> {
-    open_in_place_as(FORMAT_VERSION, xchacha_key, key, aad, sealed)
+    open_in_place_as(&XCHACHA, key, aad, sealed)
 }
 
-/// [`open_in_place`] for an object of another version byte and its cipher.
+/// [`open_in_place`] for an object of another [`Sealing`].
 fn open_in_place_as(
-    version: u8,
-    cipher: Cipher,
+    sealing: &Sealing,
     key: &[u8; 32],
     aad: &[u8],
     sealed: &mut [u8],
 ) -> std::result::Result<std::ops::Range<usize>, &'static str> {
-    check_sealed(sealed, version)?;
+    check_sealed(sealed, sealing.version)?;
     let mut nonce = [0u8; NONCE_LEN];
     nonce.copy_from_slice(&sealed[1..SEALED_HEADER]);
-    let (k, n) = cipher(key, &nonce);
+    let (k, n) = (sealing.cipher)(key, &nonce);
     let plain = k
         .open_in_place(n, Aad::from(aad), &mut sealed[SEALED_HEADER..])
         .map_err(|_| TAG_FAILED)?;

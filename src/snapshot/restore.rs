@@ -7,8 +7,9 @@
 //! [`FETCH_MEMORY`] together; each is decrypted and verified in its own buffer and
 //! handed on, in stream order, as views of it to the writer (`fsio::write_volume`),
 //! whose threads hold at most 16 MiB more (files over 1 MiB are copied into aligned
-//! buffers there and written with `O_DIRECT`, see `fsio::direct`). A view keeps its whole range alive, and a
-//! range is handed on as views only when they are at least half of it (see [`fetch`]),
+//! buffers there and written with `O_DIRECT`, see `fsio::direct`). A view keeps its
+//! whole range alive, and a range is handed on as views only when they are at least
+//! half of it (see [`fetch`]),
 //! so a range whose views are all still queued pins at most twice them. The writer
 //! queues them in stream order; only ranges some of whose views are already written
 //! (at the queue's oldest end, and those of jobs a slow thread still holds) pin more

@@ -1010,6 +1010,22 @@ pub fn make_rich_tree(root: &Path) {
     set_times(&root.join("large.bin"), 1_600_000_000);
 }
 
+/// Seals `m` as a manifest signed for `host` (and the store's prefix) and puts it
+/// under its id, as a backup publishes one.
+pub async fn put_manifest(
+    store: &Store,
+    keys: &Keys,
+    m: &imgbuild::snapshot::format::Manifest,
+    host: &str,
+) {
+    let json = serde_json::to_vec(m).unwrap();
+    let sealed = keys
+        .seal_manifest(&m.id, host, &store.prefix, &json)
+        .unwrap();
+    let key = imgbuild::snapshot::format::snapshot_key(&store.prefix, &m.id);
+    store.put(&key, sealed, false, None).await.unwrap();
+}
+
 /// Every key and ETag in the store's bucket, listed directly: what "the bucket did not
 /// change" is checked against.
 pub async fn bucket_inventory(store: &Store) -> BTreeMap<String, String> {
