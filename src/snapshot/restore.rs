@@ -29,7 +29,7 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Snapshot ids in the bucket, oldest first (ids sort by time).
 pub async fn list_ids(store: &Store) -> Result<Vec<String>> {
@@ -264,11 +264,19 @@ pub enum Fetch {
     /// A format-1 chunk object.
     Object(ChunkRef),
     /// Bytes `start..start+len` of a pack, holding these chunks in stream order.
+    /// Ranges made by [`plan`] have `lead` and `pass` 0; [`link_aligned`] sets them
+    /// where it moves a GET boundary into a chunk, and such ranges are fetched with
+    /// [`fetch_linked`], in plan order.
     Range {
         key: String,
         start: u64,
         len: u64,
         blobs: Vec<Blob>,
+        /// The first `lead` bytes come from the previous fetch's GET, which read
+        /// them: this GET starts at `start + lead`.
+        lead: u64,
+        /// This GET reads `pass` bytes past `start + len`, for the next fetch.
+        pass: u64,
     },
     /// Several ranges (each a `Range`) fetched together, their chunks given back in
     /// stream order: `order[i]` = (range, blob in it) of the i-th chunk. An incremental
@@ -286,14 +294,18 @@ impl Fetch {
     pub fn memory(&self) -> u64 {
         match self {
             Fetch::Object(c) => 2 * c.1,
-            Fetch::Range { len, blobs, .. } => {
-                len + blobs
-                    .iter()
-                    .filter(|b| {
-                        u64::from(b.sealed) != u64::from(b.plain) + super::crypto::CHUNK_OVERHEAD
-                    })
-                    .map(|b| u64::from(b.plain))
-                    .sum::<u64>()
+            Fetch::Range {
+                len, blobs, pass, ..
+            } => {
+                len + pass
+                    + blobs
+                        .iter()
+                        .filter(|b| {
+                            u64::from(b.sealed)
+                                != u64::from(b.plain) + super::crypto::CHUNK_OVERHEAD
+                        })
+                        .map(|b| u64::from(b.plain))
+                        .sum::<u64>()
             }
             Fetch::Gather { ranges, .. } => ranges.iter().map(Fetch::memory).sum(),
         }
@@ -393,6 +405,8 @@ impl Window {
                 start,
                 len,
                 blobs,
+                lead: 0,
+                pass: 0,
             })
             .collect();
         let in_order = w
@@ -483,6 +497,72 @@ pub fn plan_bounded(
     Ok(out)
 }
 
+/// Where a restore's GETs of one pack meet: Garage, the self-hosted server this is
+/// measured on, stores an object in blocks of 1 MiB (its default `block_size`),
+/// compressed, and a GET that starts or ends inside a block reads and decompresses
+/// the whole block, so two GETs meeting inside one both pay for it. Meeting at a
+/// multiple of this costs Garage 12 % less CPU for a restore here (the raw GET of
+/// benches/snapshot.sh, shifted off the blocks: 0.85 s against 0.75 s, six runs
+/// each). MinIO's erasure-coded blocks are 1 MiB too, and it divides [`RANGE_MAX`].
+pub const GET_ALIGN: u64 = 1 << 20;
+
+/// Moves the boundary between two consecutive ranges of one pack that meet (the
+/// second starts where the first ends) down to a multiple of `block`, so that the
+/// two GETs do not both read the block around it. The chunks that end past the new
+/// boundary move to the second range; the part of the first of them that lies below
+/// the boundary is read by the first GET and handed on (`pass`, `lead`). Ranges of
+/// gathered fetches, and ranges that would be left without a chunk, stay as they are.
+pub fn link_aligned(plan: &mut [Fetch], block: u64) {
+    for k in 1..plan.len() {
+        let (head, tail) = plan.split_at_mut(k);
+        let (
+            Fetch::Range {
+                key,
+                start,
+                len,
+                blobs,
+                lead,
+                pass,
+            },
+            Fetch::Range {
+                key: next_key,
+                start: next_start,
+                len: next_len,
+                blobs: next_blobs,
+                lead: next_lead,
+                ..
+            },
+        ) = (&mut head[k - 1], &mut tail[0])
+        else {
+            continue;
+        };
+        let end = *start + *len;
+        let cut = end / block * block;
+        if key != next_key || *next_start != end || *next_lead != 0 || cut <= *start + *lead {
+            continue;
+        }
+        // Blobs are in ascending offsets within a range.
+        let Some(keep) = blobs.iter().position(|b| b.end() > cut).filter(|&k| k > 0) else {
+            continue;
+        };
+        let moved: Vec<Blob> = blobs.split_off(keep);
+        let x0 = u64::from(moved[0].offset);
+        let next_end = *next_start + *next_len;
+        if x0 < cut {
+            *len = x0 - *start;
+            *pass = cut - x0;
+            *next_lead = cut - x0;
+        } else {
+            *len = blobs.last().map_or(0, |b| b.end()) - *start;
+        }
+        *next_start = x0;
+        *next_len = next_end - x0;
+        let mut merged = moved;
+        merged.append(next_blobs);
+        *next_blobs = merged;
+    }
+}
+
 /// Loads the index and plans every selected volume; reads the headers of unindexed
 /// packs when something is not found otherwise.
 pub async fn plan_all(
@@ -514,19 +594,73 @@ pub async fn plan_all(
 /// Fetches one planned request and verifies every chunk in it (AEAD tag, length,
 /// keyed hash) before anything is written.
 pub async fn fetch(store: &Store, keys: &Keys, f: &Fetch) -> Result<Vec<Bytes>> {
-    let (key, start, len, blobs) = match f {
+    fetch_linked(store, keys, f, None, None).await
+}
+
+/// The ends of the channels that carry a cut chunk's first bytes from one GET of a
+/// [`link_aligned`] plan to the next, handed to each fetch in plan order.
+#[derive(Default)]
+pub struct Links {
+    carry: Option<oneshot::Receiver<Vec<u8>>>,
+}
+
+type Ends = (
+    Option<oneshot::Receiver<Vec<u8>>>,
+    Option<oneshot::Sender<Vec<u8>>>,
+);
+
+impl Links {
+    pub fn next(&mut self, f: &Fetch) -> Ends {
+        let (lead, pass) = match f {
+            Fetch::Range { lead, pass, .. } => (*lead, *pass),
+            _ => (0, 0),
+        };
+        let from = if lead > 0 { self.carry.take() } else { None };
+        let to = (pass > 0).then(|| {
+            let (tx, rx) = oneshot::channel();
+            self.carry = Some(rx);
+            tx
+        });
+        (from, to)
+    }
+}
+
+/// As [`fetch`], for a fetch of a [`link_aligned`] plan: `from` brings the `lead`
+/// bytes the previous GET read, `to` takes the `pass` bytes this one reads for the
+/// next. The chunk they belong to is verified whole, here, like any other.
+pub async fn fetch_linked(
+    store: &Store,
+    keys: &Keys,
+    f: &Fetch,
+    from: Option<oneshot::Receiver<Vec<u8>>>,
+    to: Option<oneshot::Sender<Vec<u8>>>,
+) -> Result<Vec<Bytes>> {
+    let (key, start, len, blobs, lead, pass) = match f {
         Fetch::Object(c) => return Ok(vec![fetch_chunk(store, keys, c).await?.into()]),
         Fetch::Range {
             key,
             start,
             len,
             blobs,
-        } => (key, *start, *len, blobs),
+            lead,
+            pass,
+        } => (key, *start, *len, blobs, *lead, *pass),
         Fetch::Gather { ranges, order } => return gather(store, keys, ranges, order).await,
     };
+    let unlinked = |what: &str| {
+        SnapshotError::Other(format!(
+            "restore plan: {what} at byte {start} of pack {key}"
+        ))
+    };
+    if (lead > 0 && from.is_none()) || (pass > 0 && to.is_none()) || lead > len {
+        return Err(unlinked("a range linked to its neighbours fetched alone"));
+    }
     let mut attempt = 0;
-    let bytes = loop {
-        match store.get_range(key, start, len).await {
+    let mut bytes = loop {
+        match store
+            .get_range_after(key, start + lead, len - lead + pass, lead as usize)
+            .await
+        {
             Ok(Some(b)) => break b,
             Ok(None) => {
                 return Err(SnapshotError::MissingChunk {
@@ -547,6 +681,24 @@ pub async fn fetch(store: &Store, keys: &Keys, f: &Fetch) -> Result<Vec<Bytes>> 
             }
         }
     };
+    // The next GET waits for these: hand them on before this range is opened.
+    if let Some(to) = to {
+        let _ = to.send(bytes[bytes.len() - pass as usize..].to_vec());
+        bytes.truncate(bytes.len() - pass as usize);
+    }
+    if let Some(from) = from {
+        // The previous fetch failed when nothing comes; its own error is the one
+        // reported, as it comes first in plan order.
+        let head = from
+            .await
+            .map_err(|_| unlinked("the range before this one failed"))?;
+        if head.len() as u64 != lead {
+            return Err(unlinked(
+                "the range before this one read a different length",
+            ));
+        }
+        bytes[..lead as usize].copy_from_slice(&head);
+    }
     let keys = keys.clone();
     let (key, blobs) = (key.clone(), blobs.clone());
     tokio::task::spawn_blocking(move || {
@@ -854,10 +1006,11 @@ async fn restore_volume(
     keys: &Keys,
     index: &Index,
     v: &Volume,
-    plan: Vec<Fetch>,
+    mut plan: Vec<Fetch>,
     root: &Path,
     opts: &RestoreOptions,
 ) -> Result<Vec<String>> {
+    link_aligned(&mut plan, GET_ALIGN);
     let step = opts
         .progress
         .step(&format!("restore {}", v.name), Some(v.stream_bytes));
@@ -898,16 +1051,18 @@ async fn restore_volume(
         // its chunks are handed to the writer: the fetch the writer waits for always
         // holds its share, so later ones can never starve it.
         let memory = Arc::new(tokio::sync::Semaphore::new(FETCH_MEMORY as usize >> 10));
+        let mut links = Links::default();
         let mut fetches = Box::pin(
             futures_util::stream::iter(plan.iter())
                 .then(|f| {
                     let (store, keys, f, memory) =
                         (store.clone(), keys.clone(), f.clone(), memory.clone());
+                    let (from, to) = links.next(&f);
                     async move {
                         let kib = (f.memory().min(FETCH_MEMORY) >> 10).max(1) as u32;
                         let permit = memory.acquire_many_owned(kib).await;
                         Task(tokio::spawn(async move {
-                            let r = fetch(&store, &keys, &f).await;
+                            let r = fetch_linked(&store, &keys, &f, from, to).await;
                             (r, permit)
                         }))
                     }
@@ -970,4 +1125,112 @@ async fn restore_volume(
     }
     entry_failure?;
     written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(n: u8, offset: u32, sealed: u32) -> Blob {
+        Blob {
+            id: [n; 32],
+            offset,
+            sealed,
+            plain: sealed - 42,
+        }
+    }
+
+    fn range(key: &str, blobs: Vec<Blob>) -> Fetch {
+        let start = u64::from(blobs[0].offset);
+        Fetch::Range {
+            key: key.into(),
+            start,
+            len: blobs.last().unwrap().end() - start,
+            blobs,
+            lead: 0,
+            pass: 0,
+        }
+    }
+
+    fn parts(f: &Fetch) -> (u64, u64, Vec<u8>, u64, u64) {
+        match f {
+            Fetch::Range {
+                start,
+                len,
+                blobs,
+                lead,
+                pass,
+                ..
+            } => (
+                *start,
+                *len,
+                blobs.iter().map(|b| b.id[0]).collect(),
+                *lead,
+                *pass,
+            ),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn gets_are_moved_onto_block_boundaries() {
+        // Pack "a": blobs 1-3 | 4-6, meeting at 1000, not a multiple of 256; blob 3
+        // (700..1000) holds 768.
+        let mut plan = vec![
+            range(
+                "a",
+                vec![blob(1, 8, 300), blob(2, 308, 392), blob(3, 700, 300)],
+            ),
+            range(
+                "a",
+                vec![blob(4, 1000, 200), blob(5, 1200, 300), blob(6, 1500, 90)],
+            ),
+            // Another pack: never linked to pack "a".
+            range("b", vec![blob(7, 8, 1000)]),
+            // A range that starts after a gap: not linked.
+            range("b", vec![blob(8, 1100, 500)]),
+        ];
+        link_aligned(&mut plan, 256);
+        // GET 1 reads 8..768 and hands 700..768 on to GET 2, which reads 768..1590:
+        // the range after it is of another pack, so its end stays.
+        assert_eq!(parts(&plan[0]), (8, 692, vec![1, 2], 0, 68));
+        assert_eq!(parts(&plan[1]), (700, 890, vec![3, 4, 5, 6], 68, 0));
+        assert_eq!(parts(&plan[2]), (8, 1000, vec![7], 0, 0));
+        assert_eq!(parts(&plan[3]), (1100, 500, vec![8], 0, 0));
+
+        // A chain: each GET starts where the previous one ended, on a block.
+        let blobs: Vec<Blob> = (0..40u8)
+            .map(|i| blob(i, 8 + u32::from(i) * 333, 333))
+            .collect();
+        let mut plan: Vec<Fetch> = blobs.chunks(7).map(|c| range("p", c.to_vec())).collect();
+        link_aligned(&mut plan, 1024);
+        let mut get_end = 8;
+        let mut order = Vec::new();
+        for f in &plan {
+            let (start, len, ids, lead, pass) = parts(f);
+            assert_eq!(start + lead, get_end, "GETs meet");
+            get_end = start + len + pass;
+            assert!(get_end % 1024 == 0 || f as *const _ == plan.last().unwrap() as *const _);
+            order.extend(ids);
+        }
+        assert_eq!(order, (0..40).collect::<Vec<u8>>(), "every chunk, in order");
+
+        // A blob that ends past the boundary starting exactly on it: no lead.
+        let mut plan = vec![
+            range("c", vec![blob(1, 0, 512), blob(2, 512, 100)]),
+            range("c", vec![blob(3, 612, 100)]),
+        ];
+        link_aligned(&mut plan, 512);
+        assert_eq!(parts(&plan[0]), (0, 512, vec![1], 0, 0));
+        assert_eq!(parts(&plan[1]), (512, 200, vec![2, 3], 0, 0));
+
+        // One chunk over the boundary and nothing below it: left as it is.
+        let mut plan = vec![
+            range("d", vec![blob(1, 100, 2000)]),
+            range("d", vec![blob(2, 2100, 100)]),
+        ];
+        link_aligned(&mut plan, 1024);
+        assert_eq!(parts(&plan[0]), (100, 2000, vec![1], 0, 0));
+        assert_eq!(parts(&plan[1]), (2100, 100, vec![2], 0, 0));
+    }
 }

@@ -378,8 +378,21 @@ impl Store {
     /// `Ok(None)` when the key does not exist. A short answer (a truncated object) is
     /// an error naming the object, never a short buffer.
     pub async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        self.get_range_after(key, start, len, 0).await
+    }
+
+    /// As [`Store::get_range`], the bytes placed after `headroom` zeroes that the
+    /// caller fills with what precedes them (a restore's chunk cut by a GET boundary),
+    /// so that no copy of the whole range is needed to put the two together.
+    pub async fn get_range_after(
+        &self,
+        key: &str,
+        start: u64,
+        len: u64,
+        headroom: usize,
+    ) -> Result<Option<Vec<u8>>> {
         if len == 0 {
-            return Ok(Some(Vec::new()));
+            return Ok(Some(vec![0; headroom]));
         }
         let resp = match self
             .client
@@ -424,9 +437,11 @@ impl Store {
         if announced != len {
             return Err(short(announced));
         }
-        let out = self.read_capped(key, resp.body, len, len, short).await?;
-        if out.len() as u64 != len {
-            return Err(short(out.len() as u64));
+        let mut out = Vec::with_capacity(headroom + len as usize);
+        out.resize(headroom, 0);
+        let out = self.read_capped(key, resp.body, out, len, short).await?;
+        if (out.len() - headroom) as u64 != len {
+            return Err(short((out.len() - headroom) as u64));
         }
         Ok(Some(out))
     }
@@ -488,23 +503,29 @@ impl Store {
             return Err(too_large(announced));
         }
         Ok(Some(
-            self.read_capped(key, resp.body, announced, max, too_large)
-                .await?,
+            self.read_capped(
+                key,
+                resp.body,
+                Vec::with_capacity(announced.min(max) as usize),
+                max,
+                too_large,
+            )
+            .await?,
         ))
     }
 
-    /// Reads a body (`announced` bytes, as the response said), refusing with `over`
-    /// (given the bytes seen so far) as soon as it would exceed `cap`: the server may
-    /// send more than it announced.
+    /// Reads a body onto the end of `out` (made with room for what the response
+    /// announced), refusing with `over` (given the body bytes seen so far) as soon as
+    /// it would exceed `cap`: the server may send more than it announced.
     async fn read_capped(
         &self,
         key: &str,
         mut body: ByteStream,
-        announced: u64,
+        mut out: Vec<u8>,
         cap: u64,
         over: impl Fn(u64) -> SnapshotError,
     ) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(announced.min(cap) as usize);
+        let base = out.len() as u64;
         while let Some(part) = body.next().await {
             let part = part.map_err(|e| SnapshotError::S3 {
                 op: "GetObject",
@@ -512,7 +533,7 @@ impl Store {
                 key: key.to_string(),
                 message: format!("reading body: {e}"),
             })?;
-            let seen = out.len() as u64 + part.len() as u64;
+            let seen = out.len() as u64 - base + part.len() as u64;
             if seen > cap {
                 return Err(over(seen));
             }
