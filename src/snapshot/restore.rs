@@ -3,7 +3,9 @@
 //! Every chunk is located (index, pack listing, format-1 objects) before anything is
 //! written. Chunks that lie next to each other in one pack are fetched with one ranged
 //! GET of at most [`RANGE_MAX`] bytes (ranges of several packs may be fetched together,
-//! at most that much in all). Up to 16 such fetches are in flight, holding at most
+//! at most that much in all). Consecutive GETs of one pack then meet on a multiple of
+//! [`GET_ALIGN`] ([`link_aligned`]), which moves up to a block from one to the next.
+//! Up to 16 such fetches are in flight, holding at most
 //! [`FETCH_MEMORY`] together; each is decrypted and verified in its own buffer and
 //! handed on, in stream order, as views of it to the writer (`fsio::write_volume`),
 //! whose threads hold at most 16 MiB more (files over 1 MiB are copied into aligned
