@@ -59,67 +59,83 @@ counts. moto's request recorder (`/moto-api/recorder/*`, present in 5.2) was not
 it writes every request body to a file, which would slow the server during the
 measurement.
 
-What the numbers say (the first of three runs of 2026-12-05 with this code; the other
-two are given as ranges, and the six runs of 2026-12-04, before its last two changes,
-as "before"). Since those runs:
-- Chunks are sealed with AES-256-GCM (a key per chunk derived with BLAKE3 from half of
-  its random nonce; docs/snapshot-format.md). With AES-NI it opens at 7.8 GB/s here
-  against 2.2 GB/s for XChaCha20-Poly1305, which stays for chunks written before.
-- Files over 1 MiB are restored with `O_DIRECT` from a few reused aligned buffers
-  (src/snapshot/fsio/direct.rs). A restore reads nothing back, and on this machine the
-  kernel's copy into fresh page-cache pages was the largest part of its CPU (see the
-  last paragraph): in one process, five restores of this set went from 0.88-1.47 s
-  (0.82-1.90 s of CPU) to 0.72-0.86 s (0.51-0.83 s of CPU). Files of 1 MiB or less
-  still go through the page cache.
-- Earlier that day: the S3 client acknowledges every read at once (`TCP_QUICKACK`,
-  src/snapshot/http.rs). Garage leaves Nagle's algorithm on: it writes a response's
-  headers, then holds a body tail shorter than a segment until the headers are
-  acknowledged, and Linux delays that acknowledgement by 40 ms on a connection that
-  looks interactive. restic and rustic still wait those stalls out. A new repository
-  chunks at a 128 KiB minimum and 256 KiB average, and the benchmark moves finished
-  restores aside instead of deleting them before the next one (see below).
+What the numbers say (the first of three runs made in the morning of 2026-12-05 with
+this code; the other two are given as ranges, and the three runs made earlier that day
+with the code before the first change below as "before"). Since those runs:
+- A restore's consecutive GETs of one pack meet on 1 MiB boundaries of the pack
+  (`link_aligned` in src/snapshot/restore.rs), and a chunk cut by such a boundary is
+  put together from the two GETs and verified whole. Garage stores an object in 1 MiB
+  blocks (its default `block_size`) and reads and decompresses a whole block for a GET
+  that starts or ends inside it, so two GETs meeting inside a block both paid for it.
+  The raw GET shifted off the blocks by 300,000 bytes cost Garage 0.85 s of CPU against
+  0.75 s on them (six runs each, in turn). Before the change imgbuild's restore cost
+  Garage about a quarter more CPU than the raw GET of the same packs, after it a tenth
+  to a sixth more; what is left is its 115 GETs against the raw GET's 89
+  (compressible logs are fetched in ranges that open to at most 8 MiB).
+- imgbuild's restore and the raw GET now run in turn three times on each server; the
+  tables give each one's run of median time, and the line after the tables every pair.
+- Earlier that day: chunks are sealed with AES-256-GCM (a key per chunk derived with
+  BLAKE3 from half of its random nonce; docs/snapshot-format.md), which opens at 7.8
+  GB/s here against 2.2 GB/s for XChaCha20-Poly1305 (kept for chunks written before);
+  files over 1 MiB are restored with `O_DIRECT` from a few reused aligned buffers
+  (src/snapshot/fsio/direct.rs), as the kernel's copy into fresh page-cache pages was
+  the largest part of a restore's CPU here (see the last paragraph); and the S3 client
+  acknowledges every read at once (`TCP_QUICKACK`, src/snapshot/http.rs): Garage
+  leaves Nagle's algorithm on and holds a body tail shorter than a segment until the
+  headers are acknowledged, which Linux delays by 40 ms on a connection that looks
+  interactive. restic and rustic still wait those stalls out. A new repository chunks
+  at a 128 KiB minimum and 256 KiB average, and the benchmark moves finished restores
+  aside instead of deleting them before the next one (see below).
 
-imgbuild's full backup is 2.0× as fast as restic's on Garage here (1.9-2.0× in the other
-two runs) and 1.3× rustic's; its incremental 8.6× restic's (8.3-9.6×) and 7.4×
-rustic's (unchanged files are not read at all; 0.10-0.11 s).
+This machine was slower in these three runs than earlier the same day, for every tool
+and for the raw GET, whose code did not change: it took 0.73-0.81 s on Garage against
+0.50-0.55 s before (from those runs' times and ratios).
 
-The restore keeps up to 16 ranged GETs of at most 4 MiB in flight within 64 MiB, opens
+imgbuild's full backup is 1.85× as fast as restic's on Garage here (1.81× and 1.91× in
+the other two runs) and 1.2× rustic's; its incremental 7.5× restic's (3.8-6.5×) and
+5.9× rustic's (unchanged files are not read at all; 0.13-0.27 s).
+
+The restore keeps up to 16 ranged GETs of about 4 MiB in flight within 64 MiB, opens
 each chunk in the buffer it was fetched into, and writes the files from four writer
-threads while one walks the entries. Restore on Garage: 3.54× restic's throughput
-(3.23× and 2.14× in the other two runs; 1.91-2.90× in the six runs before) and 3.21×
-rustic's (3.14×, 1.34×). It used 0.56 s of CPU (0.61 s and 0.93 s; 0.74-1.30 s
-before), restic 2.84 s and rustic 3.42 s. On moto it is 1.76× restic's (1.81×, 1.70×;
-1.37-1.72× before): there the server's CPU decides, and moto spends
-15-20 ms on a request, whatever its size, so imgbuild's ~115 ranged GETs cost it more
-than restic's 21-22 GETs of whole packs.
+threads while one walks the entries. Restore on Garage: 2.79× restic's throughput
+(2.30× and 2.12× in the other two runs; 2.14-3.54× in the runs before) and 2.61×
+rustic's (2.28×, 1.69×). It used 0.75 s of CPU (1.18 s and 0.87 s; 0.56-0.93 s
+before), restic 3.07 s and rustic 3.65 s. On moto it is 1.37× restic's (1.30×, 1.38×;
+1.70-1.81× before): there the server's CPU decides, and moto spends 15-20 ms on a
+request, whatever its size, so imgbuild's ~115 ranged GETs cost it more than restic's
+21-22 GETs of whole packs.
 
-Against the raw parallel ranged GET of the same packs: 0.78× on Garage (0.68× and
-0.44× in the other two runs; 0.40-0.62× before) and 1.15× on moto (1.18×, 0.85×;
-0.67-0.82× before; the raw GET's own time on moto varies most, 1.0-1.5 s, as moto
-serves its 89 GETs of 4 MiB). Issue 13 asks 0.8×. In the 0.44× run imgbuild's restore
-took 1.13 s and 0.93 s of CPU against 0.71-0.77 s and 0.56-0.61 s in the other two,
-with the same code and data: the machine's memory effect described at the end still
-reaches the files of 1 MiB or less (a quarter of this set), which are written through
-the page cache. On
-127.0.0.1 the raw GET is bounded by CPU, its own and the server's, on the 2 cores the
-restore has to share too; the restore adds what the raw GET does not do, opening and
-checking every chunk and writing the files. No link is involved, so this ratio
-measures CPU, not how well a restore keeps a link busy. The restores were therefore
-measured again with the loopback limited to 1 Gbit/s (a VPS's link; `tc qdisc add dev
-lo root tbf rate 1gbit burst 256kb latency 20ms`, removed after): imgbuild's restore ran
-at 0.91× the raw GET (0.95× and 0.87× in the other two runs; 0.69-0.97× before), and
-faster than restic and rustic (ratios in the table). Part of the spread before was the benchmark's own doing: until the fifth
-of those runs every restore came right after the previous one's output was deleted,
-and on this machine (ext4 without a journal, a VM that hands freed memory back to its
+Against the raw parallel ranged GET of the same packs: 0.72× on Garage (its three pairs
+0.68×, 0.74×, 0.77×; the other two runs 0.64× and 0.70×, pairs 0.58-0.88×; 0.44-0.78×
+before, one pair each) and 1.02× on moto (0.84×, 0.81×; 0.85-1.18× before). Issue 13
+asks 0.8×. On 127.0.0.1 the raw GET is bounded by CPU, its own and the server's, on
+the 2 cores the restore has to share too; the restore adds what the raw GET does not
+do, opening and checking every chunk and writing the files. A profile of one restore
+(perf, frame pointers) puts a quarter of its CPU in receiving, as the raw GET does
+(the kernel's copy, the copy of each body into one buffer and the faults of that
+fresh memory), and the rest in BLAKE3 (10 %), the copy into aligned buffers for
+`O_DIRECT` (9 %), writing (8 %), zstd (7 %), AES-GCM (7 %) and thread hand-offs,
+directory operations and small copies. With Garage held to one core and the restore
+to the other (`taskset`, as if the bucket were on another machine), the restore was
+bound by its own CPU: 0.80-0.96 s against the raw GET's 0.58-0.63 s, four runs each in
+turn. No link is involved, so this ratio measures CPU, not how well a restore keeps a
+link busy. The restores were therefore measured again with the loopback limited to 1
+Gbit/s (a VPS's link; `tc qdisc add dev lo root tbf rate 1gbit burst 256kb latency
+20ms`, removed after): imgbuild's restore ran at 0.97× the raw GET (0.96× and 0.79× in
+the other two runs, the last with imgbuild's one restore behind the link at 3.35 s
+against 2.74-2.76 s in the others; 0.86-0.95× before), and faster than restic and
+rustic (ratios in the table). Part of the spread in earlier runs was the benchmark's
+own doing: every restore came right after the previous one's output was deleted, and
+on this machine (ext4 without a journal, a VM that hands freed memory back to its
 host) a restore right after deleting 402 MiB of files took 3.4-3.6 s behind the link
 instead of 2.7-2.8 s, in one process, six restores each way. Only the tools that write
 files paid it, never the raw GET. The restored trees are now moved aside and deleted
 with the work directory at the end.
 
 For the 1 % change (4 MiB rewritten inside a 6 MiB file, plus 20 log appends) imgbuild
-stored 0.78× restic's bytes on Garage and 0.76× on moto in this run, 0.94× and 0.83×,
-then 1.17× and 0.81× in the other two, and 0.70-1.03× in the twelve comparisons
-before (two of them above 1×): three of the eighteen above 1×. What decides it is where the
+stored 0.80× restic's bytes on Garage and 0.94× on moto in this run, 0.92× and 0.76×,
+then 0.94× and 0.86× in the other two. Of the 24 comparisons made on 2026-12-04 and
+2026-12-05, three were above 1× (at most 1.17×). What decides it is where the
 chunk edges fall around the rewrite, which each repository's random chunker seed sets,
 for restic too. A simulation of that edit over 4,000 seeds per chunker (boundaries as
 random points at the rates the chunkers' hash tests give, FastCDC's two-level
