@@ -4,7 +4,9 @@
 //! One run measures the same data on two S3 servers on 127.0.0.1, Garage 2.5 (single
 //! node) and moto: imgbuild, restic (Debian package) and rustic (crates.io rustic-rs)
 //! when installed, and a raw parallel ranged GET of the packs imgbuild's restore reads
-//! as the ceiling. imgbuild's backups and restore and the raw GET run as child
+//! as the ceiling, and imgbuild's fetches alone (the restore's GETs, decryption,
+//! decompression and verification, nothing written) as the floor of a verified
+//! restore on the same cores. imgbuild's backups and restore and the raw GET run as child
 //! processes of this test, like restic and rustic, so every tool's time includes its
 //! process start and every peak RSS is read the same way (GNU time). Requests:
 //! imgbuild counts its own (`requests` in its reports), and both servers' request
@@ -202,8 +204,10 @@ fn store_cfg(v: &serde_json::Value) -> (StoreConfig, PathBuf) {
 }
 
 /// The child side: `backup` (imgbuild backup of `src`), `restore` (imgbuild restore of
-/// the newest snapshot into `out`) or `raw` (GET every pack in ranges of the restore's
-/// largest ranged GET, in parallel, discarding the bytes). Each prints its requests.
+/// the newest snapshot into `out`), `fetch` (the restore's plan fetched, opened and
+/// verified, the plaintext dropped) or `raw` (GET every pack in ranges of the
+/// restore's largest ranged GET, in parallel, discarding the bytes). Each prints its
+/// requests.
 #[test]
 fn bench_child() {
     let Some(v) = child_cfg() else { return };
@@ -249,6 +253,38 @@ fn bench_child() {
                 let r = restore::restore(&store, &keys, &m, &out, &o).await.unwrap();
                 println!("bytes {}", r.bytes);
                 println!("requests {}", serde_json::to_string(&r.requests).unwrap());
+            }
+            "fetch" => {
+                use futures_util::StreamExt;
+                let m = restore::latest_manifest(&store, &keys)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let before = store.requests();
+                let vols: Vec<_> = m.volumes.iter().collect();
+                let (_ix, mut plans) = restore::plan_all(&store, &keys, &vols).await.unwrap();
+                // The restore's own plan: GETs meeting on the same boundaries.
+                for p in &mut plans {
+                    restore::link_aligned(p, restore::GET_ALIGN);
+                }
+                let mut links = restore::Links::default();
+                let total: u64 = futures_util::stream::iter(plans.into_iter().flatten())
+                    .map(|f| {
+                        let (store, keys) = (store.clone(), keys.clone());
+                        let (from, to) = links.next(&f);
+                        async move {
+                            let c = restore::fetch_linked(&store, &keys, &f, from, to)
+                                .await
+                                .unwrap();
+                            c.iter().map(|b| b.len() as u64).sum::<u64>()
+                        }
+                    })
+                    .buffer_unordered(PARALLEL)
+                    .fold(0u64, |a, b| async move { a + b })
+                    .await;
+                println!("bytes {total}");
+                let r = store.requests().since(&before);
+                println!("requests {}", serde_json::to_string(&r).unwrap());
             }
             _ => {
                 use futures_util::StreamExt;
@@ -617,6 +653,7 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
     let out = work.join("ib-restore");
     let mut ib_runs = Vec::new();
     let mut raw_runs = Vec::new();
+    let mut fetch_runs = Vec::new();
     for _ in 0..REPEATS {
         let s0 = server_cpu(log);
         let (m, srv) = child("restore", &out);
@@ -634,24 +671,33 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
         let scpu = server_cpu(log) - s0;
         assert!(m.ok, "raw GET: {}", m.stderr);
         raw_runs.push((m, srv, scpu));
+        let s0 = server_cpu(log);
+        let (m, srv) = child("fetch", &out);
+        let scpu = server_cpu(log) - s0;
+        assert!(m.ok, "imgbuild's fetches alone: {}", m.stderr);
+        fetch_runs.push((m, srv, scpu));
     }
     let pairs: Vec<String> = ib_runs
         .iter()
         .zip(&raw_runs)
-        .map(|(i, r)| {
+        .zip(&fetch_runs)
+        .map(|((i, r), f)| {
             format!(
-                "{:.2} s against {:.2} s ({:.2}×)",
+                "{:.2} s against {:.2} s ({:.2}×; fetches alone {:.2} s, {:.2}×)",
                 i.0.secs,
                 r.0.secs,
-                r.0.secs / i.0.secs
+                r.0.secs / i.0.secs,
+                f.0.secs,
+                r.0.secs / f.0.secs
             )
         })
         .collect();
     notes.push(format!(
-        "imgbuild's restore and the raw GET on {title}, run in turn {REPEATS} times (the \
-         median of each is in the tables): {}.",
+        "imgbuild's restore, the raw GET and imgbuild's fetches alone on {title}, run in \
+         turn {REPEATS} times (the median of each is in the tables): {}.",
         pairs.join("; ")
     ));
+    let (fetched, _, fetched_scpu) = median_run(fetch_runs);
     let (ib_restore, ib_restore_srv, ib_restore_scpu) = median_run(ib_runs);
     let (raw, raw_srv, raw_scpu) = median_run(raw_runs);
     let raw_bytes: u64 = out_field(&raw.stdout, "bytes")
@@ -845,6 +891,11 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
         ));
     }
     md.push_str(&format!(
+        "| imgbuild's fetches alone: the restore's GETs, decryption, decompression and \
+         verification, nothing written | {:.2} s | {:.2} s | {:.2} s |\n",
+        fetched.secs, fetched.cpu, fetched_scpu
+    ));
+    md.push_str(&format!(
         "| raw parallel ranged GET | {:.2} s | {:.2} s | {:.2} s |\n\n",
         raw.secs, raw.cpu, raw_scpu
     ));
@@ -872,8 +923,10 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
     ));
     let ib = &rows[0];
     md.push_str(&format!(
-        "Ratios on {title} (imgbuild against each): restore throughput {:.2}× the raw GET's",
-        raw.secs / ib.restore_s
+        "Ratios on {title} (imgbuild against each): restore throughput {:.2}× the raw GET's \
+         (its fetches alone, nothing written: {:.2}×)",
+        raw.secs / ib.restore_s,
+        raw.secs / fetched.secs
     ));
     for r in rows.iter().skip(1) {
         md.push_str(&format!(
