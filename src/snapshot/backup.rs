@@ -776,6 +776,88 @@ fn read_chunks(
     true
 }
 
+/// Planned segments waiting to be read, their files already hinted to the kernel
+/// ([`fsio::ReadAhead`]), so a cold page cache is read many files at a time rather
+/// than one. Bounded by files and bytes hinted and by entries held, so a long run of
+/// unchanged segments (which hint nothing) does not pile up either.
+struct Lookahead {
+    queue: std::collections::VecDeque<(Vec<format::Entry>, SegmentPlan, Held)>,
+    held: Held,
+    ahead: fsio::ReadAhead,
+}
+
+/// What queued segments hold: files and bytes hinted, entries.
+#[derive(Default, Clone, Copy)]
+struct Held {
+    files: usize,
+    bytes: u64,
+    entries: usize,
+}
+
+/// Entries the lookahead holds at most.
+const AHEAD_ENTRIES: usize = 4096;
+
+impl Lookahead {
+    fn new(root: &std::path::Path) -> Self {
+        Lookahead {
+            queue: Default::default(),
+            held: Held::default(),
+            ahead: fsio::ReadAhead::new(root),
+        }
+    }
+
+    fn push(&mut self, seg: Vec<format::Entry>, plan: SegmentPlan) {
+        let read: &[std::ops::Range<usize>] = match &plan {
+            SegmentPlan::Reuse(_) => &[],
+            SegmentPlan::Read => &[0..seg.len()],
+            SegmentPlan::Patch(..) => &[],
+        };
+        let mut h = Held {
+            entries: seg.len(),
+            ..Held::default()
+        };
+        let mut hint = |e: &format::Entry| {
+            let len = e.stream_len();
+            if len > 0 {
+                if let Some(rel) = e.path.to_bytes() {
+                    self.ahead.hint(&rel, len);
+                    h.files += 1;
+                    h.bytes += len.min(fsio::readahead::FILE_HINT_MAX);
+                }
+            }
+        };
+        for r in read {
+            seg[r.clone()].iter().for_each(&mut hint);
+        }
+        if let SegmentPlan::Patch(_, pieces) = &plan {
+            for p in pieces {
+                if let Piece::New(r) = p {
+                    seg[r.clone()].iter().for_each(&mut hint);
+                }
+            }
+        }
+        self.held.files += h.files;
+        self.held.bytes += h.bytes;
+        self.held.entries += h.entries;
+        self.queue.push_back((seg, plan, h));
+    }
+
+    /// The next segment to read: once the lookahead is full, or any while `all`.
+    fn pop(&mut self, all: bool) -> Option<(Vec<format::Entry>, SegmentPlan)> {
+        let full = self.held.files > fsio::readahead::AHEAD_FILES
+            || self.held.bytes > fsio::readahead::AHEAD_BYTES
+            || self.held.entries > AHEAD_ENTRIES;
+        if !(all || full) {
+            return None;
+        }
+        let (seg, plan, h) = self.queue.pop_front()?;
+        self.held.files -= h.files;
+        self.held.bytes -= h.bytes;
+        self.held.entries -= h.entries;
+        Some((seg, plan))
+    }
+}
+
 /// The producer: walks the volume, reads each segment that changed and chunks it,
 /// then appends the segment's entries (now marked where a file could not be read) to
 /// the entry stream. Runs on a blocking thread; stops when the receiver is gone.
@@ -791,8 +873,7 @@ fn produce(
     let mut segmenter = Segmenter::new(keys);
     let mut meta = MetaChunker::new(keys);
     let send = |p: std::io::Result<Produced>| tx.blocking_send(p).is_ok();
-    let mut emit = |mut seg: Vec<format::Entry>, out: &mut Walked| -> bool {
-        let plan = plan_segment(&seg, reuse, sizes);
+    let mut emit = |mut seg: Vec<format::Entry>, plan: SegmentPlan, out: &mut Walked| -> bool {
         if let SegmentPlan::Reuse(range) = plan {
             if !send(Ok(Produced::Reused(range))) {
                 return false;
@@ -844,18 +925,30 @@ fn produce(
         }
         true
     };
+    let mut look = Lookahead::new(root);
     let mut go = true;
-    for e in walker.by_ref() {
+    'walk: for e in walker.by_ref() {
         for seg in segmenter.push(e) {
-            go = go && emit(seg, &mut out);
-        }
-        if !go {
-            break;
+            let plan = plan_segment(&seg, reuse, sizes);
+            look.push(seg, plan);
+            while let Some((seg, plan)) = look.pop(false) {
+                if !emit(seg, plan, &mut out) {
+                    go = false;
+                    break 'walk;
+                }
+            }
         }
     }
     if go {
         if let Some(seg) = segmenter.finish() {
-            go = emit(seg, &mut out);
+            let plan = plan_segment(&seg, reuse, sizes);
+            look.push(seg, plan);
+        }
+        while let Some((seg, plan)) = look.pop(true) {
+            if !emit(seg, plan, &mut out) {
+                go = false;
+                break;
+            }
         }
     }
     if go {

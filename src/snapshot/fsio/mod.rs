@@ -577,7 +577,6 @@ pub struct ReadReport {
 /// is streamed as zeros and reported skipped, so the stream always matches the
 /// manifest and never holds a byte from outside the volume.
 pub struct StreamReader {
-    root: PathBuf,
     entries: Arc<Vec<Entry>>,
     idx: usize,
     end: usize,
@@ -586,9 +585,49 @@ pub struct StreamReader {
     left: u64,
     file: Option<File>,
     current_short: bool,
-    /// The parent directory of the last file opened (consecutive entries share it).
-    dir: Option<(Vec<u8>, std::os::fd::OwnedFd)>,
+    dirs: ParentDir,
     report: Arc<Mutex<ReadReport>>,
+}
+
+/// The parent directory of the last file opened under a root (consecutive entries
+/// share it), opened component by component from the root with O_NOFOLLOW.
+struct ParentDir {
+    root: PathBuf,
+    cur: Option<(Vec<u8>, std::os::fd::OwnedFd)>,
+}
+
+impl ParentDir {
+    fn new(root: &Path) -> Self {
+        ParentDir {
+            root: root.to_path_buf(),
+            cur: None,
+        }
+    }
+
+    fn get(&mut self, parent: &[u8]) -> std::io::Result<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        if let Some((p, fd)) = &self.cur {
+            if p == parent {
+                return Ok(fd.as_raw_fd());
+            }
+        }
+        self.cur = None;
+        let mut fd = open_root(&self.root)?;
+        for comp in parent.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
+            fd = at::open_dir(fd.as_raw_fd(), &cname(comp)?)?;
+        }
+        let raw = fd.as_raw_fd();
+        self.cur = Some((parent.to_vec(), fd));
+        Ok(raw)
+    }
+}
+
+/// `rel` split at its last `/` into parent and name.
+fn split_parent(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|b| *b == b'/') {
+        Some(k) => (&rel[..k], &rel[k + 1..]),
+        None => (&rel[..0], rel),
+    }
 }
 
 impl StreamReader {
@@ -600,7 +639,6 @@ impl StreamReader {
         report: Arc<Mutex<ReadReport>>,
     ) -> Self {
         StreamReader {
-            root: root.to_path_buf(),
             entries,
             idx: range.start,
             end: range.end,
@@ -609,7 +647,7 @@ impl StreamReader {
             left: 0,
             file: None,
             current_short: false,
-            dir: None,
+            dirs: ParentDir::new(root),
             report,
         }
     }
@@ -620,35 +658,13 @@ impl StreamReader {
         }
     }
 
-    /// The parent directory of `rel`, opened component by component from the root
-    /// with O_NOFOLLOW.
-    fn parent_dir(&mut self, parent: &[u8]) -> std::io::Result<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        if let Some((p, fd)) = &self.dir {
-            if p == parent {
-                return Ok(fd.as_raw_fd());
-            }
-        }
-        self.dir = None;
-        let mut fd = open_root(&self.root)?;
-        for comp in parent.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
-            fd = at::open_dir(fd.as_raw_fd(), &cname(comp)?)?;
-        }
-        let raw = fd.as_raw_fd();
-        self.dir = Some((parent.to_vec(), fd));
-        Ok(raw)
-    }
-
     /// Opens entry `i` and checks it is still the regular file the scan saw.
     fn open_entry(&mut self, i: usize) -> std::result::Result<File, String> {
         let e = &self.entries[i];
         let (dev, ino) = (e.dev, e.ino);
         let rel = e.path.to_bytes().unwrap_or_default();
-        let (parent, name) = match rel.iter().rposition(|b| *b == b'/') {
-            Some(k) => (&rel[..k], &rel[k + 1..]),
-            None => (&rel[..0], &rel[..]),
-        };
-        let dir = self.parent_dir(parent).map_err(|e| match is_gone(&e) {
+        let (parent, name) = split_parent(&rel);
+        let dir = self.dirs.get(parent).map_err(|e| match is_gone(&e) {
             true => "its directory vanished or was replaced".to_string(),
             false => format!("opening its directory: {e}"),
         })?;
@@ -778,7 +794,9 @@ impl Read for StreamReader {
 }
 
 mod direct;
+pub mod readahead;
 mod write;
+pub use readahead::ReadAhead;
 pub use write::{write_volume, DataSource, WriteOptions};
 
 /// Caps glibc's malloc arenas at two. Backup, restore and check move hundreds of
