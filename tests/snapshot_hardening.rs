@@ -830,3 +830,105 @@ fn a_locked_manifest_hidden_by_a_delete_marker_is_named() {
         );
     });
 }
+
+/// Pages of `p` in the page cache, and its page count (mincore over a mapping).
+fn resident_pages(p: &Path) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(p).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let page = 4096;
+    let pages = len.div_ceil(page);
+    // SAFETY: a read-only shared mapping of an open file, unmapped below; mincore
+    // writes one byte per page into a vector of that many.
+    unsafe {
+        let m = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(m, libc::MAP_FAILED);
+        let mut v = vec![0u8; pages];
+        assert_eq!(libc::mincore(m, len, v.as_mut_ptr()), 0);
+        libc::munmap(m, len);
+        (v.iter().filter(|b| **b & 1 == 1).count(), pages)
+    }
+}
+
+/// The backup's read-ahead starts the reads of the files it is given (their pages
+/// arrive in the page cache without anyone reading them), moves no atime, and neither
+/// blocks on a FIFO nor follows a symlink swapped in for a file.
+#[test]
+fn readahead_brings_files_in_without_reading_them() {
+    use std::os::unix::fs::MetadataExt;
+    // On disk, not tmpfs: tmpfs pages cannot be dropped, so nothing would be shown.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let root = dir.path().join("vol");
+    std::fs::create_dir_all(root.join("d")).unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::write(&outside, noise(7, 64 << 10)).unwrap();
+    let mut files = Vec::new();
+    for i in 0..24u64 {
+        let p = root.join(format!("d/f{i}"));
+        std::fs::write(&p, noise(100 + i, 64 << 10)).unwrap();
+        files.push(p);
+    }
+    // A FIFO where a file was scanned, and a symlink to a file outside the volume.
+    let fifo = std::ffi::CString::new(root.join("d/fifo").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    symlink(&outside, root.join("d/link")).unwrap();
+    // atime == mtime, so a read would move it under relatime.
+    let times = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.atime(), m.atime_nsec())
+    };
+    for p in files.iter().chain([&outside]) {
+        let f = std::fs::File::open(p).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: an open fd.
+        let r = unsafe {
+            use std::os::fd::AsRawFd;
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+        };
+        assert_eq!(r, 0);
+    }
+    for p in files.iter().chain([&outside]) {
+        assert_eq!(
+            resident_pages(p).0,
+            0,
+            "{} still cached after POSIX_FADV_DONTNEED: this filesystem cannot show read-ahead",
+            p.display()
+        );
+    }
+    let before: Vec<_> = files.iter().map(|p| times(p)).collect();
+
+    let ahead = fsio::ReadAhead::new(&root);
+    ahead.hint(b"d/fifo", 4096);
+    ahead.hint(b"d/link", 64 << 10);
+    ahead.hint(b"d/missing", 4096);
+    for i in 0..24 {
+        ahead.hint(format!("d/f{i}").as_bytes(), 64 << 10);
+    }
+    let hinted = ahead.finish();
+    assert_eq!(hinted, 24, "only the regular files are hinted");
+    // The reads were started, not waited for.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let cached: usize = files.iter().map(|p| resident_pages(p).0).sum();
+        let total: usize = files.iter().map(|p| resident_pages(p).1).sum();
+        if cached == total {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{cached} of {total} pages cached 10 s after the hints"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(resident_pages(&outside).0, 0, "the symlink was followed");
+    let after: Vec<_> = files.iter().map(|p| times(p)).collect();
+    assert_eq!(before, after, "a hint moved an atime");
+}
