@@ -73,10 +73,7 @@ impl ReadAhead {
 
     fn stop(&mut self) -> u64 {
         self.tx = None;
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or(0)
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
     }
 }
 
