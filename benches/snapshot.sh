@@ -59,21 +59,23 @@ counts. moto's request recorder (`/moto-api/recorder/*`, present in 5.2) was not
 it writes every request body to a file, which would slow the server during the
 measurement.
 
-What the numbers say (the first of three runs made in the morning of 2026-12-05 with
-this code; the other two are given as ranges, and the three runs made earlier that day
-with the code before the first change below as "before"). Since those runs:
+What the numbers say (the first of three runs made in the afternoon of 2026-12-05 with
+this code; the other two are given as ranges). Since the runs before:
+- The benchmark runs a third thing in turn with imgbuild's restore and the raw GET:
+  imgbuild's fetches alone, the restore's own plan fetched, decrypted, decompressed and
+  verified exactly as a restore does, the plaintext then dropped, nothing written. It
+  splits the restore's time into what the bucket and the checks cost and what writing
+  the files costs.
 - A restore's consecutive GETs of one pack meet on 1 MiB boundaries of the pack
   (`link_aligned` in src/snapshot/restore.rs), and a chunk cut by such a boundary is
   put together from the two GETs and verified whole. Garage stores an object in 1 MiB
   blocks (its default `block_size`) and reads and decompresses a whole block for a GET
-  that starts or ends inside it, so two GETs meeting inside a block both paid for it.
-  The raw GET shifted off the blocks by 300,000 bytes cost Garage 0.85 s of CPU against
-  0.75 s on them (six runs each, in turn). Before the change imgbuild's restore cost
-  Garage about a quarter more CPU than the raw GET of the same packs, after it a tenth
-  to a sixth more; what is left is its 115 GETs against the raw GET's 89
-  (compressible logs are fetched in ranges that open to at most 8 MiB).
-- imgbuild's restore and the raw GET now run in turn three times on each server; the
-  tables give each one's run of median time, and the line after the tables every pair.
+  that starts or ends inside it, so two GETs meeting inside a block both paid for it:
+  the raw GET shifted off the blocks by 300,000 bytes cost Garage 0.85 s of CPU against
+  0.75 s on them (six runs each, in turn). The restore now costs Garage 7-14 % more CPU
+  than the raw GET of the same packs (about a quarter more before); what is left is its
+  116-117 GETs against the raw GET's 89 (compressible logs are fetched in ranges that
+  open to at most 8 MiB).
 - Earlier that day: chunks are sealed with AES-256-GCM (a key per chunk derived with
   BLAKE3 from half of its random nonce; docs/snapshot-format.md), which opens at 7.8
   GB/s here against 2.2 GB/s for XChaCha20-Poly1305 (kept for chunks written before);
@@ -87,54 +89,51 @@ with the code before the first change below as "before"). Since those runs:
   at a 128 KiB minimum and 256 KiB average, and the benchmark moves finished restores
   aside instead of deleting them before the next one (see below).
 
-This machine was slower in these three runs than earlier the same day, for every tool
-and for the raw GET, whose code did not change: it took 0.73-0.81 s on Garage against
-0.50-0.55 s before (from those runs' times and ratios).
-
-imgbuild's full backup is 1.85× as fast as restic's on Garage here (1.81× and 1.91× in
-the other two runs) and 1.2× rustic's; its incremental 7.5× restic's (3.8-6.5×) and
-5.9× rustic's (unchanged files are not read at all; 0.13-0.27 s).
+imgbuild's full backup is 2.09× as fast as restic's on Garage here (2.14× and 1.95× in
+the other two runs) and 1.30× rustic's (1.42×, 1.15×); its incremental 8.9× restic's
+(7.4×, 8.0×) and 6.2× rustic's (6.1×, 4.0×): unchanged files are not read at all.
 
 The restore keeps up to 16 ranged GETs of about 4 MiB in flight within 64 MiB, opens
 each chunk in the buffer it was fetched into, and writes the files from four writer
-threads while one walks the entries. Restore on Garage: 2.79× restic's throughput
-(2.30× and 2.12× in the other two runs; 2.14-3.54× in the runs before) and 2.61×
-rustic's (2.28×, 1.69×). It used 0.75 s of CPU (1.18 s and 0.87 s; 0.56-0.93 s
-before), restic 3.07 s and rustic 3.65 s. On moto it is 1.37× restic's (1.30×, 1.38×;
-1.70-1.81× before): there the server's CPU decides, and moto spends 15-20 ms on a
-request, whatever its size, so imgbuild's ~115 ranged GETs cost it more than restic's
-21-22 GETs of whole packs.
+threads while one walks the entries. Restore on Garage: 3.24× restic's throughput
+(3.24× and 2.32× in the other two runs) and 2.76× rustic's (2.99×, 1.61×). It used
+0.85 s of CPU (0.62 s, 0.64 s), restic 2.94 s and rustic 3.37 s. On moto it is 1.48×
+restic's (1.45×, 1.48×): there the server's CPU decides, and moto spends 15-20 ms on a
+request, whatever its size, so imgbuild's ~116 ranged GETs cost it more than restic's
+22 GETs of whole packs.
 
-Against the raw parallel ranged GET of the same packs: 0.72× on Garage (its three pairs
-0.68×, 0.74×, 0.77×; the other two runs 0.64× and 0.70×, pairs 0.58-0.88×; 0.44-0.78×
-before, one pair each) and 1.02× on moto (0.84×, 0.81×; 0.85-1.18× before). Issue 13
-asks 0.8×. On 127.0.0.1 the raw GET is bounded by CPU, its own and the server's, on
-the 2 cores the restore has to share too; the restore adds what the raw GET does not
-do, opening and checking every chunk and writing the files. A profile of one restore
-(perf, frame pointers) puts a quarter of its CPU in receiving, as the raw GET does
-(the kernel's copy, the copy of each body into one buffer and the faults of that
-fresh memory), and the rest in BLAKE3 (10 %), the copy into aligned buffers for
-`O_DIRECT` (9 %), writing (8 %), zstd (7 %), AES-GCM (7 %) and thread hand-offs,
-directory operations and small copies. With Garage held to one core and the restore
-to the other (`taskset`, as if the bucket were on another machine), the restore was
-bound by its own CPU: 0.80-0.96 s against the raw GET's 0.58-0.63 s, four runs each in
-turn. No link is involved, so this ratio measures CPU, not how well a restore keeps a
-link busy. The restores were therefore measured again with the loopback limited to 1
-Gbit/s (a VPS's link; `tc qdisc add dev lo root tbf rate 1gbit burst 256kb latency
-20ms`, removed after): imgbuild's restore ran at 0.97× the raw GET (0.96× and 0.79× in
-the other two runs, the last with imgbuild's one restore behind the link at 3.35 s
-against 2.74-2.76 s in the others; 0.86-0.95× before), and faster than restic and
-rustic (ratios in the table). Part of the spread in earlier runs was the benchmark's
-own doing: every restore came right after the previous one's output was deleted, and
-on this machine (ext4 without a journal, a VM that hands freed memory back to its
-host) a restore right after deleting 402 MiB of files took 3.4-3.6 s behind the link
-instead of 2.7-2.8 s, in one process, six restores each way. Only the tools that write
-files paid it, never the raw GET. The restored trees are now moved aside and deleted
-with the work directory at the end.
+Against the raw parallel ranged GET of the same packs: 0.71× on Garage (its three
+pairs 0.80×, 0.69×, 0.69×; the other two runs 0.74× and 0.62×, pairs 0.59-0.78×) and
+1.01× on moto (0.91×, 0.79×). Issue 13 asks 0.8×. imgbuild's fetches alone ran at
+0.97× the raw GET on Garage (0.82×, 0.78×; pairs 0.73-1.02×), so the bucket side of
+the restore, GETs, decryption, decompression and verification of every chunk, keeps
+up with the raw GET or nearly; writing 402 MiB of files is the rest of the gap. On
+127.0.0.1 every one of these is bounded by CPU, its own and the server's, on 2 cores:
+the raw GET and Garage used 0.40 + 0.60 s of CPU (0.30 + 0.71 s, 0.26 + 0.63 s), the
+fetches alone 0.49 + 0.61 s (0.52 + 0.72 s, 0.49 + 0.68 s), the restore 0.85 + 0.64 s
+(0.62 + 0.76 s, 0.64 + 0.72 s). The checks a verified restore cannot skip (AES-GCM on
+307 MiB, BLAKE3 and zstd on 402 MiB, 3.4 GB/s for AES with BLAKE3 together on one core
+here) add about 0.2 s to the raw GET's CPU before a byte is written, so 0.8× would ask
+the restore to write 402 MiB of files with almost no CPU on the cores the server is
+using. A profile of one restore against its fetches alone (perf at 4 kHz, frame
+pointers, 2,984 samples against 2,278) puts the difference in the walk's copy into
+aligned buffers for `O_DIRECT` (201 samples), the writer threads (331: direct writes,
+small files through the page cache, metadata) and the walk's directory operations. No
+link is involved, so this ratio measures CPU, not how well a restore keeps a link
+busy. The restores were therefore measured again with the loopback limited to 1 Gbit/s
+(a VPS's link; `tc qdisc add dev lo root tbf rate 1gbit burst 256kb latency 20ms`,
+removed after): imgbuild's restore ran at 1.01× the raw GET (0.92× and 0.89× in the
+other two runs), and faster than restic and rustic (ratios in the table). Part of the
+spread in earlier runs was the benchmark's own doing: every restore came right after
+the previous one's output was deleted, and on this machine (ext4 without a journal, a
+VM that hands freed memory back to its host) a restore right after deleting 402 MiB of
+files took 3.4-3.6 s behind the link instead of 2.7-2.8 s, in one process, six
+restores each way. Only the tools that write files paid it, never the raw GET. The
+restored trees are now moved aside and deleted with the work directory at the end.
 
 For the 1 % change (4 MiB rewritten inside a 6 MiB file, plus 20 log appends) imgbuild
-stored 0.80× restic's bytes on Garage and 0.94× on moto in this run, 0.92× and 0.76×,
-then 0.94× and 0.86× in the other two. Of the 24 comparisons made on 2026-12-04 and
+stored 0.80× restic's bytes on Garage and 0.72× on moto in this run, 0.87× and 0.95×,
+then 0.88× and 0.86× in the other two. Of the 30 comparisons made on 2026-12-04 and
 2026-12-05, three were above 1× (at most 1.17×). What decides it is where the
 chunk edges fall around the rewrite, which each repository's random chunker seed sets,
 for restic too. A simulation of that edit over 4,000 seeds per chunker (boundaries as
