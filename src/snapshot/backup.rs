@@ -807,10 +807,17 @@ impl Lookahead {
     }
 
     fn push(&mut self, seg: Vec<format::Entry>, plan: SegmentPlan) {
-        let read: &[std::ops::Range<usize>] = match &plan {
-            SegmentPlan::Reuse(_) => &[],
-            SegmentPlan::Read => &[0..seg.len()],
-            SegmentPlan::Patch(..) => &[],
+        // The files this segment will read: all of them, those that changed, or none.
+        let read: Vec<std::ops::Range<usize>> = match &plan {
+            SegmentPlan::Reuse(_) => Vec::new(),
+            SegmentPlan::Read => std::iter::once(0..seg.len()).collect(),
+            SegmentPlan::Patch(_, pieces) => pieces
+                .iter()
+                .filter_map(|p| match p {
+                    Piece::New(r) => Some(r.clone()),
+                    Piece::Old { .. } => None,
+                })
+                .collect(),
         };
         let mut h = Held {
             entries: seg.len(),
@@ -827,14 +834,7 @@ impl Lookahead {
             }
         };
         for r in read {
-            seg[r.clone()].iter().for_each(&mut hint);
-        }
-        if let SegmentPlan::Patch(_, pieces) = &plan {
-            for p in pieces {
-                if let Piece::New(r) = p {
-                    seg[r.clone()].iter().for_each(&mut hint);
-                }
-            }
+            seg[r].iter().for_each(&mut hint);
         }
         self.held.files += h.files;
         self.held.bytes += h.bytes;
@@ -1233,4 +1233,56 @@ async fn extend_reused(
     } else {
         prev_until.min(until)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lookahead hints exactly the files a segment's plan will read (none of an
+    /// unchanged segment, only the changed ones of a patched one, no empty file), and
+    /// gives segments back in the order they came.
+    #[test]
+    fn lookahead_hints_only_what_will_be_read_and_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, len) in [("a", 0), ("b", 10), ("c", 10), ("d", 10), ("e", 10)] {
+            std::fs::write(dir.path().join(name), vec![7u8; len]).unwrap();
+        }
+        let entries = fsio::scan(dir.path()).unwrap().entries;
+        let names: Vec<String> = entries.iter().map(|e| e.path.to_string()).collect();
+        assert_eq!(names, ["", "a", "b", "c", "d", "e"]);
+        let mut look = Lookahead::new(dir.path());
+        look.push(entries.clone(), SegmentPlan::Read);
+        assert_eq!((look.held.files, look.held.bytes), (4, 40));
+        look.push(entries.clone(), SegmentPlan::Reuse(0..1));
+        assert_eq!(look.held.files, 4);
+        let pieces = vec![
+            Piece::Old { start: 0, len: 20 },
+            Piece::New(3..4),
+            Piece::Old { start: 30, len: 10 },
+        ];
+        look.push(entries.clone(), SegmentPlan::Patch(0..1, pieces));
+        assert_eq!((look.held.files, look.held.entries), (5, 18));
+        // Far from full: nothing is handed back until asked for all.
+        assert!(look.pop(false).is_none());
+        let order: Vec<&str> = std::iter::from_fn(|| look.pop(true))
+            .map(|(_, p)| match p {
+                SegmentPlan::Read => "read",
+                SegmentPlan::Reuse(_) => "reuse",
+                SegmentPlan::Patch(..) => "patch",
+            })
+            .collect();
+        assert_eq!(order, ["read", "reuse", "patch"]);
+        assert_eq!(
+            (look.held.files, look.held.bytes, look.held.entries),
+            (0, 0, 0)
+        );
+        // Full: the oldest segment comes back as soon as one more is queued.
+        for _ in 0..=(AHEAD_ENTRIES / entries.len()) {
+            look.push(entries.clone(), SegmentPlan::Reuse(0..1));
+        }
+        assert!(look.pop(false).is_some());
+        let Lookahead { ahead, .. } = look;
+        assert_eq!(ahead.finish(), 5, "the kernel got 4 + 1 hints");
+    }
 }
