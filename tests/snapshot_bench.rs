@@ -265,7 +265,7 @@ fn bench_child() {
                 let (_ix, mut plans) = restore::plan_all(&store, &keys, &vols).await.unwrap();
                 // The restore's own plan: GETs meeting on the same boundaries.
                 for p in &mut plans {
-                    restore::link_aligned(p, restore::GET_ALIGN);
+                    restore::link_aligned(p, restore::GET_ALIGN, restore::DATA_PLAIN_MAX);
                 }
                 let mut links = restore::Links::default();
                 let total: u64 = futures_util::stream::iter(plans.into_iter().flatten())

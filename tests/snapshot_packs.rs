@@ -762,7 +762,7 @@ fn gets_meet_on_block_boundaries_and_cut_chunks_verify_whole() {
         const BLOCK: u64 = 64 << 10;
         let plan = restore::plan(&index, &m.volumes[0].chunks, 512 << 10).unwrap();
         let mut linked = plan.clone();
-        restore::link_aligned(&mut linked, BLOCK);
+        restore::link_aligned(&mut linked, BLOCK, u64::MAX);
 
         let mut cut = Vec::new();
         for (k, f) in linked.iter().enumerate() {

@@ -296,10 +296,17 @@ impl Fetch {
     pub fn memory(&self) -> u64 {
         match self {
             Fetch::Object(c) => 2 * c.1,
+            // `lead`: the copy of the previous GET's last bytes, held until this
+            // GET has read the rest.
             Fetch::Range {
-                len, blobs, pass, ..
+                len,
+                blobs,
+                pass,
+                lead,
+                ..
             } => {
                 len + pass
+                    + lead
                     + blobs
                         .iter()
                         .filter(|b| {
@@ -513,8 +520,10 @@ pub const GET_ALIGN: u64 = 1 << 20;
 /// two GETs do not both read the block around it. The chunks that end past the new
 /// boundary move to the second range; the part of the first of them that lies below
 /// the boundary is read by the first GET and handed on (`pass`, `lead`). Ranges of
-/// gathered fetches, and ranges that would be left without a chunk, stay as they are.
-pub fn link_aligned(plan: &mut [Fetch], block: u64) {
+/// gathered fetches, ranges that would be left without a chunk, and moves that would
+/// take the second range's plaintext past `plain_max` ([`DATA_PLAIN_MAX`]: one fetch
+/// opening far more than the others stalls the writer behind it) stay as they are.
+pub fn link_aligned(plan: &mut [Fetch], block: u64, plain_max: u64) {
     for k in 1..plan.len() {
         let (head, tail) = plan.split_at_mut(k);
         let (
@@ -547,6 +556,10 @@ pub fn link_aligned(plan: &mut [Fetch], block: u64) {
         let Some(keep) = blobs.iter().position(|b| b.end() > cut).filter(|&k| k > 0) else {
             continue;
         };
+        let plain = |bs: &[Blob]| bs.iter().map(|b| u64::from(b.plain)).sum::<u64>();
+        if plain(&blobs[keep..]) + plain(next_blobs) > plain_max.max(plain(next_blobs)) {
+            continue;
+        }
         let moved: Vec<Blob> = blobs.split_off(keep);
         let x0 = u64::from(moved[0].offset);
         let next_end = *next_start + *next_len;
@@ -675,10 +688,16 @@ pub async fn fetch_linked(
                 attempt += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(500 << attempt)).await;
             }
+            // Named by the chunk the GET begins with, and by the bytes it asked for:
+            // a pack cut short may end inside a later chunk of the range.
             Err(e) => {
                 return Err(SnapshotError::CorruptChunk {
                     id: hex::encode(blobs[0].id),
-                    reason: e.to_string(),
+                    reason: format!(
+                        "{e} (reading bytes {}..{} of pack {key})",
+                        start + lead,
+                        start + len + pass
+                    ),
                 })
             }
         }
@@ -1012,7 +1031,7 @@ async fn restore_volume(
     root: &Path,
     opts: &RestoreOptions,
 ) -> Result<Vec<String>> {
-    link_aligned(&mut plan, GET_ALIGN);
+    link_aligned(&mut plan, GET_ALIGN, DATA_PLAIN_MAX);
     let step = opts
         .progress
         .step(&format!("restore {}", v.name), Some(v.stream_bytes));
@@ -1192,7 +1211,7 @@ mod tests {
             // A range that starts after a gap: not linked.
             range("b", vec![blob(8, 1100, 500)]),
         ];
-        link_aligned(&mut plan, 256);
+        link_aligned(&mut plan, 256, u64::MAX);
         // GET 1 reads 8..768 and hands 700..768 on to GET 2, which reads 768..1590:
         // the range after it is of another pack, so its end stays.
         assert_eq!(parts(&plan[0]), (8, 692, vec![1, 2], 0, 68));
@@ -1205,7 +1224,7 @@ mod tests {
             .map(|i| blob(i, 8 + u32::from(i) * 333, 333))
             .collect();
         let mut plan: Vec<Fetch> = blobs.chunks(7).map(|c| range("p", c.to_vec())).collect();
-        link_aligned(&mut plan, 1024);
+        link_aligned(&mut plan, 1024, u64::MAX);
         let mut get_end = 8;
         let mut order = Vec::new();
         for (k, f) in plan.iter().enumerate() {
@@ -1225,7 +1244,7 @@ mod tests {
             range("c", vec![blob(1, 0, 512), blob(2, 512, 100)]),
             range("c", vec![blob(3, 612, 100)]),
         ];
-        link_aligned(&mut plan, 512);
+        link_aligned(&mut plan, 512, u64::MAX);
         assert_eq!(parts(&plan[0]), (0, 512, vec![1], 0, 0));
         assert_eq!(parts(&plan[1]), (512, 200, vec![2, 3], 0, 0));
 
@@ -1234,8 +1253,30 @@ mod tests {
             range("d", vec![blob(1, 100, 2000)]),
             range("d", vec![blob(2, 2100, 100)]),
         ];
-        link_aligned(&mut plan, 1024);
+        link_aligned(&mut plan, 1024, u64::MAX);
         assert_eq!(parts(&plan[0]), (100, 2000, vec![1], 0, 0));
         assert_eq!(parts(&plan[1]), (2100, 100, vec![2], 0, 0));
+
+        // A move that would open the second range to more than the plaintext limit:
+        // left as it is; with room for it, made.
+        let two = || {
+            vec![
+                range("e", vec![blob(1, 0, 600), blob(2, 600, 600)]),
+                range("e", vec![blob(3, 1200, 600)]),
+            ]
+        };
+        let mut plan = two();
+        link_aligned(&mut plan, 1024, 1000);
+        assert_eq!(parts(&plan[0]), (0, 1200, vec![1, 2], 0, 0));
+        assert_eq!(parts(&plan[1]), (1200, 600, vec![3], 0, 0));
+        let mut plan = two();
+        link_aligned(&mut plan, 1024, 2 * 558);
+        assert_eq!(parts(&plan[0]), (0, 600, vec![1], 0, 424));
+        assert_eq!(parts(&plan[1]), (600, 1200, vec![2, 3], 424, 0));
+        assert_eq!(
+            plan[1].memory(),
+            1200 + 424,
+            "the handed-on bytes count where they wait"
+        );
     }
 }
