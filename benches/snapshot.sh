@@ -60,7 +60,9 @@ it writes every request body to a file, which would slow the server during the
 measurement.
 
 What the numbers say (the first of three runs made in the afternoon of 2026-12-05 with
-this code; the other two are given as ranges). Since the runs before:
+this code; the other two are given as ranges, and three runs made earlier that
+afternoon, before the backup's read-ahead and the review mends of the linked GETs, as
+"earlier"). Since the runs before:
 - The benchmark runs a third thing in turn with imgbuild's restore and the raw GET:
   imgbuild's fetches alone, the restore's own plan fetched, decrypted, decompressed and
   verified exactly as a restore does, the plaintext then dropped, nothing written. It
@@ -89,41 +91,46 @@ this code; the other two are given as ranges). Since the runs before:
   at a 128 KiB minimum and 256 KiB average, and the benchmark moves finished restores
   aside instead of deleting them before the next one (see below).
 
-imgbuild's full backup is 2.09× as fast as restic's on Garage here (2.14× and 1.95× in
-the other two runs) and 1.30× rustic's (1.42×, 1.15×); its incremental 8.9× restic's
-(7.4×, 8.0×) and 6.2× rustic's (6.1×, 4.0×): unchanged files are not read at all.
+imgbuild's full backup is 1.91× as fast as restic's on Garage here (1.89× and 1.91× in
+the other two runs) and 1.26× rustic's (1.14×, 1.21×); its incremental 7.0× restic's
+(8.6×, 6.7×) and 4.2× rustic's (4.2×, 3.7×): unchanged files are not read at all.
 
 The restore keeps up to 16 ranged GETs of about 4 MiB in flight within 64 MiB, opens
 each chunk in the buffer it was fetched into, and writes the files from four writer
-threads while one walks the entries. Restore on Garage: 3.24× restic's throughput
-(3.24× and 2.32× in the other two runs) and 2.76× rustic's (2.99×, 1.61×). It used
-0.85 s of CPU (0.62 s, 0.64 s), restic 2.94 s and rustic 3.37 s. On moto it is 1.48×
-restic's (1.45×, 1.48×): there the server's CPU decides, and moto spends 15-20 ms on a
-request, whatever its size, so imgbuild's ~116 ranged GETs cost it more than restic's
-22 GETs of whole packs.
+threads while one walks the entries. Restore on Garage: 2.64× restic's throughput
+(2.47× and 1.89× in the other two runs; 3.24×, 3.24× and 2.32× earlier) and 1.78×
+rustic's (1.81×, 1.16×; rustic restored in 1.3-1.5 s in these runs against 2.3 s
+earlier). It used 0.63 s of CPU (0.63 s, 0.93 s), restic 2.22 s and rustic 1.79 s.
+The third run was slow for imgbuild's restore throughout (1.01-1.14 s in its three
+turns against 0.77-0.87 s in the others, at 0.93 s of CPU against 0.63 s), while the
+raw GET took 0.53-0.66 s: the machine-dependent cost of fresh page-cache memory
+described in the last paragraph is the likely cause. On moto it is 1.69× restic's
+(1.47×, 1.31×): there the server's CPU decides, and moto spends 15-20 ms on a request,
+whatever its size, so imgbuild's ~116 ranged GETs cost it more than restic's 22 GETs of
+whole packs.
 
-Against the raw parallel ranged GET of the same packs: 0.71× on Garage (its three
-pairs 0.80×, 0.69×, 0.69×; the other two runs 0.74× and 0.62×, pairs 0.59-0.78×) and
-1.01× on moto (0.91×, 0.79×). Issue 13 asks 0.8×. imgbuild's fetches alone ran at
-0.97× the raw GET on Garage (0.82×, 0.78×; pairs 0.73-1.02×), so the bucket side of
-the restore, GETs, decryption, decompression and verification of every chunk, keeps
-up with the raw GET or nearly; writing 402 MiB of files is the rest of the gap. On
-127.0.0.1 every one of these is bounded by CPU, its own and the server's, on 2 cores:
-the raw GET and Garage used 0.40 + 0.60 s of CPU (0.30 + 0.71 s, 0.26 + 0.63 s), the
-fetches alone 0.49 + 0.61 s (0.52 + 0.72 s, 0.49 + 0.68 s), the restore 0.85 + 0.64 s
-(0.62 + 0.76 s, 0.64 + 0.72 s). The checks a verified restore cannot skip (AES-GCM on
-307 MiB, BLAKE3 and zstd on 402 MiB, 3.4 GB/s for AES with BLAKE3 together on one core
-here) add about 0.2 s to the raw GET's CPU before a byte is written, so 0.8× would ask
-the restore to write 402 MiB of files with almost no CPU on the cores the server is
-using. A profile of one restore against its fetches alone (perf at 4 kHz, frame
+Against the raw parallel ranged GET of the same packs: 0.64× on Garage (its three
+pairs 0.64×, 0.61×, 0.72×; the other two runs 0.64× and 0.57×, pairs 0.49-0.69×;
+0.62-0.74× earlier) and 0.89× on moto (0.89×, 0.86×). Issue 13 asks 0.8×. imgbuild's
+fetches alone ran at 0.78× the raw GET on Garage (0.73×, 0.81×; pairs 0.72-0.89×;
+0.78-0.97× earlier), so the bucket side of the restore, GETs, decryption,
+decompression and verification of every chunk, already takes most of the gap, and
+writing 402 MiB of files the rest. On 127.0.0.1 every one of these is bounded by CPU,
+its own and the server's, on 2 cores: the raw GET and Garage used 0.27 + 0.65 s of CPU
+(0.27 + 0.67 s, 0.31 + 0.80 s), the fetches alone 0.48 + 0.69 s (0.52 + 0.79 s,
+0.52 + 0.87 s), the restore 0.63 + 0.75 s (0.63 + 0.83 s, 0.93 + 0.93 s). The checks
+a verified restore cannot skip (AES-GCM on 307 MiB, BLAKE3 and zstd on 402 MiB, 3.4
+GB/s for AES with BLAKE3 together on one core here) add about 0.2 s to the raw GET's
+CPU before a byte is written, so on these 2 cores 0.8× is at or past what the
+checks alone allow, before any file is written. A profile of one restore against its fetches alone (perf at 4 kHz, frame
 pointers, 2,984 samples against 2,278) puts the difference in the walk's copy into
 aligned buffers for `O_DIRECT` (201 samples), the writer threads (331: direct writes,
 small files through the page cache, metadata) and the walk's directory operations. No
 link is involved, so this ratio measures CPU, not how well a restore keeps a link
 busy. The restores were therefore measured again with the loopback limited to 1 Gbit/s
 (a VPS's link; `tc qdisc add dev lo root tbf rate 1gbit burst 256kb latency 20ms`,
-removed after): imgbuild's restore ran at 1.01× the raw GET (0.92× and 0.89× in the
-other two runs), and faster than restic and rustic (ratios in the table). Part of the
+removed after): imgbuild's restore ran at 0.98× the raw GET (0.95× and 0.93× in the
+other two runs; 0.89-1.01× earlier), and faster than restic and rustic (ratios in the table). Part of the
 spread in earlier runs was the benchmark's own doing: every restore came right after
 the previous one's output was deleted, and on this machine (ext4 without a journal, a
 VM that hands freed memory back to its host) a restore right after deleting 402 MiB of
@@ -132,9 +139,9 @@ restores each way. Only the tools that write files paid it, never the raw GET. T
 restored trees are now moved aside and deleted with the work directory at the end.
 
 For the 1 % change (4 MiB rewritten inside a 6 MiB file, plus 20 log appends) imgbuild
-stored 0.80× restic's bytes on Garage and 0.72× on moto in this run, 0.87× and 0.95×,
-then 0.88× and 0.86× in the other two. Of the 30 comparisons made on 2026-12-04 and
-2026-12-05, three were above 1× (at most 1.17×). What decides it is where the
+stored 0.79× restic's bytes on Garage and 0.79× on moto in this run, 1.03× and 0.77×,
+then 0.74× and 1.08× in the other two (0.72-0.95× in the three earlier runs). Of the 36
+comparisons made on 2026-12-04 and 2026-12-05, five were above 1× (at most 1.17×). What decides it is where the
 chunk edges fall around the rewrite, which each repository's random chunker seed sets,
 for restic too. A simulation of that edit over 4,000 seeds per chunker (boundaries as
 random points at the rates the chunkers' hash tests give, FastCDC's two-level
