@@ -268,23 +268,17 @@ fn bench_child() {
                     restore::link_aligned(p, restore::GET_ALIGN, restore::DATA_PLAIN_MAX);
                 }
                 let mut links = restore::Links::default();
-                let total: u64 = futures_util::stream::iter(plans.into_iter().flatten())
-                    .map(|f| {
-                        let (store, keys) = (store.clone(), keys.clone());
-                        let (from, to) = links.next(&f);
-                        async move {
-                            let c = restore::fetch_linked(&store, &keys, &f, from, to)
-                                .await
-                                .unwrap();
-                            c.iter().map(|b| b.len() as u64).sum::<u64>()
-                        }
-                    })
-                    .buffer_unordered(PARALLEL)
-                    .fold(0u64, |a, b| async move { a + b })
-                    .await;
-                println!("bytes {total}");
-                let r = store.requests().since(&before);
-                println!("requests {}", serde_json::to_string(&r).unwrap());
+                let fetches = futures_util::stream::iter(plans.into_iter().flatten()).map(|f| {
+                    let (store, keys) = (store.clone(), keys.clone());
+                    let (from, to) = links.next(&f);
+                    async move {
+                        let c = restore::fetch_linked(&store, &keys, &f, from, to)
+                            .await
+                            .unwrap();
+                        c.iter().map(|b| b.len() as u64).sum::<u64>()
+                    }
+                });
+                run_and_report(&store, &before, fetches).await;
             }
             _ => {
                 use futures_util::StreamExt;
@@ -301,23 +295,34 @@ fn bench_child() {
                         off += len;
                     }
                 }
-                let total: u64 = futures_util::stream::iter(ranges)
-                    .map(|(key, off, len)| {
-                        let store = store.clone();
-                        async move {
-                            let b = store.get_range(&key, off, len).await.unwrap().unwrap();
-                            b.len() as u64
-                        }
-                    })
-                    .buffer_unordered(PARALLEL)
-                    .fold(0u64, |a, b| async move { a + b })
-                    .await;
-                println!("bytes {total}");
-                let r = store.requests().since(&before);
-                println!("requests {}", serde_json::to_string(&r).unwrap());
+                let gets = futures_util::stream::iter(ranges).map(|(key, off, len)| {
+                    let store = store.clone();
+                    async move {
+                        let b = store.get_range(&key, off, len).await.unwrap().unwrap();
+                        b.len() as u64
+                    }
+                });
+                run_and_report(&store, &before, gets).await;
             }
         }
     });
+}
+
+/// Runs `requests` (each giving the bytes it read) `PARALLEL` at a time, then prints
+/// the bytes and the requests made since `before`, as every child mode does.
+async fn run_and_report<F: std::future::Future<Output = u64>>(
+    store: &Store,
+    before: &Requests,
+    requests: impl futures_util::Stream<Item = F>,
+) {
+    use futures_util::StreamExt;
+    let total: u64 = requests
+        .buffer_unordered(PARALLEL)
+        .fold(0u64, |a, b| async move { a + b })
+        .await;
+    println!("bytes {total}");
+    let r = store.requests().since(before);
+    println!("requests {}", serde_json::to_string(&r).unwrap());
 }
 
 fn make_dataset(root: &Path) -> u64 {
@@ -654,10 +659,14 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
     let mut ib_runs = Vec::new();
     let mut raw_runs = Vec::new();
     let mut fetch_runs = Vec::new();
-    for _ in 0..REPEATS {
+    // A child's run, its server requests and the server's CPU meanwhile.
+    let measured = |mode: &str| {
         let s0 = server_cpu(log);
-        let (m, srv) = child("restore", &out);
-        let scpu = server_cpu(log) - s0;
+        let (m, srv) = child(mode, &out);
+        (m, srv, server_cpu(log) - s0)
+    };
+    for _ in 0..REPEATS {
+        let (m, srv, scpu) = measured("restore");
         assert!(m.ok, "imgbuild restore failed: {}", m.stderr);
         assert_eq!(
             tree_hash(&data),
@@ -666,16 +675,12 @@ fn run_on_server(title: &str, env: &Env, log: &Path, work: &Path, tools: &Tools)
         );
         retire(work, &out);
         ib_runs.push((m, srv, scpu));
-        let s0 = server_cpu(log);
-        let (m, srv) = child("raw", &out);
-        let scpu = server_cpu(log) - s0;
-        assert!(m.ok, "raw GET: {}", m.stderr);
-        raw_runs.push((m, srv, scpu));
-        let s0 = server_cpu(log);
-        let (m, srv) = child("fetch", &out);
-        let scpu = server_cpu(log) - s0;
-        assert!(m.ok, "imgbuild's fetches alone: {}", m.stderr);
-        fetch_runs.push((m, srv, scpu));
+        let run = measured("raw");
+        assert!(run.0.ok, "raw GET: {}", run.0.stderr);
+        raw_runs.push(run);
+        let run = measured("fetch");
+        assert!(run.0.ok, "imgbuild's fetches alone: {}", run.0.stderr);
+        fetch_runs.push(run);
     }
     let pairs: Vec<String> = ib_runs
         .iter()

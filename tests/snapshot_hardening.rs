@@ -906,11 +906,11 @@ fn readahead_brings_files_in_without_reading_them() {
     let before: Vec<_> = files.iter().map(|p| times(p)).collect();
 
     let ahead = fsio::ReadAhead::new(&root);
-    ahead.hint(b"d/fifo", 4096);
-    ahead.hint(b"d/link", 64 << 10);
-    ahead.hint(b"d/missing", 4096);
+    ahead.hint(b"d/fifo".to_vec(), 4096);
+    ahead.hint(b"d/link".to_vec(), 64 << 10);
+    ahead.hint(b"d/missing".to_vec(), 4096);
     for i in 0..24 {
-        ahead.hint(format!("d/f{i}").as_bytes(), 64 << 10);
+        ahead.hint(format!("d/f{i}").into_bytes(), 64 << 10);
     }
     let hinted = ahead.finish();
     assert_eq!(hinted, 24, "only the regular files are hinted");

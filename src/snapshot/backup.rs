@@ -827,7 +827,7 @@ impl Lookahead {
             let len = e.stream_len();
             if len > 0 {
                 if let Some(rel) = e.path.to_bytes() {
-                    self.ahead.hint(&rel, len);
+                    self.ahead.hint(rel, len);
                     h.files += 1;
                     h.bytes += len.min(fsio::readahead::FILE_HINT_MAX);
                 }

@@ -59,9 +59,9 @@ impl ReadAhead {
 
     /// Hints the first bytes of the file at `rel` (relative to the root), `len` long.
     /// Never blocks: when the thread is behind, the hint is dropped.
-    pub fn hint(&self, rel: &[u8], len: u64) {
+    pub fn hint(&self, rel: Vec<u8>, len: u64) {
         if let Some(tx) = &self.tx {
-            let _ = tx.try_send((rel.to_vec(), len));
+            let _ = tx.try_send((rel, len));
         }
     }
 
